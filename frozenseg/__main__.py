@@ -1,0 +1,3 @@
+from frozenseg.cli import app
+
+app(prog_name="frozenseg")

@@ -1,0 +1,148 @@
+"""Build and load the CUDA kernel of multi-scale deformable attention on first use.
+
+The sources live in the repository's ``cuda/`` folder (installed as
+``frozenseg/_cuda``). They are compiled with ``torch.utils.cpp_extension`` into
+``$FROZENSEG_CACHE_DIR`` (default ``~/.cache/frozenseg``), once per torch
+version, CUDA version, source hash and architecture list, and reused after.
+
+Architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else those of the visible
+GPUs, else (a build-only machine) :data:`BUILD_ONLY_ARCHS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_kernel.cu")
+HEADERS = ("ms_deform_attn.h",)
+# Ampere (scalar atomics) and Hopper (vector atomics): both code paths compile.
+BUILD_ONLY_ARCHS = "8.0;9.0"
+EXTENSION_NAME = "frozenseg_ms_deform_attn"
+
+
+class BuildError(RuntimeError):
+    """The kernel cannot be built or loaded here; the message says why in one line."""
+
+
+def source_dir() -> Path:
+    """Folder holding the CUDA sources (top-level cuda/ in a checkout, _cuda when installed)."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package.parent / "cuda", package / "_cuda"):
+        if (folder / SOURCES[0]).exists():
+            return folder
+    raise BuildError(f"CUDA sources not found in {package.parent / 'cuda'} or {package / '_cuda'}")
+
+
+def find_cuda_home() -> Path | None:
+    """The CUDA toolkit that has nvcc and the runtime headers, or None.
+
+    torch guesses CUDA_HOME from ``which nvcc``, which is wrong when nvcc is a
+    wrapper script (``/usr/local/bin/nvcc``) or a distribution symlink.
+    """
+    candidates = [os.environ.get(k) for k in ("CUDA_HOME", "CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates += ["/usr/local/cuda", *sorted(map(str, Path("/usr/local").glob("cuda-*")),
+                                            reverse=True)]
+    for c in filter(None, candidates):
+        home = Path(c)
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
+
+
+def arch_list() -> str:
+    """The ';'-separated compute capabilities to compile for."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env and env != "native":
+        return env
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+    return BUILD_ONLY_ARCHS
+
+
+def gencode_flags(archs: str) -> list[str]:
+    flags = []
+    for arch in re.split(r"[;\s]+", archs.strip()):
+        ptx = arch.endswith("+PTX")
+        num = arch.removesuffix("+PTX").replace(".", "")
+        if not re.fullmatch(r"\d+[af]?", num):
+            raise BuildError(f"unsupported entry {arch!r} in TORCH_CUDA_ARCH_LIST={archs!r}")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def build_dir(archs: str) -> Path:
+    root = Path(os.environ.get("FROZENSEG_CACHE_DIR", Path.home() / ".cache" / "frozenseg"))
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        digest.update((source_dir() / name).read_bytes())
+    tag = f"torch{torch.__version__}-cu{torch.version.cuda}-sm{archs}-{digest.hexdigest()[:12]}"
+    return root / "ops" / re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
+
+
+_loaded: dict[str | None, object] = {}
+
+
+def load_extension(archs: str | None = None):
+    """Compile (or reuse) and import the kernel; raise BuildError with the reason.
+
+    The outcome, failure included, is remembered for the process: a failed build
+    is not retried on every call.
+    """
+    if archs not in _loaded:
+        try:
+            _loaded[archs] = _build(archs or arch_list())
+        except BuildError as err:
+            _loaded[archs] = err
+    result = _loaded[archs]
+    if isinstance(result, BuildError):
+        raise result
+    return result
+
+
+def _build(archs: str):
+    if torch.version.cuda is None:
+        raise BuildError(f"torch {torch.__version__} is a CPU-only build")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        raise BuildError("nvcc not found (set CUDA_HOME to the CUDA toolkit)")
+    # torch guesses CUDA_HOME when cpp_extension is first imported: point the
+    # environment (for a first import, and for nvcc's children) and, if it was
+    # imported already, the module at the toolkit found above.
+    os.environ.setdefault("CUDA_HOME", str(cuda_home))
+    from torch.utils import cpp_extension
+
+    cpp_extension.CUDA_HOME = str(cuda_home)
+    directory = build_dir(archs)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(source_dir() / s) for s in SOURCES],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", *gencode_flags(archs)],
+            build_directory=str(directory),
+            verbose=False,
+        )
+    except (RuntimeError, OSError, ImportError, ValueError) as err:
+        raise BuildError(first_error_line(str(err))) from err
+
+
+def first_error_line(log: str) -> str:
+    """The compiler's first error from a build log, or its last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"\berror\b", line, re.IGNORECASE) and "Error building extension" not in line:
+            return line[:300]
+    return lines[-1][:300] if lines else "unknown build error"

@@ -1,0 +1,145 @@
+"""Multi-scale deformable attention in plain PyTorch (``grid_sample``).
+
+Runs on any device and is exactly differentiable. Memory stays flat: queries are
+processed in chunks and levels are accumulated one at a time, so the
+(batch*heads, head_dim, queries, points) sample tensor exists for one chunk and
+one level at a time only. When gradients are needed the chunks are recomputed in
+backward (like activation checkpointing) instead of keeping every sample alive.
+
+Half-precision inputs are computed in float32 (float32 accumulation, float32
+sampling locations), matching the CUDA kernel; the output has ``value``'s dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+# Largest sample tensor (elements) one chunk may create: 32M floats = 128 MB.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def ms_deform_attn_fallback(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as :func:`frozenseg.ops.ms_deform_attn`, inputs already validated.
+
+    ``level_start_index`` is implied by ``spatial_shapes`` here and not read.
+    """
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    compute_dtype = torch.promote_types(value.dtype, torch.float32)
+    inputs = [t.to(compute_dtype) for t in (value, sampling_locations, attention_weights)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out = _RecomputedSampling.apply(*inputs, shapes)
+    else:
+        out = _sample_all(*inputs, shapes)
+    return out.to(value.dtype)
+
+
+def _level_maps(value: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """(N, S, M, D) -> per level (N*M, D, H, W)."""
+    n, _, m, d = value.shape
+    levels = value.split([h * w for h, w in shapes], dim=1)
+    return [
+        lvl.permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        for lvl, (h, w) in zip(levels, shapes, strict=True)
+    ]
+
+
+def _heads_first(locations: torch.Tensor, weights: torch.Tensor):
+    """(N, Q, M, L, P, 2) -> grids (N*M, Q, L, P, 2) in [-1, 1]; weights -> (N*M, Q, L, P)."""
+    n, q, m, lv, p, _ = locations.shape
+    grids = (2 * locations - 1).transpose(1, 2).reshape(n * m, q, lv, p, 2)
+    weights = weights.transpose(1, 2).reshape(n * m, q, lv, p)
+    return grids, weights
+
+
+def _query_chunks(num_queries: int, maps: list[torch.Tensor], num_points: int):
+    batch_heads, head_dim = maps[0].shape[:2]
+    step = max(1, CHUNK_ELEMENTS // max(1, batch_heads * head_dim * num_points))
+    return [(q0, min(q0 + step, num_queries)) for q0 in range(0, num_queries, step)]
+
+
+def _sample_chunk(maps, grids, weights) -> torch.Tensor:
+    """Weighted sum of bilinear samples for one query chunk: (N*M, D, q)."""
+    out = None
+    for level, level_map in enumerate(maps):
+        # align_corners=False + zero padding is Deformable DETR's convention:
+        # pixel centre (i + 0.5) / size, samples outside the map read zero.
+        sampled = F.grid_sample(
+            level_map, grids[:, :, level], mode="bilinear",
+            padding_mode="zeros", align_corners=False,
+        )  # (N*M, D, q, P)
+        term = (sampled * weights[:, None, :, level]).sum(-1)
+        out = term if out is None else out + term
+    return out
+
+
+def _merge_heads(out: torch.Tensor, batch: int) -> torch.Tensor:
+    """(N*M, D, Q) -> (N, Q, M*D)."""
+    bm, d, q = out.shape
+    return out.view(batch, bm // batch, d, q).permute(0, 3, 1, 2).reshape(batch, q, -1)
+
+
+def _sample_all(value, locations, weights, shapes) -> torch.Tensor:
+    n, q, _, _, p, _ = locations.shape
+    if q == 0 or n == 0:
+        return value.new_zeros(n, q, value.shape[2] * value.shape[3])
+    maps = _level_maps(value, shapes)
+    grids, weights = _heads_first(locations, weights)
+    chunks = [
+        _sample_chunk(maps, grids[:, q0:q1], weights[:, q0:q1])
+        for q0, q1 in _query_chunks(q, maps, p)
+    ]
+    return _merge_heads(torch.cat(chunks, dim=2), n)
+
+
+class _RecomputedSampling(torch.autograd.Function):
+    """Keeps only the inputs for backward and recomputes each chunk there."""
+
+    @staticmethod
+    def forward(ctx, value, locations, weights, shapes):
+        ctx.shapes = shapes
+        ctx.save_for_backward(value, locations, weights)
+        return _sample_all(value, locations, weights, shapes)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        value, locations, weights = ctx.saved_tensors
+        need_value, need_locations, need_weights = ctx.needs_input_grad[:3]
+        n, q, m, _, p, _ = locations.shape
+        d = value.shape[3]
+        with torch.enable_grad():
+            maps = [t.detach().requires_grad_() for t in _level_maps(value, ctx.shapes)]
+            loc = locations.detach().requires_grad_()
+            wts = weights.detach().requires_grad_()
+            targets = (maps if need_value else []) + [loc] * need_locations + [wts] * need_weights
+            totals = [torch.zeros_like(t) for t in targets]
+            grids, heads_weights = _heads_first(loc, wts)
+            # (N, Q, M*D) -> (N*M, D, Q), the layout _sample_chunk produces.
+            grad_heads = grad_out.reshape(n, q, m, d).permute(0, 2, 3, 1).reshape(n * m, d, q)
+            for q0, q1 in _query_chunks(q, maps, p) if n else []:
+                out = _sample_chunk(maps, grids[:, q0:q1], heads_weights[:, q0:q1])
+                grads = torch.autograd.grad(
+                    out, targets, grad_heads[:, :, q0:q1], retain_graph=True
+                )
+                for total, grad in zip(totals, grads, strict=True):
+                    total += grad
+        grads = iter(totals)
+        grad_value = grad_locations = grad_weights = None
+        if need_value:
+            per_level = [next(grads) for _ in maps]
+            grad_value = torch.cat(
+                [g.reshape(n, m, d, -1).permute(0, 3, 1, 2) for g in per_level], dim=1
+            )
+        if need_locations:
+            grad_locations = next(grads)
+        if need_weights:
+            grad_weights = next(grads)
+        return grad_value, grad_locations, grad_weights, None

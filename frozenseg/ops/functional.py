@@ -1,0 +1,182 @@
+"""The one multi-scale deformable attention function and its back ends.
+
+Shapes (Deformable DETR's)::
+
+    value               (N, S, M, D)        S = sum of H_l * W_l over levels
+    spatial_shapes      (L, 2) int          (H_l, W_l) per level
+    level_start_index   (L,) int            offset of level l in S
+    sampling_locations  (N, Q, M, L, P, 2)  normalised (x, y); (0, 0) is the top-left
+                                            corner of the map, (1, 1) the bottom-right
+    attention_weights   (N, Q, M, L, P)     usually a softmax over L * P
+    returns             (N, Q, M * D)       in value's dtype
+
+Sampling convention: bilinear with ``align_corners=False``. A location x maps to
+the pixel coordinate ``x * W - 0.5``, so pixel i's centre is at (i + 0.5) / W.
+Neighbours outside the map read zero (grid_sample's ``padding_mode="zeros"``).
+Sampling locations and attention weights are used in float32 whatever the dtype
+of ``value``; accumulation is float32.
+
+Back ends: CUDA tensors use the kernel built from ``cuda/`` (see ``build.py``);
+everything else, and any case the kernel cannot take, uses the grid_sample
+fallback. ``FROZENSEG_OPS=fallback|cuda`` forces one.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from frozenseg.ops import build
+from frozenseg.ops.fallback import ms_deform_attn_fallback
+
+BACKEND_ENV = "FROZENSEG_OPS"
+_warned: set[str] = set()
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention; see the module docstring for the contract."""
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_inputs(*args)
+    if choose_backend(value) == "cuda":
+        return ms_deform_attn_cuda(*args)
+    return ms_deform_attn_fallback(*args)
+
+
+def ms_deform_attn_cuda(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+) -> torch.Tensor:
+    """The CUDA kernel alone (no checks, no dispatch): CUDA inputs, D supported."""
+    return _KernelFunction.apply(
+        value.contiguous(),
+        spatial_shapes.long().contiguous(),
+        level_start_index.long().contiguous(),
+        sampling_locations.float().contiguous(),
+        attention_weights.float().contiguous(),
+    )
+
+
+def choose_backend(value: torch.Tensor) -> str:
+    """'cuda' or 'fallback' for this input, honouring ``FROZENSEG_OPS``."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced not in ("", "cuda", "fallback"):
+        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'cuda' or 'fallback'")
+    if forced == "fallback" or (not forced and not value.is_cuda):
+        return "fallback"
+    if forced == "cuda" and not value.is_cuda:
+        raise ValueError(f"{BACKEND_ENV}=cuda but value is on {value.device}, not a CUDA device")
+    if not kernel_supports_head_dim(value.shape[-1]):
+        return _fall_back(f"head dim {value.shape[-1]} has no kernel", forced)
+    if value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return _fall_back(f"dtype {value.dtype} has no kernel", forced)
+    try:
+        build.load_extension()
+    except build.BuildError as err:
+        return _fall_back(f"the CUDA op could not be built: {err}", forced)
+    return "cuda"
+
+
+def kernel_supports_head_dim(head_dim: int) -> bool:
+    """The kernel gives each thread 1, 2, 4 or 8 channels and a head at most one warp."""
+    return any(head_dim % vec == 0 and head_dim // vec <= 32 for vec in (1, 2, 4, 8))
+
+
+def _fall_back(reason: str, forced: str) -> str:
+    if forced == "cuda":
+        raise RuntimeError(f"{BACKEND_ENV}=cuda but {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"frozenseg: multi-scale deformable attention uses the PyTorch fallback: {reason}",
+            RuntimeWarning, stacklevel=3,
+        )
+    return "fallback"
+
+
+class _KernelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, locations, weights):
+        ext = build.load_extension()
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, locations, weights)
+        return ext.forward(value, spatial_shapes, level_start_index, locations, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        ext = build.load_extension()
+        grad_value, grad_locations, grad_weights = ext.backward(
+            *ctx.saved_tensors, grad_output.contiguous()
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+
+def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Raise ValueError naming the argument and the shape or dtype it should have."""
+    tensors = {
+        "value": value, "spatial_shapes": spatial_shapes,
+        "level_start_index": level_start_index,
+        "sampling_locations": sampling_locations, "attention_weights": attention_weights,
+    }
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t, rank, text in (
+        ("value", value, 4, "(N, S, M, D)"),
+        ("spatial_shapes", spatial_shapes, 2, "(L, 2)"),
+        ("level_start_index", level_start_index, 1, "(L,)"),
+        ("sampling_locations", sampling_locations, 6, "(N, Q, M, L, P, 2)"),
+        ("attention_weights", attention_weights, 5, "(N, Q, M, L, P)"),
+    ):
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have shape {text}, got {tuple(t.shape)}")
+
+    n, s, m, _ = value.shape
+    levels = spatial_shapes.shape[0]
+    _, q, _, _, p, _ = sampling_locations.shape
+    expected = {
+        "spatial_shapes": (spatial_shapes, (levels, 2), "(L, 2)"),
+        "level_start_index": (level_start_index, (levels,), "(L,) with L = len(spatial_shapes)"),
+        "sampling_locations": (sampling_locations, (n, q, m, levels, p, 2),
+                               "(N, Q, M, L, P, 2) with N, M from value, L from spatial_shapes"),
+        "attention_weights": (attention_weights, (n, q, m, levels, p),
+                              "(N, Q, M, L, P) matching sampling_locations"),
+    }
+    for name, (t, shape, text) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {text} = {shape}")
+
+    if not value.is_floating_point():
+        raise ValueError(f"value must be a floating-point tensor, got {value.dtype}")
+    for name in ("sampling_locations", "attention_weights"):
+        if not tensors[name].is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensors[name].dtype}")
+    for name in ("spatial_shapes", "level_start_index"):
+        if tensors[name].is_floating_point() or tensors[name].is_complex():
+            raise ValueError(f"{name} must be an integer tensor, got {tensors[name].dtype}")
+    for name, t in tensors.items():
+        if t.device != value.device:
+            raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
+    # Checking the level sizes needs their values; only do it when that costs no
+    # device synchronisation (the fallback reads them anyway).
+    if not spatial_shapes.is_cuda:
+        sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).tolist()
+        if sum(sizes) != s:
+            raise ValueError(
+                f"value has S={s} positions but spatial_shapes {spatial_shapes.tolist()} "
+                f"sum to {sum(sizes)}"
+            )
+        starts = [sum(sizes[:i]) for i in range(levels)]
+        if not level_start_index.is_cuda and level_start_index.tolist() != starts:
+            raise ValueError(
+                f"level_start_index is {level_start_index.tolist()}, expected {starts} "
+                "(the cumulative sizes of spatial_shapes)"
+            )
+

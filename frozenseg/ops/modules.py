@@ -1,0 +1,105 @@
+"""``MSDeformAttn``: the multi-scale deformable attention layer of Deformable DETR.
+
+Parameter names (``sampling_offsets``, ``attention_weights``, ``value_proj``,
+``output_proj``) and their layouts are Deformable DETR's, so its checkpoints and
+those of DINO, H-Deformable-DETR, detrex and Mask DINO load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from frozenseg.ops.functional import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    def __init__(
+        self, *, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        head_dim = d_model // n_heads
+        if head_dim & (head_dim - 1):
+            warnings.warn(
+                f"MSDeformAttn head dim {head_dim} is not a power of 2; the CUDA kernel is "
+                "fastest with 32 or 64", stacklevel=2,
+            )
+        self.d_model, self.n_levels = d_model, n_levels
+        self.n_heads, self.n_points = n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's init: point k of head h starts k+1 steps out along direction h."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([angles.cos(), angles.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid *= torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.constant_(proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from each query to P points per head and level around its reference.
+
+        query: (N, Q, C). reference_points: (N, Q, L, 2) normalised (x, y) points,
+        or (N, Q, L, 4) normalised (cx, cy, w, h) boxes, in which case offsets are
+        scaled by half the box size per point. input_flatten: (N, S, C), the levels
+        flattened and concatenated. input_padding_mask: (N, S), True at padding.
+        Returns (N, Q, C).
+        """
+        n, q, _ = query.shape
+        _, s, _ = input_flatten.shape
+        m, lv, p = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(n, s, m, self.d_model // m)
+        offsets = self.sampling_offsets(query).view(n, q, m, lv, p, 2)
+        weights = self.attention_weights(query).view(n, q, m, lv * p)
+        weights = weights.float().softmax(-1).view(n, q, m, lv, p)
+        locations = self.sampling_locations(reference_points, offsets, input_spatial_shapes)
+        out = ms_deform_attn(
+            value, input_spatial_shapes, input_level_start_index, locations, weights
+        )
+        return self.output_proj(out)
+
+    def sampling_locations(
+        self, reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised sampling locations (N, Q, M, L, P, 2), always in float32."""
+        reference_points, offsets = reference_points.float(), offsets.float()
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalise by its (W, H).
+            normalizer = spatial_shapes.flip(-1).to(offsets)[None, None, None, :, None, :]
+            return reference_points[:, :, None, :, None, :] + offsets / normalizer
+        if reference_points.shape[-1] == 4:
+            centre = reference_points[:, :, None, :, None, :2]
+            half_size = reference_points[:, :, None, :, None, 2:] * 0.5
+            return centre + offsets / self.n_points * half_size
+        raise ValueError(
+            "reference_points must have shape (N, Q, L, 2) or (N, Q, L, 4), "
+            f"got {tuple(reference_points.shape)}"
+        )

@@ -1,0 +1,68 @@
+"""The command line: help, doctor, and building the CUDA op on a machine without a GPU."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from frozenseg.cli import app
+from frozenseg.ops import build
+
+runner = CliRunner()
+needs_nvcc = pytest.mark.skipif(
+    build.find_cuda_home() is None or torch.version.cuda is None,
+    reason="needs nvcc and a CUDA build of torch",
+)
+
+
+def test_help_lists_doctor():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "doctor" in result.output
+
+
+def test_doctor_reports_versions_without_building_on_a_cpu_machine():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine doctor builds the kernel")
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert torch.__version__ in result.output and "skipped: no GPU" in result.output
+
+
+@pytest.mark.build
+@needs_nvcc
+def test_build_ops_compiles_the_cuda_source(tmp_path, monkeypatch):
+    """The kernel in cuda/ compiles (sm_80 and sm_90 code paths), so a compile error can't land."""
+    monkeypatch.setenv("FROZENSEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "_loaded", {})
+    result = runner.invoke(app, ["doctor", "--build-ops", "--arch", "8.0;9.0"])
+    assert result.exit_code == 0, result.output
+    built = list(tmp_path.glob("ops/*/frozenseg_ms_deform_attn*.so"))
+    assert len(built) == 1
+    module = build.load_extension("8.0;9.0")
+    assert callable(module.forward) and callable(module.backward)
+
+
+@pytest.mark.build
+@needs_nvcc
+def test_a_compile_error_fails_build_ops_with_the_compilers_first_error(tmp_path, monkeypatch):
+    sources = tmp_path / "cuda"
+    shutil.copytree(build.source_dir(), sources)
+    kernel = sources / "ms_deform_attn_kernel.cu"
+    kernel.write_text(kernel.read_text() + "\nstatic int broken = undeclared_name;\n")
+    monkeypatch.setattr(build, "source_dir", lambda: sources)
+    monkeypatch.setenv("FROZENSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "_loaded", {})
+    result = runner.invoke(app, ["doctor", "--build-ops", "--arch", "8.0"])
+    assert result.exit_code == 1
+    assert "undeclared_name" in result.output and "FAIL" in result.output
+
+
+def test_bad_arch_list_is_reported(monkeypatch):
+    monkeypatch.setattr(build, "_loaded", {})
+    if build.find_cuda_home() is None or torch.version.cuda is None:
+        pytest.skip("needs nvcc and a CUDA build of torch")
+    result = runner.invoke(app, ["doctor", "--build-ops", "--arch", "sm_eighty"])
+    assert result.exit_code == 1 and "unsupported entry" in result.output

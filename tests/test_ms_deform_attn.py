@@ -1,0 +1,138 @@
+"""The deformable-attention op against a float64 loop, its gradients, and its input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import ms_deform_attn_reference, random_inputs
+
+from frozenseg.ops import fallback as fallback_module
+from frozenseg.ops import ms_deform_attn
+
+SHAPE_CASES = {
+    "one-level": [(5, 7)],
+    "two-levels-non-square": [(6, 3), (2, 9)],
+    "four-levels-dino-like": [(8, 12), (4, 6), (2, 3), (1, 2)],
+    "five-levels": [(7, 5), (4, 3), (2, 2), (1, 1), (3, 1)],
+}
+
+
+@pytest.fixture(autouse=True)
+def _use_fallback(monkeypatch):
+    monkeypatch.setenv("FROZENSEG_OPS", "fallback")
+
+
+@pytest.mark.parametrize("shapes", SHAPE_CASES.values(), ids=SHAPE_CASES.keys())
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fallback_matches_float64_loop(shapes, batch):
+    inputs = random_inputs(shapes, batch=batch, queries=4, points=2, seed=batch)
+    value, spatial_shapes, _, loc, attn = inputs
+    expected = ms_deform_attn_reference(value, spatial_shapes, loc, attn)
+    torch.testing.assert_close(ms_deform_attn(*inputs), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_matches_float64_loop_within_1e5():
+    inputs = random_inputs(SHAPE_CASES["four-levels-dino-like"], queries=6, dtype=torch.float32)
+    value, spatial_shapes, _, loc, attn = inputs
+    expected = ms_deform_attn_reference(value, spatial_shapes, loc, attn)
+    out = ms_deform_attn(*inputs)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_locations_far_outside_read_zero():
+    value, shapes, starts, loc, attn = random_inputs([(4, 4), (2, 2)], queries=3)
+    loc[:, 0] = -0.6  # wholly left of / above every map: no neighbour inside
+    loc[:, 1] = 1.6
+    loc[:, 2, ..., 0] = 1.0 + 0.5 / 4  # half a pixel right of the last column of level 0
+    out = ms_deform_attn(value, shapes, starts, loc, attn)
+    assert out[:, :2].abs().max() == 0
+    expected = ms_deform_attn_reference(value, shapes, loc, attn)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_query_set_gives_empty_output_and_zero_value_grad():
+    value, shapes, starts, loc, attn = random_inputs([(3, 4)], queries=0)
+    value.requires_grad_()
+    out = ms_deform_attn(value, shapes, starts, loc, attn)
+    assert out.shape == (2, 0, value.shape[2] * value.shape[3])
+    out.sum().backward()
+    assert value.grad.shape == value.shape and value.grad.abs().max() == 0
+
+
+def test_chunked_queries_equal_a_single_chunk(monkeypatch):
+    inputs = random_inputs([(6, 5), (3, 3)], queries=23, seed=4)
+    whole = ms_deform_attn(*inputs)
+    # Budget for ~2 queries per chunk: many chunks, including a short last one.
+    monkeypatch.setattr(fallback_module, "CHUNK_ELEMENTS", 2 * 2 * 2 * 4 * 3)
+    torch.testing.assert_close(ms_deform_attn(*inputs), whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 25, 48], ids=["one-chunk", "many-chunks"])
+def test_gradcheck_float64(monkeypatch, chunk_elements):
+    monkeypatch.setattr(fallback_module, "CHUNK_ELEMENTS", chunk_elements)
+    # Keep locations away from pixel-centre lines, where bilinear has kinks.
+    value, shapes, starts, loc, attn = random_inputs([(4, 5), (3, 2)], queries=3, margin=0.1)
+    for t in (value, loc, attn):
+        t.requires_grad_()
+
+    def op(v, sampling_locations, weights):
+        return ms_deform_attn(v, shapes, starts, sampling_locations, weights)
+
+    assert torch.autograd.gradcheck(op, (value, loc, attn), eps=1e-6, atol=1e-6)
+
+
+def test_gradient_matches_float64_loop_autograd():
+    value, shapes, starts, loc, attn = random_inputs([(5, 4), (2, 3)], queries=3, seed=7)
+    grads = []
+    for fn in (
+        lambda v, lc, a: ms_deform_attn(v, shapes, starts, lc, a),
+        lambda v, lc, a: ms_deform_attn_reference(v, shapes, lc, a),
+    ):
+        inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
+        out = fn(*inputs)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([t.grad for t in inputs])
+    for ours, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_only_requested_gradients_are_computed():
+    value, shapes, starts, loc, attn = random_inputs([(3, 3)], queries=2)
+    value.requires_grad_()
+    ms_deform_attn(value, shapes, starts, loc, attn).sum().backward()
+    assert value.grad is not None and loc.grad is None and attn.grad is None
+
+
+def test_half_precision_inputs_compute_in_float32():
+    value, shapes, starts, loc, attn = random_inputs([(6, 6), (3, 3)], queries=4)
+    out = ms_deform_attn(value.bfloat16(), shapes, starts, loc.float(), attn.float())
+    assert out.dtype == torch.bfloat16
+    expected = ms_deform_attn_reference(value.bfloat16(), shapes, loc.float(), attn.float())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+BAD_INPUTS = {
+    "value-rank": (lambda v, s, i, lc, a: (v[0], s, i, lc, a), "value must have shape"),
+    "shapes-rank": (lambda v, s, i, lc, a: (v, s.flatten(), i, lc, a), "spatial_shapes"),
+    "levels-mismatch": (lambda v, s, i, lc, a: (v, s, i[:1], lc, a), "level_start_index"),
+    "locations-levels": (lambda v, s, i, lc, a: (v, s, i, lc[:, :, :, :1], a),
+                         "sampling_locations has shape"),
+    "weights-points": (lambda v, s, i, lc, a: (v, s, i, lc, a[..., :1]), "attention_weights"),
+    "heads-mismatch": (lambda v, s, i, lc, a: (v[:, :, :1], s, i, lc, a), "sampling_locations"),
+    "value-size": (lambda v, s, i, lc, a: (v[:, 1:], s, i, lc, a), "positions"),
+    "start-index": (lambda v, s, i, lc, a: (v, s, i + 1, lc, a), "level_start_index is"),
+    "int-value": (lambda v, s, i, lc, a: (v.long(), s, i, lc, a), "value must be a floating"),
+    "float-shapes": (lambda v, s, i, lc, a: (v, s.float(), i, lc, a), "spatial_shapes must be"),
+    "int-locations": (lambda v, s, i, lc, a: (v, s, i, lc.long(), a), "sampling_locations must"),
+    "not-a-tensor": (lambda v, s, i, lc, a: (v, s.tolist(), i, lc, a), "torch.Tensor"),
+    "device-mix": (lambda v, s, i, lc, a: (v, s, i, lc.to("meta"), a), "is on meta"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_raises_value_error_naming_the_argument(case):
+    corrupt, message = case
+    inputs = corrupt(*random_inputs([(3, 4), (2, 2)], queries=2))
+    with pytest.raises(ValueError, match=message):
+        ms_deform_attn(*inputs)
