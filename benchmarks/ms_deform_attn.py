@@ -87,17 +87,14 @@ def make_inputs(levels, queries, batch, device) -> Inputs:
 
 
 def ours(inp: Inputs, dtype):
-    """forward() -> output with its graph; backward(out, grad) runs autograd through it."""
+    """forward() -> output with its graph; backward(out, grad) -> gradients of the inputs."""
     leaves = [t.to(d, copy=True).requires_grad_()
               for t, d in ((inp.value, dtype), (inp.loc, None), (inp.attn, None))]
-    value, loc, attn = leaves
 
     def forward():
-        for t in leaves:
-            t.grad = None
-        return ms_deform_attn(value, inp.shapes, inp.starts, loc, attn)
+        return ms_deform_attn(leaves[0], inp.shapes, inp.starts, *leaves[1:])
 
-    return forward, lambda out, grad: out.backward(grad)
+    return forward, lambda out, grad: torch.autograd.grad(out, leaves, grad)
 
 
 def original(inp: Inputs, dtype):
@@ -169,9 +166,9 @@ def run_case(case, inp: Inputs, args, device) -> dict:
     }
 
 
-def scaled(levels, queries, factor):
-    levels = [(math.ceil(h / factor), math.ceil(w / factor)) for h, w in levels]
-    return levels, queries
+def scaled(levels, factor):
+    """Each level's H and W divided by factor, rounded up."""
+    return [(math.ceil(h / factor), math.ceil(w / factor)) for h, w in levels]
 
 
 def default_cases(device, want_original):
@@ -261,7 +258,8 @@ def main():
     factor = 1 if on_gpu or args.full else 4
     results, rows = {}, []
     for shape in args.shapes.split(","):
-        levels, queries = scaled(*SHAPES[shape], factor)
+        levels, queries = SHAPES[shape]
+        levels = scaled(levels, factor)
         inp = make_inputs(levels, queries, args.batch, device)
         for case in cases:
             print(f"running {shape} {case} ...", file=sys.stderr, flush=True)
