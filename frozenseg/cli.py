@@ -65,5 +65,8 @@ def doctor(
     for finding in findings:
         table.add_row(finding.name, finding.value, marks[finding.ok])
     console.print(table)
-    if any(f.ok is False for f in findings if f.name.startswith(("CUDA op", "kernel"))):
+    failures = [f for f in findings if f.ok is False and f.name.startswith(("CUDA op", "kernel"))]
+    for failure in failures:  # unwrapped, so the compiler's message can be copied whole
+        console.print(f"[red]error:[/] {failure.name}: {failure.value}", soft_wrap=True)
+    if failures:
         raise typer.Exit(code=1)

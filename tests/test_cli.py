@@ -60,6 +60,16 @@ def test_a_compile_error_fails_build_ops_with_the_compilers_first_error(tmp_path
     assert "undeclared_name" in result.output and "FAIL" in result.output
 
 
+@pytest.mark.build
+@needs_nvcc
+def test_an_architecture_nvcc_does_not_know_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("FROZENSEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "_loaded", {})
+    result = runner.invoke(app, ["doctor", "--build-ops", "--arch", "99.0"])
+    assert result.exit_code == 1
+    assert "Unsupported gpu architecture" in " ".join(result.output.split())
+
+
 def test_bad_arch_list_is_reported(monkeypatch):
     monkeypatch.setattr(build, "_loaded", {})
     if build.find_cuda_home() is None or torch.version.cuda is None:

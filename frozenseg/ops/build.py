@@ -143,6 +143,7 @@ def first_error_line(log: str) -> str:
     """The compiler's first error from a build log, or its last line."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     for line in lines:
-        if re.search(r"\berror\b", line, re.IGNORECASE) and "Error building extension" not in line:
+        # nvcc says "fatal" for an architecture it does not know, gcc/nvcc "error" otherwise.
+        if re.search(r"\b(error|fatal)\b", line, re.IGNORECASE) and "Error building" not in line:
             return line[:300]
     return lines[-1][:300] if lines else "unknown build error"
