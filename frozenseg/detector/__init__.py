@@ -1,0 +1,1 @@
+"""The frozen DETR-family detector: one canonical deformable DETR and its variants."""

@@ -1,0 +1,27 @@
+"""Backbones: each returns the four stage maps at strides 4, 8, 16 and 32.
+
+A backbone module has a ``channels`` list (the four stage widths) and
+``forward(images) -> list[Tensor]``. ``BUILDERS`` maps a config's backbone name to
+its builder; the config's other backbone entries are the builder's arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from frozenseg.detector.backbones.resnet import ResNet
+
+BUILDERS = {
+    "resnet50": lambda: ResNet(depth=50),
+    "resnet101": lambda: ResNet(depth=101),
+}
+
+
+def build_backbone(spec: dict[str, Any]) -> nn.Module:
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name not in BUILDERS:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BUILDERS))}")
+    return BUILDERS[name](**spec)

@@ -1,0 +1,86 @@
+"""DetectorConfig: every difference between DETR variants, as data.
+
+One canonical deformable DETR (``model.py``) is built from this config. A format
+module derives it from a checkpoint's tensor shapes (and ``ckpt['args']``); it
+is saved as ``config.json`` beside the converted weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+QueryInit = Literal["learned", "proposals", "mixed"]
+ProposalScore = Literal["first_class", "max_class"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Architecture and post-processing of a deformable DETR.
+
+    Queries:
+      ``learned``   Deformable DETR single-stage: a learned (query_pos, content) pair per
+                    query and a linear layer predicting 2-d reference points from query_pos.
+      ``proposals`` Deformable DETR two-stage: the top-scoring encoder proposals give the
+                    4-d reference boxes, and query_pos and content both come from them.
+      ``mixed``     mixed query selection (DINO, H-Deformable-DETR): the proposals give the
+                    reference boxes (and, for H-DETR, query_pos); the content is learned.
+    """
+
+    variant: Literal["deformable_detr", "h_deformable_detr", "dino"] = "deformable_detr"
+    backbone: dict[str, Any] = field(default_factory=lambda: {"name": "resnet50"})
+    hidden_dim: int = 256
+    # Backbone stages (0..3 = strides 4..32) projected into the transformer; levels beyond
+    # them come from stride-2 3x3 convolutions on the last one.
+    backbone_levels: tuple[int, ...] = (1, 2, 3)
+    num_feature_levels: int = 4
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    num_classes: int = 91
+    query_init: QueryInit = "learned"
+    box_refine: bool = False
+    # Which class scores the encoder proposals: Deformable DETR and H-DETR take class 0,
+    # DINO the best class.
+    proposal_score: ProposalScore = "first_class"
+    # DINO: LayerNorm on every decoder output, query_pos from an MLP over the sine
+    # embedding of the current reference box, separate encoder-proposal heads.
+    decoder_norm: bool = False
+    ref_point_head: bool = False
+    # Sine positional encoding of the feature maps: DINO uses temperature 20 and no
+    # offset; Deformable DETR, H-DETR and detrex use 10000 with a -0.5 offset.
+    pos_temperature: float = 10000.0
+    pos_offset: float = -0.5
+    # inverse_sigmoid clamp: 1e-5 in Deformable DETR and H-DETR, 1e-3 in DINO.
+    inverse_sigmoid_eps: float = 1e-5
+    # Post-processing: top-k over queries x classes, as each original PostProcess.
+    num_select: int = 100
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def two_stage(self) -> bool:
+        return self.query_init != "learned"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown detector config keys: {', '.join(unknown)}")
+        data = dict(data)
+        for key in ("image_mean", "image_std", "backbone_levels"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)

@@ -1,0 +1,238 @@
+"""The canonical deformable DETR: backbone, input projections, transformer, heads.
+
+One class covers Deformable DETR (single-stage, two-stage, box refinement),
+H-Deformable-DETR and DINO; :class:`DetectorConfig` says which. Parameter names
+follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
+``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
+per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
+and the encoder-proposal heads of two-stage models live in ``transformer.enc_out_*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.position import box_position_embedding, feature_position_embedding
+from frozenseg.detector.transformer import (
+    MLP,
+    Decoder,
+    DecoderLayer,
+    Encoder,
+    EncoderLayer,
+    encoder_proposals,
+    inverse_sigmoid,
+)
+
+
+@dataclass
+class RawDetection:
+    """Everything one forward computes. Boxes are normalised (cx, cy, w, h).
+
+    logits, boxes, decoder_states: one entry per decoder layer, (B, Q, K), (B, Q, 4),
+    (B, Q, C). encoder_states: one (B, S, C) per encoder layer. memory_mask: (B, S),
+    True at padding. features: the backbone's four stage maps (strides 4..32).
+    """
+
+    logits: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    decoder_states: list[torch.Tensor]
+    encoder_states: list[torch.Tensor]
+    memory_mask: torch.Tensor
+    spatial_shapes: torch.Tensor
+    level_start_index: torch.Tensor
+    valid_ratios: torch.Tensor
+    features: list[torch.Tensor]
+
+
+@dataclass
+class Queries:
+    """Decoder input: content (B, Q, C), reference (B, Q, 2|4), query_pos (B, Q, C) or None."""
+
+    content: torch.Tensor
+    reference: torch.Tensor
+    query_pos: torch.Tensor | None
+
+
+class DeformableTransformer(nn.Module):
+    """Level embeddings, encoder, decoder, and the parts that initialise the queries."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__()
+        c, layer_args = config.hidden_dim, {
+            "dim": config.hidden_dim, "ffn_dim": config.dim_feedforward,
+            "levels": config.num_feature_levels, "heads": config.nheads,
+        }
+        self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, c))
+        self.encoder = Encoder(layers=[
+            EncoderLayer(**layer_args, points=config.enc_n_points) for _ in range(config.enc_layers)
+        ])
+        self.decoder = Decoder(
+            layers=[DecoderLayer(**layer_args, points=config.dec_n_points)
+                    for _ in range(config.dec_layers)],
+            dim=c, norm=config.decoder_norm, ref_point_head=config.ref_point_head,
+            inverse_sigmoid_eps=config.inverse_sigmoid_eps,
+        )
+        if not config.two_stage:
+            self.reference_points = nn.Linear(c, 2)
+            return
+        self.enc_output = nn.Linear(c, c)
+        self.enc_output_norm = nn.LayerNorm(c)
+        self.enc_out_class_embed = nn.Linear(c, config.num_classes)
+        self.enc_out_bbox_embed = MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3)
+        if not config.ref_point_head:
+            self.pos_trans = nn.Linear(2 * c, 2 * c)
+            self.pos_trans_norm = nn.LayerNorm(2 * c)
+        if config.query_init == "mixed":
+            self.tgt_embed = nn.Embedding(config.num_queries, c)
+
+
+class DeformableDETR(nn.Module):
+    def __init__(self, *, config: DetectorConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        c = config.hidden_dim
+        self.backbone = backbone
+        self.input_proj = nn.ModuleList(self._input_projections(config, backbone.channels))
+        self.transformer = DeformableTransformer(config)
+        if config.query_init == "learned":
+            self.query_embed = nn.Embedding(config.num_queries, 2 * c)
+        self.class_embed = nn.ModuleList(
+            nn.Linear(c, config.num_classes) for _ in range(config.dec_layers)
+        )
+        self.bbox_embed = nn.ModuleList(
+            MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3) for _ in range(config.dec_layers)
+        )
+
+    @staticmethod
+    def _input_projections(config: DetectorConfig, channels: list[int]) -> list[nn.Module]:
+        c = config.hidden_dim
+        projections = [
+            nn.Sequential(nn.Conv2d(channels[i], c, kernel_size=1), nn.GroupNorm(32, c))
+            for i in config.backbone_levels
+        ]
+        in_channels = channels[config.backbone_levels[-1]]
+        for _ in range(config.num_feature_levels - len(config.backbone_levels)):
+            projections.append(nn.Sequential(
+                nn.Conv2d(in_channels, c, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, c)
+            ))
+            in_channels = c
+        return projections
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> RawDetection:
+        """images: (B, 3, H, W) normalised; padding_mask: (B, H, W), True on padding."""
+        features = self.backbone(images)
+        srcs, masks = self._levels(features, padding_mask)
+        flat = self._flatten(srcs, masks)
+        encoder_states = self.transformer.encoder(
+            flat["src"], flat["pos"], flat["shapes"], flat["starts"], flat["valid_ratios"],
+            flat["mask"],
+        )
+        memory = encoder_states[-1]
+        queries = self.initial_queries(memory, flat["mask"], flat["shapes"])
+        return self.decode(queries, memory, flat, encoder_states, features)
+
+    def decode(self, queries: Queries, memory, flat, encoder_states, features) -> RawDetection:
+        """Run the decoder from given queries and apply the heads to every layer."""
+        states, references = self.transformer.decoder(
+            queries.content, queries.reference, memory, flat["mask"], flat["shapes"],
+            flat["starts"], flat["valid_ratios"], query_pos=queries.query_pos,
+            bbox_embed=self.bbox_embed if self.config.box_refine else None,
+        )
+        logits = [head(s) for head, s in zip(self.class_embed, states, strict=True)]
+        boxes = [self._box(head(s), ref)
+                 for head, s, ref in zip(self.bbox_embed, states, references, strict=True)]
+        return RawDetection(
+            logits=logits, boxes=boxes, decoder_states=states, encoder_states=encoder_states,
+            memory_mask=flat["mask"], spatial_shapes=flat["shapes"],
+            level_start_index=flat["starts"], valid_ratios=flat["valid_ratios"], features=features,
+        )
+
+    def _box(self, delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        logits = delta.clone()
+        logits[..., : reference.shape[-1]] += inverse_sigmoid(
+            reference, self.config.inverse_sigmoid_eps
+        )
+        return logits.sigmoid()
+
+    def _levels(self, features, padding_mask):
+        """Projected multi-scale maps and their padding masks (True on padding)."""
+        srcs = [self.input_proj[i](features[s]) for i, s in enumerate(self.config.backbone_levels)]
+        for i in range(len(srcs), self.config.num_feature_levels):
+            previous = features[self.config.backbone_levels[-1]] if i == len(srcs) else srcs[-1]
+            srcs.append(self.input_proj[i](previous))
+        masks = [
+            F.interpolate(padding_mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+            for src in srcs
+        ]
+        return srcs, masks
+
+    def _flatten(self, srcs, masks) -> dict[str, torch.Tensor]:
+        """Concatenate the levels: src, pos (+ level embedding), mask over S positions."""
+        cfg = self.config
+        flat_src, flat_pos, flat_mask, shapes = [], [], [], []
+        for level, (src, mask) in enumerate(zip(srcs, masks, strict=True)):
+            pos = feature_position_embedding(
+                ~mask, num_feats=cfg.hidden_dim // 2, temperature=cfg.pos_temperature,
+                offset=cfg.pos_offset,
+            ).to(src.dtype)
+            shapes.append(src.shape[-2:])
+            flat_src.append(src.flatten(2).transpose(1, 2))
+            flat_pos.append(pos.flatten(2).transpose(1, 2) + self.transformer.level_embed[level])
+            flat_mask.append(mask.flatten(1))
+        device = srcs[0].device
+        shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=device)
+        starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self._valid_ratio(m) for m in masks], 1).to(srcs[0].dtype)
+        return {
+            "src": torch.cat(flat_src, 1), "pos": torch.cat(flat_pos, 1),
+            "mask": torch.cat(flat_mask, 1), "shapes": shapes, "starts": starts,
+            "valid_ratios": valid_ratios,
+        }
+
+    @staticmethod
+    def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) padding mask -> (B, 2) valid fraction of width and height."""
+        _, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).float() / h
+        valid_w = (~mask[:, 0, :]).sum(1).float() / w
+        return torch.stack([valid_w, valid_h], -1)
+
+    def initial_queries(self, memory, memory_mask, shapes) -> Queries:
+        """The decoder's first queries, as the variant initialises them."""
+        cfg, t = self.config, self.transformer
+        b, _, c = memory.shape
+        if cfg.query_init == "learned":
+            query_pos, content = self.query_embed.weight.split(c, dim=1)
+            query_pos = query_pos[None].expand(b, -1, -1)
+            reference = t.reference_points(query_pos).sigmoid()
+            return Queries(content[None].expand(b, -1, -1), reference, query_pos)
+        proposal_logits, valid = encoder_proposals(
+            memory, memory_mask, [tuple(s) for s in shapes.tolist()]
+        )
+        output_memory = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
+        scores = t.enc_out_class_embed(output_memory)
+        scores = scores[..., 0] if cfg.proposal_score == "first_class" else scores.max(-1).values
+        box_logits = t.enc_out_bbox_embed(output_memory) + proposal_logits
+        top = torch.topk(scores, cfg.num_queries, dim=1).indices
+        box_logits = torch.gather(box_logits, 1, top[..., None].expand(-1, -1, 4)).detach()
+        reference = box_logits.sigmoid()
+        query_pos = content = None
+        if not cfg.ref_point_head:
+            sine = box_position_embedding(reference, num_feats=c // 2).to(memory.dtype)
+            embedded = t.pos_trans_norm(t.pos_trans(sine))
+            query_pos, content = embedded.split(c, dim=2)
+        if cfg.query_init == "mixed":
+            content = t.tgt_embed.weight[None].expand(b, -1, -1)
+        return Queries(content, reference, query_pos)
+
+
+def build_detector(config: DetectorConfig) -> DeformableDETR:
+    """The detector a config describes, with random weights."""
+    from frozenseg.detector.backbones import build_backbone
+
+    return DeformableDETR(config=config, backbone=build_backbone(config.backbone))

@@ -1,0 +1,217 @@
+"""The deformable transformer: encoder, decoder and the two-stage proposal machinery.
+
+Every deformable attention here is :class:`frozenseg.ops.MSDeformAttn`. Parameter
+names follow the official Deformable DETR / DINO code (``self_attn``, ``norm1``,
+``linear1`` ... in the encoder; ``cross_attn``, ``norm1``, ``self_attn``, ``norm2`` ...
+in the decoder), so official checkpoints need no renaming below ``transformer.``.
+
+Shapes: B batch, S flattened multi-scale positions, Q queries, C hidden width, L levels.
+Boxes are normalised (cx, cy, w, h) in [0, 1] unless called "logits" (inverse sigmoid).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frozenseg.detector.position import box_position_embedding
+from frozenseg.ops import MSDeformAttn
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (DETR's box head)."""
+
+    def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int) -> None:
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model=dim, n_levels=levels, n_heads=heads, n_points=points)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, src, pos, reference_points, shapes, starts, padding_mask):
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) True at pad."""
+        attended = self.self_attn(src + pos, reference_points, src, shapes, starts, padding_mask)
+        src = self.norm1(src + attended)
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int) -> None:
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model=dim, n_levels=levels, n_heads=heads, n_points=points)
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, tgt, query_pos, reference_points, memory, shapes, starts, memory_mask):
+        """tgt, query_pos: (B, Q, C); reference_points: (B, Q, L, 2 or 4); memory: (B, S, C)."""
+        q = k = tgt + query_pos
+        tgt = self.norm2(tgt + self.self_attn(q, k, tgt, need_weights=False)[0])
+        attended = self.cross_attn(
+            tgt + query_pos, reference_points, memory, shapes, starts, memory_mask
+        )
+        tgt = self.norm1(tgt + attended)
+        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, *, layers: list[EncoderLayer]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    @staticmethod
+    def reference_points(shapes: list[tuple[int, int]], valid_ratios: torch.Tensor):
+        """Pixel centres of every level, (B, S, L, 2), in the valid-area frame of each level."""
+        points = []
+        for level, (h, w) in enumerate(shapes):
+            ref_y, ref_x = torch.meshgrid(
+                torch.linspace(
+                    0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device
+                ),
+                torch.linspace(
+                    0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device
+                ),
+                indexing="ij",
+            )
+            ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
+            ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
+            points.append(torch.stack((ref_x, ref_y), -1))
+        return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src, pos, shapes, starts, valid_ratios, padding_mask) -> list[torch.Tensor]:
+        """Returns the output of every layer, each (B, S, C)."""
+        reference_points = self.reference_points([tuple(s) for s in shapes.tolist()], valid_ratios)
+        outputs = []
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, shapes, starts, padding_mask)
+            outputs.append(src)
+        return outputs
+
+
+class Decoder(nn.Module):
+    """Decoder layers with iterative reference refinement.
+
+    With ``ref_point_head`` (DINO) each layer's query_pos is an MLP of the sine
+    embedding of its current reference box; otherwise query_pos is given and fixed.
+    With ``norm`` (DINO) the outputs that feed the heads are layer-normed; the
+    refinement itself uses the raw output, as DINO does.
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: list[DecoderLayer],
+        dim: int,
+        norm: bool,
+        ref_point_head: bool,
+        inverse_sigmoid_eps: float,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(dim) if norm else None
+        self.ref_point_head = (
+            MLP(in_dim=2 * dim, hidden_dim=dim, out_dim=dim, num_layers=2)
+            if ref_point_head
+            else None
+        )
+        self.eps = inverse_sigmoid_eps
+        self.dim = dim
+
+    def forward(
+        self,
+        tgt,
+        reference,
+        memory,
+        memory_mask,
+        shapes,
+        starts,
+        valid_ratios,
+        *,
+        query_pos=None,
+        bbox_embed=None,
+    ):
+        """Run every layer.
+
+        tgt: (B, Q, C) content queries; reference: (B, Q, 2 or 4) normalised points or boxes.
+        bbox_embed: per-layer box heads for iterative refinement, or None (references fixed).
+        Returns (states, references): per layer, the output (B, Q, C) and the reference
+        (B, Q, 2 or 4) that layer's head is applied relative to.
+        """
+        states, references = [], []
+        for i, layer in enumerate(self.layers):
+            scale = valid_ratios if reference.shape[-1] == 2 else torch.cat([valid_ratios] * 2, -1)
+            reference_input = reference[:, :, None] * scale[:, None]
+            if self.ref_point_head is not None:
+                sine = box_position_embedding(
+                    reference_input[:, :, 0], num_feats=self.dim // 2, order="yxwh"
+                )
+                query_pos = self.ref_point_head(sine.to(tgt.dtype))
+            tgt = layer(tgt, query_pos, reference_input, memory, shapes, starts, memory_mask)
+            states.append(self.norm(tgt) if self.norm is not None else tgt)
+            references.append(reference)
+            if bbox_embed is not None:
+                reference = self.refine(reference, bbox_embed[i](tgt))
+        return states, references
+
+    def refine(self, reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Apply a box head's delta in logit space; the new reference carries no gradient."""
+        # A 2-d reference point becomes a box after its first refinement (Deformable DETR).
+        logits = delta.clone()
+        logits[..., : reference.shape[-1]] += inverse_sigmoid(reference, self.eps)
+        return logits.sigmoid().detach()
+
+
+def encoder_proposals(memory, padding_mask, shapes: list[tuple[int, int]]):
+    """Two-stage proposals: one box per encoder position, sized 0.05 * 2**level.
+
+    Returns (proposal_logits (B, S, 4) in inverse-sigmoid space, +inf where invalid;
+    valid (B, S, 1) bool: inside the image and away from the borders).
+    """
+    b = memory.shape[0]
+    proposals, start = [], 0
+    for level, (h, w) in enumerate(shapes):
+        pad = padding_mask[:, start : start + h * w].view(b, h, w)
+        valid_h = (~pad[:, :, 0]).sum(1)
+        valid_w = (~pad[:, 0, :]).sum(1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
+            torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
+            indexing="ij",
+        )
+        grid = torch.stack([grid_x, grid_y], -1)
+        scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2)
+        grid = (grid[None].expand(b, -1, -1, -1) + 0.5) / scale
+        wh = torch.ones_like(grid) * 0.05 * (2.0**level)
+        proposals.append(torch.cat((grid, wh), -1).view(b, -1, 4))
+        start += h * w
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    logits = torch.log(proposals / (1 - proposals))
+    logits = logits.masked_fill(padding_mask[..., None], float("inf"))
+    logits = logits.masked_fill(~valid, float("inf"))
+    valid = valid & ~padding_mask[..., None]
+    return logits, valid

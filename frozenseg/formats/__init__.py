@@ -1,0 +1,26 @@
+"""Checkpoint formats frozenseg converts, one module each, registered in one place."""
+
+from __future__ import annotations
+
+from frozenseg.formats import huggingface
+from frozenseg.formats.base import CheckpointFormat, Renamed, StateDict
+
+FORMATS: dict[str, CheckpointFormat] = {
+    fmt.name: fmt for fmt in (huggingface.FORMAT,)
+}
+
+
+def detect_format(state_dict: StateDict) -> CheckpointFormat:
+    """The format whose signature the keys match, or ValueError naming the closest one."""
+    matching = [fmt for fmt in FORMATS.values() if fmt.matches(state_dict)]
+    if matching:
+        return matching[0]
+    closest = min(FORMATS.values(), key=lambda f: len(f.missing_signature(state_dict)))
+    missing = closest.missing_signature(state_dict)
+    raise ValueError(
+        f"unknown checkpoint format: closest is {closest.name} ({closest.description}), "
+        f"but no key matches {', '.join(missing)}"
+    )
+
+
+__all__ = ["FORMATS", "CheckpointFormat", "Renamed", "detect_format"]

@@ -1,0 +1,102 @@
+"""What a checkpoint format module provides, and the renaming machinery they share.
+
+A format recognises a state dict by its keys, derives a :class:`DetectorConfig`
+from tensor shapes (and the training arguments saved with it), and renames keys
+to the canonical layout of :class:`frozenseg.detector.model.DeformableDETR`.
+Converters are pure: state dict in, state dict out, with a record of every change.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from frozenseg.detector.config import DetectorConfig
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class Renamed:
+    """A converted state dict and what happened to every source key."""
+
+    state_dict: StateDict = field(default_factory=dict)
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (source, canonical)
+    kept: list[str] = field(default_factory=list)  # already canonical
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (source, why)
+    derived: list[tuple[str, str]] = field(default_factory=list)  # (canonical, how)
+
+    def put(self, source: str, target: str, tensor: torch.Tensor) -> None:
+        self.state_dict[target] = tensor
+        if source == target:
+            self.kept.append(source)
+        else:
+            self.renamed.append((source, target))
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    name: str
+    description: str
+    # Key patterns (regular expressions) that every checkpoint of the format has.
+    signature: tuple[str, ...]
+    derive_config: Callable[[StateDict, dict], tuple[DetectorConfig, list[str]]]
+    rename: Callable[[StateDict, DetectorConfig], Renamed]
+    # Extra test beyond the signature, for formats whose signatures overlap.
+    refine_match: Callable[[StateDict], bool] = lambda sd: True
+
+    def missing_signature(self, state_dict: StateDict) -> list[str]:
+        return [p for p in self.signature if not any(re.match(p, k) for k in state_dict)]
+
+    def matches(self, state_dict: StateDict) -> bool:
+        return not self.missing_signature(state_dict) and self.refine_match(state_dict)
+
+
+Rule = tuple[str, "str | Callable[[re.Match], str]"]
+
+
+def apply_rules(source: StateDict, rules: list[Rule], out: Renamed) -> list[str]:
+    """Rename keys by the first matching (regex, replacement) rule; keep unmatched keys.
+
+    A replacement is a ``re.sub`` template or a function of the match.
+
+    Returns the source keys no rule matched (they are copied under their own name).
+    """
+    unmatched = []
+    for key, tensor in source.items():
+        for pattern, replacement in rules:
+            if re.match(pattern, key):
+                out.put(key, re.sub(pattern, replacement, key, count=1), tensor)
+                break
+        else:
+            unmatched.append(key)
+            out.put(key, key, tensor)
+    return unmatched
+
+
+def count_indexed(state_dict: StateDict, prefix: str) -> int:
+    """How many ``prefix{i}.`` blocks exist (1 + the largest i), 0 if none."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+def backbone_levels(state_dict: StateDict, input_proj: str, stage_channels: list[int]):
+    """Which backbone stages the 1x1 input projections read, and how many levels in all."""
+    levels = count_indexed(state_dict, input_proj)
+    from_backbone = [
+        state_dict[f"{input_proj}{i}.0.weight"].shape[1] for i in range(levels)
+        if state_dict[f"{input_proj}{i}.0.weight"].shape[-1] == 1
+    ]
+    n = len(from_backbone)
+    stages = tuple(range(4 - n, 4))
+    expected = [stage_channels[s] for s in stages]
+    if from_backbone != expected:
+        raise ValueError(
+            f"input projections read {from_backbone} channels, but backbone stages {stages} "
+            f"give {expected}"
+        )
+    return stages, levels
