@@ -50,6 +50,22 @@ class RawDetection:
 
 
 @dataclass
+class Encoded:
+    """The encoder's side of a forward: stage maps, encoder outputs and the level layout.
+
+    encoder_states: one (B, S, C) per encoder layer; mask: (B, S), True at padding;
+    shapes (L, 2), starts (L,), valid_ratios (B, L, 2) as Deformable DETR.
+    """
+
+    features: list[torch.Tensor]
+    encoder_states: list[torch.Tensor]
+    mask: torch.Tensor
+    shapes: torch.Tensor
+    starts: torch.Tensor
+    valid_ratios: torch.Tensor
+
+
+@dataclass
 class Queries:
     """Decoder input: content (B, Q, C), reference (B, Q, 2|4), query_pos (B, Q, C) or None."""
 
@@ -125,6 +141,12 @@ class DeformableDETR(nn.Module):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> RawDetection:
         """images: (B, 3, H, W) normalised; padding_mask: (B, H, W), True on padding."""
+        encoded = self.encode(images, padding_mask)
+        memory = encoded.encoder_states[-1]
+        return self.decode(self.initial_queries(memory, encoded.mask, encoded.shapes), encoded)
+
+    def encode(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Encoded:
+        """Backbone, input projections and encoder: everything before the queries."""
         features = self.backbone(images)
         srcs, masks = self._levels(features, padding_mask)
         flat = self._flatten(srcs, masks)
@@ -132,24 +154,25 @@ class DeformableDETR(nn.Module):
             flat["src"], flat["pos"], flat["shapes"], flat["starts"], flat["valid_ratios"],
             flat["mask"],
         )
-        memory = encoder_states[-1]
-        queries = self.initial_queries(memory, flat["mask"], flat["shapes"])
-        return self.decode(queries, memory, flat, encoder_states, features)
+        return Encoded(features=features, encoder_states=encoder_states, mask=flat["mask"],
+                       shapes=flat["shapes"], starts=flat["starts"],
+                       valid_ratios=flat["valid_ratios"])
 
-    def decode(self, queries: Queries, memory, flat, encoder_states, features) -> RawDetection:
+    def decode(self, queries: Queries, encoded: Encoded) -> RawDetection:
         """Run the decoder from given queries and apply the heads to every layer."""
         states, references = self.transformer.decoder(
-            queries.content, queries.reference, memory, flat["mask"], flat["shapes"],
-            flat["starts"], flat["valid_ratios"], query_pos=queries.query_pos,
+            queries.content, queries.reference, encoded.encoder_states[-1], encoded.mask,
+            encoded.shapes, encoded.starts, encoded.valid_ratios, query_pos=queries.query_pos,
             bbox_embed=self.bbox_embed if self.config.box_refine else None,
         )
         logits = [head(s) for head, s in zip(self.class_embed, states, strict=True)]
         boxes = [self._box(head(s), ref)
                  for head, s, ref in zip(self.bbox_embed, states, references, strict=True)]
         return RawDetection(
-            logits=logits, boxes=boxes, decoder_states=states, encoder_states=encoder_states,
-            memory_mask=flat["mask"], spatial_shapes=flat["shapes"],
-            level_start_index=flat["starts"], valid_ratios=flat["valid_ratios"], features=features,
+            logits=logits, boxes=boxes, decoder_states=states,
+            encoder_states=encoded.encoder_states, memory_mask=encoded.mask,
+            spatial_shapes=encoded.shapes, level_start_index=encoded.starts,
+            valid_ratios=encoded.valid_ratios, features=encoded.features,
         )
 
     def _box(self, delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
