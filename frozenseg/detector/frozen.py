@@ -1,0 +1,186 @@
+"""FrozenDetector: a converted detector, frozen, returning DetectorOutput.
+
+Input images are float RGB in [0, 1], (3, H, W) each, already resized (see
+:func:`detector_input_size` for the originals' 800/1333 rule); the detector
+normalises them with its source's mean and std and pads a batch to a common size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetection, build_detector
+from frozenseg.detector.output import DetectorOutput
+from frozenseg.detector.position import box_position_embedding
+from frozenseg.detector.transformer import inverse_sigmoid
+
+
+class FrozenDetector(nn.Module):
+    def __init__(self, model: DeformableDETR, *, top_k: int = 100, memory_layer: int = 4,
+                 class_names: list[str] | None = None) -> None:
+        super().__init__()
+        if not 1 <= memory_layer <= model.config.enc_layers:
+            raise ValueError(f"memory_layer {memory_layer} is not in 1..{model.config.enc_layers}")
+        self.model = model.eval().requires_grad_(False)
+        self.config: DetectorConfig = model.config
+        self.top_k, self.memory_layer, self.class_names = top_k, memory_layer, class_names
+        mean, std = torch.tensor(self.config.image_mean), torch.tensor(self.config.image_std)
+        self.register_buffer("mean", mean.view(3, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> FrozenDetector:
+        """The detector stays in eval mode (frozen batch norm, no dropout) whatever the caller."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: list[torch.Tensor] | torch.Tensor) -> DetectorOutput:
+        """Top-K predictions over queries x classes, as the original post-processors rank them."""
+        batch, padding, sizes = self.preprocess(images)
+        raw = self.model(batch, padding)
+        probs = raw.logits[-1].sigmoid()
+        b, q, k = probs.shape
+        scores, index = probs.flatten(1).topk(min(self.top_k, q * k), dim=1)
+        query = torch.div(index, k, rounding_mode="floor")
+        return self._output(raw, sizes, query, scores, index % k,
+                            torch.ones_like(scores, dtype=torch.bool))
+
+    @torch.no_grad()
+    def embed_boxes(self, images, boxes: list[torch.Tensor],
+                    labels: list[torch.Tensor] | None = None) -> DetectorOutput:
+        """Queries for given boxes: the decoder runs with them as its reference boxes.
+
+        boxes: per image (N_i, 4) absolute (x0, y0, x1, y1) pixels of that image; labels:
+        per image (N_i,) class indices, used as content queries where the detector has a
+        label embedding (DINO builds its denoising queries this way); otherwise the mean
+        learned content query. Output K = max N_i, in the given order; query_mask marks
+        the real ones; boxes are the given ones (normalised), scores and labels predicted
+        (labels: the given ones when passed).
+        """
+        batch, padding, sizes = self.preprocess(images)
+        encoded = self.model.encode(batch, padding)
+        width = max((len(b) for b in boxes), default=0)
+        states = batch.new_zeros(len(boxes), width, self.config.hidden_dim)
+        out_boxes = batch.new_zeros(len(boxes), width, 4)
+        scores = batch.new_zeros(len(boxes), width)
+        out_labels = torch.zeros(len(boxes), width, dtype=torch.long, device=batch.device)
+        for i, image_boxes in enumerate(boxes):
+            n = len(image_boxes)
+            if n == 0:
+                continue
+            normalised = _xyxy_to_cxcywh(image_boxes.to(batch), sizes[i])
+            given = labels[i].to(batch.device) if labels is not None else None
+            raw = self.model.decode(self._box_queries(normalised, given), _select(encoded, i))
+            probs = raw.logits[-1][0].sigmoid()
+            states[i, :n], out_boxes[i, :n] = raw.decoder_states[-1][0], normalised
+            scores[i, :n], predicted = probs.max(-1)
+            out_labels[i, :n] = given if given is not None else predicted
+        mask = torch.arange(width, device=batch.device)[None] < torch.tensor(
+            [len(b) for b in boxes], device=batch.device)[:, None]
+        return self._assemble(encoded, sizes, states, out_boxes, scores, out_labels, mask)
+
+    def _box_queries(self, boxes: torch.Tensor, labels: torch.Tensor | None) -> Queries:
+        """(N, 4) normalised boxes -> queries of one image, built as each variant builds them."""
+        model, t, c = self.model, self.model.transformer, self.config.hidden_dim
+        query_pos = content = None
+        if hasattr(t, "pos_trans"):  # two-stage: query_pos and content from the box itself
+            sine = box_position_embedding(boxes, num_feats=c // 2).to(boxes.dtype)
+            query_pos, content = t.pos_trans_norm(t.pos_trans(sine)).split(c, dim=-1)
+        elif self.config.query_init == "learned":
+            query_pos, content = model.query_embed.weight.mean(0).split(c)
+            query_pos = query_pos.expand(len(boxes), -1)
+        if self.config.query_init == "mixed":
+            content = t.tgt_embed.weight.mean(0)
+        if labels is not None and hasattr(model, "label_enc"):
+            content = model.label_enc(labels)
+        content = content.expand(len(boxes), -1)
+        reference = inverse_sigmoid(boxes, self.config.inverse_sigmoid_eps).sigmoid()
+        return Queries(content[None], reference[None],
+                       None if query_pos is None else query_pos[None])
+
+    def preprocess(self, images):
+        """Normalise and pad: (B, 3, H, W) batch, (B, H, W) padding mask, (B, 2) sizes."""
+        if isinstance(images, torch.Tensor):
+            images = list(images) if images.dim() == 4 else [images]
+        device = self.mean.device
+        sizes = torch.tensor([img.shape[-2:] for img in images], device=device)
+        h, w = (int(v) for v in sizes.max(0).values) if len(images) else (0, 0)
+        batch = torch.zeros(len(images), 3, h, w, device=device)
+        padding = torch.ones(len(images), h, w, dtype=torch.bool, device=device)
+        for i, img in enumerate(images):
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"image {i} has shape {tuple(img.shape)}, expected (3, H, W)")
+            ih, iw = img.shape[-2:]
+            batch[i, :, :ih, :iw] = (img.to(device).float() - self.mean) / self.std
+            padding[i, :ih, :iw] = False
+        return batch, padding, sizes
+
+    def _output(self, raw: RawDetection, sizes, query, scores, labels, mask) -> DetectorOutput:
+        gather = query[..., None]
+        states = raw.decoder_states[-1].gather(1, gather.expand(-1, -1, self.config.hidden_dim))
+        boxes = raw.boxes[-1].gather(1, gather.expand(-1, -1, 4))
+        encoded = Encoded(features=raw.features, encoder_states=raw.encoder_states,
+                          mask=raw.memory_mask, shapes=raw.spatial_shapes,
+                          starts=raw.level_start_index, valid_ratios=raw.valid_ratios)
+        return self._assemble(encoded, sizes, states, boxes, scores, labels, mask)
+
+    def _assemble(self, encoded: Encoded, sizes, states, boxes, scores, labels, mask):
+        return DetectorOutput(
+            queries=states, boxes=boxes, scores=scores, labels=labels, query_mask=mask,
+            memory=encoded.encoder_states[self.memory_layer - 1], memory_mask=encoded.mask,
+            spatial_shapes=encoded.shapes, level_start_index=encoded.starts,
+            valid_ratios=encoded.valid_ratios, c1=encoded.features[0], image_sizes=sizes,
+        )
+
+
+def _select(encoded: Encoded, i: int) -> Encoded:
+    """Image i of a batch, as a batch of one."""
+    return Encoded(
+        features=[f[i : i + 1] for f in encoded.features],
+        encoder_states=[s[i : i + 1] for s in encoded.encoder_states],
+        mask=encoded.mask[i : i + 1], shapes=encoded.shapes, starts=encoded.starts,
+        valid_ratios=encoded.valid_ratios[i : i + 1],
+    )
+
+
+def _xyxy_to_cxcywh(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """(N, 4) absolute xyxy pixels -> normalised cxcywh, clipped to the image."""
+    h, w = (float(v) for v in size)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    x0, x1 = x0.clamp(0, w), x1.clamp(0, w)
+    y0, y1 = y0.clamp(0, h), y1.clamp(0, h)
+    return torch.stack([(x0 + x1) / (2 * w), (y0 + y1) / (2 * h), (x1 - x0) / w, (y1 - y0) / h], -1)
+
+
+def detector_input_size(height: int, width: int, *, short: int = 800,
+                        max_size: int = 1333) -> tuple[int, int]:
+    """(H, W) the originals resize an image to: shorter side ``short``, longer <= max_size."""
+    small, large = min(height, width), max(height, width)
+    if large / small * short > max_size:
+        short = int(round(max_size * small / large))
+    if small == short:
+        return height, width
+    if width < height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def load_detector(path: str | Path, *, top_k: int = 100, memory_layer: int = 4) -> FrozenDetector:
+    """A detector written by ``frozenseg convert`` (a folder with config.json and weights)."""
+    from safetensors.torch import load_file
+
+    from frozenseg.convert import CONFIG_FILE, WEIGHTS_FILE
+
+    folder = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: no {name} (write one with frozenseg convert)")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    model = build_detector(DetectorConfig.from_dict(meta["config"]))
+    model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
+    return FrozenDetector(model, top_k=top_k, memory_layer=memory_layer,
+                          class_names=meta.get("class_names"))
