@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -70,3 +73,110 @@ def doctor(
         console.print(f"[red]error:[/] {failure.name}: {failure.value}", soft_wrap=True)
     if failures:
         raise typer.Exit(code=1)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, exit code 1."""
+    Console(stderr=True).print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=1)
+
+
+def _read_class_names(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except OSError as err:
+        _fail(f"{path}: cannot read class names ({err.strerror})")
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        _fail(f"{path}: expected a JSON list of strings or one class name per line")
+    return names
+
+
+def _print_report(report) -> None:
+    from frozenseg.detector.config import DetectorConfig
+
+    console.print(f"format: [bold]{report.format}[/] ({report.source}, sha256 "
+                  f"{report.sha256[:12]})")
+    config = Table(title="derived config", show_header=False)
+    defaults = DetectorConfig().to_dict()
+    for key, value in report.config.to_dict().items():
+        config.add_row(key, str(value), "" if defaults.get(key) == value else "*")
+    console.print(config)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    keys = Table(title="keys")
+    for column in ("what", "count", "examples"):
+        keys.add_column(column)
+    rows = [
+        ("matched as is", report.kept, lambda k: k),
+        ("renamed", report.renamed, lambda p: f"{p[0]} -> {p[1]}"),
+        ("dropped", report.dropped, lambda p: f"{p[0]} ({p[1]})"),
+        ("derived", report.derived, lambda p: f"{p[0]} ({p[1]})"),
+        ("missing", report.missing, lambda k: k),
+        ("unexpected", report.unexpected, lambda k: k),
+        ("shape mismatch", report.mismatched, lambda m: f"{m[0]}: {list(m[1])} vs {list(m[2])}"),
+    ]
+    for what, items, show in rows:
+        style = "red" if what in ("missing", "unexpected", "shape mismatch") and items else ""
+        keys.add_row(what, str(len(items)), "\n".join(show(i) for i in items[:3]), style=style)
+    console.print(keys)
+
+
+FORMAT_HELP = "auto, or one of the formats frozenseg knows (see frozenseg inspect)"
+
+
+@app.command()
+def convert(
+    detector: Path = typer.Option(
+        ..., "--detector", help="The checkpoint (.pth, .bin, .safetensors)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder to write detector.safetensors + config.json."
+    ),
+    format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    num_classes: int = typer.Option(
+        None, "--num-classes", help="Check the classifier has N classes."
+    ),
+    class_names: Path = typer.Option(None, "--class-names", help="JSON list or one name per line."),
+    trust_checkpoint: bool = typer.Option(
+        False, "--trust-checkpoint",
+        help="Allow any pickled Python object (runs code from the file: trusted sources only).",
+    ),
+) -> None:
+    """Convert a DETR-family checkpoint into a verified frozen detector."""
+    from frozenseg.checkpoint import CheckpointError
+    from frozenseg.convert import ConversionError, convert_checkpoint
+
+    names = _read_class_names(class_names)
+    try:
+        with console.status(f"Converting {detector} ..."):
+            report = convert_checkpoint(detector, out, format=format, num_classes=num_classes,
+                                        class_names=names, trust=trust_checkpoint)
+    except (CheckpointError, ConversionError) as err:
+        _fail(str(err))
+    _print_report(report)
+    console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}")
+
+
+@app.command()
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="The checkpoint to look at."),
+    format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="See convert."),
+) -> None:
+    """What convert would do with a checkpoint, without writing anything."""
+    from frozenseg.checkpoint import CheckpointError
+    from frozenseg.convert import ConversionError, inspect_checkpoint
+
+    try:
+        _, report = inspect_checkpoint(checkpoint, format=format, trust=trust_checkpoint)
+    except (CheckpointError, ConversionError) as err:
+        _fail(str(err))
+    _print_report(report)
+    if not report.ok:
+        _fail(f"{checkpoint}: {report.problem()}")

@@ -107,29 +107,43 @@ def _verify(state_dict: StateDict, config: DetectorConfig, report: ConversionRep
     ]
 
 
-def convert_checkpoint(
-    src: str | Path, out_dir: str | Path, *, format: str = "auto",
-    num_classes: int | None = None, class_names: list[str] | None = None, trust: bool = False,
-) -> ConversionReport:
-    """What ``frozenseg convert`` does: load safely, convert, verify, write atomically."""
+def inspect_checkpoint(
+    src: str | Path, *, format: str = "auto", num_classes: int | None = None,
+    trust: bool = False,
+) -> tuple[StateDict, ConversionReport]:
+    """Load safely and convert, without writing: what ``frozenseg inspect`` reports.
+
+    Raises ConversionError (one line naming the file) when the file is not a checkpoint
+    or its format is unknown; key and shape mismatches are left in the report.
+    """
     from frozenseg.checkpoint import load_checkpoint
 
-    src, out_dir = Path(src), Path(out_dir)
+    src = Path(src)
     ckpt = load_checkpoint(src, trust=trust)
     args = ckpt.args or _sidecar_config(src)
     try:
         state_dict, report = convert_state_dict(
             ckpt.state_dict, format=format, args=args, num_classes=num_classes
         )
-    except (KeyError, ValueError) as err:
+    except (KeyError, IndexError, ValueError) as err:
         raise ConversionError(f"{src}: {_one_line(err)}") from err
     report.source, report.sha256 = src.name, ckpt.sha256
+    return state_dict, report
+
+
+def convert_checkpoint(
+    src: str | Path, out_dir: str | Path, *, format: str = "auto",
+    num_classes: int | None = None, class_names: list[str] | None = None, trust: bool = False,
+) -> ConversionReport:
+    """What ``frozenseg convert`` does: load safely, convert, verify, write atomically."""
+    state_dict, report = inspect_checkpoint(src, format=format, num_classes=num_classes,
+                                            trust=trust)
     if not report.ok:
         raise ConversionError(f"{src}: {report.problem()}")
     if class_names is not None and len(class_names) != report.config.num_classes:
         raise ConversionError(f"{len(class_names)} class names for a detector with "
                               f"{report.config.num_classes} classes")
-    _write(out_dir, state_dict, report, class_names)
+    _write(Path(out_dir), state_dict, report, class_names)
     return report
 
 

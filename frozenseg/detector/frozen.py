@@ -21,9 +21,12 @@ from frozenseg.detector.transformer import inverse_sigmoid
 
 
 class FrozenDetector(nn.Module):
-    def __init__(self, model: DeformableDETR, *, top_k: int = 100, memory_layer: int = 4,
-                 class_names: list[str] | None = None) -> None:
+    def __init__(self, model: DeformableDETR, *, top_k: int = 100,
+                 memory_layer: int | None = None, class_names: list[str] | None = None) -> None:
+        """memory_layer: which encoder layer's output (1-based) becomes DetectorOutput.memory;
+        default layer 4 (the paper's choice for a 6-layer encoder), or the last if fewer."""
         super().__init__()
+        memory_layer = memory_layer or min(4, model.config.enc_layers)
         if not 1 <= memory_layer <= model.config.enc_layers:
             raise ValueError(f"memory_layer {memory_layer} is not in 1..{model.config.enc_layers}")
         self.model = model.eval().requires_grad_(False)
@@ -169,7 +172,9 @@ def detector_input_size(height: int, width: int, *, short: int = 800,
     return short, int(short * width / height)
 
 
-def load_detector(path: str | Path, *, top_k: int = 100, memory_layer: int = 4) -> FrozenDetector:
+def load_detector(
+    path: str | Path, *, top_k: int = 100, memory_layer: int | None = None
+) -> FrozenDetector:
     """A detector written by ``frozenseg convert`` (a folder with config.json and weights)."""
     from safetensors.torch import load_file
 

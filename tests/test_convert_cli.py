@@ -1,0 +1,132 @@
+"""frozenseg convert / inspect end to end, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from frozenseg import load_detector
+from frozenseg.cli import app
+from frozenseg.convert import convert_state_dict
+from frozenseg.detector.frozen import FrozenDetector
+from frozenseg.detector.model import build_detector
+
+transformers = pytest.importorskip("transformers")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A Hugging Face checkpoint folder: pytorch_model.bin + config.json, as on the hub."""
+    from test_convert_huggingface import random_hf_model
+
+    model, args = random_hf_model(two_stage=True, with_box_refine=True)
+    folder = tmp_path_factory.mktemp("hf")
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(args))
+    return folder / "pytorch_model.bin", model.state_dict(), args
+
+
+def test_convert_writes_a_detector_that_loads_and_matches(hf_checkpoint, tmp_path):
+    path, state_dict, args = hf_checkpoint
+    out = tmp_path / "detectors" / "ddetr"
+    result = runner.invoke(app, ["convert", "--detector", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "huggingface" in result.output and "renamed" in result.output
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["source"] == "pytorch_model.bin" and len(meta["sha256"]) == 64
+
+    converted, report = convert_state_dict(state_dict, args=args)
+    reference = FrozenDetector(build_detector(report.config))
+    reference.model.load_state_dict(converted)
+    image = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(0))]
+    loaded, expected = load_detector(out)(image), reference(image)
+    torch.testing.assert_close(loaded.boxes, expected.boxes, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.queries, expected.queries, rtol=0, atol=0)
+
+
+def test_inspect_reports_without_writing(hf_checkpoint, tmp_path):
+    result = runner.invoke(app, ["inspect", str(hf_checkpoint[0])])
+    assert result.exit_code == 0, result.output
+    assert "query_init" in result.output and "proposals" in result.output
+
+
+def _fails_cleanly(args, *, mentions):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and all(m in error[0] for m in mentions), result.output
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("these are not weights\n")
+    _fails_cleanly(["convert", "--detector", str(path), "--out", str(tmp_path / "out")],
+                   mentions=["notes.pth"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_checkpoint(hf_checkpoint, tmp_path):
+    path = tmp_path / "half.pth"
+    data = hf_checkpoint[0].read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _fails_cleanly(["convert", "--detector", str(path), "--out", str(tmp_path / "out")],
+                   mentions=["half.pth"])
+
+
+def test_unknown_format_names_the_closest_and_its_missing_keys(tmp_path):
+    path = tmp_path / "yolo.pth"
+    torch.save({"model": {"model.level_embed": torch.zeros(4, 8), "head.w": torch.zeros(2)}},
+               path)
+    _fails_cleanly(["convert", "--detector", str(path), "--out", str(tmp_path / "out")],
+                   mentions=["yolo.pth", "closest is huggingface", "class_embed"])
+
+
+def test_shape_mismatch_and_existing_output_untouched(hf_checkpoint, tmp_path):
+    _, state_dict, args = hf_checkpoint
+    broken = dict(state_dict)
+    broken["model.input_proj.1.1.weight"] = torch.zeros(32)
+    path = tmp_path / "broken.pth"
+    torch.save({"model": broken, "args": args}, path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _fails_cleanly(["convert", "--detector", str(path), "--out", str(out)],
+                   mentions=["broken.pth", "input_proj.1.1.weight"])
+    assert (out / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_wrong_class_count(hf_checkpoint, tmp_path):
+    _fails_cleanly(["convert", "--detector", str(hf_checkpoint[0]), "--out",
+                    str(tmp_path / "out"), "--num-classes", "80"],
+                   mentions=["pytorch_model.bin", "5 classes, not 80"])
+
+
+def test_class_names_are_checked_and_saved(hf_checkpoint, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\n")
+    _fails_cleanly(["convert", "--detector", str(hf_checkpoint[0]), "--out",
+                    str(tmp_path / "out"), "--class-names", str(names)],
+                   mentions=["3 class names", "5 classes"])
+    names.write_text(json.dumps(["a", "b", "c", "d", "e"]))
+    result = runner.invoke(app, ["convert", "--detector", str(hf_checkpoint[0]), "--out",
+                                 str(tmp_path / "out"), "--class-names", str(names)])
+    assert result.exit_code == 0, result.output
+    assert load_detector(tmp_path / "out").class_names == ["a", "b", "c", "d", "e"]
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "hook": Evil()}, path)
+    _fails_cleanly(["convert", "--detector", str(path), "--out", str(tmp_path / "out")],
+                   mentions=["evil.pth", "--trust-checkpoint"])
+    assert not (tmp_path / "ran").exists()
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
