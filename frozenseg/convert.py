@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats import FORMATS, detect_format
 from frozenseg.formats.base import Renamed, StateDict
@@ -170,7 +171,8 @@ def _write(out_dir: Path, state_dict: StateDict, report: ConversionReport, class
         save_file({k: v.contiguous() for k, v in state_dict.items()}, staging / WEIGHTS_FILE)
         meta = {
             "format": report.format, "source": report.source, "sha256": report.sha256,
-            "config": report.config.to_dict(), "class_names": class_names,
+            "config": report.config.to_dict(),
+            "classes": class_map(report.config.num_classes, class_names),
         }
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(staging, out_dir)

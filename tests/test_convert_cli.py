@@ -116,7 +116,8 @@ def test_class_names_are_checked_and_saved(hf_checkpoint, tmp_path):
     result = runner.invoke(app, ["convert", "--detector", str(hf_checkpoint[0]), "--out",
                                  str(tmp_path / "out"), "--class-names", str(names)])
     assert result.exit_code == 0, result.output
-    assert load_detector(tmp_path / "out").class_names == ["a", "b", "c", "d", "e"]
+    classes = load_detector(tmp_path / "out").classes
+    assert classes == {"names": ["a", "b", "c", "d", "e"], "category_ids": [0, 1, 2, 3, 4]}
 
 
 def test_a_pickle_that_runs_code_is_refused(tmp_path):

@@ -128,3 +128,15 @@ def test_embed_boxes_with_no_boxes_and_labels_kept(detector):
 ])
 def test_detector_input_size_follows_the_800_1333_rule(size, expected):
     assert detector_input_size(*size) == expected
+
+
+def test_coco_class_maps():
+    from frozenseg.detector.classes import class_map
+
+    slots = class_map(91)
+    assert slots["category_ids"][1] == 1 and slots["names"][1] == "person"
+    assert slots["category_ids"][12] is None and slots["names"][90] == "toothbrush"
+    contiguous = class_map(80)
+    assert contiguous["category_ids"][:3] == [1, 2, 3] and contiguous["category_ids"][-1] == 90
+    assert contiguous["names"][11] == "stop sign"
+    assert class_map(5)["category_ids"] == [0, 1, 2, 3, 4]

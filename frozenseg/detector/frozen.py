@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetection, build_detector
 from frozenseg.detector.output import DetectorOutput
@@ -22,16 +23,18 @@ from frozenseg.detector.transformer import inverse_sigmoid
 
 class FrozenDetector(nn.Module):
     def __init__(self, model: DeformableDETR, *, top_k: int = 100,
-                 memory_layer: int | None = None, class_names: list[str] | None = None) -> None:
+                 memory_layer: int | None = None, classes: dict | None = None) -> None:
         """memory_layer: which encoder layer's output (1-based) becomes DetectorOutput.memory;
-        default layer 4 (the paper's choice for a 6-layer encoder), or the last if fewer."""
+        default layer 4 (the paper's choice for a 6-layer encoder), or the last if fewer.
+        classes: {"names", "category_ids"} per classifier index (see detector.classes)."""
         super().__init__()
         memory_layer = memory_layer or min(4, model.config.enc_layers)
         if not 1 <= memory_layer <= model.config.enc_layers:
             raise ValueError(f"memory_layer {memory_layer} is not in 1..{model.config.enc_layers}")
         self.model = model.eval().requires_grad_(False)
         self.config: DetectorConfig = model.config
-        self.top_k, self.memory_layer, self.class_names = top_k, memory_layer, class_names
+        self.top_k, self.memory_layer = top_k, memory_layer
+        self.classes = classes or class_map(self.config.num_classes)
         mean, std = torch.tensor(self.config.image_mean), torch.tensor(self.config.image_std)
         self.register_buffer("mean", mean.view(3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(3, 1, 1), persistent=False)
@@ -188,4 +191,4 @@ def load_detector(
     model = build_detector(DetectorConfig.from_dict(meta["config"]))
     model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
     return FrozenDetector(model, top_k=top_k, memory_layer=memory_layer,
-                          class_names=meta.get("class_names"))
+                          classes=meta.get("classes"))
