@@ -35,13 +35,12 @@ import gc
 import math
 import os
 import resource
-import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
+from common import MIB, device_line, elapsed, table
 
 from frozenseg.ops import ms_deform_attn
 
@@ -59,7 +58,6 @@ CASES = {  # name: (FROZENSEG_OPS value, or None for the original op; value dtyp
     "fallback-fp32": ("fallback", torch.float32),
     "original-fp32": (None, torch.float32),
 }
-MIB = 1 << 20
 
 
 @dataclass
@@ -109,24 +107,15 @@ def original(inp: Inputs, dtype):
     return forward, lambda out, grad: ext.ms_deform_attn_backward(*args, grad, IM2COL_STEP)
 
 
-def elapsed(fn, arg, device) -> float:
-    """Seconds fn(arg) takes (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn(arg)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn(arg)
-    return time.perf_counter() - t0
+
+
+def _timed(fn, arg, device) -> float:
+    return elapsed(lambda: fn(arg), device)
 
 
 def median_time(fn, device, repeats, setup=lambda: None) -> float:
     """Median over repeats of fn(setup()), timing fn only."""
-    return statistics.median(elapsed(fn, setup(), device) for _ in range(repeats))
+    return statistics.median(_timed(fn, setup(), device) for _ in range(repeats))
 
 
 def peak_mib(run, device) -> float:
@@ -185,34 +174,10 @@ def default_cases(device, want_original):
     return cases
 
 
-def device_line(device, args) -> str:
-    if device.type == "cuda":
-        name = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-        mem = "peak MiB = max_memory_allocated of one fwd+bwd minus memory allocated before it"
-    else:
-        name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
-        mem = "peak MiB = process peak RSS so far (ru_maxrss), not per case"
-    command = shlex.join(["python", *sys.argv])
-    return (
-        f"device: {name}, torch {torch.__version__}, command: `{command}`, "
-        f"median of {args.repeats} after {args.warmup} warm-up; {mem}"
-    )
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return "CPU"
 
 
-def table(header, rows) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    cells = [[str(c).ljust(w) for c, w in zip(r, widths, strict=True)] for r in [header, *rows]]
-    lines = ["| " + " | ".join(r) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def result_row(shape, case, levels, n, q, res):
@@ -272,7 +237,11 @@ def main():
             gc.collect()
             if on_gpu:
                 torch.cuda.empty_cache()
-    print(device_line(device, args) + "\n")
+    memory_note = (
+        "peak MiB = max_memory_allocated of one fwd+bwd minus memory allocated before it"
+        if on_gpu else "peak MiB = process peak RSS so far (ru_maxrss), not per case"
+    )
+    print(device_line(device, args, memory_note) + "\n")
     print(table(["shape", "case", "levels", "N", "Q", "fwd ms", "bwd ms", "fwd+bwd ms",
                  "peak MiB", "GB/s"], rows))
     if ratios := ratio_rows(results):

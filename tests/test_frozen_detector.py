@@ -140,3 +140,9 @@ def test_coco_class_maps():
     assert contiguous["category_ids"][:3] == [1, 2, 3] and contiguous["category_ids"][-1] == 90
     assert contiguous["names"][11] == "stop sign"
     assert class_map(5)["category_ids"] == [0, 1, 2, 3, 4]
+
+
+def test_images_smaller_than_the_query_count_still_work():
+    det = tiny_detector(variant="h_deformable_detr", query_init="mixed", box_refine=True)
+    out = det(images((16, 16), seed=7))  # 4 levels of 2x2, 1x1, 1x1, 1x1: 7 positions < 10
+    assert out.queries.shape[1] == 7 and torch.isfinite(out.boxes).all()

@@ -61,6 +61,9 @@ class DetectorConfig:
     pos_offset: float = -0.5
     # inverse_sigmoid clamp: 1e-5 in Deformable DETR and H-DETR, 1e-3 in DINO.
     inverse_sigmoid_eps: float = 1e-5
+    # DINO's denoising label embedding ``label_enc`` has dn_labelbook_size + 1 rows (91 + 1
+    # for COCO): unused at inference, kept to embed external boxes' labels as DINO's queries.
+    dn_labelbook_size: int = 91
     # Post-processing: top-k over queries x classes, as each original PostProcess.
     num_select: int = 100
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -83,4 +86,7 @@ class DetectorConfig:
         for key in ("image_mean", "image_std", "backbone_levels"):
             if key in data:
                 data[key] = tuple(data[key])
+        if "backbone" in data:  # JSON turns the backbone's tuples into lists
+            data["backbone"] = {k: tuple(v) if isinstance(v, list) else v
+                                for k, v in data["backbone"].items()}
         return cls(**data)

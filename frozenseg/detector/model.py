@@ -6,6 +6,9 @@ follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
 and the encoder-proposal heads of two-stage models live in ``transformer.enc_out_*``.
+DINO's denoising label embedding is kept as ``label_enc``: inference does not use it, but
+it embeds class labels as DINO's denoising queries do (content = label_enc(class id),
+reference box = the box itself).
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ class DeformableDETR(nn.Module):
         self.transformer = DeformableTransformer(config)
         if config.query_init == "learned":
             self.query_embed = nn.Embedding(config.num_queries, 2 * c)
+        if config.variant == "dino":  # row = class id (DINO's training never reads the last)
+            self.label_enc = nn.Embedding(config.dn_labelbook_size + 1, c)
         self.class_embed = nn.ModuleList(
             nn.Linear(c, config.num_classes) for _ in range(config.dec_layers)
         )
@@ -241,7 +246,8 @@ class DeformableDETR(nn.Module):
         scores = t.enc_out_class_embed(output_memory)
         scores = scores[..., 0] if cfg.proposal_score == "first_class" else scores.max(-1).values
         box_logits = t.enc_out_bbox_embed(output_memory) + proposal_logits
-        top = torch.topk(scores, cfg.num_queries, dim=1).indices
+        # Images too small to offer num_queries positions get one query per position.
+        top = torch.topk(scores, min(cfg.num_queries, scores.shape[1]), dim=1).indices
         box_logits = torch.gather(box_logits, 1, top[..., None].expand(-1, -1, 4)).detach()
         reference = box_logits.sigmoid()
         query_pos = content = None
@@ -250,7 +256,7 @@ class DeformableDETR(nn.Module):
             embedded = t.pos_trans_norm(t.pos_trans(sine))
             query_pos, content = embedded.split(c, dim=2)
         if cfg.query_init == "mixed":
-            content = t.tgt_embed.weight[None].expand(b, -1, -1)
+            content = t.tgt_embed.weight[None, : reference.shape[1]].expand(b, -1, -1)
         return Queries(content, reference, query_pos)
 
 

@@ -1,0 +1,56 @@
+"""What every benchmark here shares: timing, the machine's name, the markdown table."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+
+import torch
+
+MIB = 1 << 20
+
+
+def elapsed(fn, device: torch.device) -> float:
+    """Seconds fn() takes (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return "CPU"
+
+
+def device_line(device: torch.device, args, memory_note: str) -> str:
+    """Header line: the device, torch, the exact command and how figures were taken."""
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    else:
+        name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    command = shlex.join(["python", *sys.argv])
+    return (
+        f"device: {name}, torch {torch.__version__}, command: `{command}`, "
+        f"median of {args.repeats} after {args.warmup} warm-up; {memory_note}"
+    )
+
+
+def table(header, rows) -> str:
+    """A markdown table, columns padded to line up."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    cells = [[str(c).ljust(w) for c, w in zip(r, widths, strict=True)] for r in [header, *rows]]
+    lines = ["| " + " | ".join(r) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

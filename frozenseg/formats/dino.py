@@ -1,0 +1,171 @@
+"""Official DINO checkpoints (IDEA-Research/DINO), and FocalNet-DINO, which shares the layout.
+
+The model is saved as ``ckpt['model']`` with the training ``args`` beside it. Key names
+below ``transformer.``, ``input_proj.``, ``class_embed.i``, ``bbox_embed.i`` and
+``label_enc`` are already canonical. The backbone is ``backbone.0.body.<torchvision
+ResNet>`` or ``backbone.0.<Swin / FocalNet>``; the decoder holds a second reference to
+the per-layer heads (``transformer.decoder.{class,bbox}_embed.i``), saved as duplicates.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from frozenseg.detector.backbones.focalnet import focalnet_config_from_state_dict
+from frozenseg.detector.backbones.swin import swin_config_from_state_dict
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.formats.base import (
+    CheckpointFormat,
+    Renamed,
+    StateDict,
+    apply_rules,
+    backbone_levels,
+    count_indexed,
+)
+
+RULES = [(r"^backbone\.0\.(body\.)?", "backbone.")]
+DUPLICATE_HEADS = re.compile(r"^transformer\.decoder\.((class|bbox)_embed\.\d+\..*)$")
+
+# Training arguments that change the inference computation without changing any key or
+# shape: frozenseg reproduces only these values (absent arguments take them).
+SUPPORTED_ARGS = {
+    "two_stage_type": ("standard",),
+    "decoder_sa_type": ("sa",),
+    "decoder_module_seq": (["sa", "ca", "ffn"],),
+    "transformer_activation": ("relu",),
+    "position_embedding": ("sine", "v2"),
+    "dilation": (False,),
+    "dec_layer_number": (None,),
+    "two_stage_learn_wh": (False,),
+    "two_stage_pat_embed": (0,),
+    "two_stage_add_query_num": (0,),
+    "use_deformable_box_attn": (False,),
+    "add_channel_attention": (False,),
+}
+
+
+def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
+    """Widths, depths, levels, queries, classes from shapes; heads and the rest from args."""
+    _check_args(args)
+    notes: list[str] = []
+    c = state_dict["transformer.level_embed"].shape[1]
+    heads = _from_args(args, "nheads", c // 32, notes, "attention heads (head dim 32)")
+    backbone, channels = _backbone(state_dict)
+    stages, levels = backbone_levels(state_dict, "input_proj.", channels)
+    config = DetectorConfig(
+        variant="dino", backbone=backbone, hidden_dim=c, backbone_levels=stages,
+        num_feature_levels=levels, nheads=heads,
+        enc_layers=count_indexed(state_dict, "transformer.encoder.layers."),
+        dec_layers=count_indexed(state_dict, "transformer.decoder.layers."),
+        dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        **_points(state_dict, heads, levels),
+        num_queries=state_dict["transformer.tgt_embed.weight"].shape[0],
+        num_classes=state_dict["class_embed.0.weight"].shape[0],
+        # Fixed in DINO's code: two-stage top-k by best class, learned content queries,
+        # query_pos from the box sine embedding, normed decoder outputs, eps 1e-3, offset 0.
+        query_init="mixed", box_refine=True, proposal_score="max_class", decoder_norm=True,
+        ref_point_head=True, pos_offset=0.0, inverse_sigmoid_eps=1e-3,
+        pos_temperature=_temperature(args, notes),
+        num_select=_from_args(args, "num_select", 300, notes, "post-processing top-k"),
+        dn_labelbook_size=state_dict["label_enc.weight"].shape[0] - 1,
+    )
+    return config, notes
+
+
+def _check_args(args: dict) -> None:
+    for name, accepted in SUPPORTED_ARGS.items():
+        if name in args and args[name] not in accepted:
+            raise ValueError(f"DINO trained with {name}={args[name]!r} is not supported "
+                             f"(supported: {', '.join(map(repr, accepted))})")
+
+
+def _from_args(args: dict, name: str, default, notes: list[str], what: str):
+    if name in args:
+        return args[name]
+    notes.append(f"{what}: args.{name} not saved, assumed {default}")
+    return default
+
+
+def _temperature(args: dict, notes: list[str]) -> float:
+    """The feature-map sine temperature; DINO has one per axis, frozenseg one for both."""
+    h = _from_args(args, "pe_temperatureH", 20, notes, "position temperature")
+    w = args.get("pe_temperatureW", h)
+    if h != w:
+        raise ValueError(f"different position temperatures for H ({h}) and W ({w})")
+    return float(h)
+
+
+def _points(state_dict: StateDict, heads: int, levels: int) -> dict[str, int]:
+    """Sampling points per head and level, from the attention-weight rows (H * L * P)."""
+    rows = {
+        "enc_n_points": "transformer.encoder.layers.0.self_attn.attention_weights.weight",
+        "dec_n_points": "transformer.decoder.layers.0.cross_attn.attention_weights.weight",
+    }
+    points = {}
+    for name, key in rows.items():
+        n, rest = divmod(state_dict[key].shape[0], heads * levels)
+        if rest:
+            raise ValueError(f"{key} has {state_dict[key].shape[0]} rows, not a multiple of "
+                             f"{heads} heads x {levels} levels")
+        points[name] = n
+    return points
+
+
+def _backbone(state_dict: StateDict) -> tuple[dict, list[int]]:
+    """The backbone spec for :func:`build_backbone`, and its four stage widths."""
+    if "backbone.0.body.conv1.weight" in state_dict:
+        blocks = count_indexed(state_dict, "backbone.0.body.layer3.")
+        depth = {6: 50, 23: 101}.get(blocks)
+        if depth is None:
+            raise ValueError(f"unsupported ResNet with {blocks} blocks in layer3")
+        return {"name": f"resnet{depth}"}, [256, 512, 1024, 2048]
+    inner = {k[len("backbone.0."):]: v for k, v in state_dict.items()
+             if k.startswith("backbone.0.")}
+    if any(".modulation." in k for k in inner):
+        spec = {"name": "focalnet", **focalnet_config_from_state_dict(inner)}
+    elif any(".attn.relative_position_bias_table" in k for k in inner):
+        spec = {"name": "swin", **swin_config_from_state_dict(inner)}
+    else:
+        raise ValueError("unknown DINO backbone: neither ResNet, Swin nor FocalNet keys")
+    return spec, [spec["embed_dim"] * 2**i for i in range(4)]
+
+
+def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
+    """Strip the backbone prefix; drop the decoder's copies of the heads once checked."""
+    out, rest = Renamed(), {}
+    for key, tensor in state_dict.items():
+        m = DUPLICATE_HEADS.match(key)
+        if m and m[1] in state_dict:
+            _check_duplicate(state_dict, key, m[1])
+            out.dropped.append((key, f"duplicate of {m[1]}"))
+        elif m:  # only the decoder's copy was saved: it is the head
+            out.put(key, m[1], tensor)
+        else:
+            rest[key] = tensor
+    apply_rules(rest, RULES, out)
+    return out
+
+
+def _check_duplicate(state_dict: StateDict, key: str, original: str) -> None:
+    if not torch.equal(state_dict[key], state_dict[original]):
+        raise ValueError(f"{key} differs from {original}: the decoder's copy of a head "
+                         "must be the head itself")
+
+
+FORMAT = CheckpointFormat(
+    name="dino",
+    description="official DINO / FocalNet-DINO (IDEA-Research/DINO layout)",
+    signature=(
+        r"^backbone\.0\.",
+        r"^transformer\.level_embed$",
+        r"^transformer\.tgt_embed\.weight$",
+        r"^transformer\.decoder\.ref_point_head\.layers\.0\.weight$",
+        r"^transformer\.enc_out_class_embed\.weight$",
+        r"^label_enc\.weight$",
+        r"^class_embed\.0\.weight$",
+    ),
+    derive_config=derive_config,
+    rename=rename,
+)
