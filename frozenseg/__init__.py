@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 _API = {
     "convert_checkpoint": "frozenseg.convert",
     "load_detector": "frozenseg.detector.frozen",
+    "synth": "frozenseg.data.synth",
 }
 
 
