@@ -128,6 +128,10 @@ def _print_report(report) -> None:
 
 
 FORMAT_HELP = "auto, or one of the formats frozenseg knows (see frozenseg inspect)"
+CONFIG_HELP = (
+    "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
+    "detrex's config.yaml); overrides ckpt['args']."
+)
 
 
 @app.command()
@@ -147,6 +151,7 @@ def convert(
         False, "--trust-checkpoint",
         help="Allow any pickled Python object (runs code from the file: trusted sources only).",
     ),
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Convert a DETR-family checkpoint into a verified frozen detector."""
     from frozenseg.checkpoint import CheckpointError
@@ -156,7 +161,8 @@ def convert(
     try:
         with console.status(f"Converting {detector} ..."):
             report = convert_checkpoint(detector, out, format=format, num_classes=num_classes,
-                                        class_names=names, trust=trust_checkpoint)
+                                        class_names=names, trust=trust_checkpoint,
+                                        config=config)
     except (CheckpointError, ConversionError) as err:
         _fail(str(err))
     _print_report(report)
@@ -168,13 +174,15 @@ def inspect(
     checkpoint: Path = typer.Argument(..., help="The checkpoint to look at."),
     format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="See convert."),
+    config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """What convert would do with a checkpoint, without writing anything."""
     from frozenseg.checkpoint import CheckpointError
     from frozenseg.convert import ConversionError, inspect_checkpoint
 
     try:
-        _, report = inspect_checkpoint(checkpoint, format=format, trust=trust_checkpoint)
+        _, report = inspect_checkpoint(checkpoint, format=format, trust=trust_checkpoint,
+                                       config=config)
     except (CheckpointError, ConversionError) as err:
         _fail(str(err))
     _print_report(report)

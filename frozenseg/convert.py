@@ -40,7 +40,8 @@ class ConversionReport:
     derived: list[tuple[str, str]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, got, expected
+    # (checkpoint key, its shape, the model's shape)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     source: str = ""
     sha256: str = ""
 
@@ -98,11 +99,11 @@ def _verify(state_dict: StateDict, config: DetectorConfig, report: ConversionRep
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_detector(config).state_dict().items()}
     report.missing = sorted(set(expected) - set(state_dict))
-    # Name unexpected keys as the checkpoint does: that is what the user can look up.
+    # Name unexpected and mismatched keys as the checkpoint does: what the user can look up.
     source_of = {target: source for source, target in report.renamed}
     report.unexpected = sorted(source_of.get(k, k) for k in set(state_dict) - set(expected))
     report.mismatched = [
-        (k, tuple(state_dict[k].shape), expected[k])
+        (source_of.get(k, k), tuple(state_dict[k].shape), expected[k])
         for k in sorted(set(expected) & set(state_dict))
         if tuple(state_dict[k].shape) != expected[k]
     ]
@@ -110,18 +111,21 @@ def _verify(state_dict: StateDict, config: DetectorConfig, report: ConversionRep
 
 def inspect_checkpoint(
     src: str | Path, *, format: str = "auto", num_classes: int | None = None,
-    trust: bool = False,
+    trust: bool = False, config: str | Path | None = None,
 ) -> tuple[StateDict, ConversionReport]:
     """Load safely and convert, without writing: what ``frozenseg inspect`` reports.
 
-    Raises ConversionError (one line naming the file) when the file is not a checkpoint
-    or its format is unknown; key and shape mismatches are left in the report.
+    The training arguments come from ``config`` (a JSON or YAML file, e.g. detrex's
+    config.yaml) when given, else from ``ckpt['args']``, else from a Hugging Face
+    config.json beside the checkpoint. Raises ConversionError (one line naming the
+    file) when the file is not a checkpoint or its format is unknown; key and shape
+    mismatches are left in the report.
     """
     from frozenseg.checkpoint import load_checkpoint
 
     src = Path(src)
     ckpt = load_checkpoint(src, trust=trust)
-    args = ckpt.args or _sidecar_config(src)
+    args = read_training_config(config) if config else ckpt.args or _sidecar_config(src)
     try:
         state_dict, report = convert_state_dict(
             ckpt.state_dict, format=format, args=args, num_classes=num_classes
@@ -135,10 +139,11 @@ def inspect_checkpoint(
 def convert_checkpoint(
     src: str | Path, out_dir: str | Path, *, format: str = "auto",
     num_classes: int | None = None, class_names: list[str] | None = None, trust: bool = False,
+    config: str | Path | None = None,
 ) -> ConversionReport:
     """What ``frozenseg convert`` does: load safely, convert, verify, write atomically."""
     state_dict, report = inspect_checkpoint(src, format=format, num_classes=num_classes,
-                                            trust=trust)
+                                            trust=trust, config=config)
     if not report.ok:
         raise ConversionError(f"{src}: {report.problem()}")
     if class_names is not None and len(class_names) != report.config.num_classes:
@@ -146,6 +151,31 @@ def convert_checkpoint(
                               f"{report.config.num_classes} classes")
     _write(Path(out_dir), state_dict, report, class_names)
     return report
+
+
+def read_training_config(path: str | Path) -> dict:
+    """A training config as a dict: JSON, or YAML with Python tags ignored (never run).
+
+    detrex / detectron2 save config.yaml with ``!!python/name:`` tags for callables;
+    those entries come back as None, which no converter reads.
+    """
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ConversionError(
+            f"{path}: not a readable JSON or YAML config ({_one_line(err)})"
+        ) from err
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a mapping of training settings")
+    return data
 
 
 def _sidecar_config(src: Path) -> dict:

@@ -131,3 +131,23 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
 class Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+def test_training_config_file_supplies_what_the_weights_cannot(hf_checkpoint, tmp_path):
+    """A YAML config with detectron2-style Python tags is read, the tags never run."""
+    from frozenseg.convert import inspect_checkpoint
+
+    bare = tmp_path / "weights.pth"  # no config.json beside it
+    bare.write_bytes(hf_checkpoint[0].read_bytes())
+    _, report = inspect_checkpoint(bare)
+    assert report.config.num_queries == 300 and report.notes  # assumed, and said so
+    config = tmp_path / "config.yaml"
+    config.write_text("two_stage_num_proposals: 12\nencoder_attention_heads: 2\n"
+                      "activation: !!python/name:os.system ''\n")
+    result = runner.invoke(app, ["inspect", str(bare), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    _, report = inspect_checkpoint(bare, config=config)
+    assert report.config.num_queries == 12
+    config.write_text("[unclosed")
+    _fails_cleanly(["inspect", str(bare), "--config", str(config)],
+                   mentions=["config.yaml", "not a readable"])

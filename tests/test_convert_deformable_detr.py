@@ -126,8 +126,8 @@ def test_a_renamed_key_and_a_changed_shape_are_reported_by_name():
     state_dict = dict(official)
     state_dict["backbone.0.body.layer2.0.bn1.weight"] = torch.zeros(64)
     _, report = convert_state_dict(state_dict, args=args)
-    assert report.mismatched == [("backbone.layer2.0.bn1.weight", (64,), (128,))]
-    assert "backbone.layer2.0.bn1.weight" in report.problem()
+    assert report.mismatched == [("backbone.0.body.layer2.0.bn1.weight", (64,), (128,))]
+    assert "backbone.0.body.layer2.0.bn1.weight" in report.problem()
 
 
 def test_the_decoder_copy_of_a_head_must_equal_it():

@@ -161,7 +161,8 @@ def test_a_renamed_key_and_a_changed_shape_are_reported_by_name():
     state_dict = dict(official)
     state_dict["backbone.0.body.layers.1.blocks.1.norm1.weight"] = torch.zeros(10)
     _, report = convert_state_dict(state_dict, args=args)
-    assert report.mismatched == [("backbone.layers.1.blocks.1.norm1.weight", (10,), (192,))]
+    assert report.mismatched == [
+        ("backbone.0.body.layers.1.blocks.1.norm1.weight", (10,), (192,))]
 
 
 # --- Side by side with the official code (needs third_party/H-Deformable-DETR) -------------

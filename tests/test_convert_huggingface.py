@@ -115,5 +115,5 @@ def test_a_renamed_key_and_a_changed_shape_are_reported_by_name():
     state_dict = dict(hf.state_dict())
     state_dict["model.input_proj.1.1.weight"] = torch.zeros(32)
     _, report = convert_state_dict(state_dict, args=args)
-    assert report.mismatched == [("input_proj.1.1.weight", (32,), (64,))]
+    assert report.mismatched == [("model.input_proj.1.1.weight", (32,), (64,))]
     assert "input_proj.1.1.weight" in report.problem()

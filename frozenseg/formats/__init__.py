@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from frozenseg.formats import deformable_detr, dino, h_deformable_detr, huggingface
+from frozenseg.formats import deformable_detr, detrex, dino, h_deformable_detr, huggingface
 from frozenseg.formats.base import CheckpointFormat, Renamed, StateDict
 
 FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
-    for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT)
+    for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
+                detrex.FORMAT)
 }
 
 

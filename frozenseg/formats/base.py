@@ -100,3 +100,30 @@ def backbone_levels(state_dict: StateDict, input_proj: str, stage_channels: list
             f"give {expected}"
         )
     return stages, levels
+
+
+def sampling_points(state_dict: StateDict, heads: int, levels: int) -> dict[str, int]:
+    """enc_n_points and dec_n_points from the canonical attention-weight rows.
+
+    Rows are heads x levels x points, so shapes alone cannot tell heads from points:
+    ``heads`` must come from the training arguments (or an assumption noted as such).
+    """
+    rows = {
+        "enc_n_points": "transformer.encoder.layers.0.self_attn.attention_weights.weight",
+        "dec_n_points": "transformer.decoder.layers.0.cross_attn.attention_weights.weight",
+    }
+    points = {}
+    for name, key in rows.items():
+        n, rest = divmod(state_dict[key].shape[0], heads * levels)
+        if rest:
+            raise ValueError(f"{key} has {state_dict[key].shape[0]} rows, not a multiple of "
+                             f"{heads} heads x {levels} levels")
+        points[name] = n
+    return points
+
+
+def check_duplicate(state_dict: StateDict, key: str, original: str) -> None:
+    """A head registered twice in the original model must be saved twice the same."""
+    if not torch.equal(state_dict[key], state_dict[original]):
+        raise ValueError(f"{key} differs from {original}: they are one module in the "
+                         "original model, so the checkpoint is inconsistent")

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats.base import (
     CheckpointFormat,
     Renamed,
     StateDict,
     backbone_levels,
+    check_duplicate,
     count_indexed,
+    sampling_points,
 )
 
 BODY = "backbone.0.body."
@@ -68,19 +68,6 @@ def resnet_backbone(sd: StateDict, args: dict) -> dict:
     return {"name": f"resnet{depth}"}
 
 
-def sampling_points(sd: StateDict, heads: int, levels: int) -> tuple[int, int]:
-    """Encoder and decoder points per head and level, from the attention-weight rows
-    (heads x levels x points: shapes alone cannot tell heads from points)."""
-    points = []
-    for attn in ("encoder.layers.0.self_attn", "decoder.layers.0.cross_attn"):
-        rows = sd[f"transformer.{attn}.attention_weights.weight"].shape[0]
-        if rows % (heads * levels):
-            raise ValueError(f"transformer.{attn}: {rows} attention weights, not a multiple "
-                             f"of {heads} heads x {levels} levels")
-        points.append(rows // (heads * levels))
-    return points[0], points[1]
-
-
 def transformer_config(
     sd: StateDict, args: dict, notes: list[str], stage_channels: list[int]
 ) -> dict:
@@ -88,14 +75,14 @@ def transformer_config(
     sampling points, classes. Layer 0 stands for all layers."""
     levels, c = sd["transformer.level_embed"].shape
     heads = int(arg(args, "nheads", 8, notes))
-    enc_points, dec_points = sampling_points(sd, heads, levels)
+    points = sampling_points(sd, heads, levels)
     stages, levels = backbone_levels(sd, "input_proj.", stage_channels)
     return dict(
         hidden_dim=c, backbone_levels=stages, num_feature_levels=levels, nheads=heads,
         enc_layers=count_indexed(sd, "transformer.encoder.layers."),
         dec_layers=count_indexed(sd, "transformer.decoder.layers."),
         dim_feedforward=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        enc_n_points=enc_points, dec_n_points=dec_points,
+        **points,
         num_classes=sd["class_embed.0.weight"].shape[0],
     )
 
@@ -148,9 +135,7 @@ def rename(sd: StateDict, config: DetectorConfig) -> Renamed:
     for key, tensor in sd.items():
         m = DUPLICATE_HEAD.match(key)
         if m and m[1] in sd:
-            if not torch.equal(tensor, sd[m[1]]):
-                raise ValueError(f"{key} differs from {m[1]}: they are one module in the "
-                                 "official model, so the checkpoint is inconsistent")
+            check_duplicate(sd, key, m[1])
             out.dropped.append((key, f"duplicate of {m[1]}"))
         else:
             out.put(key, canonical_name(m[1] if m else key, config), tensor)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from frozenseg.detector.backbones.focalnet import focalnet_config_from_state_dict
 from frozenseg.detector.backbones.swin import swin_config_from_state_dict
 from frozenseg.detector.config import DetectorConfig
@@ -22,7 +20,9 @@ from frozenseg.formats.base import (
     StateDict,
     apply_rules,
     backbone_levels,
+    check_duplicate,
     count_indexed,
+    sampling_points,
 )
 
 RULES = [(r"^backbone\.0\.(body\.)?", "backbone.")]
@@ -60,7 +60,7 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
         enc_layers=count_indexed(state_dict, "transformer.encoder.layers."),
         dec_layers=count_indexed(state_dict, "transformer.decoder.layers."),
         dim_feedforward=state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        **_points(state_dict, heads, levels),
+        **sampling_points(state_dict, heads, levels),
         num_queries=state_dict["transformer.tgt_embed.weight"].shape[0],
         num_classes=state_dict["class_embed.0.weight"].shape[0],
         # Fixed in DINO's code: two-stage top-k by best class, learned content queries,
@@ -97,22 +97,6 @@ def _temperature(args: dict, notes: list[str]) -> float:
     return float(h)
 
 
-def _points(state_dict: StateDict, heads: int, levels: int) -> dict[str, int]:
-    """Sampling points per head and level, from the attention-weight rows (H * L * P)."""
-    rows = {
-        "enc_n_points": "transformer.encoder.layers.0.self_attn.attention_weights.weight",
-        "dec_n_points": "transformer.decoder.layers.0.cross_attn.attention_weights.weight",
-    }
-    points = {}
-    for name, key in rows.items():
-        n, rest = divmod(state_dict[key].shape[0], heads * levels)
-        if rest:
-            raise ValueError(f"{key} has {state_dict[key].shape[0]} rows, not a multiple of "
-                             f"{heads} heads x {levels} levels")
-        points[name] = n
-    return points
-
-
 def _backbone(state_dict: StateDict) -> tuple[dict, list[int]]:
     """The backbone spec for :func:`build_backbone`, and its four stage widths."""
     if "backbone.0.body.conv1.weight" in state_dict:
@@ -138,7 +122,7 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
     for key, tensor in state_dict.items():
         m = DUPLICATE_HEADS.match(key)
         if m and m[1] in state_dict:
-            _check_duplicate(state_dict, key, m[1])
+            check_duplicate(state_dict, key, m[1])
             out.dropped.append((key, f"duplicate of {m[1]}"))
         elif m:  # only the decoder's copy was saved: it is the head
             out.put(key, m[1], tensor)
@@ -146,12 +130,6 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
     return out
-
-
-def _check_duplicate(state_dict: StateDict, key: str, original: str) -> None:
-    if not torch.equal(state_dict[key], state_dict[original]):
-        raise ValueError(f"{key} differs from {original}: the decoder's copy of a head "
-                         "must be the head itself")
 
 
 FORMAT = CheckpointFormat(

@@ -123,6 +123,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     )
     if two_stage:
         num_queries = args.get("two_stage_num_proposals", 300)
+        if "two_stage_num_proposals" not in args:
+            notes.append("two-stage proposal count not saved: assumed 300")
     else:
         num_queries = sd["model.query_position_embeddings.weight"].shape[0]
     points = [
