@@ -227,3 +227,105 @@ def synth(
         f"classes, {summary.empty_images} images without instances; {what}: {out}",
         soft_wrap=True, highlight=False,
     )
+
+
+def _rate_column():
+    """A rich progress column showing images per second."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:.2f} img/s")
+
+    return Rate()
+
+
+@app.command()
+def cache(
+    detector: Path = typer.Option(None, "--detector", help="A folder frozenseg convert wrote."),
+    images: Path = typer.Option(None, "--images", help="The folder of the dataset's images."),
+    annotations: Path = typer.Option(None, "--annotations", help="The COCO instances json."),
+    out: Path = typer.Option(None, "--out", help="The cache folder to write."),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16, bf16, int8 or fp32 (memory, "
+                              "queries; boxes and scores stay fp32)."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Images per shard file."),
+    max_gb: float = typer.Option(None, "--max-gb", help="Refuse if the projected size is larger."),
+    resume: bool = typer.Option(False, "--resume", help="Keep verified shards, write the rest."),
+    memory_layer: int = typer.Option(None, "--memory-layer", help="Encoder layer (1-based) "
+                                     "to store; default 4, or the last if fewer."),
+    top_k: int = typer.Option(100, "--top-k", help="Predictions kept per image."),
+    short: int = typer.Option(800, "--short", help="Evaluation resize: shorter side."),
+    max_size: int = typer.Option(1333, "--max-size", help="Evaluation resize: longer side cap."),
+    verify: Path = typer.Option(None, "--verify", help="Check every shard of this cache's "
+                                "sha256 and exit (1 naming a bad shard)."),
+) -> None:
+    """Run the frozen detector once over a dataset into a feature cache (or --verify one)."""
+    from frozenseg.cache import CacheError
+
+    try:
+        if verify is not None:
+            _verify_cache(verify)
+            return
+        missing = [name for name, value in (("--detector", detector), ("--images", images),
+                                            ("--annotations", annotations), ("--out", out))
+                   if value is None]
+        if missing:
+            _fail(f"missing {', '.join(missing)} (or pass --verify DIR)")
+        index = _write_cache(detector, images, annotations, out, dtype=dtype,
+                             shard_size=shard_size, max_gb=max_gb, resume=resume,
+                             memory_layer=memory_layer, top_k=top_k, short=short,
+                             max_size=max_size)
+    except CacheError as err:
+        _fail(str(err))
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    except OSError as err:
+        _fail(f"{err.filename or out}: {err.strerror or err}")
+    count = sum(len(s["image_ids"]) for s in index["shards"])
+    console.print(f"cached {count} images in {len(index['shards'])} shards: {out}",
+                  soft_wrap=True, highlight=False)
+
+
+def _verify_cache(folder: Path) -> None:
+    from frozenseg.cache import verify_cache
+
+    bad = verify_cache(folder)
+    if bad:
+        _fail(f"{folder / bad[0]}: sha256 does not match index.json"
+              + (f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""))
+    console.print(f"{folder}: every shard verifies", highlight=False)
+
+
+def _write_cache(detector, images, annotations, out, *, short, max_size, **options) -> dict:
+    from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from frozenseg.cache import write_cache
+    from frozenseg.data import CocoInstances, evaluation
+
+    dataset = CocoInstances(images, annotations)
+    columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), _rate_column(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task("Caching", total=len(dataset))
+        return write_cache(
+            detector, dataset, out, transform=evaluation(short, max_size),
+            progress=_ProgressUpdate(bar, task),
+            log=lambda line: console.print(line, highlight=False), **options,
+        )
+
+
+class _ProgressUpdate:
+    """progress(done, total) for write_cache: the first call (images a resume kept) restarts
+    the bar there, so that images/s and the ETA count only images run now."""
+
+    def __init__(self, bar, task) -> None:
+        self.bar, self.task, self.started = bar, task, False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.started:
+            self.bar.reset(self.task, total=total, completed=done)
+            self.started = True
+        else:
+            self.bar.update(self.task, completed=done)

@@ -1,0 +1,259 @@
+"""The on-disk format of the feature cache: shards, the index, and reading them back.
+
+A cache folder holds::
+
+    DIR/index.json                 written atomically (temp name, then rename)
+    DIR/shard-00000.safetensors    images [0, N) of the dataset, in dataset order
+    DIR/shard-00001.safetensors    images [N, 2N) ...
+
+A shard concatenates its images' tensors along the first axis; ``*_offsets`` tables
+say where each image starts. For a shard of n stored images (S_i memory rows, K_i
+queries each, L levels, C channels)::
+
+    memory            (sum S_i, C)  storage dtype (float32 | float16 | bfloat16 | int8)
+    memory_scale      (n, C)        float32, int8 only: x = q * scale, per image and channel
+    queries           (sum K_i, C)  storage dtype; queries_scale (n, C) likewise for int8
+    boxes             (sum K_i, 4)  float32, normalised (cx, cy, w, h) of the image
+    scores            (sum K_i,)    float32; labels (sum K_i,) int64
+    memory_offsets    (n + 1,)      int64, image i's rows are [off[i], off[i+1])
+    query_offsets     (n + 1,)      int64
+    spatial_shapes    (n, L, 2)     int64 (H, W) per level
+    level_start_index (n, L)        int64
+    valid_ratios      (n, L, 2)     float32 (all ones: images run alone, unpadded)
+    image_ids         (n,)          int64 COCO image ids
+    image_sizes       (n, 2)        int64 (H, W) of the detector's input (the view's output)
+
+and, as safetensors metadata, one key ``frozenseg``: a JSON object with ``dtype`` and
+``views``, the list of the n view dicts (see :mod:`frozenseg.data.transforms`), so that
+the same pixels can be rebuilt later. One key, because safetensors writes several in
+hash order, which would make the bytes (and sha256) of identical shards differ by run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from frozenseg.detector.output import DetectorOutput
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "int8": torch.int8}
+QUANTISED = ("memory", "queries")  # the large float tensors; the rest stays full precision
+
+
+class CacheError(ValueError):
+    """The cache cannot be written or read as asked; the message is one line saying why."""
+
+
+def shard_name(j: int) -> str:
+    return f"shard-{j:05d}.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp name beside ``path``, then rename: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+
+def encode(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(R, C) float32 -> (stored (R, C), int8 scale (C,) or None).
+
+    int8 is symmetric per channel: scale_c = max_r |x_rc| / 127, so the error of a
+    value is at most scale_c / 2 (round to nearest).
+    """
+    if dtype != "int8":
+        return x.to(DTYPES[dtype]).contiguous(), None
+    scale = x.abs().amax(0).clamp_min(1e-12) / 127.0
+    q = (x / scale).round().clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.float()
+
+
+def decode(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Stored (R, C) -> float32 (R, C)."""
+    return q.float() if scale is None else q.float() * scale
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+@dataclass
+class CachedImage:
+    """One image of the cache, as the detector saw it alone (batch 1, no padding).
+
+    memory (S, C), queries (K, C): float32, dequantised from the storage dtype;
+    boxes (K, 4) normalised cxcywh, scores (K,), labels (K,) int64;
+    spatial_shapes (L, 2), level_start_index (L,), valid_ratios (L, 2);
+    image_size (2,) the detector input's (H, W); view: the dict that rebuilds that input.
+    """
+
+    image_id: int
+    view: dict
+    image_size: torch.Tensor
+    memory: torch.Tensor
+    queries: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    spatial_shapes: torch.Tensor
+    level_start_index: torch.Tensor
+    valid_ratios: torch.Tensor
+
+    def to_output(self) -> DetectorOutput:
+        """A DetectorOutput batch of one. c1 is not cached (training recomputes the cheap
+        backbone stage): it is an empty (1, 0, 0, 0) tensor here."""
+        k, s = len(self.scores), len(self.memory)
+        return DetectorOutput(
+            queries=self.queries[None], boxes=self.boxes[None], scores=self.scores[None],
+            labels=self.labels[None], query_mask=torch.ones(1, k, dtype=torch.bool),
+            memory=self.memory[None], memory_mask=torch.zeros(1, s, dtype=torch.bool),
+            spatial_shapes=self.spatial_shapes, level_start_index=self.level_start_index,
+            valid_ratios=self.valid_ratios[None], c1=torch.zeros(1, 0, 0, 0),
+            image_sizes=self.image_size[None],
+        )
+
+
+def pack_shard(items: list[dict], dtype: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Per-image dicts (see :func:`frozenseg.cache.writer.image_record`) -> shard tensors
+    and metadata, in the layout of the module docstring."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in QUANTISED:
+        parts = [encode(item[name], dtype) for item in items]
+        tensors[name] = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0)
+        if dtype == "int8" and parts:
+            tensors[f"{name}_scale"] = torch.stack([p[1] for p in parts])
+    for name in ("boxes", "scores", "labels"):
+        tensors[name] = torch.cat([item[name] for item in items])
+    tensors["memory_offsets"] = _offsets([len(item["memory"]) for item in items])
+    tensors["query_offsets"] = _offsets([len(item["scores"]) for item in items])
+    for name in ("spatial_shapes", "level_start_index", "valid_ratios", "image_sizes"):
+        tensors[name] = torch.stack([item[name] for item in items])
+    tensors["image_ids"] = torch.tensor([item["image_id"] for item in items], dtype=torch.int64)
+    return {k: v.contiguous() for k, v in tensors.items()}, shard_metadata(items, dtype)
+
+
+def shard_metadata(items: list[dict], dtype: str) -> dict[str, str]:
+    """The safetensors metadata of a shard (see the module docstring)."""
+    return {"frozenseg": json.dumps({"dtype": dtype, "views": [item["view"] for item in items]},
+                                    sort_keys=True)}
+
+
+def _offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class FeatureCache:
+    """Read a cache folder: ``len(cache)`` images, ``cache[i]`` a :class:`CachedImage`.
+
+    Shards are opened with safetensors' ``safe_open`` (memory-mapped): ``cache[i]``
+    reads only image i's rows (``get_slice``), nothing is loaded up front. Items come
+    back dequantised to float32 whatever the storage dtype. Only a complete cache
+    (every shard written) can be opened.
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.dir = Path(out_dir)
+        self.index = read_index(self.dir)
+        if self.index is None:
+            raise CacheError(f"{self.dir}: no {INDEX_FILE} (not a feature cache)")
+        if not self.index.get("complete"):
+            raise CacheError(f"{self.dir}: the cache is incomplete (finish it with --resume)")
+        self._where = [(j, i) for j, shard in enumerate(self.index["shards"])
+                       for i in range(len(shard["image_ids"]))]
+        self._open: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [i for shard in self.index["shards"] for i in shard["image_ids"]]
+
+    def verify(self) -> list[str]:
+        """Names of the shards whose sha256 differs from the index's (empty: all good)."""
+        return bad_shards(self.dir, self.index["shards"])
+
+    def _shard(self, j: int):
+        if j not in self._open:
+            from safetensors import safe_open
+
+            handle = safe_open(self.dir / self.index["shards"][j]["file"], framework="pt")
+            views = json.loads(handle.metadata()["frozenseg"])["views"]
+            self._open[j] = (handle, views)
+        return self._open[j]
+
+    def __getitem__(self, index: int) -> CachedImage:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"cache index {index} out of range for {len(self)} images")
+        j, i = self._where[index]
+        f, views = self._shard(j)
+        m0, m1 = (int(v) for v in f.get_slice("memory_offsets")[i : i + 2])
+        q0, q1 = (int(v) for v in f.get_slice("query_offsets")[i : i + 2])
+        int8 = "memory_scale" in f.keys()
+
+        def rows(name, a, b):
+            scale = f.get_slice(f"{name}_scale")[i] if int8 else None
+            return decode(f.get_slice(name)[a:b], scale)
+
+        return CachedImage(
+            image_id=int(f.get_slice("image_ids")[i]), view=views[i],
+            image_size=f.get_slice("image_sizes")[i], memory=rows("memory", m0, m1),
+            queries=rows("queries", q0, q1), boxes=f.get_slice("boxes")[q0:q1],
+            scores=f.get_slice("scores")[q0:q1], labels=f.get_slice("labels")[q0:q1],
+            spatial_shapes=f.get_slice("spatial_shapes")[i],
+            level_start_index=f.get_slice("level_start_index")[i],
+            valid_ratios=f.get_slice("valid_ratios")[i],
+        )
+
+
+def read_index(out_dir: Path) -> dict | None:
+    """The folder's index.json, or None when there is none."""
+    path = out_dir / INDEX_FILE
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CacheError(f"{path}: unreadable index ({err})") from err
+    if index.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: format version {index.get('format_version')}, "
+                         f"this frozenseg reads {FORMAT_VERSION}")
+    return index
+
+
+def bad_shards(out_dir: Path, shards: list[dict]) -> list[str]:
+    """Files of ``shards`` that are missing or whose sha256 is not the recorded one."""
+    def ok(shard: dict) -> bool:
+        path = out_dir / shard["file"]
+        return path.is_file() and sha256_file(path) == shard["sha256"]
+
+    return [s["file"] for s in shards if not ok(s)]
+
+
+def verify_cache(out_dir: str | Path) -> list[str]:
+    """Bad shard names of a cache folder (any state, complete or not)."""
+    index = read_index(Path(out_dir))
+    if index is None:
+        raise CacheError(f"{out_dir}: no {INDEX_FILE} (not a feature cache)")
+    return bad_shards(Path(out_dir), index["shards"])

@@ -1,0 +1,230 @@
+"""The feature cache: what it stores equals the live detector, resume, verify, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import frozenseg
+from frozenseg.cache import CacheError, FeatureCache, write_cache
+from frozenseg.cli import app
+from frozenseg.convert import CONFIG_FILE, WEIGHTS_FILE
+from frozenseg.data import CocoInstances, evaluation
+from frozenseg.detector.classes import class_map
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.frozen import FrozenDetector
+from frozenseg.detector.model import build_detector
+
+runner = CliRunner()
+# A small evaluation resize keeps the tiny detector fast on the CPU (the default is 800/1333).
+SHORT, MAX_SIZE = 64, 128
+TRANSFORM = evaluation(SHORT, MAX_SIZE)
+
+
+def tiny_detector(seed: int = 0) -> FrozenDetector:
+    torch.manual_seed(seed)
+    config = DetectorConfig(hidden_dim=64, enc_layers=2, dec_layers=2, dim_feedforward=32,
+                            num_queries=10, num_classes=5)
+    return FrozenDetector(build_detector(config), top_k=7, memory_layer=1)
+
+
+def save_detector(det: FrozenDetector, folder, source: str):
+    """The two files ``frozenseg convert`` writes."""
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in det.model.state_dict().items()},
+              folder / WEIGHTS_FILE)
+    meta = {"format": "test", "source": source, "sha256": "0" * 64,
+            "config": det.config.to_dict(), "classes": class_map(det.config.num_classes)}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    frozenseg.synth(root, images=10, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(data):
+    return CocoInstances(data / "images" / "train", data / "instances_train.json")
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return tiny_detector()
+
+
+def write(det, dataset, out, **options):
+    options = {"dtype": "fp16", "shard_size": 3, "transform": TRANSFORM, **options}
+    return write_cache(det, dataset, out, **options)
+
+
+def live(det, dataset, item):
+    """The detector run now on the same view the cache stored."""
+    image, target = dataset.get_view(dataset_index(dataset, item.image_id), item.view)
+    assert target["image_id"] == item.image_id
+    return det([image])
+
+
+def dataset_index(dataset, image_id: int) -> int:
+    return [im["id"] for im in dataset.images].index(image_id)
+
+
+TOLERANCE = {"fp32": {"rtol": 0, "atol": 0}, "fp16": {"rtol": 1e-3, "atol": 1e-4},
+             "bf16": {"rtol": 8e-3, "atol": 1e-3}}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
+def test_cache_then_read_equals_live(detector, dataset, tmp_path, dtype):
+    write(detector, dataset, tmp_path / "c", dtype=dtype)
+    cache = FeatureCache(tmp_path / "c")
+    assert len(cache) == len(dataset) == 8
+    assert cache.image_ids == [im["id"] for im in dataset.images]
+    for i in range(len(cache)):
+        item = cache[i]
+        out = live(detector, dataset, item)
+        assert item.memory.dtype == item.queries.dtype == torch.float32
+        for name in ("boxes", "scores", "labels", "spatial_shapes", "level_start_index"):
+            torch.testing.assert_close(getattr(item, name), getattr(out, name).squeeze(0),
+                                       rtol=0, atol=0)
+        torch.testing.assert_close(item.valid_ratios, out.valid_ratios[0], rtol=0, atol=0)
+        assert item.image_size.tolist() == out.image_sizes[0].tolist()
+        assert min(item.image_size.tolist()) == SHORT or max(item.image_size.tolist()) == MAX_SIZE
+        for name in ("memory", "queries"):
+            cached, expected = getattr(item, name), getattr(out, name)[0]
+            if dtype == "int8":  # round to nearest: at most half a step of its channel's scale
+                bound = expected.abs().amax(0) / 127 / 2
+                assert ((cached - expected).abs() <= bound * (1 + 1e-5) + 1e-7).all(), name
+            else:
+                torch.testing.assert_close(cached, expected, **TOLERANCE[dtype])
+
+
+def test_to_output_is_a_batch_of_one(detector, dataset, tmp_path):
+    write(detector, dataset, tmp_path / "c", dtype="fp32")
+    item = FeatureCache(tmp_path / "c")[2]
+    out, expected = item.to_output(), live(detector, dataset, item)
+    for name in ("queries", "boxes", "memory", "valid_ratios", "image_sizes"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name))
+    assert out.query_mask.all() and not out.memory_mask.any()
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def stop_after(shard: int):
+    def hook(j: int) -> None:
+        if j == shard:
+            raise Interrupt
+
+    return hook
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(detector, dataset, tmp_path):
+    whole = write(detector, dataset, tmp_path / "whole", dtype="int8")
+    part = tmp_path / "part"
+    with pytest.raises(Interrupt):
+        write(detector, dataset, part, dtype="int8", on_shard=stop_after(1))
+    # Only complete shards, each recorded and verifying; the run is marked incomplete.
+    assert sorted(p.name for p in part.iterdir()) == [
+        "index.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    index = json.loads((part / "index.json").read_text())
+    assert not index["complete"] and len(index["shards"]) == 2
+    with pytest.raises(CacheError, match="incomplete"):
+        FeatureCache(part)
+    # A run killed while saving the third shard leaves its temp file behind.
+    (part / ".shard-00002.safetensors.tmp-12345").write_bytes(b"half a shard")
+    with pytest.raises(CacheError, match="not empty; pass --resume"):
+        write(detector, dataset, part, dtype="int8")
+    resumed = write(detector, dataset, part, dtype="int8", resume=True)
+    assert resumed == whole  # same shard list, image ids and sha256s: byte-identical shards
+    assert json.loads((part / "index.json").read_text()) == whole
+    assert not [p for p in part.iterdir() if p.name.startswith(".")]
+    a, b = FeatureCache(tmp_path / "whole"), FeatureCache(part)
+    for i in range(len(a)):
+        torch.testing.assert_close(a[i].memory, b[i].memory, rtol=0, atol=0)
+        torch.testing.assert_close(a[i].queries, b[i].queries, rtol=0, atol=0)
+
+
+def test_resume_rewrites_a_corrupted_shard(detector, dataset, tmp_path):
+    whole = write(detector, dataset, tmp_path / "c")
+    flip_byte(tmp_path / "c" / "shard-00001.safetensors")
+    assert FeatureCache(tmp_path / "c").verify() == ["shard-00001.safetensors"]
+    calls = []
+    write(detector, dataset, tmp_path / "c", resume=True, on_shard=calls.append)
+    assert calls == [1, 2]  # shard 0 kept; 1 rewritten and everything after it
+    assert json.loads((tmp_path / "c" / "index.json").read_text()) == whole
+
+
+def flip_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_names_a_corrupted_shard(detector, dataset, tmp_path):
+    out = tmp_path / "c"
+    write(detector, dataset, out)
+    ok = runner.invoke(app, ["cache", "--verify", str(out)])
+    assert ok.exit_code == 0, ok.output
+    flip_byte(out / "shard-00002.safetensors")
+    bad = runner.invoke(app, ["cache", "--verify", str(out)])
+    assert bad.exit_code == 1
+    assert "shard-00002.safetensors" in bad.output and "sha256" in bad.output
+
+
+def test_resume_refuses_another_detector(detector, dataset, tmp_path):
+    write(detector, dataset, tmp_path / "c")
+    other = tiny_detector(seed=1)
+    with pytest.raises(CacheError, match="another recipe") as err:
+        write(other, dataset, tmp_path / "c", resume=True)
+    message = str(err.value)
+    assert message.count("detector weights sha256") == 2 and "\n" not in message
+
+
+def test_resume_refuses_another_dtype(detector, dataset, tmp_path):
+    with pytest.raises(Interrupt):
+        write(detector, dataset, tmp_path / "c", on_shard=stop_after(0))
+    with pytest.raises(CacheError, match="dtype fp16.*dtype int8"):
+        write(detector, dataset, tmp_path / "c", dtype="int8", resume=True)
+
+
+def test_size_projection_refuses_over_max_gb(detector, dataset, tmp_path):
+    lines = []
+    with pytest.raises(CacheError, match="over --max-gb"):
+        write(detector, dataset, tmp_path / "c", max_gb=1e-6, log=lines.append)
+    assert not (tmp_path / "c").exists()
+    assert "MB per image" in lines[0]
+    index = write(detector, dataset, tmp_path / "c", max_gb=1.0)
+    written = sum(p.stat().st_size for p in (tmp_path / "c").glob("shard-*"))
+    # The projection counts the stored tensors; files add only headers.
+    assert 0.8 < written / index["projected"]["total_bytes"] < 1.3
+
+
+def test_cli_end_to_end(detector, dataset, data, tmp_path):
+    folder = save_detector(detector, tmp_path / "det", source="tiny.pth")
+    other = save_detector(tiny_detector(seed=1), tmp_path / "det2", source="other.pth")
+    out = tmp_path / "cache"
+    args = ["cache", "--images", str(data / "images" / "train"),
+            "--annotations", str(data / "instances_train.json"), "--out", str(out),
+            "--shard-size", "3", "--short", str(SHORT), "--max-size", str(MAX_SIZE),
+            "--top-k", "7", "--memory-layer", "1", "--dtype", "int8"]
+    result = runner.invoke(app, [*args, "--detector", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "projected size" in result.output and "cached 8 images in 3 shards" in result.output
+    cache = FeatureCache(out)
+    expected = live(detector, dataset, cache[5])
+    torch.testing.assert_close(cache[5].boxes, expected.boxes[0], rtol=0, atol=0)
+    again = runner.invoke(app, [*args, "--detector", str(folder)])
+    assert again.exit_code == 1 and "--resume" in again.output
+    refused = runner.invoke(app, [*args, "--detector", str(other), "--resume"])
+    assert refused.exit_code == 1
+    assert "tiny.pth" in refused.output and "other.pth" in refused.output
+    missing = runner.invoke(app, ["cache", "--out", str(out)])
+    assert missing.exit_code == 1 and "--detector" in missing.output
