@@ -296,13 +296,17 @@ def detrex():
         )
     roots = (str(DETREX), str(DETECTRON2))
     for name in [n for n, m in sys.modules.items() if _loaded_from(m, roots)]:
-        del sys.modules[name]
+        sys.modules.pop(name, None)
 
 
 def _loaded_from(module: types.ModuleType, roots: tuple[str, ...]) -> bool:
     """Whether a module, or a namespace package (it has only ``__path__``), is under roots."""
     path = getattr(module, "__path__", None)
-    files = [getattr(module, "__file__", None), *(path if isinstance(path, Iterable) else ())]
+    try:
+        entries = list(path) if isinstance(path, Iterable) else []
+    except KeyError:  # a namespace path recomputed after another harness removed its parent
+        entries = []
+    files = [getattr(module, "__file__", None), *entries]
     return any(str(f).startswith(roots) for f in files if f)
 
 

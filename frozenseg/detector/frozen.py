@@ -129,10 +129,7 @@ class FrozenDetector(nn.Module):
         gather = query[..., None]
         states = raw.decoder_states[-1].gather(1, gather.expand(-1, -1, self.config.hidden_dim))
         boxes = raw.boxes[-1].gather(1, gather.expand(-1, -1, 4))
-        encoded = Encoded(features=raw.features, encoder_states=raw.encoder_states,
-                          mask=raw.memory_mask, shapes=raw.spatial_shapes,
-                          starts=raw.level_start_index, valid_ratios=raw.valid_ratios)
-        return self._assemble(encoded, sizes, states, boxes, scores, labels, mask)
+        return self._assemble(raw.encoded, sizes, states, boxes, scores, labels, mask)
 
     def _assemble(self, encoded: Encoded, sizes, states, boxes, scores, labels, mask):
         return DetectorOutput(

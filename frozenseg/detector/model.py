@@ -33,26 +33,6 @@ from frozenseg.detector.transformer import (
 
 
 @dataclass
-class RawDetection:
-    """Everything one forward computes. Boxes are normalised (cx, cy, w, h).
-
-    logits, boxes, decoder_states: one entry per decoder layer, (B, Q, K), (B, Q, 4),
-    (B, Q, C). encoder_states: one (B, S, C) per encoder layer. memory_mask: (B, S),
-    True at padding. features: the backbone's four stage maps (strides 4..32).
-    """
-
-    logits: list[torch.Tensor]
-    boxes: list[torch.Tensor]
-    decoder_states: list[torch.Tensor]
-    encoder_states: list[torch.Tensor]
-    memory_mask: torch.Tensor
-    spatial_shapes: torch.Tensor
-    level_start_index: torch.Tensor
-    valid_ratios: torch.Tensor
-    features: list[torch.Tensor]
-
-
-@dataclass
 class Encoded:
     """The encoder's side of a forward: stage maps, encoder outputs and the level layout.
 
@@ -66,6 +46,24 @@ class Encoded:
     shapes: torch.Tensor
     starts: torch.Tensor
     valid_ratios: torch.Tensor
+
+
+@dataclass
+class RawDetection:
+    """Everything one forward computes. Boxes are normalised (cx, cy, w, h).
+
+    logits, boxes, decoder_states: one entry per decoder layer, (B, Q, K), (B, Q, 4),
+    (B, Q, C); encoded: the backbone and encoder side.
+    """
+
+    logits: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    decoder_states: list[torch.Tensor]
+    encoded: Encoded
+
+    @property
+    def encoder_states(self) -> list[torch.Tensor]:
+        return self.encoded.encoder_states
 
 
 @dataclass
@@ -173,12 +171,7 @@ class DeformableDETR(nn.Module):
         logits = [head(s) for head, s in zip(self.class_embed, states, strict=True)]
         boxes = [self._box(head(s), ref)
                  for head, s, ref in zip(self.bbox_embed, states, references, strict=True)]
-        return RawDetection(
-            logits=logits, boxes=boxes, decoder_states=states,
-            encoder_states=encoded.encoder_states, memory_mask=encoded.mask,
-            spatial_shapes=encoded.shapes, level_start_index=encoded.starts,
-            valid_ratios=encoded.valid_ratios, features=encoded.features,
-        )
+        return RawDetection(logits=logits, boxes=boxes, decoder_states=states, encoded=encoded)
 
     def _box(self, delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         logits = delta.clone()
