@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 import time
@@ -54,3 +55,19 @@ def table(header, rows) -> str:
     lines = ["| " + " | ".join(r) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--repeats, --warmup, --device: what every benchmark takes."""
+    parser.add_argument("--repeats", type=int, help="default 20 on CUDA, 3 on CPU")
+    parser.add_argument("--warmup", type=int, help="default 3 on CUDA, 1 on CPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_run_arguments(args) -> torch.device:
+    """Fill the device-dependent defaults of add_run_arguments; returns the device."""
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    args.repeats = args.repeats or (20 if on_gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    return device

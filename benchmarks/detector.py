@@ -35,7 +35,14 @@ import statistics
 import sys
 
 import torch
-from common import MIB, device_line, elapsed, table
+from common import (
+    MIB,
+    add_run_arguments,
+    device_line,
+    elapsed,
+    resolve_run_arguments,
+    table,
+)
 
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector
@@ -137,18 +144,14 @@ def parse_args():
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="input size (default 800 1333 on CUDA, 320 533 on CPU)")
     p.add_argument("--full", action="store_true", help="800x1333 on CPU too")
-    p.add_argument("--repeats", type=int, help="default 20 on CUDA, 3 on CPU")
-    p.add_argument("--warmup", type=int, help="default 3 on CUDA, 1 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_run_arguments(p)
     return p.parse_args()
 
 
 def main():
     args = parse_args()
-    device = torch.device(args.device)
+    device = resolve_run_arguments(args)
     on_gpu = device.type == "cuda"
-    args.repeats = args.repeats or (20 if on_gpu else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     args.size = tuple(args.size or (FULL_SIZE if on_gpu or args.full else CPU_SIZE))
     args.cases = list(CASES) if on_gpu else ["fp32"]
     rows = [row for name in args.configs.split(",") for row in run_config(name, args, device)]

@@ -40,7 +40,14 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from common import MIB, device_line, elapsed, table
+from common import (
+    MIB,
+    add_run_arguments,
+    device_line,
+    elapsed,
+    resolve_run_arguments,
+    table,
+)
 
 from frozenseg.ops import ms_deform_attn
 
@@ -205,20 +212,16 @@ def parse_args():
     p.add_argument("--shapes", default="E1,D1,M1", help="comma-separated, from " + ",".join(SHAPES))
     p.add_argument("--cases", help="comma-separated, from " + ",".join(CASES))
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--repeats", type=int, help="default 20 on CUDA, 3 on CPU")
-    p.add_argument("--warmup", type=int, help="default 3 on CUDA, 1 on CPU")
     p.add_argument("--full", action="store_true", help="full shapes on CPU too")
     p.add_argument("--original", action="store_true", help="add the original op (CUDA)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_run_arguments(p)
     return p.parse_args()
 
 
 def main():
     args = parse_args()
-    device = torch.device(args.device)
+    device = resolve_run_arguments(args)
     on_gpu = device.type == "cuda"
-    args.repeats = args.repeats or (20 if on_gpu else 3)
-    args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     cases = args.cases.split(",") if args.cases else default_cases(device, args.original)
     factor = 1 if on_gpu or args.full else 4
     results, rows = {}, []

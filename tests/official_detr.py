@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from weights import perturb
 
 from frozenseg.convert import convert_state_dict
 from frozenseg.detector.config import DetectorConfig
@@ -147,20 +148,6 @@ def build_official(name: str, args: Namespace, num_classes: int) -> torch.nn.Mod
         model.num_queries = model.num_queries_one2one
         model.transformer.two_stage_num_proposals = model.num_queries
     return perturb(model.eval())
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every weight off its init (zero heads, unit norms) so no mix-up can hide."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    for key, b in model.named_buffers():
-        if key.endswith("running_var"):
-            b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-        elif key.endswith("running_mean") or key.endswith("weight") or key.endswith("bias"):
-            b.add_(torch.randn(b.shape, generator=g) * 0.1)
-    return model
 
 
 def run_official(name: str, model, images: torch.Tensor, padding_mask: torch.Tensor):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from weights import perturb
 
 from frozenseg.convert import convert_checkpoint, convert_state_dict
 from frozenseg.detector.config import DetectorConfig
@@ -70,20 +71,6 @@ def official_layout(state_dict: dict, config: DetectorConfig) -> dict:
         if key.startswith(("class_embed.", "bbox_embed.")):
             out[f"transformer.decoder.{key}"] = tensor.clone()
     return out
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every weight off its initial value, so that no mix-up can hide."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith("running_mean"):
-                b.normal_(0, 0.1)
-    return model.eval()
 
 
 def random_official_state_dict(variant: str) -> dict:

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from weights import perturb
 
 from frozenseg.convert import convert_state_dict
 from frozenseg.detector.model import build_detector
@@ -31,15 +32,7 @@ def random_hf_model(two_stage: bool, with_box_refine: bool):
         two_stage_num_proposals=12, num_labels=5, two_stage=two_stage,
         with_box_refine=with_box_refine,
     )
-    model = transformers.DeformableDetrForObjectDetection(config).eval()
-    with torch.no_grad():  # move every weight off its init so no mix-up can hide
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-            elif name.endswith("running_mean"):
-                b.normal_(0, 0.1)
+    model = perturb(transformers.DeformableDetrForObjectDetection(config))
     args = {"encoder_attention_heads": 2, "two_stage_num_proposals": 12,
             "with_box_refine": with_box_refine}
     return model, args
