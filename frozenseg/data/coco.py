@@ -32,95 +32,54 @@ Pixels are read as stored (no EXIF rotation), the frame COCO annotations refer t
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
-from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
-from frozenseg.data.transforms import Transform, apply_view, identity_view
+from frozenseg.data.common import (
+    ImageDataset,
+    image_to_tensor,
+    read_categories,
+    read_images,
+    read_json,
+    require,
+)
+from frozenseg.data.transforms import Transform, identity_view
 
-# What reading a bad image file can raise (PIL raises SyntaxError for some broken headers).
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-
-class CocoInstances(Dataset):
+class CocoInstances(ImageDataset):
     """A COCO instances json over a folder of images (see the module docstring)."""
 
     def __init__(self, images_dir: str | Path, annotations_json: str | Path, *,
                  transform: Transform | None = None) -> None:
+        super().__init__(transform)
         self.images_dir = Path(images_dir)
         self.annotations_json = Path(annotations_json)
-        self.transform = transform
-        data = _read_json(self.annotations_json)
-        self.category_ids, self.category_names = _read_categories(data, self.annotations_json)
+        data = read_json(self.annotations_json)
+        self.category_ids, self.category_names = read_categories(data, self.annotations_json)
         self.category_index = {cid: i for i, cid in enumerate(self.category_ids)}
-        self.images = _read_images(data, self.annotations_json)
+        self.images = read_images(data, self.annotations_json)
         per_image, self.num_dropped = _read_annotations(
             data, self.annotations_json, {im["id"]: im for im in self.images}, self.category_index)
         self._annotations = [per_image.get(im["id"], []) for im in self.images]
-        self._warned: set[str] = set()
         if self.num_dropped:
             warnings.warn(f"{self.annotations_json}: dropped {self.num_dropped} degenerate "
                           "annotation(s) (polygon of < 3 points, zero-area box, "
                           "or no segmentation)", stacklevel=2)
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
-
-    def image_path(self, index: int) -> Path:
-        return self.images_dir / self.images[index]["file_name"]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
-        """``(image, target)``, or None (with a warning) when the image cannot be read."""
-        loaded = self._load(index)
-        if loaded is None or self.transform is None:
-            return loaded
-        return self.transform(*loaded)
-
-    def get_view(self, index: int, view: dict) -> tuple[torch.Tensor, dict] | None:
-        """Item ``index`` transformed by a recorded ``view`` (``target["view"]``), exactly."""
-        loaded = self._load(index)
-        return None if loaded is None else apply_view(*loaded, view)
-
     def _load(self, index: int) -> tuple[torch.Tensor, dict] | None:
         """The untransformed item, or None when its image cannot be read."""
-        info = self.images[index]
-        image = self._read_image(self.image_path(index), info["height"], info["width"])
-        if image is None:
+        info, path = self.images[index], self.image_path(index)
+        pil = self._open(path, "image", "RGB")
+        # Masks are decoded at the json's size; a mismatched image has no valid targets.
+        if pil is None or not self._has_size(pil, path, "image", (info["height"], info["width"]),
+                                             f"{self.annotations_json} says"):
             return None
-        return image, self._target(index)
-
-    def _read_image(self, path: Path, height: int, width: int) -> torch.Tensor | None:
-        try:
-            with Image.open(path) as pil:
-                pil = pil.convert("RGB")  # decodes now, so a truncated file fails here
-        except _IMAGE_ERRORS as error:
-            self._warn_once(path, f"cannot read image {path} ({type(error).__name__}: {error}); "
-                                  "skipped")
-            return None
-        if (pil.height, pil.width) != (height, width):
-            # Masks are decoded at the json's size; a mismatched image has no valid targets.
-            self._warn_once(path, f"image {path} is {pil.height}x{pil.width} (HxW), "
-                                  f"{self.annotations_json} says {height}x{width}; skipped")
-            return None
-        return TF.pil_to_tensor(pil).float().div_(255)
-
-    def _warn_once(self, path: Path, message: str) -> None:
-        # Once per path and process: each DataLoader worker has its own copy of the set.
-        if str(path) not in self._warned:
-            self._warned.add(str(path))
-            warnings.warn(message, stacklevel=3)
+        return image_to_tensor(pil), self._target(index)
 
     def _target(self, index: int) -> dict:
         info, anns = self.images[index], self._annotations[index]
@@ -162,55 +121,6 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
 # --------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such annotations file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a COCO file: the top level is not an object")
-    for field in ("images", "annotations", "categories"):
-        if not isinstance(data.get(field), list):
-            raise ValueError(f"{path}: not a COCO instances file: no '{field}' list")
-    return data
-
-
-def _require(item: Any, fields: tuple[str, ...], path: Path, where: str) -> None:
-    if not isinstance(item, dict):
-        raise ValueError(f"{path}: {where} is not an object")
-    for field in fields:
-        if field not in item:
-            raise ValueError(f"{path}: {where} has no '{field}'")
-
-
-def _read_categories(data: dict, path: Path) -> tuple[list[int], list[str]]:
-    """Original category ids sorted (contiguous index -> id) and their names."""
-    for i, cat in enumerate(data["categories"]):
-        _require(cat, ("id",), path, f"categories[{i}]")
-    cats = sorted(data["categories"], key=lambda c: c["id"])
-    ids = [int(c["id"]) for c in cats]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: categories: duplicate 'id'")
-    return ids, [str(c.get("name", c["id"])) for c in cats]
-
-
-def _read_images(data: dict, path: Path) -> list[dict]:
-    """Image records sorted by id (the order torchvision's and DETR's CocoDetection use)."""
-    images = []
-    for i, im in enumerate(data["images"]):
-        _require(im, ("id", "file_name", "height", "width"), path, f"images[{i}]")
-        for field in ("id", "height", "width"):
-            if not isinstance(im[field], int) or isinstance(im[field], bool):
-                raise ValueError(f"{path}: images[{i}]: '{field}' is not an integer")
-        images.append({"id": im["id"], "file_name": str(im["file_name"]),
-                       "height": im["height"], "width": im["width"]})
-    if len({im["id"] for im in images}) != len(images):
-        raise ValueError(f"{path}: images: duplicate 'id'")
-    return sorted(images, key=lambda im: im["id"])
-
-
 def _read_annotations(data: dict, path: Path, images: dict[int, dict],
                       category_index: dict[int, int]) -> tuple[dict[int, list[dict]], int]:
     """Compact annotation records grouped by image id, and how many were degenerate."""
@@ -219,7 +129,7 @@ def _read_annotations(data: dict, path: Path, images: dict[int, dict],
     for i, ann in enumerate(data["annotations"]):
         where = f"annotations[{i}]" + (f" (id {ann['id']})" if isinstance(ann, dict)
                                        and "id" in ann else "")
-        _require(ann, ("image_id", "bbox", "category_id"), path, where)
+        require(ann, ("image_id", "bbox", "category_id"), path, where)
         if ann["image_id"] not in images:
             raise ValueError(f"{path}: {where}: 'image_id' {ann['image_id']} is not in 'images'")
         if ann["category_id"] not in category_index:
