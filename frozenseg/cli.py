@@ -257,6 +257,11 @@ def cache(
     top_k: int = typer.Option(100, "--top-k", help="Predictions kept per image."),
     short: int = typer.Option(800, "--short", help="Evaluation resize: shorter side."),
     max_size: int = typer.Option(1333, "--max-size", help="Evaluation resize: longer side cap."),
+    views: int = typer.Option(1, "--views", help="Views per image: 1 is the evaluation resize; "
+                              "K > 1 are K fixed augmented views (scale, flip), seeded."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the augmented views."),
+    store_c1: bool = typer.Option(False, "--store-c1", help="Also store the backbone's "
+                                  "stride-4 map (large; training then skips the backbone)."),
     verify: Path = typer.Option(None, "--verify", help="Check every shard of this cache's "
                                 "sha256 and exit (1 naming a bad shard)."),
 ) -> None:
@@ -275,15 +280,18 @@ def cache(
         index = _write_cache(detector, images, annotations, out, dtype=dtype,
                              shard_size=shard_size, max_gb=max_gb, resume=resume,
                              memory_layer=memory_layer, top_k=top_k, short=short,
-                             max_size=max_size)
+                             max_size=max_size, views=views, seed=seed, store_c1=store_c1)
     except CacheError as err:
         _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
-    count = sum(len(s["image_ids"]) for s in index["shards"])
-    console.print(f"cached {count} images in {len(index['shards'])} shards: {out}",
+    if index is None:  # another process of a distributed run: process 0 reports
+        return
+    count = sum(len(s["entries"]) for s in index["shards"])
+    what = f"{count} images" if views == 1 else f"{count} entries ({views} views per image)"
+    console.print(f"cached {what} in {len(index['shards'])} shards: {out}",
                   soft_wrap=True, highlight=False)
 
 
@@ -297,23 +305,31 @@ def _verify_cache(folder: Path) -> None:
     console.print(f"{folder}: every shard verifies", highlight=False)
 
 
-def _write_cache(detector, images, annotations, out, *, short, max_size, **options) -> dict:
+def _write_cache(detector, images, annotations, out, *, short, max_size, views,
+                 **options) -> dict:
+    """Under ``accelerate launch`` (or torchrun) each process takes its share of shards;
+    the index comes back to process 0 only (None elsewhere)."""
+    import torch
+    from accelerate import PartialState
     from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from frozenseg.cache import write_cache
     from frozenseg.data import CocoInstances, evaluation
 
+    state = PartialState(cpu=not torch.cuda.is_available())
     dataset = CocoInstances(images, annotations)
+    transform = evaluation(short, max_size) if views == 1 else None
     columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), _rate_column(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True,
-                  disable=not console.is_terminal) as bar:
-        task = bar.add_task("Caching", total=len(dataset))
-        return write_cache(
-            detector, dataset, out, transform=evaluation(short, max_size),
-            progress=_ProgressUpdate(bar, task),
+                  disable=not console.is_terminal or not state.is_main_process) as bar:
+        task = bar.add_task("Caching", total=len(dataset) * views)
+        index = write_cache(
+            detector, dataset, out, transform=transform, views=views, device=state.device,
+            state=state, progress=_ProgressUpdate(bar, task),
             log=lambda line: console.print(line, highlight=False), **options,
         )
+    return index if state.is_main_process else None
 
 
 class _ProgressUpdate:

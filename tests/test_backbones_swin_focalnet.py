@@ -493,3 +493,14 @@ def test_golden_values_come_from_official_code(name):
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
                                torch.tensor(GOLDEN[name], dtype=torch.float64),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("build, spec", [(build_swin, SMALL_SWIN), (build_focalnet, SMALL_FOCAL)])
+def test_stages_one_is_the_first_map_of_the_full_forward(build, spec):
+    torch.manual_seed(0)
+    backbone = build(**spec).eval()
+    images = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        first, full = backbone(images, stages=1), backbone(images)
+    assert len(first) == 1
+    torch.testing.assert_close(first[0], full[0], atol=0, rtol=0)

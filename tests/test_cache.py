@@ -14,6 +14,7 @@ from frozenseg.cache import CacheError, FeatureCache, write_cache
 from frozenseg.cli import app
 from frozenseg.convert import CONFIG_FILE, WEIGHTS_FILE
 from frozenseg.data import CocoInstances, evaluation
+from frozenseg.data.transforms import scale_flip
 from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector
@@ -158,7 +159,7 @@ def test_resume_rewrites_a_corrupted_shard(detector, dataset, tmp_path):
     assert FeatureCache(tmp_path / "c").verify() == ["shard-00001.safetensors"]
     calls = []
     write(detector, dataset, tmp_path / "c", resume=True, on_shard=calls.append)
-    assert calls == [1, 2]  # shard 0 kept; 1 rewritten and everything after it
+    assert calls == [1]  # only the bad shard is rewritten
     assert json.loads((tmp_path / "c" / "index.json").read_text()) == whole
 
 
@@ -228,3 +229,87 @@ def test_cli_end_to_end(detector, dataset, data, tmp_path):
     assert "tiny.pth" in refused.output and "other.pth" in refused.output
     missing = runner.invoke(app, ["cache", "--out", str(out)])
     assert missing.exit_code == 1 and "--detector" in missing.output
+
+
+def test_augmented_views_are_seeded_and_each_equals_live(detector, dataset, tmp_path):
+    small = scale_flip(scales=(48, 64, 80), max_size=MAX_SIZE)  # the default's sizes, scaled down
+    index = write(detector, dataset, tmp_path / "c", views=3, seed=7, transform=small,
+                  dtype="fp32", shard_size=5)
+    cache = FeatureCache(tmp_path / "c")
+    assert len(cache) == 3 * len(dataset) and cache.views_per_image == 3
+    assert cache.entries == [(i, k) for i in range(len(dataset)) for k in range(3)]
+    views = [cache[p].view for p in range(len(cache))]
+    assert len({json.dumps(v) for v in views}) > len(dataset)  # views differ within images
+    assert any(step["op"] == "hflip" for v in views for step in v["steps"])
+    for p in (0, 4, 11, 23):
+        item = cache[p]
+        assert cache.position(item.dataset_index, item.view_index) == p
+        torch.testing.assert_close(item.memory, live(detector, dataset, item).memory[0],
+                                   rtol=0, atol=0)
+    again = write(detector, dataset, tmp_path / "again", views=3, seed=7, transform=small,
+                  dtype="fp32", shard_size=5)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in index["shards"]]
+    other = write(detector, dataset, tmp_path / "other", views=3, seed=8, transform=small,
+                  dtype="fp32", shard_size=5)
+    assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in index["shards"]]
+
+
+def test_stored_c1_equals_the_backbone_stage(detector, dataset, tmp_path):
+    write(detector, dataset, tmp_path / "c", dtype="fp32", store_c1=True)
+    item = FeatureCache(tmp_path / "c")[3]
+    image, _ = dataset.get_view(item.dataset_index, item.view)
+    torch.testing.assert_close(item.c1, detector.stage1([image])[0], rtol=0, atol=0)
+    torch.testing.assert_close(item.to_output().c1, live(detector, dataset, item).c1,
+                               rtol=0, atol=0)
+    write(detector, dataset, tmp_path / "q", dtype="int8", store_c1=True)
+    quantised = FeatureCache(tmp_path / "q")[3].c1
+    bound = item.c1.abs().flatten(1).amax(1) / 127 / 2  # half a step of each channel's scale
+    assert ((quantised - item.c1).abs() <= bound[:, None, None] * (1 + 1e-5) + 1e-7).all()
+
+
+def test_an_unreadable_image_is_skipped_and_named(detector, data, tmp_path):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(data / "images" / "train", images)
+    broken = sorted(images.iterdir())[2]
+    broken.write_bytes(b"not a jpeg")
+    dataset = CocoInstances(images, data / "instances_train.json")
+    with pytest.warns(UserWarning, match=broken.name):
+        write(detector, dataset, tmp_path / "c")
+    cache = FeatureCache(tmp_path / "c")
+    missing = [i for i, im in enumerate(dataset.images) if im["file_name"] == broken.name]
+    assert len(cache) == len(dataset) - 1 and cache.position(missing[0], 0) is None
+    assert FeatureCache(tmp_path / "c").verify() == []
+
+
+def test_two_processes_write_the_same_cache_as_one(detector, dataset, data, tmp_path):
+    """torchrun (what ``accelerate launch`` does on a CPU) with 2 processes, gloo."""
+    import subprocess
+    import sys
+
+    folder = save_detector(detector, tmp_path / "det", source="tiny.pth")
+    args = ["cache", "--detector", str(folder), "--images", str(data / "images" / "train"),
+            "--annotations", str(data / "instances_train.json"), "--shard-size", "2",
+            "--short", str(SHORT), "--max-size", str(MAX_SIZE), "--top-k", "7",
+            "--memory-layer", "1", "--views", "2", "--dtype", "fp32"]
+    one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--standalone", "-m", "frozenseg"]
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / name / "index.json").read_text()) for name in ("one", "two"))
+    assert b["complete"] and [s["file"] for s in b["shards"]] == [s["file"] for s in a["shards"]]
+    assert [s["entries"] for s in b["shards"]] == [s["entries"] for s in a["shards"]]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir())  # the process parts are merged away
+    # Not byte-identical: torchrun runs each process on one thread, which changes the order
+    # of float sums; the contents agree to rounding.
+    one, two = FeatureCache(tmp_path / "one"), FeatureCache(tmp_path / "two")
+    assert two.verify() == []
+    for p in range(len(one)):
+        assert one[p].view == two[p].view
+        torch.testing.assert_close(one[p].memory, two[p].memory, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(one[p].boxes, two[p].boxes, rtol=1e-4, atol=1e-5)

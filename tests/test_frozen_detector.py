@@ -146,3 +146,8 @@ def test_images_smaller_than_the_query_count_still_work():
     det = tiny_detector(variant="h_deformable_detr", query_init="mixed", box_refine=True)
     out = det(images((16, 16), seed=7))  # 4 levels of 2x2, 1x1, 1x1, 1x1: 7 positions < 10
     assert out.queries.shape[1] == 7 and torch.isfinite(out.boxes).all()
+
+
+def test_stage1_is_the_c1_of_the_full_forward(detector):
+    batch = images((64, 96), (48, 80), seed=3)
+    torch.testing.assert_close(detector.stage1(batch), detector(batch).c1, atol=0, rtol=0)

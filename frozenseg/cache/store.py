@@ -3,8 +3,13 @@
 A cache folder holds::
 
     DIR/index.json                 written atomically (temp name, then rename)
-    DIR/shard-00000.safetensors    images [0, N) of the dataset, in dataset order
-    DIR/shard-00001.safetensors    images [N, 2N) ...
+    DIR/shard-00000.safetensors    entries [0, N): (image, view) in dataset then view order
+    DIR/shard-00001.safetensors    entries [N, 2N) ...
+
+index.json holds the recipe (detector, dataset, views, dtype ...: what a resume must
+match), the projected size, ``complete``, and per shard its file, sha256, image ids
+and ``entries``: the [dataset index, view index] of each stored entry (an image that
+could not be read has none).
 
 A shard concatenates its images' tensors along the first axis; ``*_offsets`` tables
 say where each image starts. For a shard of n stored images (S_i memory rows, K_i
@@ -22,6 +27,13 @@ queries each, L levels, C channels)::
     valid_ratios      (n, L, 2)     float32 (all ones: images run alone, unpadded)
     image_ids         (n,)          int64 COCO image ids
     image_sizes       (n, 2)        int64 (H, W) of the detector's input (the view's output)
+
+and, when the cache stores the backbone's stride-4 map (``store_c1``), for maps of
+P_i = h_i * w_i positions and C1 channels::
+
+    c1                (sum P_i, C1) storage dtype, position-major; c1_scale (n, C1) for int8
+    c1_offsets        (n + 1,)      int64
+    c1_shapes         (n, 2)        int64 (h, w)
 
 and, as safetensors metadata, one key ``frozenseg``: a JSON object with ``dtype`` and
 ``views``, the list of the n view dicts (see :mod:`frozenseg.data.transforms`), so that
@@ -41,7 +53,7 @@ import torch
 
 from frozenseg.detector.output import DetectorOutput
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "int8": torch.int8}
@@ -102,10 +114,14 @@ class CachedImage:
     memory (S, C), queries (K, C): float32, dequantised from the storage dtype;
     boxes (K, 4) normalised cxcywh, scores (K,), labels (K,) int64;
     spatial_shapes (L, 2), level_start_index (L,), valid_ratios (L, 2);
-    image_size (2,) the detector input's (H, W); view: the dict that rebuilds that input.
+    image_size (2,) the detector input's (H, W); view: the dict that rebuilds that input;
+    dataset_index, view_index: which image of the dataset and which of its views;
+    c1 (C1, H/4, W/4) float32 when the cache stores it, else None.
     """
 
     image_id: int
+    dataset_index: int
+    view_index: int
     view: dict
     image_size: torch.Tensor
     memory: torch.Tensor
@@ -116,30 +132,36 @@ class CachedImage:
     spatial_shapes: torch.Tensor
     level_start_index: torch.Tensor
     valid_ratios: torch.Tensor
+    c1: torch.Tensor | None = None
 
     def to_output(self) -> DetectorOutput:
-        """A DetectorOutput batch of one. c1 is not cached (training recomputes the cheap
-        backbone stage): it is an empty (1, 0, 0, 0) tensor here."""
+        """A DetectorOutput batch of one. Without a stored c1 (training recomputes the cheap
+        backbone stage: FrozenDetector.stage1) c1 is an empty (1, 0, 0, 0) tensor."""
         k, s = len(self.scores), len(self.memory)
+        c1 = torch.zeros(1, 0, 0, 0) if self.c1 is None else self.c1[None]
         return DetectorOutput(
             queries=self.queries[None], boxes=self.boxes[None], scores=self.scores[None],
             labels=self.labels[None], query_mask=torch.ones(1, k, dtype=torch.bool),
             memory=self.memory[None], memory_mask=torch.zeros(1, s, dtype=torch.bool),
             spatial_shapes=self.spatial_shapes, level_start_index=self.level_start_index,
-            valid_ratios=self.valid_ratios[None], c1=torch.zeros(1, 0, 0, 0),
-            image_sizes=self.image_size[None],
+            valid_ratios=self.valid_ratios[None], c1=c1, image_sizes=self.image_size[None],
         )
 
 
 def pack_shard(items: list[dict], dtype: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Per-image dicts (see :func:`frozenseg.cache.writer.image_record`) -> shard tensors
-    and metadata, in the layout of the module docstring."""
+    """Per-entry dicts (see :func:`frozenseg.cache.writer.image_record`; at least one)
+    -> shard tensors and metadata, in the layout of the module docstring."""
     tensors: dict[str, torch.Tensor] = {}
-    for name in QUANTISED:
-        parts = [encode(item[name], dtype) for item in items]
-        tensors[name] = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0)
-        if dtype == "int8" and parts:
-            tensors[f"{name}_scale"] = torch.stack([p[1] for p in parts])
+    rows = {name: [item[name] for item in items] for name in QUANTISED}
+    if "c1" in items[0]:  # (C1, h, w) -> (h * w, C1) rows, quantised per channel like memory
+        rows["c1"] = [item["c1"].flatten(1).T for item in items]
+        tensors["c1_offsets"] = _offsets([len(r) for r in rows["c1"]])
+        tensors["c1_shapes"] = torch.tensor([list(item["c1"].shape[1:]) for item in items])
+    for name, parts in rows.items():
+        encoded = [encode(x, dtype) for x in parts]
+        tensors[name] = torch.cat([q for q, _ in encoded])
+        if dtype == "int8":
+            tensors[f"{name}_scale"] = torch.stack([scale for _, scale in encoded])
     for name in ("boxes", "scores", "labels"):
         tensors[name] = torch.cat([item[name] for item in items])
     tensors["memory_offsets"] = _offsets([len(item["memory"]) for item in items])
@@ -164,7 +186,9 @@ def _offsets(lengths: list[int]) -> torch.Tensor:
 
 
 class FeatureCache:
-    """Read a cache folder: ``len(cache)`` images, ``cache[i]`` a :class:`CachedImage`.
+    """Read a cache folder: ``len(cache)`` entries (images x views, in (image, view)
+    order, without the images that could not be read), ``cache[i]`` a
+    :class:`CachedImage`; ``position(image, view)`` finds an entry.
 
     Shards are opened with safetensors' ``safe_open`` (memory-mapped): ``cache[i]``
     reads only image i's rows (``get_slice``), nothing is loaded up front. Items come
@@ -181,7 +205,17 @@ class FeatureCache:
             raise CacheError(f"{self.dir}: the cache is incomplete (finish it with --resume)")
         self._where = [(j, i) for j, shard in enumerate(self.index["shards"])
                        for i in range(len(shard["image_ids"]))]
+        self.entries = [tuple(e) for shard in self.index["shards"] for e in shard["entries"]]
+        self._position = {entry: p for p, entry in enumerate(self.entries)}
         self._open: dict[int, tuple] = {}
+
+    @property
+    def views_per_image(self) -> int:
+        return self.index["recipe"]["views"]
+
+    def position(self, dataset_index: int, view_index: int) -> int | None:
+        """Where entry (image, view) is, or None when that image could not be read."""
+        return self._position.get((dataset_index, view_index))
 
     def __len__(self) -> int:
         return len(self._where)
@@ -216,8 +250,15 @@ class FeatureCache:
             scale = f.get_slice(f"{name}_scale")[i] if int8 else None
             return decode(f.get_slice(name)[a:b], scale)
 
+        c1 = None
+        if "c1" in f.keys():
+            p0, p1 = (int(v) for v in f.get_slice("c1_offsets")[i : i + 2])
+            h, w = (int(v) for v in f.get_slice("c1_shapes")[i])
+            c1 = rows("c1", p0, p1).T.reshape(-1, h, w)
+        dataset_index, view_index = self.entries[index]
         return CachedImage(
-            image_id=int(f.get_slice("image_ids")[i]), view=views[i],
+            image_id=int(f.get_slice("image_ids")[i]), dataset_index=dataset_index,
+            view_index=view_index, view=views[i], c1=c1,
             image_size=f.get_slice("image_sizes")[i], memory=rows("memory", m0, m1),
             queries=rows("queries", q0, q1), boxes=f.get_slice("boxes")[q0:q1],
             scores=f.get_slice("scores")[q0:q1], labels=f.get_slice("labels")[q0:q1],

@@ -7,7 +7,17 @@ detector computes for that image alone (valid_ratios are all ones).
 Each shard is built in memory, saved to a temp name, hashed and renamed; only then is
 it added to index.json (itself written atomically). A run killed anywhere therefore
 leaves complete shards plus at most one temp file, and ``resume=True`` keeps the
-shards whose sha256 verifies and continues from the first missing one.
+shards whose sha256 verifies and writes the others.
+
+Views. The cache holds ``views`` entries per image: view k of image i is sampled from
+``transform`` with ``random.Random(f"{seed}:{i}:{k}")``, so the same arguments give
+the same views on any machine, in any process. One evaluation view by default; with
+``views > 1`` the default transform is :func:`frozenseg.data.transforms.scale_flip`.
+Entries are stored in (image, view) order; ``shard_size`` counts entries.
+
+Several processes (``accelerate launch frozenseg cache ...``): shard j is written by
+process j mod P. Each process records its shards in ``index.part-<rank>.json``; when
+all are done, process 0 merges them into the one index.json and marks it complete.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,8 +45,10 @@ from frozenseg.cache.store import (
     shard_metadata,
     shard_name,
 )
-from frozenseg.data.transforms import Transform, content_size, evaluation
+from frozenseg.data.transforms import Transform, content_size, evaluation, scale_flip
 
+# A process's record of its shards while several processes write one cache.
+_PART = re.compile(r"index\.part-\d+\.json$")
 # Bytes per stored element of the large tensors; int8 adds a float32 scale per channel.
 _ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 # Per query: 4 float32 box values, a float32 score and an int64 label.
@@ -44,7 +58,8 @@ _QUERY_EXTRA_BYTES = 4 * 4 + 4 + 8
 def write_cache(
     detector, dataset, out_dir: str | Path, *, dtype: str = "fp16", shard_size: int = 256,
     max_gb: float | None = None, resume: bool = False, transform: Transform | None = None,
-    top_k: int = 100, memory_layer: int | None = None,
+    views: int = 1, seed: int = 0, store_c1: bool = False, top_k: int = 100,
+    memory_layer: int | None = None, device: str | torch.device | None = None, state=None,
     progress: Callable[[int, int], None] | None = None,
     on_shard: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -54,38 +69,76 @@ def write_cache(
     detector: a FrozenDetector (its own top_k and memory_layer are used) or the folder
     ``frozenseg convert`` wrote (loaded with ``top_k`` and ``memory_layer``).
     dataset: a :class:`frozenseg.data.CocoInstances`; its own transform is ignored: each
-    image gets ``transform``'s view (default :func:`frozenseg.data.evaluation`).
-    dtype: fp32 | fp16 | bf16 | int8, for memory and queries (the rest stays full).
+    entry gets a view sampled from ``transform`` (module docstring).
+    dtype: fp32 | fp16 | bf16 | int8, for memory, queries and c1 (the rest stays full).
+    store_c1: also store the backbone's stride-4 map (large; for small datasets).
     max_gb: refuse (CacheError, nothing written) when the projected size is larger.
-    progress(done, total) once before the first image (done: images kept by a resume),
-    then after each image; on_shard(j) after shard j is recorded
+    device: where the detector runs; state: an ``accelerate.PartialState`` (or anything
+    with process_index, num_processes, wait_for_everyone) to split the work.
+    progress(done, total) once before the first entry (done: entries a resume kept),
+    then after each entry of this process; on_shard(j) after shard j is recorded
     (tests interrupt a run from it); log(line) for the size projection.
     Raises CacheError (one line) for a non-empty folder without ``resume``, a cache
     of another recipe, or a projection over ``max_gb``.
     """
+    _check_arguments(dtype, shard_size, views)
+    state = state or _SingleProcess()
+    detector, detector_id = _detector(detector, top_k, memory_layer)
+    if device is not None:
+        detector = detector.to(device)
+    transform = transform or (evaluation() if views == 1 else scale_flip())
+    out = Path(out_dir)
+    recipe = _recipe(detector, detector_id, dataset, transform, dtype, shard_size, views, seed,
+                     store_c1)
+    _check_folder(out, recipe, resume)
+    state.wait_for_everyone()  # every process has looked before process 0 writes
+    entries = _entries(dataset, transform, views, seed)
+    projected = _project(detector, dataset, entries, dtype, store_c1)
+    if state.process_index == 0:
+        (log or (lambda _: None))(_projection_line(projected, len(dataset), len(entries)))
+    if max_gb is not None and projected["total_bytes"] > max_gb * 1e9:
+        raise CacheError(f"projected cache size {projected['total_bytes'] / 1e9:.3f} GB is over "
+                         f"--max-gb {max_gb:g} ({len(entries)} entries)")
+    if state.process_index == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = _kept_shards(out)
+        _write_index(out, {"format_version": FORMAT_VERSION, "recipe": recipe,
+                           "projected": projected, "complete": False, "shards": kept})
+        _remove_unkept(out, {s["file"] for s in kept})  # only once the index no longer needs them
+    state.wait_for_everyone()
+    writer = _ShardWriter(detector, dataset, entries, out, dtype, shard_size, store_c1, state)
+    writer.run(progress, on_shard)
+    state.wait_for_everyone()
+    index = read_index(out)
+    if state.process_index == 0:
+        index = _merge_parts(out, index)
+        index["complete"] = True
+        _write_index(out, index)
+    state.wait_for_everyone()
+    return read_index(out)
+
+
+class _SingleProcess:
+    process_index, num_processes = 0, 1
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _check_arguments(dtype: str, shard_size: int, views: int) -> None:
     if dtype not in DTYPES:
         raise CacheError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
     if shard_size < 1:
         raise CacheError(f"shard size must be at least 1, not {shard_size}")
-    detector, detector_id = _detector(detector, top_k, memory_layer)
-    transform = transform or evaluation()
-    out = Path(out_dir)
-    recipe = _recipe(detector, detector_id, dataset, transform, dtype, shard_size)
-    kept = _existing_shards(out, recipe, resume)
-    views = [transform.sample_view((im["height"], im["width"])) for im in dataset.images]
-    projected = _project(detector, dataset, views, dtype)
-    (log or (lambda _: None))(_projection_line(projected, len(views)))
-    if max_gb is not None and projected["total_bytes"] > max_gb * 1e9:
-        raise CacheError(f"projected cache size {projected['total_bytes'] / 1e9:.3f} GB is over "
-                         f"--max-gb {max_gb:g} ({len(views)} images)")
-    out.mkdir(parents=True, exist_ok=True)
-    index = {"format_version": FORMAT_VERSION, "recipe": recipe, "projected": projected,
-             "complete": False, "shards": kept}
-    _write_index(out, index)
-    _write_shards(detector, dataset, views, out, index, dtype, shard_size, progress, on_shard)
-    index["complete"] = True
-    _write_index(out, index)
-    return index
+    if views < 1:
+        raise CacheError(f"views must be at least 1, not {views}")
+
+
+def _entries(dataset, transform: Transform, views: int, seed: int) -> list[tuple[int, int, dict]]:
+    """(dataset index, view index, view) for every entry, in storage order."""
+    return [(i, k, transform.sample_view((im["height"], im["width"]),
+                                         random.Random(f"{seed}:{i}:{k}")))
+            for i, im in enumerate(dataset.images) for k in range(views)]
 
 
 def _detector(detector, top_k: int, memory_layer: int | None):
@@ -111,7 +164,8 @@ def _weights_sha256(detector) -> str:
     return digest.hexdigest()
 
 
-def _recipe(detector, detector_id: dict, dataset, transform, dtype: str, shard_size: int):
+def _recipe(detector, detector_id: dict, dataset, transform, dtype: str, shard_size: int,
+            views: int, seed: int, store_c1: bool) -> dict:
     """What makes two caches interchangeable (compared on resume)."""
     path = Path(dataset.annotations_json)
     return {
@@ -119,15 +173,15 @@ def _recipe(detector, detector_id: dict, dataset, transform, dtype: str, shard_s
         "dataset": {"annotations": str(path.resolve()), "sha256": sha256_file(path),
                     "images": len(dataset)},
         "view": repr(transform), "dtype": dtype, "memory_layer": detector.memory_layer,
-        "top_k": detector.top_k, "shard_size": shard_size,
+        "top_k": detector.top_k, "shard_size": shard_size, "views": views, "seed": seed,
+        "store_c1": store_c1,
     }
 
 
-def _existing_shards(out: Path, recipe: dict, resume: bool) -> list[dict]:
-    """The shards a run keeps: none for a fresh folder; on resume, the leading ones that
-    verify (later ones, and temp files, are deleted)."""
+def _check_folder(out: Path, recipe: dict, resume: bool) -> None:
+    """Refuse a non-empty folder without resume, or one holding another recipe's cache."""
     if not out.exists() or not any(out.iterdir()):
-        return []
+        return
     if not resume:
         raise CacheError(f"{out} is not empty; pass --resume to continue a cache there, "
                          "or choose another folder")
@@ -137,11 +191,14 @@ def _existing_shards(out: Path, recipe: dict, resume: bool) -> list[dict]:
     if index["recipe"] != recipe:
         raise CacheError(f"{out} holds a cache of another recipe: it has "
                          f"{_identity(index['recipe'])}; this run is {_identity(recipe)}")
-    shards = index["shards"]
+
+
+def _kept_shards(out: Path) -> list[dict]:
+    """The recorded shards (index and process parts) whose sha256 verifies."""
+    index = read_index(out)
+    shards = _merge_parts(out, index)["shards"] if index else []
     bad = set(bad_shards(out, shards))
-    kept = shards[: next((j for j, s in enumerate(shards) if s["file"] in bad), len(shards))]
-    _remove_unkept(out, {s["file"] for s in kept})
-    return kept
+    return [s for s in shards if s["file"] not in bad]
 
 
 def _identity(recipe: dict) -> str:
@@ -156,55 +213,104 @@ def _identity(recipe: dict) -> str:
 
 
 def _remove_unkept(out: Path, kept: set[str]) -> None:
-    """Delete temp files and shards not in ``kept`` (they are rewritten)."""
+    """Delete temp files, process parts, and shards not in ``kept`` (they are rewritten)."""
     for path in out.iterdir():
         is_temp = path.name.startswith(".") and ".tmp" in path.name
         is_shard = path.name.startswith("shard-") and path.name not in kept
-        if path.is_file() and (is_temp or is_shard):
+        if path.is_file() and (is_temp or is_shard or _PART.match(path.name)):
             path.unlink()
 
 
 # ----------------------------------------------------------------------------- running
 
 
-def image_record(detector, dataset, index: int, view: dict) -> dict | None:
-    """Image ``index`` under ``view``, run alone -> the per-image tensors a shard stores
-    (float32), or None when the dataset cannot read the image (it has warned)."""
+def image_record(detector, dataset, index: int, view: dict, store_c1: bool = False) -> dict | None:
+    """Image ``index`` under ``view``, run alone -> the per-entry tensors a shard stores
+    (float32, on the CPU), or None when the dataset cannot read the image (it has warned)."""
     loaded = dataset.get_view(index, view)
     if loaded is None:
         return None
     image, target = loaded
     out = detector([image])
-    return {
+    record = {
         "memory": out.memory[0].float(), "queries": out.queries[0].float(),
         "boxes": out.boxes[0].float(), "scores": out.scores[0].float(),
         "labels": out.labels[0].long(), "spatial_shapes": out.spatial_shapes.long(),
         "level_start_index": out.level_start_index.long(),
         "valid_ratios": out.valid_ratios[0].float(), "image_sizes": out.image_sizes[0].long(),
-        "image_id": int(target["image_id"]), "view": view,
     }
+    if store_c1:
+        record["c1"] = out.c1[0].float()
+    record = {name: tensor.cpu() for name, tensor in record.items()}
+    return {**record, "image_id": int(target["image_id"]), "view": view}
 
 
-def _write_shards(detector, dataset, views, out, index, dtype, shard_size, progress, on_shard):
-    total = len(views)
-    if progress:  # first call: the images kept from an earlier run (0 for a fresh cache)
-        progress(min(total, len(index["shards"]) * shard_size), total)
-    for j in range(len(index["shards"]), -(-total // shard_size)):
-        start, stop = j * shard_size, min(total, (j + 1) * shard_size)
-        items = []
-        for i in range(start, stop):
-            record = image_record(detector, dataset, i, views[i])
-            if record is not None:
-                items.append(record)
-            if progress:
-                progress(i + 1, total)
-        index["shards"].append(_save_shard(out, j, items, dtype, (start, stop)))
-        _write_index(out, index)
-        if on_shard:
-            on_shard(j)
+class _ShardWriter:
+    """Writes this process's missing shards (j mod P == rank) and records each one."""
+
+    def __init__(self, detector, dataset, entries, out, dtype, shard_size, store_c1, state):
+        self.detector, self.dataset, self.entries, self.out = detector, dataset, entries, out
+        self.dtype, self.shard_size, self.store_c1, self.state = dtype, shard_size, store_c1, state
+        done = {s["file"] for s in read_index(out)["shards"]}
+        shards = range(-(-len(entries) // shard_size))
+        mine = [j for j in shards if j % state.num_processes == state.process_index]
+        self.todo = [j for j in mine if shard_name(j) not in done]
+        self.total = sum(len(self._span(j)) for j in mine)
+        self.records: list[dict] = []
+
+    def _span(self, j: int) -> range:
+        return range(j * self.shard_size, min(len(self.entries), (j + 1) * self.shard_size))
+
+    def run(self, progress, on_shard) -> None:
+        done = self.total - sum(len(self._span(j)) for j in self.todo)
+        if progress:  # first call: the entries kept from an earlier run (0 for a fresh cache)
+            progress(done, self.total)
+        for j in self.todo:
+            items = []
+            for e in self._span(j):
+                i, k, view = self.entries[e]
+                record = image_record(self.detector, self.dataset, i, view, self.store_c1)
+                if record is not None:
+                    items.append({**record, "entry": [i, k]})
+                done += 1
+                if progress:
+                    progress(done, self.total)
+            self._record(_save_shard(self.out, j, items, self.dtype))
+            if on_shard:
+                on_shard(j)
+
+    def _record(self, shard: dict) -> None:
+        """One process: straight into index.json. Several: into this process's part."""
+        if self.state.num_processes == 1:
+            index = read_index(self.out)
+            index["shards"] = _sorted(index["shards"] + [shard])
+            _write_index(self.out, index)
+            return
+        self.records.append(shard)
+        atomic_write_text(self.out / f"index.part-{self.state.process_index}.json",
+                          json.dumps(self.records, indent=1) + "\n")
 
 
-def _save_shard(out: Path, j: int, items: list[dict], dtype: str, span: tuple[int, int]):
+def _merge_parts(out: Path, index: dict) -> dict:
+    """The index with every process part's shards added (and the part files removed)."""
+    parts = sorted(p for p in out.iterdir() if _PART.match(p.name))
+    shards = list(index["shards"])
+    for part in parts:
+        shards += json.loads(part.read_text())
+    merged = {**index, "shards": _sorted(shards)}
+    if parts:
+        _write_index(out, merged)
+        for part in parts:
+            part.unlink()
+    return merged
+
+
+def _sorted(shards: list[dict]) -> list[dict]:
+    """Shard records in shard order, each once."""
+    return sorted({s["file"]: s for s in shards}.values(), key=lambda s: s["file"])
+
+
+def _save_shard(out: Path, j: int, items: list[dict], dtype: str) -> dict:
     """Save to a temp name, hash, rename; return the index entry."""
     from safetensors.torch import save_file
 
@@ -217,8 +323,9 @@ def _save_shard(out: Path, j: int, items: list[dict], dtype: str, span: tuple[in
         os.replace(tmp, final)
     finally:  # an interrupted save leaves no temp file (a hard kill may: resume removes it)
         tmp.unlink(missing_ok=True)
-    return {"file": final.name, "sha256": digest, "dataset_indices": list(span),
-            "image_ids": [item["image_id"] for item in items]}
+    return {"file": final.name, "sha256": digest,
+            "image_ids": [item["image_id"] for item in items],
+            "entries": [item["entry"] for item in items]}
 
 
 def _write_index(out: Path, index: dict) -> None:
@@ -228,27 +335,29 @@ def _write_index(out: Path, index: dict) -> None:
 # ----------------------------------------------------------------------------- size
 
 
-def _project(detector, dataset, views: list[dict], dtype: str) -> dict:
-    """Projected bytes: the first readable image is run; other images' memory rows scale
-    with their input area (the encoder's levels are fixed strides of the input)."""
-    for i, view in enumerate(views):
-        record = image_record(detector, dataset, i, view)
+def _project(detector, dataset, entries: list, dtype: str, store_c1: bool) -> dict:
+    """Projected bytes: the first readable entry is run; other entries' rows scale with
+    their input area (the encoder's levels and c1 are fixed strides of the input)."""
+    for i, _, view in entries:
+        record = image_record(detector, dataset, i, view, store_c1)
         if record is not None:
             break
     else:
         raise CacheError(f"{dataset.annotations_json}: no image could be read")
-    rows, channels = record["memory"].shape
-    k = len(record["scores"])
-    area0 = _area(views[i])
     element = _ELEMENT_BYTES[dtype]
-    scale_bytes = 2 * channels * 4 if dtype == "int8" else 0  # memory + queries scales
+    area0 = _area(view)
+    k, channels = record["queries"].shape
+    maps = [record["memory"]] + ([record["c1"].flatten(1).T] if store_c1 else [])
+    quantised = 1 + len(maps)  # int8 stores a float32 scale per channel of each
+    fixed = k * (channels * element + _QUERY_EXTRA_BYTES)
+    fixed += quantised * channels * 4 if dtype == "int8" else 0
 
-    def size(view):
-        s = round(rows * _area(view) / area0)
-        return s * channels * element + k * (channels * element + _QUERY_EXTRA_BYTES) + scale_bytes
+    def size(view: dict) -> int:
+        scale = _area(view) / area0
+        return fixed + sum(round(len(m) * scale) * m.shape[1] * element for m in maps)
 
-    first = size(views[i])
-    return {"first_image_bytes": first, "total_bytes": sum(size(v) for v in views)}
+    return {"first_image_bytes": size(view),
+            "total_bytes": sum(size(view) for _, _, view in entries)}
 
 
 def _area(view: dict) -> int:
@@ -256,6 +365,7 @@ def _area(view: dict) -> int:
     return h * w
 
 
-def _projection_line(projected: dict, images: int) -> str:
+def _projection_line(projected: dict, images: int, entries: int) -> str:
+    views = f" x {entries // max(images, 1)} views" if entries != images else ""
     return (f"projected size: {projected['first_image_bytes'] / 1e6:.2f} MB per image (first "
-            f"image), {projected['total_bytes'] / 1e9:.3f} GB for {images} images")
+            f"image), {projected['total_bytes'] / 1e9:.3f} GB for {images} images{views}")

@@ -25,8 +25,10 @@ Images are float tensors (3, H, W). Targets are dicts as
 absolute pixels of the current image, ``masks`` (N, H, W) bool, ``labels``,
 ``iscrowd``, ``area`` (N,). Boxes follow every step (a crop clips them); masks are
 resampled once, nearest-neighbour, through the whole view; instances left with an
-empty box or no mask pixels are removed; ``size`` becomes the output (H, W). Boxes
-stay xyxy absolute pixels here; DETR's normalised cxcywh form is
+empty box or no mask pixels are removed (with every field of INSTANCE_FIELDS);
+``size`` becomes the output (H, W). A semantic label map ``sem_seg`` (H, W) int64 is
+resampled the same way, and the pixels a view pads get ``target["ignore_value"]``
+(default 255). Boxes stay xyxy absolute pixels here; DETR's normalised cxcywh form is
 :func:`boxes_to_cxcywh_normalized`, for losses.
 """
 
@@ -47,7 +49,7 @@ from torchvision.transforms.v2 import functional as TF
 from frozenseg.detector.frozen import detector_input_size
 
 # The per-instance fields of a target: a crop that removes an instance removes it from all.
-INSTANCE_FIELDS = ("boxes", "labels", "masks", "iscrowd", "area")
+INSTANCE_FIELDS = ("boxes", "labels", "masks", "iscrowd", "area", "isthing")
 
 # Deformable DETR's training scales (datasets/coco.py, make_coco_transforms).
 TRAIN_SCALES = tuple(range(480, 801, 32))
@@ -66,6 +68,7 @@ def apply_view(image: torch.Tensor, target: dict | None, view: dict) -> tuple[to
     The image must have the view's ``input_size``. The image and the boxes go through
     the steps one by one (as in DETR); the masks are resampled once at the end from the
     input masks, so nearest-neighbour errors do not pile up over chained resizes.
+    ``sem_seg`` likewise, padding set to ``target.get("ignore_value", 255)``.
     Instances left with an empty box or no mask pixels are removed. Returns the new
     image and a new target dict (the input one is not modified), ``size`` and ``view`` set.
     """
@@ -85,6 +88,9 @@ def apply_view(image: torch.Tensor, target: dict | None, view: dict) -> tuple[to
         if any(step["op"] == "crop" for step in view["steps"]) and "area" in target:
             # COCO's area is the segment's: after a crop, what is left of it.
             target["area"] = target["masks"].flatten(1).sum(1).to(target["area"].dtype)
+    if "sem_seg" in target:
+        target["sem_seg"] = geometry.resample(target["sem_seg"], image.shape[-2:],
+                                              fill=target.get("ignore_value", 255))
     target = _drop_vanished(target)
     target["size"] = torch.tensor(image.shape[-2:], dtype=torch.int64)
     target["view"] = copy.deepcopy(view)
@@ -201,16 +207,18 @@ class Geometry:
                             self.ty - int(step["top"]))
         return self  # pad: coordinates do not move
 
-    def resample(self, masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    def resample(self, masks: torch.Tensor, size: Sequence[int],
+                 fill: bool | int = False) -> torch.Tensor:
         """Nearest-neighbour: each output pixel takes the input pixel under its centre.
 
-        Outside the input (padding) is False. masks: (N, H, W) -> (N, *size).
+        Outside the input (padding) is ``fill``. masks: (..., H, W) -> (..., *size),
+        any dtype (bool masks, int64 label maps).
         """
         rows, row_ok = _source_index(int(size[0]), self.sy, self.ty, masks.shape[-2])
         cols, col_ok = _source_index(int(size[1]), self.sx, self.tx, masks.shape[-1])
         out = masks[..., rows[:, None], cols[None, :]]
         inside = row_ok[:, None] & col_ok[None, :]
-        return out if bool(inside.all()) else out & inside
+        return out if bool(inside.all()) else torch.where(inside, out, out.new_tensor(fill))
 
 
 def _source_index(n_out: int, scale: Fraction, shift: Fraction,
@@ -430,6 +438,12 @@ def deformable_detr_train(scales: Sequence[int] = TRAIN_SCALES, max_size: int = 
     resize = RandomResize(scales, max_size=max_size)
     crop_branch = Compose([RandomResize(crop_scales), RandomSizeCrop(*crop_size), resize])
     return Compose([RandomHorizontalFlip(0.5), RandomSelect(resize, crop_branch, p=0.5)])
+
+
+def scale_flip(scales: Sequence[int] = TRAIN_SCALES, max_size: int = MAX_SIZE) -> Transform:
+    """The feature cache's augmented views: flip with p=0.5, shorter side one of ``scales``
+    (longer side <= max_size). No crop: a cached view keeps the whole image."""
+    return Compose([RandomHorizontalFlip(0.5), RandomResize(scales, max_size=max_size)])
 
 
 def evaluation(short: int = 800, max_size: int = MAX_SIZE) -> Transform:

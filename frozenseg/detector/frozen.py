@@ -56,6 +56,13 @@ class FrozenDetector(nn.Module):
                             torch.ones_like(scores, dtype=torch.bool))
 
     @torch.no_grad()
+    def stage1(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """The backbone's stride-4 map alone, (B, C1, H/4, W/4): DetectorOutput.c1 for
+        outputs read from the feature cache (the cheap part of the backbone, recomputed)."""
+        batch, _, _ = self.preprocess(images)
+        return self.model.backbone(batch, stages=1)[0]
+
+    @torch.no_grad()
     def embed_boxes(self, images, boxes: list[torch.Tensor],
                     labels: list[torch.Tensor] | None = None) -> DetectorOutput:
         """Queries for given boxes: the decoder runs with them as its reference boxes.

@@ -1,7 +1,8 @@
 """Backbones: each returns the four stage maps at strides 4, 8, 16 and 32.
 
 A backbone module has a ``channels`` list (the four stage widths) and
-``forward(images) -> list[Tensor]``. ``BUILDERS`` maps a config's backbone name to
+``forward(images, stages=4) -> list[Tensor]`` (the first ``stages`` maps: training
+from the feature cache recomputes only stage 1). ``BUILDERS`` maps a config's backbone name to
 its builder; the config's other backbone entries are the builder's arguments.
 """
 

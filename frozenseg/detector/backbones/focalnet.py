@@ -242,8 +242,8 @@ class FocalNet(nn.Module):
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.channels[i]))
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        return stage_outputs(self, images)
+    def forward(self, images: Tensor, stages: int = 4) -> list[Tensor]:
+        return stage_outputs(self, images, stages)
 
 
 def _large_settings(focal_levels: int) -> dict:

@@ -26,10 +26,11 @@ class ResNet(nn.Module):
         )
         self.channels = [256, 512, 1024, 2048]
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, stages: int = 4) -> list[torch.Tensor]:
+        """The first ``stages`` stage maps (training from the cache needs only stage 1)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         outputs = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[:stages]:
             x = layer(x)
             outputs.append(x)
         return outputs

@@ -295,19 +295,20 @@ class SwinTransformer(nn.Module):
         for i in self.out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(self.channels[i]))
 
-    def forward(self, images: Tensor) -> list[Tensor]:
-        return stage_outputs(self, images)
+    def forward(self, images: Tensor, stages: int = 4) -> list[Tensor]:
+        return stage_outputs(self, images, stages)
 
 
-def stage_outputs(backbone: nn.Module, images: Tensor) -> list[Tensor]:
-    """Patch embedding, then each stage; stages in out_indices get their ``norm{i}``.
+def stage_outputs(backbone: nn.Module, images: Tensor, stages: int = 4) -> list[Tensor]:
+    """Patch embedding, then the first ``stages`` stages; those in out_indices get their
+    ``norm{i}``.
 
     Shared by Swin and FocalNet, whose stages return (stage output, next stage input)
-    in (B, H, W, C) layout. Returns the four maps as (B, C, H, W).
+    in (B, H, W, C) layout. Returns the maps as (B, C, H, W).
     """
     x: Tensor | None = backbone.patch_embed(images)
     outs = []
-    for i, layer in enumerate(backbone.layers):
+    for i, layer in enumerate(backbone.layers[:stages]):
         out, x = layer(x)
         if i in backbone.out_indices:
             out = getattr(backbone, f"norm{i}")(out)
