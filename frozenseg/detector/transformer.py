@@ -40,9 +40,25 @@ def inverse_sigmoid(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
 class EncoderLayer(nn.Module):
-    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int) -> None:
+    """MSDeformAttn -> add & LayerNorm -> FFN (Linear, activation, Linear) -> add & LayerNorm.
+
+    ``activation`` is "relu" (Deformable DETR and every detector it loads) or "gelu" (the
+    Mask Frozen-DETR head's deformable blocks); it has no parameters, so checkpoints load
+    the same either way.
+    """
+
+    def __init__(
+        self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int,
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation is {activation!r}; one of {', '.join(ACTIVATIONS)}")
+        self.activation = ACTIVATIONS[activation]
         self.self_attn = MSDeformAttn(d_model=dim, n_levels=levels, n_heads=heads, n_points=points)
         self.norm1 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)
@@ -53,7 +69,7 @@ class EncoderLayer(nn.Module):
         """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) True at pad."""
         attended = self.self_attn(src + pos, reference_points, src, shapes, starts, padding_mask)
         src = self.norm1(src + attended)
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.linear2(self.activation(self.linear1(src))))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,17 @@
+"""The Mask Frozen-DETR head: a light mask network on a frozen detector's outputs."""
+
+from frozenseg.head.config import HeadConfig
+from frozenseg.head.network import (
+    HeadOutput,
+    MaskHead,
+    TrainingFreeHead,
+    build_mask_head,
+    count_parameters,
+    estimate_flops,
+)
+from frozenseg.head.scoring import mask_confidence
+
+__all__ = [
+    "HeadConfig", "HeadOutput", "MaskHead", "TrainingFreeHead", "build_mask_head",
+    "count_parameters", "estimate_flops", "mask_confidence",
+]
