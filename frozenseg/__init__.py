@@ -8,6 +8,8 @@ _API = {
     "convert_checkpoint": "frozenseg.convert",
     "load_detector": "frozenseg.detector.frozen",
     "synth": "frozenseg.data.synth",
+    "load_recipe": "frozenseg.recipe",
+    "build_mask_head": "frozenseg.recipe",
 }
 
 
