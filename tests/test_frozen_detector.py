@@ -151,3 +151,14 @@ def test_images_smaller_than_the_query_count_still_work():
 def test_stage1_is_the_c1_of_the_full_forward(detector):
     batch = images((64, 96), (48, 80), seed=3)
     torch.testing.assert_close(detector.stage1(batch), detector(batch).c1, atol=0, rtol=0)
+
+
+def test_detect_and_embed_equals_the_two_calls(detector):
+    batch = images((64, 96), (48, 80), seed=4)
+    boxes = [torch.tensor([[4.0, 6.0, 40.0, 50.0]]), torch.tensor([[0.0, 0.0, 30.0, 20.0],
+                                                                   [10.0, 12.0, 70.0, 44.0]])]
+    found, embedded = detector.detect_and_embed(batch, boxes)
+    alone, boxed = detector(batch), detector.embed_boxes(batch, boxes)
+    for a, b in ((found, alone), (embedded, boxed)):
+        for name in ("queries", "boxes", "scores", "labels", "query_mask", "memory"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=0, rtol=0)

@@ -27,6 +27,8 @@ queries each, L levels, C channels)::
     valid_ratios      (n, L, 2)     float32 (all ones: images run alone, unpadded)
     image_ids         (n,)          int64 COCO image ids
     image_sizes       (n, 2)        int64 (H, W) of the detector's input (the view's output)
+    gt_queries        (sum M_i, C)  storage dtype: the queries of the view's M_i ground-truth
+                                    boxes, in target order; gt_offsets (n + 1,) int64
 
 and, when the cache stores the backbone's stride-4 map (``store_c1``), for maps of
 P_i = h_i * w_i positions and C1 channels::
@@ -57,7 +59,8 @@ FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "int8": torch.int8}
-QUANTISED = ("memory", "queries")  # the large float tensors; the rest stays full precision
+# The large float tensors; the rest stays full precision.
+QUANTISED = ("memory", "queries", "gt_queries")
 
 
 class CacheError(ValueError):
@@ -94,7 +97,7 @@ def encode(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | No
     """
     if dtype != "int8":
         return x.to(DTYPES[dtype]).contiguous(), None
-    scale = x.abs().amax(0).clamp_min(1e-12) / 127.0
+    scale = (x.abs().amax(0) if len(x) else x.new_zeros(x.shape[1])).clamp_min(1e-12) / 127.0
     q = (x / scale).round().clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale.float()
 
@@ -116,7 +119,9 @@ class CachedImage:
     spatial_shapes (L, 2), level_start_index (L,), valid_ratios (L, 2);
     image_size (2,) the detector input's (H, W); view: the dict that rebuilds that input;
     dataset_index, view_index: which image of the dataset and which of its views;
-    c1 (C1, H/4, W/4) float32 when the cache stores it, else None.
+    gt_queries (M, C) float32: the queries of the view's ground-truth boxes, in the order
+    of the dataset's target for that view; c1 (C1, H/4, W/4) float32 when the cache
+    stores it, else None.
     """
 
     image_id: int
@@ -132,6 +137,7 @@ class CachedImage:
     spatial_shapes: torch.Tensor
     level_start_index: torch.Tensor
     valid_ratios: torch.Tensor
+    gt_queries: torch.Tensor
     c1: torch.Tensor | None = None
 
     def to_output(self) -> DetectorOutput:
@@ -166,6 +172,7 @@ def pack_shard(items: list[dict], dtype: str) -> tuple[dict[str, torch.Tensor], 
         tensors[name] = torch.cat([item[name] for item in items])
     tensors["memory_offsets"] = _offsets([len(item["memory"]) for item in items])
     tensors["query_offsets"] = _offsets([len(item["scores"]) for item in items])
+    tensors["gt_offsets"] = _offsets([len(item["gt_queries"]) for item in items])
     for name in ("spatial_shapes", "level_start_index", "valid_ratios", "image_sizes"):
         tensors[name] = torch.stack([item[name] for item in items])
     tensors["image_ids"] = torch.tensor([item["image_id"] for item in items], dtype=torch.int64)
@@ -208,6 +215,10 @@ class FeatureCache:
         self.entries = [tuple(e) for shard in self.index["shards"] for e in shard["entries"]]
         self._position = {entry: p for p, entry in enumerate(self.entries)}
         self._open: dict[int, tuple] = {}
+
+    def __getstate__(self) -> dict:
+        """Pickles into DataLoader workers without its open files (each reopens its own)."""
+        return {**self.__dict__, "_open": {}}
 
     @property
     def views_per_image(self) -> int:
@@ -255,10 +266,11 @@ class FeatureCache:
             p0, p1 = (int(v) for v in f.get_slice("c1_offsets")[i : i + 2])
             h, w = (int(v) for v in f.get_slice("c1_shapes")[i])
             c1 = rows("c1", p0, p1).T.reshape(-1, h, w)
+        g0, g1 = (int(v) for v in f.get_slice("gt_offsets")[i : i + 2])
         dataset_index, view_index = self.entries[index]
         return CachedImage(
             image_id=int(f.get_slice("image_ids")[i]), dataset_index=dataset_index,
-            view_index=view_index, view=views[i], c1=c1,
+            view_index=view_index, view=views[i], c1=c1, gt_queries=rows("gt_queries", g0, g1),
             image_size=f.get_slice("image_sizes")[i], memory=rows("memory", m0, m1),
             queries=rows("queries", q0, q1), boxes=f.get_slice("boxes")[q0:q1],
             scores=f.get_slice("scores")[q0:q1], labels=f.get_slice("labels")[q0:q1],

@@ -226,18 +226,24 @@ def _remove_unkept(out: Path, kept: set[str]) -> None:
 
 def image_record(detector, dataset, index: int, view: dict, store_c1: bool = False) -> dict | None:
     """Image ``index`` under ``view``, run alone -> the per-entry tensors a shard stores
-    (float32, on the CPU), or None when the dataset cannot read the image (it has warned)."""
+    (float32, on the CPU), or None when the dataset cannot read the image (it has warned).
+
+    Besides the detections, the queries of the view's ground-truth boxes (with their
+    labels, FrozenDetector.detect_and_embed) are kept: training can add them as
+    proposals, which needs the decoder, so it cannot be done from the cache later.
+    """
     loaded = dataset.get_view(index, view)
     if loaded is None:
         return None
     image, target = loaded
-    out = detector([image])
+    out, gt = detector.detect_and_embed([image], [target["boxes"]], [target["labels"]])
     record = {
         "memory": out.memory[0].float(), "queries": out.queries[0].float(),
         "boxes": out.boxes[0].float(), "scores": out.scores[0].float(),
         "labels": out.labels[0].long(), "spatial_shapes": out.spatial_shapes.long(),
         "level_start_index": out.level_start_index.long(),
         "valid_ratios": out.valid_ratios[0].float(), "image_sizes": out.image_sizes[0].long(),
+        "gt_queries": gt.queries[0].float(),
     }
     if store_c1:
         record["c1"] = out.c1[0].float()
@@ -348,8 +354,8 @@ def _project(detector, dataset, entries: list, dtype: str, store_c1: bool) -> di
     area0 = _area(view)
     k, channels = record["queries"].shape
     maps = [record["memory"]] + ([record["c1"].flatten(1).T] if store_c1 else [])
-    quantised = 1 + len(maps)  # int8 stores a float32 scale per channel of each
-    fixed = k * (channels * element + _QUERY_EXTRA_BYTES)
+    quantised = 2 + len(maps)  # int8 stores a float32 scale per channel of each
+    fixed = k * (channels * element + _QUERY_EXTRA_BYTES) + record["gt_queries"].numel() * element
     fixed += quantised * channels * 4 if dtype == "int8" else 0
 
     def size(view: dict) -> int:

@@ -47,7 +47,22 @@ class FrozenDetector(nn.Module):
     def forward(self, images: list[torch.Tensor] | torch.Tensor) -> DetectorOutput:
         """Top-K predictions over queries x classes, as the original post-processors rank them."""
         batch, padding, sizes = self.preprocess(images)
-        raw = self.model(batch, padding)
+        return self._detect(self.model.encode(batch, padding), sizes)
+
+    @torch.no_grad()
+    def detect_and_embed(self, images, boxes: list[torch.Tensor],
+                         labels: list[torch.Tensor] | None = None
+                         ) -> tuple[DetectorOutput, DetectorOutput]:
+        """``(self(images), self.embed_boxes(images, boxes, labels))`` from one encoder run:
+        the detections and the queries of given (e.g. ground-truth) boxes, sharing memory."""
+        batch, padding, sizes = self.preprocess(images)
+        encoded = self.model.encode(batch, padding)
+        return self._detect(encoded, sizes), self._embed(encoded, sizes, boxes, labels)
+
+    def _detect(self, encoded: Encoded, sizes: torch.Tensor) -> DetectorOutput:
+        memory = encoded.encoder_states[-1]
+        raw = self.model.decode(
+            self.model.initial_queries(memory, encoded.mask, encoded.shapes), encoded)
         probs = raw.logits[-1].sigmoid()
         b, q, k = probs.shape
         scores, index = probs.flatten(1).topk(min(self.top_k, q * k), dim=1)
@@ -75,25 +90,29 @@ class FrozenDetector(nn.Module):
         (labels: the given ones when passed).
         """
         batch, padding, sizes = self.preprocess(images)
-        encoded = self.model.encode(batch, padding)
+        return self._embed(self.model.encode(batch, padding), sizes, boxes, labels)
+
+    def _embed(self, encoded: Encoded, sizes: torch.Tensor, boxes: list[torch.Tensor],
+               labels: list[torch.Tensor] | None) -> DetectorOutput:
+        memory = encoded.encoder_states[-1]
         width = max((len(b) for b in boxes), default=0)
-        states = batch.new_zeros(len(boxes), width, self.config.hidden_dim)
-        out_boxes = batch.new_zeros(len(boxes), width, 4)
-        scores = batch.new_zeros(len(boxes), width)
-        out_labels = torch.zeros(len(boxes), width, dtype=torch.long, device=batch.device)
+        states = memory.new_zeros(len(boxes), width, self.config.hidden_dim)
+        out_boxes = memory.new_zeros(len(boxes), width, 4)
+        scores = memory.new_zeros(len(boxes), width)
+        out_labels = torch.zeros(len(boxes), width, dtype=torch.long, device=memory.device)
         for i, image_boxes in enumerate(boxes):
             n = len(image_boxes)
             if n == 0:
                 continue
-            normalised = _xyxy_to_cxcywh(image_boxes.to(batch), sizes[i])
-            given = labels[i].to(batch.device) if labels is not None else None
+            normalised = _xyxy_to_cxcywh(image_boxes.to(memory), sizes[i])
+            given = labels[i].to(memory.device) if labels is not None else None
             raw = self.model.decode(self._box_queries(normalised, given), _select(encoded, i))
             probs = raw.logits[-1][0].sigmoid()
             states[i, :n], out_boxes[i, :n] = raw.decoder_states[-1][0], normalised
             scores[i, :n], predicted = probs.max(-1)
             out_labels[i, :n] = given if given is not None else predicted
-        mask = torch.arange(width, device=batch.device)[None] < torch.tensor(
-            [len(b) for b in boxes], device=batch.device)[:, None]
+        mask = torch.arange(width, device=memory.device)[None] < torch.tensor(
+            [len(b) for b in boxes], device=memory.device)[:, None]
         return self._assemble(encoded, sizes, states, out_boxes, scores, out_labels, mask)
 
     def _box_queries(self, boxes: torch.Tensor, labels: torch.Tensor | None) -> Queries:

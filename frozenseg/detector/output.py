@@ -49,3 +49,61 @@ class DetectorOutput:
         height, width = self.image_sizes.unbind(-1)
         scale = torch.stack([width, height, width, height], -1)[:, None].to(xyxy)
         return xyxy * scale
+
+
+QUERY_FIELDS = ("queries", "boxes", "scores", "labels", "query_mask")
+
+
+def append_queries(output: DetectorOutput, extra: DetectorOutput) -> DetectorOutput:
+    """``output`` with ``extra``'s queries after its own (K + K' per image): e.g. detections
+    plus the queries of ground-truth boxes (FrozenDetector.detect_and_embed). Both must
+    describe the same images; the memory, c1 and sizes are ``output``'s."""
+    if output.queries.shape[0] != extra.queries.shape[0]:
+        raise ValueError(f"batches of {output.queries.shape[0]} and {extra.queries.shape[0]} "
+                         "images cannot be joined")
+    joined = {name: torch.cat([getattr(output, name), getattr(extra, name).to(
+        getattr(output, name).dtype)], 1) for name in QUERY_FIELDS}
+    rest = {f.name: getattr(output, f.name) for f in fields(output) if f.name not in joined}
+    return DetectorOutput(**joined, **rest)
+
+
+def batch_outputs(outputs: list[DetectorOutput]) -> DetectorOutput:
+    """Batches of one image each (e.g. read from the feature cache) -> one padded batch.
+
+    Each level of the memory is padded at the bottom and right to the largest (H_l, W_l)
+    of the batch (memory_mask True there, valid_ratios the kept fraction, as the detector
+    computes for a padded batch); queries are padded to the largest K (query_mask False);
+    c1 is padded likewise, or stays empty (B, 0, 0, 0) when the outputs have none.
+    """
+    shapes = torch.stack([o.spatial_shapes for o in outputs])  # (B, L, 2)
+    padded = shapes.amax(0)
+    starts = torch.cat([padded.new_zeros(1), padded.prod(1).cumsum(0)[:-1]])
+    memory = outputs[0].memory.new_zeros(len(outputs), int(padded.prod(1).sum()),
+                                         outputs[0].memory.shape[-1])
+    memory_mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
+    for i, o in enumerate(outputs):
+        for level, ((h, w), (hp, wp)) in enumerate(zip(shapes[i].tolist(), padded.tolist(),
+                                                       strict=True)):
+            source = o.memory[0, int(o.level_start_index[level]):][: h * w].reshape(h, w, -1)
+            target = memory[i, int(starts[level]):][: hp * wp].view(hp, wp, -1)
+            target[:h, :w] = source
+            memory_mask[i, int(starts[level]):][: hp * wp].view(hp, wp)[:h, :w] = False
+    ratios = (shapes.flip(-1) / padded.flip(-1)).to(outputs[0].valid_ratios.dtype)
+    valid_ratios = torch.cat([o.valid_ratios for o in outputs]) * ratios
+    queries = {name: _pad_cat([getattr(o, name) for o in outputs]) for name in QUERY_FIELDS}
+    return DetectorOutput(
+        **queries, memory=memory, memory_mask=memory_mask, spatial_shapes=padded,
+        level_start_index=starts, valid_ratios=valid_ratios,
+        c1=_pad_cat([o.c1 for o in outputs]),
+        image_sizes=torch.cat([o.image_sizes for o in outputs]),
+    )
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of one -> one batch, every other dim zero-padded (False for bool) at the end
+    to the largest size."""
+    size = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    out = tensors[0].new_zeros(len(tensors), *size[1:])
+    for i, t in enumerate(tensors):
+        out[(i, *(slice(0, n) for n in t.shape[1:]))] = t[0]
+    return out
