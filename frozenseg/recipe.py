@@ -86,9 +86,13 @@ class DataSection:
     val_cache: str | None = None
     views: int = 1                  # augmented views per image in the cache
     num_workers: int = 2
+    # Multiplies every image size of the transforms (train 480..800 / 1333, eval 800 / 1333,
+    # LSJ 1024): below 1 for small images (the synthetic ones) or quick runs.
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.views >= 1, "data.views", "at least 1", self.views)
+        _check(0 < self.scale <= 4, "data.scale", "in (0, 4]", self.scale)
         _check(self.num_workers >= 0, "data.num_workers", "0 or more", self.num_workers)
 
 

@@ -90,16 +90,16 @@ def batch_outputs(outputs: list[DetectorOutput]) -> DetectorOutput:
             memory_mask[i, int(starts[level]):][: hp * wp].view(hp, wp)[:h, :w] = False
     ratios = (shapes.flip(-1) / padded.flip(-1)).to(outputs[0].valid_ratios.dtype)
     valid_ratios = torch.cat([o.valid_ratios for o in outputs]) * ratios
-    queries = {name: _pad_cat([getattr(o, name) for o in outputs]) for name in QUERY_FIELDS}
+    queries = {name: stack_padded([getattr(o, name) for o in outputs]) for name in QUERY_FIELDS}
     return DetectorOutput(
         **queries, memory=memory, memory_mask=memory_mask, spatial_shapes=padded,
         level_start_index=starts, valid_ratios=valid_ratios,
-        c1=_pad_cat([o.c1 for o in outputs]),
+        c1=stack_padded([o.c1 for o in outputs]),
         image_sizes=torch.cat([o.image_sizes for o in outputs]),
     )
 
 
-def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+def stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Batches of one -> one batch, every other dim zero-padded (False for bool) at the end
     to the largest size."""
     size = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]

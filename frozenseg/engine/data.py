@@ -1,0 +1,120 @@
+"""What the training loop iterates: seeded, resumable batches, from the cache or live.
+
+Every random choice of the data side is a function of (seed, epoch, image): the order
+of the images in an epoch (``EpochBatches``) and, when the detector runs live, each
+image's augmented view (``LiveTrainingSet``). So a run resumed at step n of an epoch
+sees exactly the batches an uninterrupted run would, whatever the DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from frozenseg.cache.training import CachedTrainingSet, TrainingBatch, collate_cached
+from frozenseg.data.coco import CocoInstances
+from frozenseg.data.collate import collate
+from frozenseg.data.transforms import (
+    MAX_SIZE,
+    TRAIN_SCALES,
+    Transform,
+    deformable_detr_train,
+    evaluation,
+    large_scale_jitter,
+)
+from frozenseg.detector.output import batch_outputs
+
+
+def train_transform(name: str, scale: float = 1.0) -> Transform:
+    """The recipe's ``data.transform``, every size multiplied by ``scale``."""
+
+    def size(n: float) -> int:
+        return max(8, round(n * scale))
+
+    if name == "deformable_detr":
+        return deformable_detr_train(
+            [size(s) for s in TRAIN_SCALES], size(MAX_SIZE), [size(s) for s in (400, 500, 600)],
+            (size(384), size(600)))
+    if name == "lsj":
+        return large_scale_jitter(size(1024))
+    return eval_transform(scale)
+
+
+def eval_transform(scale: float = 1.0) -> Transform:
+    return evaluation(max(8, round(800 * scale)), max(8, round(MAX_SIZE * scale)))
+
+
+class LiveTrainingSet(Dataset):
+    """A dataset whose view of image i in epoch e is sampled from ``transform`` with
+    ``random.Random(f"{seed}:{e}:{i}")``: items are (image, target) or None (unreadable)."""
+
+    def __init__(self, dataset: CocoInstances, transform: Transform, *, seed: int = 0) -> None:
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        info = self.dataset.images[i]
+        view = self.transform.sample_view((info["height"], info["width"]),
+                                          random.Random(f"{self.seed}:{self.epoch}:{i}"))
+        return self.dataset.get_view(i, view)
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Batches of indices: a permutation seeded by (seed, epoch), cut into global batches
+    of ``batch_size x processes`` (the last may be short), of which process ``rank`` takes
+    its ``batch_size`` slice; ``start`` skips the first batches (resuming an epoch)."""
+
+    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, processes: int = 1) -> None:
+        self.size, self.batch_size, self.seed, self.epoch, self.start = (
+            size, batch_size, seed, epoch, start)
+        self.rank, self.processes = rank, processes
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.size // (self.batch_size * self.processes))
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.epoch)).tolist()
+        width = self.batch_size * self.processes
+        for b in range(self.start, self.batches_per_epoch):
+            batch = order[b * width : (b + 1) * width]
+            yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+
+def live_batch(detector, items: tuple) -> TrainingBatch | None:
+    """A collated live batch ((images, padding, targets) from ``collate``) -> TrainingBatch.
+
+    The detector runs on each image alone, as the cache does (no padding from a batch-mate
+    enters the features), for its detections and the targets' boxes at once; the outputs
+    are then padded into one batch: training live and from the cache see the same inputs.
+    """
+    images, padding_mask, targets = items
+    if not targets:
+        return None
+    device = detector.mean.device
+    found, truth = zip(*(
+        detector.detect_and_embed([image[:, : int(t["size"][0]), : int(t["size"][1])].to(device)],
+                                  [t["boxes"]], [t["labels"]])
+        for image, t in zip(images, targets, strict=True)), strict=True)
+    return TrainingBatch(images, padding_mask, targets, batch_outputs(list(found)),
+                         batch_outputs(list(truth)))
+
+
+def training_set(dataset: CocoInstances, *, cache: str | None, transform: Transform, seed: int):
+    """(dataset, collate_fn): over the cache when one is given, else live."""
+    if cache:
+        return CachedTrainingSet(cache, dataset, seed=seed), collate_cached
+    return LiveTrainingSet(dataset, transform, seed=seed), collate

@@ -1,0 +1,195 @@
+"""Head outputs -> COCO results: per-image result dicts, and a streaming results file.
+
+A result is one detection in the format of the COCO results json::
+
+    {"image_id": int, "category_id": int (the dataset's original id),
+     "bbox": [x, y, w, h] (ORIGINAL image pixels, clipped to the image, 2 decimals),
+     "score": float, "segmentation": {"size": [H, W], "counts": str} (compressed RLE
+     at the original size), "mask_quality": float (sigmoid of the predicted IoU;
+     absent when the head has no mask scoring)}
+
+Frames. The head works on the detector's input image (the "view": the evaluation
+transform's plain resize of the original, ``target["size"]``), so its boxes are xyxy
+pixels of the view. Because the view is a plain resize, original = view * (orig / size)
+per axis (no crop, no flip). RoI-frame masks are pasted straight into the original
+image with their boxes scaled that way: the RoI frame spans its box whatever the
+resolution, so this is exact, and cheaper than pasting at the view size and resizing.
+Image-frame masks (stride-4 maps of the padded batch) are upsampled to the view, then
+resized bilinearly to the original size, both on probabilities
+(:func:`frozenseg.head.paste.paste_image_frame_masks`); they are thresholded once, at
+the end. Boxes are clipped to the image for ``bbox`` but pasted unclipped (the RoI
+frame refers to the box the head saw).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from pycocotools import mask as mask_utils
+from torch import Tensor
+
+from frozenseg.head.network import HeadOutput
+from frozenseg.head.paste import paste_image_frame_masks, paste_masks
+
+# Pixels (masks x H x W, bool) pasted and RLE-encoded at once; bounds the memory used.
+_CHUNK_PIXELS = 1 << 24
+
+
+def image_predictions(head_output: HeadOutput, labels: Tensor, targets: Sequence[dict],
+                      category_ids: Sequence[int], *, score_threshold: float = 0.0,
+                      max_per_image: int = 100, mask_threshold: float = 0.5
+                      ) -> list[list[dict]]:
+    """COCO result dicts (see the module docstring) for each image of a batch.
+
+    head_output: the head's masks for the batch (boxes xyxy pixels of each view).
+    labels: (B, K) contiguous class indices of the detector's queries (DetectorOutput).
+    targets: B dicts with ``image_id``, ``orig_size`` (H, W) and ``size`` (H, W) of the view.
+    category_ids: contiguous index -> original category id (``CocoInstances.category_ids``).
+    Per image: masks scoring below ``score_threshold`` are dropped, the rest sorted by
+    score (best first, ties in query order) and cut to ``max_per_image``; a pixel is in a
+    mask where its pasted probability is >= ``mask_threshold``.
+    Returns B lists of result dicts, in the order of ``targets``.
+    """
+    if head_output.frame not in ("roi", "image"):
+        raise ValueError(f"unknown mask frame {head_output.frame!r} (expected 'roi' or 'image')")
+    if labels.numel() and int(labels.max()) >= len(category_ids):
+        raise ValueError(f"label {int(labels.max())} has no category id "
+                         f"({len(category_ids)} categories)")
+    results = []
+    for b, target in enumerate(targets):
+        index = _selected(head_output, b, score_threshold, max_per_image)
+        results.append(_image_results(head_output, index, labels[b], target, category_ids,
+                                      mask_threshold))
+    return results
+
+
+def _selected(head_output: HeadOutput, b: int, score_threshold: float,
+              max_per_image: int) -> Tensor:
+    """(n,) indices into the N masks: image b's, score >= threshold, best first, top n."""
+    index = (head_output.batch_index == b).nonzero().flatten()
+    index = index[head_output.scores[index] >= score_threshold]
+    order = head_output.scores[index].float().argsort(descending=True, stable=True)
+    return index[order[:max_per_image]]
+
+
+def _image_results(head_output: HeadOutput, index: Tensor, labels: Tensor, target: dict,
+                   category_ids: Sequence[int], mask_threshold: float) -> list[dict]:
+    """The result dicts of one image's selected masks ``index`` (best first)."""
+    orig, view = _hw(target["orig_size"]), _hw(target["size"])
+    boxes = head_output.boxes[index].float() * view_to_original_scale(view, orig).to(
+        head_output.boxes.device)
+    masks = _original_masks(head_output, index, boxes, view, orig, mask_threshold)
+    rles = [rle for chunk in masks for rle in encode_masks(chunk)]
+    quality = (head_output.iou_logits[index].float().sigmoid().tolist()
+               if head_output.iou_logits is not None else [None] * len(index))
+    classes = labels[head_output.query_index[index]].tolist()
+    scores = head_output.scores[index].float().tolist()
+    boxes = _clipped_xywh(boxes.cpu(), orig)
+    return [_result(int(target["image_id"]), category_ids[c], box, score, rle, q)
+            for c, box, score, rle, q in zip(classes, boxes, scores, rles, quality, strict=True)]
+
+
+def _hw(size) -> tuple[int, int]:
+    return int(size[0]), int(size[1])
+
+
+def view_to_original_scale(view: Sequence[int], orig: Sequence[int]) -> Tensor:
+    """(4,) float32 (sx, sy, sx, sy), sx = W_orig / W_view: xyxy view pixels -> original."""
+    sx, sy = orig[1] / view[1], orig[0] / view[0]
+    return torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+
+
+def _original_masks(head_output: HeadOutput, index: Tensor, boxes: Tensor, view: tuple,
+                    orig: tuple, threshold: float) -> Iterator[Tensor]:
+    """(n, H, W) bool masks at the original size, a bounded number of pixels at a time.
+
+    boxes: (len(index), 4) xyxy in original pixels (used by RoI-frame masks only).
+    """
+    step = max(1, _CHUNK_PIXELS // max(orig[0] * orig[1], 1))
+    for start in range(0, len(index), step):
+        probs = head_output.mask_logits[index[start:start + step]].float().sigmoid()
+        if head_output.frame == "roi":
+            yield paste_masks(probs, boxes[start:start + step], orig, threshold)
+        else:
+            yield paste_image_frame_masks(probs, view, output_size=orig, threshold=threshold)
+
+
+def encode_masks(masks: Tensor) -> list[dict]:
+    """(n, H, W) bool masks -> n COCO compressed RLEs {"size": [H, W], "counts": str}."""
+    if len(masks) == 0:
+        return []
+    # (n, W, H) C-contiguous is (H, W, n) Fortran-contiguous: the layout pycocotools wants.
+    array = masks.to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy().transpose(2, 1, 0)
+    rles = mask_utils.encode(array)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _clipped_xywh(boxes: Tensor, orig: tuple[int, int]) -> list[list[float]]:
+    """(n, 4) xyxy original pixels -> [x, y, w, h] lists clipped to the image, 2 decimals."""
+    x0, x1 = boxes[:, 0::2].clamp(0, orig[1]).unbind(1)
+    y0, y1 = boxes[:, 1::2].clamp(0, orig[0]).unbind(1)
+    xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], 1).double()
+    return [[round(v, 2) for v in box] for box in xywh.tolist()]
+
+
+def _result(image_id: int, category_id: int, bbox: list[float], score: float, rle: dict,
+            quality: float | None) -> dict:
+    result = {"image_id": image_id, "category_id": int(category_id), "bbox": bbox,
+              "score": score, "segmentation": rle}
+    if quality is not None:
+        result["mask_quality"] = quality
+    return result
+
+
+class ResultsWriter:
+    """Streams a COCO results json array to ``path``, atomically.
+
+    ``with ResultsWriter(path) as w: w.write(results)`` writes each result as it comes
+    (memory stays flat) to a temporary file beside ``path``; a clean exit renames it to
+    ``path``. An exception inside the ``with`` removes the temporary file and leaves
+    whatever was at ``path`` untouched. ``count`` is the number of results written.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self._file = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> ResultsWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                   dir=self.path.parent)
+        self._tmp, self._file = Path(tmp), os.fdopen(fd, "w")
+        self._file.write("[")
+        return self
+
+    def write(self, results: Iterable[dict]) -> None:
+        """Append result dicts (JSON-serialisable; NaN or infinity raise ValueError)."""
+        if self._file is None or self._file.closed:
+            raise RuntimeError(f"{self.path}: ResultsWriter.write outside its 'with' block")
+        if isinstance(results, dict):
+            raise TypeError("ResultsWriter.write takes a list of result dicts, not one dict")
+        for result in results:
+            text = json.dumps(result, separators=(",", ":"), allow_nan=False)
+            self._file.write(("\n," if self.count else "\n") + text)
+            self.count += 1
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                self._file.write("\n]\n")
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                os.replace(self._tmp, self.path)
+        finally:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)  # already gone after a successful rename

@@ -1,0 +1,217 @@
+"""The one training loop: accelerate (CPU, one or several GPUs, fp16/bf16 autocast,
+gradient accumulation), exact resume, checkpoints, progress and metrics.
+
+Checkpoints (``last.pt`` every ``train.checkpoint_every`` steps and at the end, ``best.pt``
+by mask AP) are written to a temporary name and renamed, and hold everything a resume
+needs: head, optimizer, scheduler, step / epoch / position in the epoch, and the RNG
+states. The data side is a function of (seed, epoch, image) (:mod:`frozenseg.engine.data`),
+so ``resume=True`` continues exactly where the run stopped: a resumed run ends with the
+same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from frozenseg.data.coco import CocoInstances
+from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
+from frozenseg.engine.step import head_losses
+from frozenseg.head.loss import MaskCriterion, MaskLossWeights
+from frozenseg.recipe import Recipe, build_mask_head, save_recipe
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says at which step and why."""
+
+
+@dataclass
+class Position:
+    step: int = 0       # optimizer steps done
+    epoch: int = 0
+    batch: int = 0      # batches of this epoch done
+    best_ap: float = -1.0
+
+
+def build_criterion(recipe: Recipe) -> MaskCriterion:
+    loss = recipe.loss
+    weights = MaskLossWeights(bce=loss.bce_weight, dice=loss.dice_weight, iou=loss.iou_weight)
+    return MaskCriterion(weights=weights, point_fraction=loss.points_fraction,
+                         oversample=loss.oversample, importance=loss.importance)
+
+
+def lr_factor(step: int, iterations: int, drops: tuple[float, ...]) -> float:
+    """The paper's schedule: the lr is divided by 10 at each fraction of the iterations."""
+    return 0.1 ** sum(step >= round(d * iterations) for d in drops)
+
+
+class Trainer:
+    """Wires a recipe's detector, data, head, criterion and optimizer; ``run()`` trains."""
+
+    def __init__(self, recipe: Recipe, *, log: Callable[[str], None] = print,
+                 evaluate: Callable | None = None) -> None:
+        from accelerate import Accelerator
+
+        from frozenseg.detector.frozen import load_detector
+
+        self.recipe, self.log, self.evaluate = recipe, log, evaluate
+        train = recipe.train
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=train.precision,
+            gradient_accumulation_steps=train.grad_accumulation)
+        self.out = Path(train.output_dir)
+        self.detector = load_detector(recipe.detector.path, top_k=recipe.detector.top_k,
+                                      memory_layer=recipe.detector.memory_layer)
+        self.detector.to(self.accelerator.device)
+        torch.manual_seed(train.seed)  # the head's initial weights
+        head = build_mask_head(recipe)
+        params = [p for p in head.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError("this head has no trainable parameters (head.trainable: false "
+                                "is the training-free baseline: evaluate it, don't train it)")
+        optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.betas,
+                                      weight_decay=train.weight_decay)
+        self.head, self.optimizer = self.accelerator.prepare(head, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, train.iterations, train.lr_drops))
+        self.criterion = build_criterion(recipe)
+        data = CocoInstances(recipe.data.train.images, recipe.data.train.annotations)
+        if len(data) == 0:
+            raise TrainingError(f"{data.annotations_json}: no images to train on")
+        self.dataset, self.collate = training_set(
+            data, cache=recipe.data.cache, transform=train_transform(
+                recipe.data.transform, recipe.data.scale), seed=train.seed)
+        self.position = Position()
+        self.generator = torch.Generator().manual_seed(train.seed)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, name: str) -> Path:
+        """Atomically write a checkpoint (process 0 only)."""
+        path = self.out / name
+        if self.accelerator.is_main_process:
+            state = {
+                "head": self.accelerator.unwrap_model(self.head).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "position": asdict(self.position),
+                "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        return path
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.accelerator.unwrap_model(self.head).load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.position = Position(**state["position"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def batches(self):
+        """(batch or None) forever, epoch after epoch, from the saved position."""
+        state, train = self.accelerator.state, self.recipe.train
+        while True:
+            self.dataset.set_epoch(self.position.epoch)
+            sampler = EpochBatches(len(self.dataset), train.batch_size, seed=train.seed,
+                                   epoch=self.position.epoch, start=self.position.batch,
+                                   rank=state.process_index, processes=state.num_processes)
+            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate,
+                                num_workers=self.recipe.data.num_workers)
+            for items in loader:
+                self.position.batch += 1
+                yield items if self.recipe.data.cache else live_batch(self.detector, items)
+            self.position.epoch, self.position.batch = self.position.epoch + 1, 0
+
+    def step(self, batch) -> dict[str, float]:
+        """Forward, backward and (every grad_accumulation batches) an optimizer step."""
+        loss, train = self.recipe.loss, self.recipe.train
+        with self.accelerator.accumulate(self.head), self.accelerator.autocast():
+            losses = head_losses(batch, self.detector, self.head, self.criterion,
+                                 mode=loss.proposals, assign_iou=loss.assign_iou,
+                                 jitter=loss.gt_jitter, generator=self.generator)
+            values = {name: float(value) for name, value in losses.items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise TrainingError(
+                    f"non-finite loss at step {self.position.step + 1}: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+                    + f"; the last good checkpoint is {self.out / LAST}")
+            self.accelerator.backward(losses["loss"])
+            if self.accelerator.sync_gradients and train.grad_clip > 0:
+                self.accelerator.clip_grad_norm_(self.head.parameters(), train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        return values
+
+    def run(self, *, resume: bool = False, progress: Callable | None = None) -> Position:
+        """Train until ``train.iterations`` steps (or ``train.max_minutes``)."""
+        train = self.recipe.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume and (self.out / LAST).is_file():
+            self.load(self.out / LAST)
+            self.log(f"resumed from {self.out / LAST} at step {self.position.step}")
+        elif (self.out / LAST).is_file():
+            raise TrainingError(f"{self.out} already holds a run ({LAST}); pass --resume "
+                                "to continue it, or choose another train.output_dir")
+        if self.accelerator.is_main_process:
+            save_recipe(self.recipe, self.out / "recipe.yaml")
+        started, metrics = time.monotonic(), self.out / "metrics.jsonl"
+        batches = self.batches()
+        while self.position.step < train.iterations:
+            batch = next(batches)
+            if batch is None:  # every image of the batch was unreadable (warned)
+                continue
+            values = self.step(batch)
+            if not self.accelerator.sync_gradients:
+                continue
+            self.scheduler.step()
+            self.position.step += 1
+            record = {"step": self.position.step, "lr": self.scheduler.get_last_lr()[0], **values}
+            if progress:
+                progress(record)
+            if self.position.step % train.log_every == 0 and self.accelerator.is_main_process:
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if train.checkpoint_every and self.position.step % train.checkpoint_every == 0:
+                self.save(LAST)
+            if train.eval_every and self.position.step % train.eval_every == 0:
+                self.evaluate_and_keep_best()
+            if train.max_minutes and time.monotonic() - started > 60 * train.max_minutes:
+                self.log(f"stopped after {train.max_minutes:g} minutes, at step "
+                         f"{self.position.step}")
+                break
+        self.save(LAST)
+        if self.evaluate and not (train.eval_every and self.position.step % train.eval_every == 0):
+            self.evaluate_and_keep_best()
+        return self.position
+
+    def evaluate_and_keep_best(self) -> dict | None:
+        """Evaluate (when an evaluator was given) and keep best.pt by mask AP."""
+        if self.evaluate is None:
+            return None
+        head = self.accelerator.unwrap_model(self.head)
+        head.eval()
+        metrics = self.evaluate(self.detector, head)
+        head.train()
+        ap = metrics["segm"]["AP"]
+        self.log(f"step {self.position.step}: mask AP {ap:.2f}, box AP {metrics['bbox']['AP']:.2f}")
+        if ap > self.position.best_ap:
+            self.position.best_ap = ap
+            self.save(BEST)
+        return metrics

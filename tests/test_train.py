@@ -1,0 +1,119 @@
+"""The training loop: it learns, it resumes exactly, it stops clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import frozenseg
+from frozenseg.cache import write_cache
+from frozenseg.data import CocoInstances
+from frozenseg.engine.data import eval_transform
+from frozenseg.engine.train import LAST, Trainer, TrainingError
+from frozenseg.recipe import load_recipe
+from tests.test_cache import save_detector, tiny_detector
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SCALE = 0.25  # synthetic images of 160-320 px -> 120-200 px views: fast on a CPU
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    frozenseg.synth(root, images=10, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    return save_detector(tiny_detector(), tmp_path_factory.mktemp("det") / "d", "tiny.pth")
+
+
+def recipe(tmp_path, data, detector_dir, *overrides, **sections):
+    body = {
+        "base": str(REPO_RECIPES / "synth_tiny.yaml"),
+        "detector": {"path": str(detector_dir), "top_k": 7, "memory_layer": 1},
+        "data": {"train": {"images": str(data / "images" / "train"),
+                           "annotations": str(data / "instances_train.json")},
+                 "val": {"images": str(data / "images" / "val"),
+                         "annotations": str(data / "instances_val.json")},
+                 "scale": SCALE, "num_workers": 0},
+        "head": {"image_encoder_layers": 1, "box_encoder_layers": 1, "roi_size": 8,
+                 "mapper_dim": 32, "ffn_dim": 64, "num_heads": 2},
+        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 2, "iterations": 4,
+                  "checkpoint_every": 2, "log_every": 1, "max_minutes": None},
+    }
+    for key, value in sections.items():
+        body[key].update(value)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return load_recipe(path, overrides)
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.head)
+            .state_dict().items()}
+
+
+@pytest.mark.parametrize("proposals", ["gt", "both"])
+def test_resumed_run_equals_uninterrupted(tmp_path, data, detector_dir, proposals):
+    whole = Trainer(recipe(tmp_path / "a", data, detector_dir, f"loss.proposals={proposals}"),
+                    log=lambda _: None)
+    whole.run()
+    part = recipe(tmp_path / "b", data, detector_dir, f"loss.proposals={proposals}")
+
+    def interrupt(record):  # killed after step 3; the last checkpoint is step 2's
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(part, log=lambda _: None).run(progress=interrupt)
+    second = Trainer(part, log=lambda _: None)
+    second.run(resume=True)
+    assert second.position.step == 4 and second.position == whole.position
+    a, b = weights(whole), weights(second)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    lines = (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert (tmp_path / "a" / "run" / "recipe.yaml").is_file()
+
+
+def test_training_from_the_cache_equals_training_live(tmp_path, data, detector_dir):
+    """With the evaluation view in both, the cache gives the same batches as the detector."""
+    base = recipe(tmp_path / "live", data, detector_dir, "data.transform=evaluation",
+                  "train.iterations=2")
+    dataset = CocoInstances(base.data.train.images, base.data.train.annotations)
+    write_cache(str(detector_dir), dataset, tmp_path / "cache", dtype="fp32", top_k=7,
+                memory_layer=1, transform=eval_transform(SCALE))
+    live = Trainer(base, log=lambda _: None)
+    live.run()
+    cached = Trainer(recipe(tmp_path / "cached", data, detector_dir, "data.transform=evaluation",
+                            "train.iterations=2", f"data.cache={tmp_path / 'cache'}"),
+                     log=lambda _: None)
+    cached.run()
+    a, b = weights(live), weights(cached)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_second_run_in_the_same_folder_needs_resume(tmp_path, data, detector_dir):
+    r = recipe(tmp_path, data, detector_dir, "train.iterations=1")
+    Trainer(r, log=lambda _: None).run()
+    assert (tmp_path / "run" / LAST).is_file()
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(r, log=lambda _: None).run()
+
+
+def test_a_nan_loss_stops_with_the_step_and_terms(tmp_path, data, detector_dir, monkeypatch):
+    trainer = Trainer(recipe(tmp_path, data, detector_dir), log=lambda _: None)
+    head = trainer.accelerator.unwrap_model(trainer.head)
+    with torch.no_grad():
+        next(p for p in head.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 1: loss_mask_bce nan"):
+        trainer.run()
