@@ -345,3 +345,132 @@ class _ProgressUpdate:
             self.started = True
         else:
             self.bar.update(self.task, completed=done)
+
+
+def _load_recipe(path: Path, overrides: list[str]):
+    from frozenseg.recipe import load_recipe
+
+    try:
+        return load_recipe(path, overrides)
+    except (ValueError, OSError) as err:
+        _fail(str(err).splitlines()[0])
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/)."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in train.output_dir."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the head's parameters and "
+                                 "FLOPs for one validation image, then exit."),
+) -> None:
+    """Train the mask head a recipe describes (on its cache, or with the detector live)."""
+    from frozenseg.engine.train import Trainer, TrainingError
+
+    loaded = _load_recipe(recipe, overrides or [])
+    try:
+        if dry_run:
+            _dry_run(loaded)
+            return
+        trainer = Trainer(loaded, log=lambda line: console.print(line, highlight=False))
+        _print_head_size(trainer.accelerator.unwrap_model(trainer.head), trainer.detector, loaded)
+        with _training_progress(loaded) as update:
+            position = trainer.run(resume=resume, progress=update)
+    except (TrainingError, ValueError, FileNotFoundError) as err:
+        _fail(str(err).splitlines()[0])
+    console.print(f"trained {position.step} steps: {Path(loaded.train.output_dir) / 'last.pt'}",
+                  highlight=False, soft_wrap=True)
+
+
+def _training_progress(recipe):
+    """A context giving update(record): a rich bar with ETA, loss, lr, it/s, peak memory."""
+    import contextlib
+
+    import torch
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    @contextlib.contextmanager
+    def context():
+        columns = (TextColumn("Training"), BarColumn(), MofNCompleteColumn(), _rate_column(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+        with Progress(*columns, console=console, transient=True,
+                      disable=not console.is_terminal) as bar:
+            task = bar.add_task("train", total=recipe.train.iterations, status="")
+
+            def update(record: dict) -> None:
+                memory = (f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G"
+                          if torch.cuda.is_available() else "")
+                bar.update(task, completed=record["step"], status=(
+                    f"loss {record['loss']:.4f} lr {record['lr']:.2e}{memory}"))
+
+            yield update
+
+    return context()
+
+
+def _head_and_detector(recipe):
+    from frozenseg.detector.frozen import load_detector
+    from frozenseg.recipe import build_mask_head
+
+    detector = load_detector(recipe.detector.path, top_k=recipe.detector.top_k,
+                             memory_layer=recipe.detector.memory_layer)
+    return build_mask_head(recipe), detector
+
+
+def _dry_run(recipe) -> None:
+    head, detector = _head_and_detector(recipe)
+    _print_head_size(head, detector, recipe)
+
+
+def _print_head_size(head, detector, recipe) -> None:
+    """Trainable parameters, and FLOPs of one forward on the first validation image."""
+    from frozenseg.data import CocoInstances
+    from frozenseg.engine.data import eval_transform
+    from frozenseg.head.network import count_parameters, estimate_flops
+
+    val = CocoInstances(recipe.data.val.images, recipe.data.val.annotations,
+                        transform=eval_transform(recipe.data.scale))
+    image, _ = next(item for item in (val[i] for i in range(len(val))) if item is not None)
+    output = detector([image])  # the head lives where the detector does
+    flops = estimate_flops(head, output)
+    console.print(f"head: {count_parameters(head) / 1e6:.2f} M trainable parameters, "
+                  f"{flops / 2e9:.2f} GMACs for one {image.shape[1]}x{image.shape[2]} image "
+                  f"with {output.queries.shape[1]} boxes", highlight=False)
+
+
+@app.command("eval")
+def evaluate(
+    recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/)."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="A head checkpoint (last.pt, "
+                                    "best.pt); not needed for the training-free baseline."),
+    out: Path = typer.Option(None, "--out", help="Where results.json and metrics.json go "
+                             "(default: train.output_dir/eval)."),
+) -> None:
+    """COCO box and mask AP of a trained head on the recipe's val split."""
+    import torch
+
+    from frozenseg.engine.evaluate import metrics_table, per_class_table
+    from frozenseg.engine.inference import evaluate as run_evaluation
+
+    loaded = _load_recipe(recipe, overrides or [])
+    try:
+        head, detector = _head_and_detector(loaded)
+        if checkpoint is not None:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            head.load_state_dict(state["head"])
+        elif any(p.requires_grad for p in head.parameters()):
+            _fail("--checkpoint is needed: this recipe's head has trainable parameters")
+        folder = out or Path(loaded.train.output_dir) / "eval"
+        metrics = run_evaluation(loaded, detector, head, folder)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        _fail(f"{checkpoint or recipe}: {str(err).splitlines()[0]}")
+    console.print(metrics_table(metrics))
+    console.print(per_class_table(metrics, "segm"))
+    console.print(f"results and metrics: {folder}", highlight=False, soft_wrap=True)

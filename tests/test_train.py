@@ -63,7 +63,7 @@ def weights(trainer):
 @pytest.mark.parametrize("proposals", ["gt", "both"])
 def test_resumed_run_equals_uninterrupted(tmp_path, data, detector_dir, proposals):
     whole = Trainer(recipe(tmp_path / "a", data, detector_dir, f"loss.proposals={proposals}"),
-                    log=lambda _: None)
+                    log=lambda _: None, evaluate=False)
     whole.run()
     part = recipe(tmp_path / "b", data, detector_dir, f"loss.proposals={proposals}")
 
@@ -72,8 +72,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data, detector_dir, proposal
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(part, log=lambda _: None).run(progress=interrupt)
-    second = Trainer(part, log=lambda _: None)
+        Trainer(part, log=lambda _: None, evaluate=False).run(progress=interrupt)
+    second = Trainer(part, log=lambda _: None, evaluate=False)
     second.run(resume=True)
     assert second.position.step == 4 and second.position == whole.position
     a, b = weights(whole), weights(second)
@@ -91,11 +91,11 @@ def test_training_from_the_cache_equals_training_live(tmp_path, data, detector_d
     dataset = CocoInstances(base.data.train.images, base.data.train.annotations)
     write_cache(str(detector_dir), dataset, tmp_path / "cache", dtype="fp32", top_k=7,
                 memory_layer=1, transform=eval_transform(SCALE))
-    live = Trainer(base, log=lambda _: None)
+    live = Trainer(base, log=lambda _: None, evaluate=False)
     live.run()
     cached = Trainer(recipe(tmp_path / "cached", data, detector_dir, "data.transform=evaluation",
                             "train.iterations=2", f"data.cache={tmp_path / 'cache'}"),
-                     log=lambda _: None)
+                     log=lambda _: None, evaluate=False)
     cached.run()
     a, b = weights(live), weights(cached)
     for name in a:
@@ -104,16 +104,51 @@ def test_training_from_the_cache_equals_training_live(tmp_path, data, detector_d
 
 def test_a_second_run_in_the_same_folder_needs_resume(tmp_path, data, detector_dir):
     r = recipe(tmp_path, data, detector_dir, "train.iterations=1")
-    Trainer(r, log=lambda _: None).run()
+    Trainer(r, log=lambda _: None, evaluate=False).run()
     assert (tmp_path / "run" / LAST).is_file()
     with pytest.raises(TrainingError, match="--resume"):
-        Trainer(r, log=lambda _: None).run()
+        Trainer(r, log=lambda _: None, evaluate=False).run()
 
 
 def test_a_nan_loss_stops_with_the_step_and_terms(tmp_path, data, detector_dir, monkeypatch):
-    trainer = Trainer(recipe(tmp_path, data, detector_dir), log=lambda _: None)
+    trainer = Trainer(recipe(tmp_path, data, detector_dir), log=lambda _: None, evaluate=False)
     head = trainer.accelerator.unwrap_model(trainer.head)
     with torch.no_grad():
         next(p for p in head.parameters() if p.requires_grad).fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"non-finite loss at step 1: loss_mask_bce nan"):
         trainer.run()
+
+
+def test_cli_train_eval_and_dry_run(tmp_path, data, detector_dir):
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    runner = CliRunner()
+    recipe(tmp_path, data, detector_dir)  # writes tmp_path/recipe.yaml
+    path = str(tmp_path / "recipe.yaml")
+    dry = runner.invoke(app, ["train", path, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "M trainable parameters" in dry.output and "GMACs" in dry.output
+    trained = runner.invoke(app, ["train", path, "train.iterations=2"])
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "run"
+    assert {"last.pt", "best.pt", "recipe.yaml", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(metrics["segm"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score", "segmentation"} <= set(r)
+               for r in results)
+    again = runner.invoke(app, ["eval", path, "--checkpoint", str(run / "last.pt"),
+                                "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["segm"] == pytest.approx(
+        metrics["segm"], nan_ok=True)
+    baseline = runner.invoke(app, ["eval", path, "head.trainable=false", "head.fuse_c1=false",
+                                   "--out",
+                                   str(tmp_path / "free")])
+    assert baseline.exit_code == 0, baseline.output
+    typo = runner.invoke(app, ["train", path, "head.image_encodr=swin"])
+    assert typo.exit_code == 1 and "did you mean head.image_encoder" in typo.output
+    needs = runner.invoke(app, ["eval", path])
+    assert needs.exit_code == 1 and "--checkpoint" in needs.output

@@ -59,7 +59,9 @@ class Trainer:
     """Wires a recipe's detector, data, head, criterion and optimizer; ``run()`` trains."""
 
     def __init__(self, recipe: Recipe, *, log: Callable[[str], None] = print,
-                 evaluate: Callable | None = None) -> None:
+                 evaluate: bool = True) -> None:
+        """evaluate: mask AP on the val split every ``train.eval_every`` steps and at the
+        end (results in ``output_dir/eval``), keeping ``best.pt``."""
         from accelerate import Accelerator
 
         from frozenseg.detector.frozen import load_detector
@@ -202,13 +204,13 @@ class Trainer:
         return self.position
 
     def evaluate_and_keep_best(self) -> dict | None:
-        """Evaluate (when an evaluator was given) and keep best.pt by mask AP."""
-        if self.evaluate is None:
+        """Evaluate on the val split (process 0) and keep best.pt by mask AP."""
+        from frozenseg.engine.inference import evaluate
+
+        if not self.evaluate or not self.accelerator.is_main_process:
             return None
         head = self.accelerator.unwrap_model(self.head)
-        head.eval()
-        metrics = self.evaluate(self.detector, head)
-        head.train()
+        metrics = evaluate(self.recipe, self.detector, head, self.out / "eval")
         ap = metrics["segm"]["AP"]
         self.log(f"step {self.position.step}: mask AP {ap:.2f}, box AP {metrics['bbox']['AP']:.2f}")
         if ap > self.position.best_ap:

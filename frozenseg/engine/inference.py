@@ -1,0 +1,67 @@
+"""Running detector + head over a dataset: COCO results, and their evaluation.
+
+Images get the evaluation view (a plain resize); the detector runs on each image alone
+(as in training and in the cache) and the head on the padded batch of its outputs.
+Results are COCO dicts in the original images' pixels (:mod:`frozenseg.engine.results`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from frozenseg.data.coco import CocoInstances
+from frozenseg.data.collate import collate
+from frozenseg.detector.output import batch_outputs
+from frozenseg.engine.data import eval_transform
+from frozenseg.engine.evaluate import coco_evaluate, write_metrics
+from frozenseg.engine.results import ResultsWriter, image_predictions
+
+
+@torch.no_grad()
+def predict(detector, head, dataset: CocoInstances, *, batch_size: int = 2,
+            score_threshold: float = 0.0, max_per_image: int = 100, mask_threshold: float = 0.5,
+            num_workers: int = 0, progress: Callable[[int, int], None] | None = None
+            ) -> Iterator[list[dict]]:
+    """COCO results of each batch of ``dataset`` (its own transform is the view)."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
+                        num_workers=num_workers)
+    device, done = detector.mean.device, 0
+    for images, _, targets in loader:
+        done += len(targets) if targets else batch_size
+        if targets:
+            found = batch_outputs([
+                detector([image[:, : int(t["size"][0]), : int(t["size"][1])].to(device)])
+                for image, t in zip(images, targets, strict=True)])
+            yield from image_predictions(
+                head(found), found.labels, targets, dataset.category_ids,
+                score_threshold=score_threshold, max_per_image=max_per_image,
+                mask_threshold=mask_threshold)
+        if progress:
+            progress(min(done, len(dataset)), len(dataset))
+
+
+def evaluate(recipe, detector, head, out_dir: str | Path, *,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Mask and box AP of ``head`` on the recipe's val split: writes ``results.json`` (COCO
+    results, RLE) and ``metrics.json`` in ``out_dir`` and returns the metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split, settings = recipe.data.val, recipe.eval
+    dataset = CocoInstances(split.images, split.annotations,
+                            transform=eval_transform(recipe.data.scale))
+    was_training = head.training
+    head.eval()
+    with ResultsWriter(out / "results.json") as writer:
+        for image_results in predict(
+                detector, head, dataset, batch_size=recipe.train.batch_size,
+                score_threshold=settings.score_threshold, max_per_image=settings.max_per_image,
+                mask_threshold=settings.mask_threshold, progress=progress):
+            writer.write(image_results)
+    head.train(was_training)
+    metrics = coco_evaluate(dataset.annotations_json, out / "results.json")
+    write_metrics(metrics, out / "metrics.json")
+    return metrics
