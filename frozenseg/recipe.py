@@ -168,6 +168,9 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
+    # Boxes the masks are made for: the detector's top-K, or the ground-truth boxes (score
+    # 1 x predicted IoU): the head's mask quality alone, whatever the detector.
+    boxes: Literal["detector", "gt"] = "detector"
     score_threshold: float = 0.0
     max_per_image: int = 100
     mask_threshold: float = 0.5     # on the mask probability

@@ -150,5 +150,11 @@ def test_cli_train_eval_and_dry_run(tmp_path, data, detector_dir):
     assert baseline.exit_code == 0, baseline.output
     typo = runner.invoke(app, ["train", path, "head.image_encodr=swin"])
     assert typo.exit_code == 1 and "did you mean head.image_encoder" in typo.output
+    boxed = runner.invoke(app, ["eval", path, "eval.boxes=gt", "--checkpoint",
+                                str(run / "last.pt"), "--out", str(tmp_path / "gt")])
+    assert boxed.exit_code == 0, boxed.output
+    gt_results = json.loads((tmp_path / "gt" / "results.json").read_text())
+    val = json.loads((data / "instances_val.json").read_text())["annotations"]
+    assert len(gt_results) == sum(not a["iscrowd"] for a in val) or len(gt_results) == len(val)
     needs = runner.invoke(app, ["eval", path])
     assert needs.exit_code == 1 and "--checkpoint" in needs.output

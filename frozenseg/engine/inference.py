@@ -8,6 +8,7 @@ Results are COCO dicts in the original images' pixels (:mod:`frozenseg.engine.re
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,9 +25,12 @@ from frozenseg.engine.results import ResultsWriter, image_predictions
 @torch.no_grad()
 def predict(detector, head, dataset: CocoInstances, *, batch_size: int = 2,
             score_threshold: float = 0.0, max_per_image: int = 100, mask_threshold: float = 0.5,
-            num_workers: int = 0, progress: Callable[[int, int], None] | None = None
-            ) -> Iterator[list[dict]]:
-    """COCO results of each batch of ``dataset`` (its own transform is the view)."""
+            boxes: str = "detector", num_workers: int = 0,
+            progress: Callable[[int, int], None] | None = None) -> Iterator[list[dict]]:
+    """COCO results of each batch of ``dataset`` (its own transform is the view).
+
+    boxes: "detector" (its top-K) or "gt" (the targets' boxes, with their labels and a
+    detector score of 1, so a mask's score is its predicted IoU)."""
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                         num_workers=num_workers)
     device, done = detector.mean.device, 0
@@ -34,14 +38,21 @@ def predict(detector, head, dataset: CocoInstances, *, batch_size: int = 2,
         done += len(targets) if targets else batch_size
         if targets:
             found = batch_outputs([
-                detector([image[:, : int(t["size"][0]), : int(t["size"][1])].to(device)])
-                for image, t in zip(images, targets, strict=True)])
+                _run(detector, image[:, : int(t["size"][0]), : int(t["size"][1])].to(device),
+                     t, boxes) for image, t in zip(images, targets, strict=True)])
             yield from image_predictions(
                 head(found), found.labels, targets, dataset.category_ids,
                 score_threshold=score_threshold, max_per_image=max_per_image,
                 mask_threshold=mask_threshold)
         if progress:
             progress(min(done, len(dataset)), len(dataset))
+
+
+def _run(detector, image: torch.Tensor, target: dict, boxes: str):
+    if boxes == "detector":
+        return detector([image])
+    out = detector.embed_boxes([image], [target["boxes"]], [target["labels"]])
+    return replace(out, scores=out.query_mask.to(out.scores.dtype))
 
 
 def evaluate(recipe, detector, head, out_dir: str | Path, *,
@@ -59,7 +70,7 @@ def evaluate(recipe, detector, head, out_dir: str | Path, *,
         for image_results in predict(
                 detector, head, dataset, batch_size=recipe.train.batch_size,
                 score_threshold=settings.score_threshold, max_per_image=settings.max_per_image,
-                mask_threshold=settings.mask_threshold, progress=progress):
+                mask_threshold=settings.mask_threshold, boxes=settings.boxes, progress=progress):
             writer.write(image_results)
     head.train(was_training)
     metrics = coco_evaluate(dataset.annotations_json, out / "results.json")
