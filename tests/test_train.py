@@ -158,3 +158,38 @@ def test_cli_train_eval_and_dry_run(tmp_path, data, detector_dir):
     assert len(gt_results) == sum(not a["iscrowd"] for a in val) or len(gt_results) == len(val)
     needs = runner.invoke(app, ["eval", path])
     assert needs.exit_code == 1 and "--checkpoint" in needs.output
+
+
+def test_a_cache_of_another_detector_is_refused(tmp_path, data, detector_dir):
+    from frozenseg.cache import CacheError
+
+    other = save_detector(tiny_detector(seed=3), tmp_path / "other", "other.pth")
+    r = recipe(tmp_path, data, detector_dir, f"data.cache={tmp_path / 'cache'}")
+    dataset = CocoInstances(r.data.train.images, r.data.train.annotations)
+    write_cache(str(other), dataset, tmp_path / "cache", top_k=7, memory_layer=1,
+                transform=eval_transform(SCALE))
+    with pytest.raises(CacheError, match="made by detector other.pth.*not by"):
+        Trainer(r, log=lambda _: None, evaluate=False)
+
+
+@pytest.mark.parametrize("mode", ["partial", "full"])
+def test_finetuning_trains_the_detector_at_a_tenth_of_the_lr(tmp_path, data, detector_dir, mode):
+    trainer = Trainer(recipe(tmp_path, data, detector_dir, f"detector.finetune={mode}",
+                             "train.iterations=1", "loss.proposals=both"),
+                      log=lambda _: None, evaluate=False)
+    model = trainer.detector.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head_group, detector_group = trainer.optimizer.param_groups
+    assert detector_group["lr"] == pytest.approx(head_group["lr"] / 10)
+    trainer.run()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("transformer.") for k in changed)
+    assert any(k.startswith("backbone.") for k in changed) == (mode == "full")
+    assert "detector" in torch.load(tmp_path / "run" / LAST, weights_only=True)
+
+
+def test_finetuning_refuses_a_cache(tmp_path, data, detector_dir):
+    with pytest.raises(TrainingError, match="remove data.cache"):
+        Trainer(recipe(tmp_path, data, detector_dir, "detector.finetune=partial",
+                       f"data.cache={tmp_path}"), log=lambda _: None, evaluate=False)

@@ -69,6 +69,26 @@ class CachedTrainingSet(Dataset):
         return None if loaded is None else (*loaded, cached)
 
 
+def check_made_by(cache: FeatureCache, detector_dir: str | Path, detector) -> None:
+    """Raise CacheError (naming both) unless ``cache`` was written by the converted detector
+    in ``detector_dir`` with ``detector``'s top-K and memory layer."""
+    from frozenseg.convert import CONFIG_FILE
+
+    made = cache.index["recipe"]
+    config = Path(detector_dir) / CONFIG_FILE
+    mine = {"config": sha256_file(config), "top_k": detector.top_k,
+            "memory_layer": detector.memory_layer}
+    theirs = {"config": made["detector"].get("config_sha256", "(a detector object)"),
+              "top_k": made["top_k"], "memory_layer": made["memory_layer"]}
+    if mine != theirs:
+        source = made["detector"].get("source") or "?"
+        raise CacheError(
+            f"{cache.dir} was made by detector {source} (config sha256 "
+            f"{theirs['config'][:12]}, top-k {theirs['top_k']}, memory layer "
+            f"{theirs['memory_layer']}), not by {detector_dir} (config sha256 "
+            f"{mine['config'][:12]}, top-k {mine['top_k']}, memory layer {mine['memory_layer']})")
+
+
 def collate_cached(batch: list) -> TrainingBatch | None:
     """``CachedTrainingSet`` items -> a TrainingBatch; None items (unreadable images) are
     dropped, and a batch with none left is None."""

@@ -7,6 +7,7 @@ normalises them with its source's mean and std and pads a batch to a common size
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,6 +20,18 @@ from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetect
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.detector.position import box_position_embedding
 from frozenseg.detector.transformer import inverse_sigmoid
+
+
+def _frozen_unless_unfrozen(method):
+    """No autograd graph while the detector is frozen (the usual case); with unfreeze()
+    the method records one, for fine-tuning."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class FrozenDetector(nn.Module):
@@ -43,13 +56,29 @@ class FrozenDetector(nn.Module):
         """The detector stays in eval mode (frozen batch norm, no dropout) whatever the caller."""
         return super().train(False)
 
-    @torch.no_grad()
+    def unfreeze(self, part: str) -> list[nn.Parameter]:
+        """Fine-tuning (paper Table 16): "partial" unfreezes the transformer (encoder and
+        decoder), "full" the whole detector; returns the parameters that now train. The
+        forward methods then keep their graph; batch norm stays frozen (eval mode)."""
+        modules = {"partial": [self.model.transformer], "full": [self.model]}
+        if part not in modules:
+            raise ValueError(f"unfreeze part is {part!r}; one of partial, full")
+        params = [p for m in modules[part] for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.model.parameters())
+
+    @_frozen_unless_unfrozen
     def forward(self, images: list[torch.Tensor] | torch.Tensor) -> DetectorOutput:
         """Top-K predictions over queries x classes, as the original post-processors rank them."""
         batch, padding, sizes = self.preprocess(images)
         return self._detect(self.model.encode(batch, padding), sizes)
 
-    @torch.no_grad()
+    @_frozen_unless_unfrozen
     def detect_and_embed(self, images, boxes: list[torch.Tensor],
                          labels: list[torch.Tensor] | None = None
                          ) -> tuple[DetectorOutput, DetectorOutput]:
@@ -70,14 +99,14 @@ class FrozenDetector(nn.Module):
         return self._output(raw, sizes, query, scores, index % k,
                             torch.ones_like(scores, dtype=torch.bool))
 
-    @torch.no_grad()
+    @_frozen_unless_unfrozen
     def stage1(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The backbone's stride-4 map alone, (B, C1, H/4, W/4): DetectorOutput.c1 for
         outputs read from the feature cache (the cheap part of the backbone, recomputed)."""
         batch, _, _ = self.preprocess(images)
         return self.model.backbone(batch, stages=1)[0]
 
-    @torch.no_grad()
+    @_frozen_unless_unfrozen
     def embed_boxes(self, images, boxes: list[torch.Tensor],
                     labels: list[torch.Tensor] | None = None) -> DetectorOutput:
         """Queries for given boxes: the decoder runs with them as its reference boxes.

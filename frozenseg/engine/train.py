@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from frozenseg.cache.training import check_made_by
 from frozenseg.data.coco import CocoInstances
 from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
 from frozenseg.engine.step import head_losses
@@ -81,7 +82,8 @@ class Trainer:
         if not params:
             raise TrainingError("this head has no trainable parameters (head.trainable: false "
                                 "is the training-free baseline: evaluate it, don't train it)")
-        optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.betas,
+        groups = [{"params": params, "lr": train.lr}] + self._finetuned(recipe)
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas,
                                       weight_decay=train.weight_decay)
         self.head, self.optimizer = self.accelerator.prepare(head, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -93,8 +95,24 @@ class Trainer:
         self.dataset, self.collate = training_set(
             data, cache=recipe.data.cache, transform=train_transform(
                 recipe.data.transform, recipe.data.scale), seed=train.seed)
+        if recipe.data.cache:
+            check_made_by(self.dataset.cache, recipe.detector.path, self.detector)
         self.position = Position()
+        self._tensorboard = None  # opened on first use; False when not installed
         self.generator = torch.Generator().manual_seed(train.seed)
+
+    def _finetuned(self, recipe: Recipe) -> list[dict]:
+        """The detector's optimizer group when the recipe fine-tunes it (Table 16)."""
+        mode = recipe.detector.finetune
+        if mode == "frozen":
+            return []
+        if recipe.data.cache:
+            raise TrainingError(f"detector.finetune: {mode} runs the detector live; "
+                                "remove data.cache")
+        if self.accelerator.num_processes > 1:
+            raise TrainingError("detector.finetune runs on one process only")
+        params = self.detector.unfreeze(mode)
+        return [{"params": params, "lr": recipe.train.lr * recipe.detector.finetune_lr_factor}]
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -110,6 +128,8 @@ class Trainer:
                 "generator": self.generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
             }
+            if not self.detector.frozen:  # fine-tuning: the detector's weights are trained too
+                state["detector"] = self.detector.model.state_dict()
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             torch.save(state, tmp)
             os.replace(tmp, path)
@@ -118,6 +138,8 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.accelerator.unwrap_model(self.head).load_state_dict(state["head"])
+        if "detector" in state:
+            self.detector.model.load_state_dict(state["detector"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.position = Position(**state["position"])
@@ -188,8 +210,7 @@ class Trainer:
             if progress:
                 progress(record)
             if self.position.step % train.log_every == 0 and self.accelerator.is_main_process:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                self._log_record(metrics, record)
             if train.checkpoint_every and self.position.step % train.checkpoint_every == 0:
                 self.save(LAST)
             if train.eval_every and self.position.step % train.eval_every == 0:
@@ -202,6 +223,22 @@ class Trainer:
         if self.evaluate and not (train.eval_every and self.position.step % train.eval_every == 0):
             self.evaluate_and_keep_best()
         return self.position
+
+    def _log_record(self, metrics: Path, record: dict) -> None:
+        """metrics.jsonl always; TensorBoard too when the tensorboard package is installed."""
+        with open(metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: pip install tensorboard
+                self._tensorboard = False
+            else:
+                self._tensorboard = SummaryWriter(self.out / "tensorboard")
+        if self._tensorboard:
+            for name, value in record.items():
+                if name != "step":
+                    self._tensorboard.add_scalar(name, value, record["step"])
 
     def evaluate_and_keep_best(self) -> dict | None:
         """Evaluate on the val split (process 0) and keep best.pt by mask AP."""
