@@ -193,16 +193,25 @@ def _one_line(err: Exception) -> str:
 
 
 def _write(out_dir: Path, state_dict: StateDict, report: ConversionReport, class_names) -> None:
+    write_detector(out_dir, state_dict, report.config, format=report.format,
+                   source=report.source, sha256=report.sha256, class_names=class_names)
+
+
+def write_detector(out_dir: str | Path, state_dict: StateDict, config: DetectorConfig, *,
+                   format: str, source: str, sha256: str = "",
+                   class_names: list[str] | None = None) -> None:
+    """The folder ``load_detector`` reads (weights + config.json), written atomically: a
+    staging folder renamed into place. Also for detectors frozenseg trains or makes."""
     from safetensors.torch import save_file
 
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, staging / WEIGHTS_FILE)
         meta = {
-            "format": report.format, "source": report.source, "sha256": report.sha256,
-            "config": report.config.to_dict(),
-            "classes": class_map(report.config.num_classes, class_names),
+            "format": format, "source": source, "sha256": sha256, "config": config.to_dict(),
+            "classes": class_map(config.num_classes, class_names),
         }
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(staging, out_dir)

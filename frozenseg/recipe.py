@@ -83,7 +83,6 @@ class DataSection:
     val: SplitSection
     transform: Literal["deformable_detr", "lsj", "evaluation"] = "deformable_detr"  # Table 11
     cache: str | None = None        # feature cache of the train split; null: run the detector
-    val_cache: str | None = None
     views: int = 1                  # augmented views per image in the cache
     num_workers: int = 2
     # Multiplies every image size of the transforms (train 480..800 / 1333, eval 800 / 1333,

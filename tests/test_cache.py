@@ -6,16 +6,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import frozenseg
 from frozenseg.cache import CacheError, FeatureCache, write_cache
 from frozenseg.cli import app
-from frozenseg.convert import CONFIG_FILE, WEIGHTS_FILE
+from frozenseg.convert import write_detector
 from frozenseg.data import CocoInstances, evaluation
 from frozenseg.data.transforms import scale_flip
-from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.model import build_detector
@@ -35,12 +33,8 @@ def tiny_detector(seed: int = 0) -> FrozenDetector:
 
 def save_detector(det: FrozenDetector, folder, source: str):
     """The two files ``frozenseg convert`` writes."""
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in det.model.state_dict().items()},
-              folder / WEIGHTS_FILE)
-    meta = {"format": "test", "source": source, "sha256": "0" * 64,
-            "config": det.config.to_dict(), "classes": class_map(det.config.num_classes)}
-    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+    write_detector(folder, det.model.state_dict(), det.config, format="test", source=source,
+                   sha256="0" * 64)
     return folder
 
 

@@ -170,7 +170,7 @@ class Trainer:
             losses = head_losses(batch, self.detector, self.head, self.criterion,
                                  mode=loss.proposals, assign_iou=loss.assign_iou,
                                  jitter=loss.gt_jitter, generator=self.generator)
-            values = {name: float(value) for name, value in losses.items()}
+            values = {name: float(value.detach()) for name, value in losses.items()}
             if not all(math.isfinite(v) for v in values.values()):
                 raise TrainingError(
                     f"non-finite loss at step {self.position.step + 1}: "
