@@ -334,3 +334,30 @@ def test_jitter_boxes_in_image_nondegenerate_reproducible():
     assert bool((moved > 0).all()) and bool((moved <= 0.4 * 13 + 1e-6).all())
     with pytest.raises(ValueError, match="scale"):
         jitter_boxes(boxes, (30, 40), scale=0.5)
+
+
+def test_point_fraction_one_is_the_dense_loss_on_every_cell():
+    """Dense loss (no sampling): BCE over all S x S cells against the RoI-aligned target."""
+    from frozenseg.head.loss import MaskCriterion
+
+    torch.manual_seed(0)
+    s = 8
+    logits = torch.randn(2, s, s, dtype=torch.float32)
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [8.0, 0.0, 24.0, 16.0]])
+    masks = torch.zeros(1, 16, 32, dtype=torch.bool)
+    masks[0, 4:12, 6:20] = True
+    criterion = MaskCriterion(point_fraction=1.0)
+    losses = criterion(logits, None, boxes, torch.zeros(2, dtype=torch.long),
+                       torch.zeros(2, dtype=torch.long), [masks])
+    # Cell (i, j) of box b covers the 2x2 pixels at (y0 + 2i, x0 + 2j): its centre is a pixel
+    # corner, where bilinear sampling of the 0/1 mask averages those four pixels.
+    expected = []
+    for b, (x0, y0) in enumerate(((0, 0), (8, 0))):
+        mask = masks[0].double()
+        cells = torch.stack([torch.stack([
+            mask[y0 + 2 * i : y0 + 2 * i + 2, x0 + 2 * j : x0 + 2 * j + 2].mean()
+            for j in range(s)]) for i in range(s)])
+        expected.append(torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[b].double(), cells, reduction="none").mean())
+    torch.testing.assert_close(losses["loss_mask_bce"].double(), torch.stack(expected).mean(),
+                               rtol=1e-5, atol=1e-6)

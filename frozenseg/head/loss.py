@@ -167,6 +167,15 @@ def mask_iou(mask_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return inter.float() / union.clamp(min=1).float()
 
 
+def cell_centres(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """(height * width, 2) normalised (x, y) centres of a height x width grid's cells,
+    row-major; point_sample at them reads each cell's own value exactly."""
+    ys = (torch.arange(height, device=like.device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=like.device, dtype=torch.float32) + 0.5) / width
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], -1)
+
+
 @dataclass
 class MaskLossWeights:
     """Weights of the named losses, the one place they live.
@@ -191,10 +200,12 @@ class MaskCriterion(nn.Module):
 
     Mask loss: point-sampled BCE + dice, num_points = point_fraction * h * w of each
     mask (the paper: a quarter of the mask's pixels), PointRend sampling with
-    ``oversample`` and ``importance``. IoU loss: L2 between sigmoid(iou_logits) and the
-    IoU of the predicted mask (> 0) with the GT mask in the mask's own frame (Mask
-    Scoring R-CNN's L2 regression; the target is computed without gradient, so nothing
-    flows into the mask through it). Proposals with gt index -1 contribute nothing.
+    ``oversample`` and ``importance``; point_fraction 1 is the dense loss, on every cell
+    centre of the mask (the paper's rows without sampled supervision). IoU loss: L2
+    between sigmoid(iou_logits) and the IoU of the predicted mask (> 0) with the GT mask
+    in the mask's own frame (Mask Scoring R-CNN's L2 regression; the target is computed
+    without gradient, so nothing flows into the mask through it). Proposals with gt index
+    -1 contribute nothing.
     """
 
     def __init__(self, *, weights: MaskLossWeights | None = None, point_fraction: float = 0.25,
@@ -236,9 +247,13 @@ class MaskCriterion(nn.Module):
 
     def _point_losses(self, logits, boxes, batch_index, gt_index, gt_masks, frame, generator):
         height, width = logits.shape[-2:]
-        num_points = max(1, int(self.point_fraction * height * width))
-        coords = uncertain_point_coords(logits[:, None], num_points, oversample=self.oversample,
-                                        importance=self.importance, generator=generator)
+        if self.point_fraction >= 1:  # no sampling (the paper's dense rows): every cell centre
+            coords = cell_centres(height, width, logits)[None].expand(len(logits), -1, -1)
+        else:
+            num_points = max(1, int(self.point_fraction * height * width))
+            coords = uncertain_point_coords(logits[:, None], num_points,
+                                            oversample=self.oversample,
+                                            importance=self.importance, generator=generator)
         point_logits = point_sample(logits[:, None], coords)[:, 0]
         points = frame_points_to_image(coords, frame, boxes=boxes, map_size=(height, width),
                                        stride=self.stride)
