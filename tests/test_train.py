@@ -193,3 +193,24 @@ def test_finetuning_refuses_a_cache(tmp_path, data, detector_dir):
     with pytest.raises(TrainingError, match="remove data.cache"):
         Trainer(recipe(tmp_path, data, detector_dir, "detector.finetune=partial",
                        f"data.cache={tmp_path}"), log=lambda _: None, evaluate=False)
+
+
+def test_cli_names_a_missing_detector_or_cache(tmp_path, data, detector_dir):
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    runner = CliRunner()
+    recipe(tmp_path, data, detector_dir)
+    path = str(tmp_path / "recipe.yaml")
+    missing = runner.invoke(app, ["train", path, f"detector.path={tmp_path / 'nowhere'}"])
+    assert missing.exit_code == 1 and "nowhere" in missing.output
+    assert "config.json" in missing.output and "Traceback" not in missing.output
+    no_cache = runner.invoke(app, ["train", path, f"data.cache={tmp_path / 'nocache'}"])
+    assert no_cache.exit_code == 1 and "nocache" in no_cache.output
+    assert "not a feature cache" in no_cache.output
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": [
+        {"id": 1, "name": "thing"}]}))
+    nothing = runner.invoke(app, ["train", path, f"data.train.annotations={empty}"])
+    assert nothing.exit_code == 1 and "no images to train on" in nothing.output
