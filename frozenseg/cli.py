@@ -243,6 +243,10 @@ def _rate_column():
 
 @app.command()
 def cache(
+    recipe: Path = typer.Argument(None, help="A recipe: caches its train split with its "
+                                  "detector (path, top_k, memory_layer) into data.cache, "
+                                  "data.views views at data.scale; the flags below that name "
+                                  "these are then ignored."),
     detector: Path = typer.Option(None, "--detector", help="A folder frozenseg convert wrote."),
     images: Path = typer.Option(None, "--images", help="The folder of the dataset's images."),
     annotations: Path = typer.Option(None, "--annotations", help="The COCO instances json."),
@@ -258,7 +262,8 @@ def cache(
     short: int = typer.Option(800, "--short", help="Evaluation resize: shorter side."),
     max_size: int = typer.Option(1333, "--max-size", help="Evaluation resize: longer side cap."),
     views: int = typer.Option(1, "--views", help="Views per image: 1 is the evaluation resize; "
-                              "K > 1 are K fixed augmented views (scale, flip), seeded."),
+                              "K > 1 are K fixed augmented views (flip, shorter side "
+                              "480..800 x short/800), seeded."),
     seed: int = typer.Option(0, "--seed", help="Seed of the augmented views."),
     store_c1: bool = typer.Option(False, "--store-c1", help="Also store the backbone's "
                                   "stride-4 map (large; training then skips the backbone)."),
@@ -272,15 +277,21 @@ def cache(
         if verify is not None:
             _verify_cache(verify)
             return
-        missing = [name for name, value in (("--detector", detector), ("--images", images),
-                                            ("--annotations", annotations), ("--out", out))
-                   if value is None]
-        if missing:
-            _fail(f"missing {', '.join(missing)} (or pass --verify DIR)")
-        index = _write_cache(detector, images, annotations, out, dtype=dtype,
-                             shard_size=shard_size, max_gb=max_gb, resume=resume,
-                             memory_layer=memory_layer, top_k=top_k, short=short,
-                             max_size=max_size, views=views, seed=seed, store_c1=store_c1)
+        if recipe is not None:
+            job = _recipe_cache_job(recipe)
+        else:
+            missing = [name for name, value in (("--detector", detector), ("--images", images),
+                                                ("--annotations", annotations), ("--out", out))
+                       if value is None]
+            if missing:
+                _fail(f"missing {', '.join(missing)} (or pass a RECIPE, or --verify DIR)")
+            job = {"detector": detector, "images": images, "annotations": annotations,
+                   "out": out, "memory_layer": memory_layer, "top_k": top_k, "views": views,
+                   "seed": seed, "transform": _cache_transform(views, short / 800, short,
+                                                               max_size)}
+        out, views = job["out"], job["views"]
+        index = _write_cache(**job, dtype=dtype, shard_size=shard_size, max_gb=max_gb,
+                             resume=resume, store_c1=store_c1)
     except CacheError as err:
         _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
@@ -305,8 +316,31 @@ def _verify_cache(folder: Path) -> None:
     console.print(f"{folder}: every shard verifies", highlight=False)
 
 
-def _write_cache(detector, images, annotations, out, *, short, max_size, views,
-                 **options) -> dict:
+def _recipe_cache_job(path: Path) -> dict:
+    """What ``frozenseg cache RECIPE`` caches: the train split, as training will read it."""
+    r = _load_recipe(path, [])
+    if not r.data.cache:
+        _fail(f"{path}: data.cache is null: name the cache folder to write (data.cache=DIR)")
+    return {"detector": Path(r.detector.path), "images": Path(r.data.train.images),
+            "annotations": Path(r.data.train.annotations), "out": Path(r.data.cache),
+            "memory_layer": r.detector.memory_layer, "top_k": r.detector.top_k,
+            "views": r.data.views, "seed": r.train.seed,
+            "transform": _cache_transform(r.data.views, r.data.scale)}
+
+
+def _cache_transform(views: int, scale: float, short: int | None = None,
+                     max_size: int | None = None):
+    """One view: the evaluation resize (``short``/``max_size`` when given); several: the
+    augmented views of :func:`frozenseg.engine.data.cache_views`, at ``scale``."""
+    from frozenseg.data.transforms import evaluation
+    from frozenseg.engine.data import cache_views
+
+    if views == 1 and short is not None:
+        return evaluation(short, max_size)
+    return cache_views(views, scale)
+
+
+def _write_cache(detector, images, annotations, out, *, views, transform, **options) -> dict:
     """Under ``accelerate launch`` (or torchrun) each process takes its share of shards;
     the index comes back to process 0 only (None elsewhere)."""
     import torch
@@ -314,11 +348,10 @@ def _write_cache(detector, images, annotations, out, *, short, max_size, views,
     from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from frozenseg.cache import write_cache
-    from frozenseg.data import CocoInstances, evaluation
+    from frozenseg.data import CocoInstances
 
     state = PartialState(cpu=not torch.cuda.is_available())
     dataset = CocoInstances(images, annotations)
-    transform = evaluation(short, max_size) if views == 1 else None
     columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), _rate_column(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True,

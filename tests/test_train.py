@@ -214,3 +214,24 @@ def test_cli_names_a_missing_detector_or_cache(tmp_path, data, detector_dir):
         {"id": 1, "name": "thing"}]}))
     nothing = runner.invoke(app, ["train", path, f"data.train.annotations={empty}"])
     assert nothing.exit_code == 1 and "no images to train on" in nothing.output
+
+
+def test_cli_cache_from_a_recipe_then_train_on_it(tmp_path, data, detector_dir):
+    from typer.testing import CliRunner
+
+    from frozenseg.cache import FeatureCache
+    from frozenseg.cli import app
+
+    runner = CliRunner()
+    recipe(tmp_path, data, detector_dir, f"data.cache={tmp_path / 'cache'}")
+    path = str(tmp_path / "recipe.yaml")
+    yaml_text = (tmp_path / "recipe.yaml").read_text()
+    (tmp_path / "recipe.yaml").write_text(yaml_text.replace(
+        "scale: 0.25", f"scale: 0.25\n  cache: {tmp_path / 'cache'}\n  views: 2"))
+    made = runner.invoke(app, ["cache", path, "--dtype", "fp32"])
+    assert made.exit_code == 0, made.output
+    cache = FeatureCache(tmp_path / "cache")
+    assert cache.views_per_image == 2 and cache.index["recipe"]["top_k"] == 7
+    assert max(cache[0].image_size.tolist()) <= round(1333 * SCALE)
+    trained = runner.invoke(app, ["train", path, "train.iterations=1"])
+    assert trained.exit_code == 0, trained.output

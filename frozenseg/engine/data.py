@@ -24,6 +24,7 @@ from frozenseg.data.transforms import (
     deformable_detr_train,
     evaluation,
     large_scale_jitter,
+    scale_flip,
 )
 from frozenseg.detector.output import batch_outputs
 
@@ -45,6 +46,15 @@ def train_transform(name: str, scale: float = 1.0) -> Transform:
 
 def eval_transform(scale: float = 1.0) -> Transform:
     return evaluation(max(8, round(800 * scale)), max(8, round(MAX_SIZE * scale)))
+
+
+def cache_views(views: int, scale: float = 1.0) -> Transform:
+    """The transform a cache of ``views`` views per image samples from: the evaluation
+    resize for one view, else flip + shorter side 480..800 (every size x ``scale``)."""
+    if views == 1:
+        return eval_transform(scale)
+    return scale_flip([max(8, round(s * scale)) for s in TRAIN_SCALES],
+                      max(8, round(MAX_SIZE * scale)))
 
 
 class LiveTrainingSet(Dataset):
