@@ -229,14 +229,14 @@ def synth(
     )
 
 
-def _rate_column():
-    """A rich progress column showing images per second."""
+def _rate_column(unit: str = "img/s"):
+    """A rich progress column showing the task's speed (images, or steps, per second)."""
     from rich.progress import ProgressColumn
     from rich.text import Text
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:.2f} img/s")
+            return Text(f"{task.speed or 0:.2f} {unit}")
 
     return Rate()
 
@@ -430,7 +430,7 @@ def _training_progress(recipe):
 
     @contextlib.contextmanager
     def context():
-        columns = (TextColumn("Training"), BarColumn(), MofNCompleteColumn(), _rate_column(),
+        columns = (TextColumn("Training"), BarColumn(), MofNCompleteColumn(), _rate_column("it/s"),
                    TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
         with Progress(*columns, console=console, transient=True,
                       disable=not console.is_terminal) as bar:
