@@ -10,7 +10,7 @@ and evaluation are timed apart).
 
 Run:
     python benchmarks/train_synth.py                       # 200 images, 10 minutes
-    python benchmarks/train_synth.py --minutes 2 --marks 1,2 --images 60
+    python benchmarks/train_synth.py --marks 1,2 --images 60 head.mask_head=segmenter
 """
 
 from __future__ import annotations
@@ -105,15 +105,17 @@ def main() -> None:
     parser.add_argument("--marks", default="1,2,3,5,7,10", help="minutes to evaluate at")
     parser.add_argument("--scale", type=float, default=0.32, help="data.scale (eval 256 px)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/frozenseg-train-synth"))
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.lr=5e-4")
     args = parser.parse_args()
     synth, cache, cache_s = prepare(args.work, args.images, args.scale)
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"cached the train split in {cache_s:.0f} s", flush=True)
     run = args.work / f"run-{int(time.time())}"
     rows = learning_curve(recipe(args.work, synth, cache, args.scale,
-                                 f"train.output_dir={run}"),
+                                 f"train.output_dir={run}", *args.overrides),
                           [float(m) for m in args.marks.split(",")])
-    free = baseline(recipe(args.work, synth, cache, args.scale, f"train.output_dir={run}"))
+    free = baseline(recipe(args.work, synth, cache, args.scale, f"train.output_dir={run}",
+                           *args.overrides))
     rows.append(["baseline", 0, f"{free['segm']['AP']:.1f}", f"{free['segm']['AP50']:.1f}",
                  f"{free['segm']['AP75']:.1f}"])
     print(table(["minutes", "step", "mask AP", "AP50", "AP75"], rows))
