@@ -31,7 +31,7 @@ from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.inference import evaluate
 from frozenseg.engine.train import Trainer
-from frozenseg.recipe import build_mask_head, load_recipe
+from frozenseg.recipe import build_mask_head, load_recipe, load_recipe_detector
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synth_tiny.yaml"
 DETECTOR = dict(backbone={"name": "resnet50"}, hidden_dim=256, enc_layers=4, dec_layers=2,
@@ -92,11 +92,9 @@ def learning_curve(r, marks: list[float]) -> list[list]:
 
 def baseline(r) -> dict:
     """The training-free head (Table 1: RoIAlign + 1/4 features) on the same boxes."""
-    from frozenseg.detector.frozen import load_detector
-
     r.head.trainable = False
-    detector = load_detector(r.detector.path, top_k=r.detector.top_k)
-    return evaluate(r, detector, build_mask_head(r), Path(r.train.output_dir) / "baseline")
+    return evaluate(r, load_recipe_detector(r), build_mask_head(r),
+                    Path(r.train.output_dir) / "baseline")
 
 
 def main() -> None:

@@ -448,12 +448,9 @@ def _training_progress(recipe):
 
 
 def _head_and_detector(recipe):
-    from frozenseg.detector.frozen import load_detector
-    from frozenseg.recipe import build_mask_head
+    from frozenseg.recipe import build_mask_head, load_recipe_detector
 
-    detector = load_detector(recipe.detector.path, top_k=recipe.detector.top_k,
-                             memory_layer=recipe.detector.memory_layer)
-    return build_mask_head(recipe), detector
+    return build_mask_head(recipe), load_recipe_detector(recipe)
 
 
 def _dry_run(recipe) -> None:

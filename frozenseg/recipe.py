@@ -458,6 +458,14 @@ def build_mask_head(recipe: Recipe) -> nn.Module:
                  num_levels=config.num_feature_levels)
 
 
+def load_recipe_detector(recipe: Recipe):
+    """The FrozenDetector at ``detector.path``, with the recipe's top-K and memory layer."""
+    from frozenseg.detector.frozen import load_detector
+
+    return load_detector(recipe.detector.path, top_k=recipe.detector.top_k,
+                         memory_layer=recipe.detector.memory_layer)
+
+
 def read_detector_config(path: str | os.PathLike) -> DetectorConfig:
     """The DetectorConfig in a converted detector folder's config.json (weights not read)."""
     from frozenseg.convert import CONFIG_FILE

@@ -7,31 +7,16 @@ import pickle
 import pytest
 import torch
 
-import frozenseg
 from frozenseg.cache import CachedTrainingSet, CacheError, collate_cached, write_cache
 from frozenseg.data import CocoInstances
 from frozenseg.data.transforms import scale_flip
 from frozenseg.detector.output import append_queries, batch_outputs
-from tests.test_cache import MAX_SIZE, tiny_detector
+from tests import test_cache
+from tests.test_cache import MAX_SIZE
 
+# The cache tests' fixtures: their synthetic data, its train split, the tiny detector.
+data, dataset, detector = test_cache.data, test_cache.dataset, test_cache.detector
 VIEWS = scale_flip(scales=(48, 64, 80), max_size=MAX_SIZE)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    frozenseg.synth(root, images=8, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def dataset(data):
-    return CocoInstances(data / "images" / "train", data / "instances_train.json")
-
-
-@pytest.fixture(scope="module")
-def detector():
-    return tiny_detector()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ one training step needs, the same as running the detector live on the batch woul
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -114,10 +114,5 @@ def _ground_truth(detections: DetectorOutput, cached: list[CachedImage],
         queries[i, :n] = item.gt_queries
         boxes[i, :n] = boxes_to_cxcywh_normalized(target["boxes"], target["size"].tolist())
         labels[i, :n], mask[i, :n] = target["labels"], True
-    return DetectorOutput(
-        queries=queries, boxes=boxes, scores=mask.float(), labels=labels, query_mask=mask,
-        memory=detections.memory, memory_mask=detections.memory_mask,
-        spatial_shapes=detections.spatial_shapes,
-        level_start_index=detections.level_start_index, valid_ratios=detections.valid_ratios,
-        c1=detections.c1, image_sizes=detections.image_sizes,
-    )
+    return replace(detections, queries=queries, boxes=boxes, scores=mask.float(),
+                   labels=labels, query_mask=mask)

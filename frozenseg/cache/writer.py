@@ -109,11 +109,10 @@ def write_cache(
     writer = _ShardWriter(detector, dataset, entries, out, dtype, shard_size, store_c1, state)
     writer.run(progress, on_shard)
     state.wait_for_everyone()
-    index = read_index(out)
     if state.process_index == 0:
-        index = _merge_parts(out, index)
-        index["complete"] = True
+        index = {**_merge_parts(out, read_index(out)), "complete": True}
         _write_index(out, index)
+        _remove_unkept(out, {s["file"] for s in index["shards"]})  # the parts, now merged
     state.wait_for_everyone()
     return read_index(out)
 
@@ -298,17 +297,12 @@ class _ShardWriter:
 
 
 def _merge_parts(out: Path, index: dict) -> dict:
-    """The index with every process part's shards added (and the part files removed)."""
-    parts = sorted(p for p in out.iterdir() if _PART.match(p.name))
+    """The index with every process part's shards added. The part files stay: the caller
+    removes them once it has written the merged index."""
     shards = list(index["shards"])
-    for part in parts:
+    for part in sorted(p for p in out.iterdir() if _PART.match(p.name)):
         shards += json.loads(part.read_text())
-    merged = {**index, "shards": _sorted(shards)}
-    if parts:
-        _write_index(out, merged)
-        for part in parts:
-            part.unlink()
-    return merged
+    return {**index, "shards": _sorted(shards)}
 
 
 def _sorted(shards: list[dict]) -> list[dict]:

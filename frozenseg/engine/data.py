@@ -29,23 +29,26 @@ from frozenseg.data.transforms import (
 from frozenseg.detector.output import batch_outputs
 
 
+def _scaled(sizes, scale: float):
+    """Image sizes (an int or a sequence) times ``scale``, rounded, at least 8 pixels."""
+    if isinstance(sizes, int):
+        return max(8, round(sizes * scale))
+    return [_scaled(n, scale) for n in sizes]
+
+
 def train_transform(name: str, scale: float = 1.0) -> Transform:
     """The recipe's ``data.transform``, every size multiplied by ``scale``."""
-
-    def size(n: float) -> int:
-        return max(8, round(n * scale))
-
     if name == "deformable_detr":
         return deformable_detr_train(
-            [size(s) for s in TRAIN_SCALES], size(MAX_SIZE), [size(s) for s in (400, 500, 600)],
-            (size(384), size(600)))
+            _scaled(TRAIN_SCALES, scale), _scaled(MAX_SIZE, scale),
+            _scaled((400, 500, 600), scale), tuple(_scaled((384, 600), scale)))
     if name == "lsj":
-        return large_scale_jitter(size(1024))
+        return large_scale_jitter(_scaled(1024, scale))
     return eval_transform(scale)
 
 
 def eval_transform(scale: float = 1.0) -> Transform:
-    return evaluation(max(8, round(800 * scale)), max(8, round(MAX_SIZE * scale)))
+    return evaluation(_scaled(800, scale), _scaled(MAX_SIZE, scale))
 
 
 def cache_views(views: int, scale: float = 1.0) -> Transform:
@@ -53,8 +56,7 @@ def cache_views(views: int, scale: float = 1.0) -> Transform:
     resize for one view, else flip + shorter side 480..800 (every size x ``scale``)."""
     if views == 1:
         return eval_transform(scale)
-    return scale_flip([max(8, round(s * scale)) for s in TRAIN_SCALES],
-                      max(8, round(MAX_SIZE * scale)))
+    return scale_flip(_scaled(TRAIN_SCALES, scale), _scaled(MAX_SIZE, scale))
 
 
 class LiveTrainingSet(Dataset):

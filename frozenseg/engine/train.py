@@ -27,7 +27,7 @@ from frozenseg.data.coco import CocoInstances
 from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
 from frozenseg.engine.step import head_losses
 from frozenseg.head.loss import MaskCriterion, MaskLossWeights
-from frozenseg.recipe import Recipe, build_mask_head, save_recipe
+from frozenseg.recipe import Recipe, build_mask_head, load_recipe_detector, save_recipe
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -65,16 +65,13 @@ class Trainer:
         end (results in ``output_dir/eval``), keeping ``best.pt``."""
         from accelerate import Accelerator
 
-        from frozenseg.detector.frozen import load_detector
-
         self.recipe, self.log, self.evaluate = recipe, log, evaluate
         train = recipe.train
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(), mixed_precision=train.precision,
             gradient_accumulation_steps=train.grad_accumulation)
         self.out = Path(train.output_dir)
-        self.detector = load_detector(recipe.detector.path, top_k=recipe.detector.top_k,
-                                      memory_layer=recipe.detector.memory_layer)
+        self.detector = load_recipe_detector(recipe)
         self.detector.to(self.accelerator.device)
         torch.manual_seed(train.seed)  # the head's initial weights
         head = build_mask_head(recipe)
