@@ -51,6 +51,7 @@ import frozenseg
 from frozenseg.cache import CachedTrainingSet, FeatureCache, collate_cached, write_cache
 from frozenseg.data import CocoInstances
 from frozenseg.data.collate import collate
+from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, live_batch
 from frozenseg.engine.step import head_losses
 from frozenseg.head.config import HeadConfig
@@ -132,8 +133,10 @@ def step_times(detector, dataset, cache_dir: Path, transform, args, device) -> d
     live_set = LiveTrainingSet(dataset, transform)
     cached_set = CachedTrainingSet(cache_dir, dataset)
     live_next, cache_next = (next_batch(len(dataset), args.batch) for _ in range(2))
+    classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
     cases = {
-        "live": lambda: step(live_batch(detector, collate([live_set[i] for i in live_next()]))),
+        "live": lambda: step(live_batch(detector, classes, dataset,
+                                        collate([live_set[i] for i in live_next()]))),
         "cache": lambda: step(collate_cached([cached_set[i] for i in cache_next()])),
     }
     print("timing the live and cached steps ...", file=sys.stderr, flush=True)

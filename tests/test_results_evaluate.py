@@ -83,6 +83,11 @@ def _head_output(parts) -> tuple[HeadOutput, torch.Tensor]:
     return output, padded
 
 
+def _ids(labels: torch.Tensor, category_ids: list[int]) -> torch.Tensor:
+    """(B, K) contiguous labels -> the category ids image_predictions takes."""
+    return torch.tensor(category_ids)[labels]
+
+
 def _flat(per_image: list[list[dict]]) -> list[dict]:
     return [r for results in per_image for r in results]
 
@@ -114,7 +119,7 @@ def _pycocotools_stats(annotations: Path, results_path: Path, iou_type: str,
 def test_perfect_predictions_score_full_marks(dataset, perfect):
     output, labels, targets, category_ids = perfect
     annotations = dataset / "instances_train.json"
-    results = _flat(image_predictions(output, labels, targets, category_ids))
+    results = _flat(image_predictions(output, _ids(labels, category_ids), targets))
     gt = json.loads(annotations.read_text())
     expected = sorted((a["image_id"], a["category_id"]) for a in gt["annotations"]
                       if not a["iscrowd"])
@@ -128,7 +133,7 @@ def test_perfect_predictions_score_full_marks(dataset, perfect):
 
 def test_results_are_pasted_masks_at_the_original_size(perfect):
     output, labels, targets, category_ids = perfect
-    per_image = image_predictions(output, labels, targets, category_ids, mask_threshold=0.4)
+    per_image = image_predictions(output, _ids(labels, category_ids), targets, mask_threshold=0.4)
     for b, (results, target) in enumerate(zip(per_image, targets, strict=True)):
         (H, W), (h, w) = target["orig_size"].tolist(), target["size"].tolist()
         index = (output.batch_index == b).nonzero().flatten()
@@ -151,8 +156,8 @@ def test_results_are_pasted_masks_at_the_original_size(perfect):
 
 def test_selection_and_batch_equals_singles(perfect):
     output, labels, targets, category_ids = perfect
-    full = image_predictions(output, labels, targets, category_ids)
-    cut = image_predictions(output, labels, targets, category_ids, score_threshold=0.4,
+    full = image_predictions(output, _ids(labels, category_ids), targets)
+    cut = image_predictions(output, _ids(labels, category_ids), targets, score_threshold=0.4,
                             max_per_image=3)
     for results, kept in zip(full, cut, strict=True):
         assert kept == [r for r in results if r["score"] >= 0.4][:3]
@@ -164,8 +169,8 @@ def test_selection_and_batch_equals_singles(perfect):
                             iou_logits=output.iou_logits[mine], boxes=output.boxes[mine],
                             batch_index=torch.zeros(int(mine.sum()), dtype=torch.int64),
                             query_index=output.query_index[mine], scores=output.scores[mine])
-        assert image_predictions(single, labels[b:b + 1], targets[b:b + 1],
-                                 category_ids) == [full[b]]
+        assert image_predictions(single, _ids(labels[b:b + 1], category_ids),
+                                 targets[b:b + 1]) == [full[b]]
 
 
 def test_image_frame_masks_are_upsampled_then_resized():
@@ -176,7 +181,7 @@ def test_image_frame_masks_are_upsampled_then_resized():
                         batch_index=torch.zeros(3, dtype=torch.int64),
                         query_index=torch.arange(3), scores=torch.tensor([0.2, 0.9, 0.5]))
     target = {"image_id": 7, "orig_size": torch.tensor([30, 50]), "size": torch.tensor([12, 20])}
-    (results,) = image_predictions(output, torch.tensor([[2, 0, 1]]), [target], [4, 8, 15])
+    (results,) = image_predictions(output, torch.tensor([[15, 4, 8]]), [target])
     order = [1, 2, 0]
     expected = paste_image_frame_masks(logits[order].sigmoid(), (12, 20), output_size=(30, 50),
                                        threshold=0.5)
@@ -227,7 +232,7 @@ def test_empty_results_score_zero(dataset, tmp_path):
 def test_image_ids_restrict_the_evaluation(dataset, perfect):
     output, labels, targets, category_ids = perfect
     annotations = dataset / "instances_train.json"
-    results = [r for r in _flat(image_predictions(output, labels, targets, category_ids))
+    results = [r for r in _flat(image_predictions(output, _ids(labels, category_ids), targets))
                if r["image_id"] != 2]
     assert coco_evaluate(annotations, results, ("bbox",))["bbox"]["AP"] < 95
     others = [t["image_id"] for t in targets if t["image_id"] != 2]
@@ -252,7 +257,7 @@ def test_numbers_are_pycocotools_own(dataset, perfect, tmp_path):
     labels[:, ::3] = (labels[:, ::3] + 1) % len(category_ids)  # some wrong classes
     annotations, path = dataset / "instances_train.json", tmp_path / "results.json"
     with ResultsWriter(path) as writer:
-        for results in image_predictions(noisy, labels, targets, category_ids):
+        for results in image_predictions(noisy, _ids(labels, category_ids), targets):
             writer.write(results)
     for image_ids in (None, [1, 3, 4]):
         metrics = coco_evaluate(annotations, path, image_ids=image_ids)

@@ -46,6 +46,7 @@ from frozenseg.cache.store import (
     shard_name,
 )
 from frozenseg.data.transforms import Transform, content_size, evaluation, scale_flip
+from frozenseg.detector.classes import ClassMapping, match_classes
 
 # A process's record of its shards while several processes write one cache.
 _PART = re.compile(r"index\.part-\d+\.json$")
@@ -93,7 +94,8 @@ def write_cache(
     _check_folder(out, recipe, resume)
     state.wait_for_everyone()  # every process has looked before process 0 writes
     entries = _entries(dataset, transform, views, seed)
-    projected = _project(detector, dataset, entries, dtype, store_c1)
+    classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+    projected = _project(detector, dataset, classes, entries, dtype, store_c1)
     if state.process_index == 0:
         (log or (lambda _: None))(_projection_line(projected, len(dataset), len(entries)))
     if max_gb is not None and projected["total_bytes"] > max_gb * 1e9:
@@ -106,7 +108,8 @@ def write_cache(
                            "projected": projected, "complete": False, "shards": kept})
         _remove_unkept(out, {s["file"] for s in kept})  # only once the index no longer needs them
     state.wait_for_everyone()
-    writer = _ShardWriter(detector, dataset, entries, out, dtype, shard_size, store_c1, state)
+    writer = _ShardWriter(detector, dataset, classes, entries, out, dtype, shard_size, store_c1,
+                          state)
     writer.run(progress, on_shard)
     state.wait_for_everyone()
     if state.process_index == 0:
@@ -223,19 +226,23 @@ def _remove_unkept(out: Path, kept: set[str]) -> None:
 # ----------------------------------------------------------------------------- running
 
 
-def image_record(detector, dataset, index: int, view: dict, store_c1: bool = False) -> dict | None:
+def image_record(detector, dataset, classes: ClassMapping, index: int, view: dict,
+                 store_c1: bool = False) -> dict | None:
     """Image ``index`` under ``view``, run alone -> the per-entry tensors a shard stores
     (float32, on the CPU), or None when the dataset cannot read the image (it has warned).
 
     Besides the detections, the queries of the view's ground-truth boxes (with their
-    labels, FrozenDetector.detect_and_embed) are kept: training can add them as
-    proposals, which needs the decoder, so it cannot be done from the cache later.
+    labels as the detector's classes, ``classes``; FrozenDetector.detect_and_embed) are
+    kept: training can add them as proposals, which needs the decoder, so it cannot be
+    done from the cache later.
     """
     loaded = dataset.get_view(index, view)
     if loaded is None:
         return None
     image, target = loaded
-    out, gt = detector.detect_and_embed([image], [target["boxes"]], [target["labels"]])
+    labels = classes.detector_labels(target["labels"], dataset.category_ids)
+    out, gt = detector.detect_and_embed([image], [target["boxes"]],
+                                        None if labels is None else [labels])
     record = {
         "memory": out.memory[0].float(), "queries": out.queries[0].float(),
         "boxes": out.boxes[0].float(), "scores": out.scores[0].float(),
@@ -253,8 +260,10 @@ def image_record(detector, dataset, index: int, view: dict, store_c1: bool = Fal
 class _ShardWriter:
     """Writes this process's missing shards (j mod P == rank) and records each one."""
 
-    def __init__(self, detector, dataset, entries, out, dtype, shard_size, store_c1, state):
-        self.detector, self.dataset, self.entries, self.out = detector, dataset, entries, out
+    def __init__(self, detector, dataset, classes, entries, out, dtype, shard_size, store_c1,
+                 state):
+        self.detector, self.dataset, self.classes = detector, dataset, classes
+        self.entries, self.out = entries, out
         self.dtype, self.shard_size, self.store_c1, self.state = dtype, shard_size, store_c1, state
         done = {s["file"] for s in read_index(out)["shards"]}
         shards = range(-(-len(entries) // shard_size))
@@ -274,7 +283,8 @@ class _ShardWriter:
             items = []
             for e in self._span(j):
                 i, k, view = self.entries[e]
-                record = image_record(self.detector, self.dataset, i, view, self.store_c1)
+                record = image_record(self.detector, self.dataset, self.classes, i, view,
+                                      self.store_c1)
                 if record is not None:
                     items.append({**record, "entry": [i, k]})
                 done += 1
@@ -335,11 +345,11 @@ def _write_index(out: Path, index: dict) -> None:
 # ----------------------------------------------------------------------------- size
 
 
-def _project(detector, dataset, entries: list, dtype: str, store_c1: bool) -> dict:
+def _project(detector, dataset, classes, entries: list, dtype: str, store_c1: bool) -> dict:
     """Projected bytes: the first readable entry is run; other entries' rows scale with
     their input area (the encoder's levels and c1 are fixed strides of the input)."""
     for i, _, view in entries:
-        record = image_record(detector, dataset, i, view, store_c1)
+        record = image_record(detector, dataset, classes, i, view, store_c1)
         if record is not None:
             break
     else:

@@ -26,6 +26,7 @@ from frozenseg.data.transforms import (
     large_scale_jitter,
     scale_flip,
 )
+from frozenseg.detector.classes import ClassMapping
 from frozenseg.detector.output import batch_outputs
 
 
@@ -106,9 +107,11 @@ class EpochBatches(Sampler[list[int]]):
             yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
 
-def live_batch(detector, items: tuple) -> TrainingBatch | None:
+def live_batch(detector, classes: ClassMapping, dataset: CocoInstances,
+               items: tuple) -> TrainingBatch | None:
     """A collated live batch ((images, padding, targets) from ``collate``) -> TrainingBatch.
 
+    classes: the detector's classes on ``dataset``'s categories, for the targets' labels.
     The detector runs on each image alone, as the cache does (no padding from a batch-mate
     enters the features), for its detections and the targets' boxes at once; the outputs
     are then padded into one batch: training live and from the cache see the same inputs.
@@ -117,12 +120,16 @@ def live_batch(detector, items: tuple) -> TrainingBatch | None:
     if not targets:
         return None
     device = detector.mean.device
-    found, truth = zip(*(
-        detector.detect_and_embed([image[:, : int(t["size"][0]), : int(t["size"][1])].to(device)],
-                                  [t["boxes"]], [t["labels"]])
-        for image, t in zip(images, targets, strict=True)), strict=True)
-    return TrainingBatch(images, padding_mask, targets, batch_outputs(list(found)),
-                         batch_outputs(list(truth)))
+    found, truth = [], []
+    for image, t in zip(images, targets, strict=True):
+        labels = classes.detector_labels(t["labels"], dataset.category_ids)
+        out, gt = detector.detect_and_embed(
+            [image[:, : int(t["size"][0]), : int(t["size"][1])].to(device)], [t["boxes"]],
+            None if labels is None else [labels])
+        found.append(out)
+        truth.append(gt)
+    return TrainingBatch(images, padding_mask, targets, batch_outputs(found),
+                         batch_outputs(truth))
 
 
 def training_set(dataset: CocoInstances, *, cache: str | None, transform: Transform, seed: int):

@@ -16,43 +16,59 @@ from torch.utils.data import DataLoader
 
 from frozenseg.data.coco import CocoInstances
 from frozenseg.data.collate import collate
-from frozenseg.detector.output import batch_outputs
+from frozenseg.detector.classes import ClassMapping, match_classes
+from frozenseg.detector.output import DetectorOutput, batch_outputs, stack_padded
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.evaluate import coco_evaluate, write_metrics
 from frozenseg.engine.results import ResultsWriter, image_predictions
 
 
 @torch.no_grad()
-def predict(detector, head, dataset: CocoInstances, *, batch_size: int = 2,
-            score_threshold: float = 0.0, max_per_image: int = 100, mask_threshold: float = 0.5,
-            boxes: str = "detector", num_workers: int = 0,
+def predict(detector, head, dataset: CocoInstances, *, classes: ClassMapping | None = None,
+            batch_size: int = 2, score_threshold: float = 0.0, max_per_image: int = 100,
+            mask_threshold: float = 0.5, boxes: str = "detector", num_workers: int = 0,
             progress: Callable[[int, int], None] | None = None) -> Iterator[list[dict]]:
-    """COCO results of each batch of ``dataset`` (its own transform is the view).
+    """COCO results of each image of ``dataset`` (its own transform is the view), in order.
 
-    boxes: "detector" (its top-K) or "gt" (the targets' boxes, with their labels and a
-    detector score of 1, so a mask's score is its predicted IoU)."""
+    classes: detector class -> dataset category id; default: matched from the detector's
+      and the dataset's categories (:func:`frozenseg.detector.classes.match_classes`).
+    boxes: "detector" (its top-K) or "gt" (the targets' boxes, with their categories and a
+      detector score of 1, so a mask's score is its predicted IoU).
+    An image that cannot be read is skipped (the dataset warns)."""
+    if classes is None:
+        classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                         num_workers=num_workers)
     device, done = detector.mean.device, 0
     for images, _, targets in loader:
         done += len(targets) if targets else batch_size
         if targets:
-            found = batch_outputs([
-                _run(detector, image[:, : int(t["size"][0]), : int(t["size"][1])].to(device),
-                     t, boxes) for image, t in zip(images, targets, strict=True)])
+            runs = [_run(detector, _unpadded(image, t).to(device), t, boxes, classes, dataset)
+                    for image, t in zip(images, targets, strict=True)]
+            found = batch_outputs([output for output, _ in runs])
+            category_ids = stack_padded([ids[None] for _, ids in runs])
             yield from image_predictions(
-                head(found), found.labels, targets, dataset.category_ids,
-                score_threshold=score_threshold, max_per_image=max_per_image,
-                mask_threshold=mask_threshold)
+                head(found), category_ids, targets, score_threshold=score_threshold,
+                max_per_image=max_per_image, mask_threshold=mask_threshold)
         if progress:
             progress(min(done, len(dataset)), len(dataset))
 
 
-def _run(detector, image: torch.Tensor, target: dict, boxes: str):
+def _unpadded(image: torch.Tensor, target: dict) -> torch.Tensor:
+    return image[:, : int(target["size"][0]), : int(target["size"][1])]
+
+
+def _run(detector, image: torch.Tensor, target: dict, boxes: str, classes: ClassMapping,
+         dataset: CocoInstances) -> tuple[DetectorOutput, torch.Tensor]:
+    """One image's detector output and the category id of each of its queries."""
     if boxes == "detector":
-        return detector([image])
-    out = detector.embed_boxes([image], [target["boxes"]], [target["labels"]])
-    return replace(out, scores=out.query_mask.to(out.scores.dtype))
+        out = detector([image])
+        return out, classes.to_category_ids(out.labels[0])
+    labels = classes.detector_labels(target["labels"], dataset.category_ids)
+    out = detector.embed_boxes([image], [target["boxes"]], None if labels is None else [labels])
+    category_ids = torch.tensor(dataset.category_ids, dtype=torch.int64)[target["labels"]]
+    return (replace(out, scores=out.query_mask.to(out.scores.dtype)),
+            category_ids.to(out.labels.device))
 
 
 def evaluate(recipe, detector, head, out_dir: str | Path, *,

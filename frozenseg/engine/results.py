@@ -40,58 +40,71 @@ from frozenseg.head.paste import paste_image_frame_masks, paste_masks
 _CHUNK_PIXELS = 1 << 24
 
 
-def image_predictions(head_output: HeadOutput, labels: Tensor, targets: Sequence[dict],
-                      category_ids: Sequence[int], *, score_threshold: float = 0.0,
-                      max_per_image: int = 100, mask_threshold: float = 0.5
-                      ) -> list[list[dict]]:
+def image_predictions(head_output: HeadOutput, category_ids: Tensor, targets: Sequence[dict],
+                      *, score_threshold: float = 0.0, max_per_image: int = 100,
+                      mask_threshold: float = 0.5) -> list[list[dict]]:
     """COCO result dicts (see the module docstring) for each image of a batch.
 
     head_output: the head's masks for the batch (boxes xyxy pixels of each view).
-    labels: (B, K) contiguous class indices of the detector's queries (DetectorOutput).
+    category_ids: (B, K) the dataset category id of each query
+      (:meth:`frozenseg.detector.classes.ClassMapping.to_category_ids` of the detector's
+      labels); -1 marks a class that is no category of the dataset: dropped.
     targets: B dicts with ``image_id``, ``orig_size`` (H, W) and ``size`` (H, W) of the view.
-    category_ids: contiguous index -> original category id (``CocoInstances.category_ids``).
     Per image: masks scoring below ``score_threshold`` are dropped, the rest sorted by
     score (best first, ties in query order) and cut to ``max_per_image``; a pixel is in a
     mask where its pasted probability is >= ``mask_threshold``.
     Returns B lists of result dicts, in the order of ``targets``.
     """
-    if head_output.frame not in ("roi", "image"):
-        raise ValueError(f"unknown mask frame {head_output.frame!r} (expected 'roi' or 'image')")
-    if labels.numel() and int(labels.max()) >= len(category_ids):
-        raise ValueError(f"label {int(labels.max())} has no category id "
-                         f"({len(category_ids)} categories)")
+    _check_frame(head_output)
+    per_query = category_ids[head_output.batch_index, head_output.query_index]
     results = []
     for b, target in enumerate(targets):
-        index = _selected(head_output, b, score_threshold, max_per_image)
-        results.append(_image_results(head_output, index, labels[b], target, category_ids,
-                                      mask_threshold))
+        index = _selected(head_output, per_query, b, score_threshold, max_per_image)
+        rles, quality = mask_results(head_output, index, target, mask_threshold)
+        boxes = _clipped_xywh(_original_boxes(head_output, index, target).cpu(),
+                              _hw(target["orig_size"]))
+        results.append([
+            _result(int(target["image_id"]), c, box, score, rle, q)
+            for c, box, score, rle, q in zip(per_query[index].tolist(), boxes,
+                                             head_output.scores[index].float().tolist(),
+                                             rles, quality, strict=True)])
     return results
 
 
-def _selected(head_output: HeadOutput, b: int, score_threshold: float,
+def _check_frame(head_output: HeadOutput) -> None:
+    if head_output.frame not in ("roi", "image"):
+        raise ValueError(f"unknown mask frame {head_output.frame!r} (expected 'roi' or 'image')")
+
+
+def _selected(head_output: HeadOutput, per_query: Tensor, b: int, score_threshold: float,
               max_per_image: int) -> Tensor:
-    """(n,) indices into the N masks: image b's, score >= threshold, best first, top n."""
-    index = (head_output.batch_index == b).nonzero().flatten()
-    index = index[head_output.scores[index] >= score_threshold]
+    """(n,) indices into the N masks: image b's with a category, score >= threshold, best
+    first, top n."""
+    keep = (head_output.batch_index == b) & (per_query >= 0)
+    keep &= head_output.scores >= score_threshold
+    index = keep.nonzero().flatten()
     order = head_output.scores[index].float().argsort(descending=True, stable=True)
     return index[order[:max_per_image]]
 
 
-def _image_results(head_output: HeadOutput, index: Tensor, labels: Tensor, target: dict,
-                   category_ids: Sequence[int], mask_threshold: float) -> list[dict]:
-    """The result dicts of one image's selected masks ``index`` (best first)."""
+def mask_results(head_output: HeadOutput, index: Tensor, target: dict,
+                 mask_threshold: float = 0.5) -> tuple[list[dict], list[float | None]]:
+    """RLEs at the original size and predicted IoUs (None without mask scoring) of the
+    masks ``index`` (indices into the head's N masks, all of the image ``target``)."""
+    _check_frame(head_output)
     orig, view = _hw(target["orig_size"]), _hw(target["size"])
-    boxes = head_output.boxes[index].float() * view_to_original_scale(view, orig).to(
-        head_output.boxes.device)
+    boxes = _original_boxes(head_output, index, target)
     masks = _original_masks(head_output, index, boxes, view, orig, mask_threshold)
     rles = [rle for chunk in masks for rle in encode_masks(chunk)]
     quality = (head_output.iou_logits[index].float().sigmoid().tolist()
                if head_output.iou_logits is not None else [None] * len(index))
-    classes = labels[head_output.query_index[index]].tolist()
-    scores = head_output.scores[index].float().tolist()
-    boxes = _clipped_xywh(boxes.cpu(), orig)
-    return [_result(int(target["image_id"]), category_ids[c], box, score, rle, q)
-            for c, box, score, rle, q in zip(classes, boxes, scores, rles, quality, strict=True)]
+    return rles, quality
+
+
+def _original_boxes(head_output: HeadOutput, index: Tensor, target: dict) -> Tensor:
+    """(n, 4) xyxy boxes of the masks ``index`` in the original image's pixels."""
+    scale = view_to_original_scale(_hw(target["size"]), _hw(target["orig_size"]))
+    return head_output.boxes[index].float() * scale.to(head_output.boxes.device)
 
 
 def _hw(size) -> tuple[int, int]:

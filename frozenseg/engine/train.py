@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from frozenseg.cache.training import check_made_by
 from frozenseg.data.coco import CocoInstances
+from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
 from frozenseg.engine.step import head_losses
 from frozenseg.head.loss import MaskCriterion, MaskLossWeights
@@ -86,9 +87,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, train.iterations, train.lr_drops))
         self.criterion = build_criterion(recipe)
-        data = CocoInstances(recipe.data.train.images, recipe.data.train.annotations)
+        self.data = data = CocoInstances(recipe.data.train.images, recipe.data.train.annotations)
         if len(data) == 0:
             raise TrainingError(f"{data.annotations_json}: no images to train on")
+        self.classes = match_classes(self.detector.classes, data.category_ids,
+                                     data.category_names)
         self.dataset, self.collate = training_set(
             data, cache=recipe.data.cache, transform=train_transform(
                 recipe.data.transform, recipe.data.scale), seed=train.seed)
@@ -157,7 +160,8 @@ class Trainer:
                                 num_workers=self.recipe.data.num_workers)
             for items in loader:
                 self.position.batch += 1
-                yield items if self.recipe.data.cache else live_batch(self.detector, items)
+                yield (items if self.recipe.data.cache
+                       else live_batch(self.detector, self.classes, self.data, items))
             self.position.epoch, self.position.batch = self.position.epoch + 1, 0
 
     def step(self, batch) -> dict[str, float]:
