@@ -488,15 +488,13 @@ def evaluate(
 
     from frozenseg.engine.evaluate import metrics_table, per_class_table
     from frozenseg.engine.inference import evaluate as run_evaluation
+    from frozenseg.engine.train import load_trained
 
     loaded = _load_recipe(recipe, overrides or [])
     try:
-        head, detector = _head_and_detector(loaded)
-        if checkpoint is not None:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            head.load_state_dict(state["head"])
-        elif any(p.requires_grad for p in head.parameters()):
-            _fail("--checkpoint is needed: this recipe's head has trainable parameters")
+        detector, head, _ = load_trained(checkpoint, recipe=loaded)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        detector, head = detector.to(device), head.to(device)
         folder = out or Path(loaded.train.output_dir) / "eval"
         metrics = run_evaluation(loaded, detector, head, folder)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
@@ -504,3 +502,212 @@ def evaluate(
     console.print(metrics_table(metrics))
     console.print(per_class_table(metrics, "segm"))
     console.print(f"results and metrics: {folder}", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------ masks out
+
+
+# Shared by export and predict: which trained head, on which detector.
+_HEAD_OPTION = typer.Option(None, "--head", help="A head checkpoint (last.pt, best.pt); it "
+                            "carries its recipe.")
+_DETECTOR_OPTION = typer.Option(None, "--detector", help="The converted detector folder "
+                                "(default: the one the head was trained with).")
+_RECIPE_OPTION = typer.Option(None, "--recipe", help="Use this recipe instead of the head's "
+                              "(needed for the training-free baseline).")
+
+
+def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
+    """(detector, head, recipe) on the best device: the head checkpoint's own recipe unless
+    one is given; ``--detector`` replaces the recipe's detector path."""
+    import torch
+
+    from frozenseg.engine.train import load_trained
+
+    if head is None and recipe is None:
+        _fail("--head CKPT is needed (or --recipe for the training-free baseline)")
+    overrides = [f"detector.path={detector}"] if detector is not None else []
+    loaded = _load_recipe(recipe, overrides) if recipe is not None else None
+    found, model, resolved = load_trained(head, recipe=loaded,
+                                          overrides=[] if loaded else overrides)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return found.to(device), model.to(device), resolved
+
+
+def _images(paths: list[Path], annotations: Path | None, scale: float):
+    """(ImageFolder at the recipe's evaluation view, class mapping, id -> name)."""
+    from frozenseg.data import ImageFolder
+    from frozenseg.engine.data import eval_transform
+
+    transform = eval_transform(scale)
+    if annotations is not None:
+        if len(paths) != 1 or not paths[0].is_dir():
+            _fail("--annotations needs --images to be the one folder its file names refer to")
+        return ImageFolder.from_coco(paths[0], annotations, transform=transform)
+    return ImageFolder(paths, transform=transform)
+
+
+def _classes(detector, dataset):
+    from frozenseg.detector.classes import detector_category_ids, match_classes
+
+    if dataset.category_ids:
+        classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+        return classes, dict(zip(dataset.category_ids, dataset.category_names, strict=True))
+    classes = detector_category_ids(detector.classes)
+    names = {cid: name for cid, name in zip(classes.category_ids, detector.classes["names"],
+                                            strict=True) if cid is not None and name}
+    return classes, names
+
+
+def _image_progress(description: str):
+    """A rich bar over images; yields update(done, total) (see _ProgressUpdate)."""
+    import contextlib
+
+    from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def context():
+        columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), _rate_column(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True,
+                      disable=not console.is_terminal) as bar:
+            yield _ProgressUpdate(bar, bar.add_task(description, total=None))
+
+    return context()
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", help="The results json to write (--format onnx: "
+                             "the .onnx file)."),
+    head: Path = _HEAD_OPTION,
+    detector: Path = _DETECTOR_OPTION,
+    images: list[Path] = typer.Option(None, "--images", help="A folder of images (searched "
+                                      "recursively), or image files; repeatable."),
+    annotations: Path = typer.Option(None, "--annotations", help="A COCO json whose images "
+                                     "(and categories) to use, under --images."),
+    boxes: Path = typer.Option(None, "--boxes", help="Another detector's COCO results json: "
+                               "the same entries come back with masks added."),
+    score_threshold: float = typer.Option(0.0, "--score-threshold", help="Drop detections "
+                                          "scoring lower (the detector's own boxes only)."),
+    max_per_image: int = typer.Option(100, "--max-per-image", help="Best detections kept "
+                                      "per image (the detector's own boxes only)."),
+    mask_threshold: float = typer.Option(0.5, "--mask-threshold", help="On the mask "
+                                         "probability."),
+    png_dir: Path = typer.Option(None, "--png-dir", help="Also write an instance PNG per "
+                                 "image here (pixel k = the image's k-th result)."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Images per head batch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted export."),
+    format: str = typer.Option("json", "--format", help="json (COCO results) or onnx "
+                               "(detector + head as one ONNX graph)."),
+    height: int = typer.Option(None, "--height", help="ONNX: the input height traced."),
+    width: int = typer.Option(None, "--width", help="ONNX: the input width traced."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="ONNX: any input size."),
+    recipe: Path = _RECIPE_OPTION,
+) -> None:
+    """Masks for a detector's predictions, or for any detector's boxes, as COCO results."""
+    from frozenseg.engine.export import ExportSettings, export_results, read_boxes
+
+    if format not in ("json", "onnx"):
+        _fail(f"--format {format}: expected json or onnx")
+    try:
+        found, model, resolved = _trained(head, recipe, detector)
+        if format == "onnx":
+            _export_onnx(found, model, out, height, width, dynamic)
+            return
+        if not images:
+            _fail("--images DIR is needed")
+        dataset = _images(images, annotations, resolved.data.scale)
+        classes, _ = _classes(found, dataset)
+        given = read_boxes(boxes, [im["id"] for im in dataset.images]) if boxes else None
+        job = {"detector": str(resolved.detector.path), "head": str(head),
+               "images": [str(p) for p in images], "annotations": str(annotations)}
+        settings = ExportSettings(score_threshold, max_per_image, mask_threshold, batch_size)
+        with _image_progress("Exporting") as update:
+            summary = export_results(found, model, dataset, out, classes=classes,
+                                     settings=settings, boxes=given, png_dir=png_dir,
+                                     resume=resume, job=job, progress=update)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(str(err).strip().splitlines()[0])
+    except OSError as err:
+        _fail(f"{err.filename or out}: {err.strerror or err}")
+    _print_export(summary, given, png_dir)
+
+
+def _print_export(summary, boxes, png_dir) -> None:
+    done = f"{summary.images} images" + (f" (+{summary.resumed} before the interruption)"
+                                         if summary.resumed else "")
+    console.print(f"{summary.results} results for {done}: {summary.path}", highlight=False,
+                  soft_wrap=True)
+    if summary.skipped:
+        console.print(f"[yellow]warning:[/] {summary.skipped} images could not be read "
+                      "(named above) and have no results", highlight=False)
+    if summary.clipped:
+        console.print(f"[yellow]warning:[/] {summary.clipped} boxes of {boxes.path} reach "
+                      "outside their image: clipped for the head (their bbox is kept)",
+                      highlight=False, soft_wrap=True)
+    if summary.degenerate:
+        console.print(f"[yellow]warning:[/] {summary.degenerate} boxes of {boxes.path} have "
+                      "nothing inside their image: empty masks, mask_quality 0",
+                      highlight=False, soft_wrap=True)
+    for path in ([png_dir] if png_dir else []) + summary.files:
+        console.print(f"also: {path}", highlight=False, soft_wrap=True)
+
+
+def _export_onnx(detector, head, out: Path, height: int | None, width: int | None,
+                 dynamic: bool) -> None:
+    from frozenseg.engine.onnx import export_onnx
+
+    path = export_onnx(detector.cpu(), head.cpu(), out, height=height, width=width,
+                       dynamic=dynamic)
+    console.print(f"ONNX graph (detector + head): {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    out: Path = typer.Option(..., "--out", help="Where overlays and json go."),
+    head: Path = _HEAD_OPTION,
+    detector: Path = _DETECTOR_OPTION,
+    threshold: float = typer.Option(0.5, "--threshold", help="Draw instances scoring at "
+                                    "least this (score = class score x predicted mask IoU)."),
+    max_instances: int = typer.Option(100, "--max-instances", help="At most this many per "
+                                      "image, best first."),
+    recipe: Path = _RECIPE_OPTION,
+) -> None:
+    """Overlay PNGs (masks, edges, boxes, labels, scores) and a json per image."""
+    from frozenseg.engine.overlay import predict_overlays
+
+    try:
+        found, model, resolved = _trained(head, recipe, detector)
+        dataset = _images(images, None, resolved.data.scale)
+        classes, names = _classes(found, dataset)
+        with _image_progress("Predicting") as update:
+            summaries = predict_overlays(found, model, dataset, out, classes=classes,
+                                         names=names, threshold=threshold,
+                                         max_instances=max_instances, progress=update)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        _fail(str(err).strip().splitlines()[0])
+    except OSError as err:
+        _fail(f"{err.filename or out}: {err.strerror or err}")
+    console.print(_prediction_table(summaries, threshold))
+    console.print(f"overlays and json: {out}", highlight=False, soft_wrap=True)
+
+
+def _prediction_table(summaries, threshold: float, rows: int = 20) -> Table:
+    """Instances kept per image, and why: the best score against the threshold."""
+    table = Table(title=f"instances with score >= {threshold:g}")
+    for column in ("image", "kept", "of", "best score"):
+        table.add_column(column, justify="left" if column == "image" else "right")
+    for s in summaries[:rows]:
+        best = "-" if s.best is None else f"{s.best:.3f}"
+        table.add_row(s.file_name, str(s.kept), str(s.candidates),
+                      best if s.kept or s.best is None else f"[yellow]{best}[/]")
+    if len(summaries) > rows:
+        table.add_row(f"... {len(summaries) - rows} more", "", "", "")
+    kept = sum(s.kept for s in summaries)
+    table.add_row(f"[bold]{len(summaries)} images", f"[bold]{kept}",
+                  str(sum(s.candidates for s in summaries)), "")
+    if any(s.kept == 0 and s.candidates for s in summaries):
+        table.caption = (f"a yellow best score is below {threshold:g}: nothing drawn there "
+                         "(lower --threshold to see more)")
+    return table

@@ -16,13 +16,13 @@ command runs in, not to the recipe file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from frozenseg.files import atomic_write_text
 from frozenseg.head.config import HeadConfig
 
 if TYPE_CHECKING:
@@ -220,9 +221,24 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
     """The recipe at ``path`` with its bases merged in, then ``key.sub=value`` overrides."""
     origins: dict[str, str] = {}
     data = _load_file(Path(path), origins, chain=())
+    return _validated(data, origins, str(path), overrides)
+
+
+def recipe_from_dict(data: dict, source: str, overrides: Iterable[str] = ()) -> Recipe:
+    """A recipe from plain data (``recipe_to_dict``'s, e.g. the one a head checkpoint
+    carries), then overrides; ``source`` names it in error messages."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys, not a {type(data).__name__}")
+    data, origins = copy.deepcopy(data), {}
+    _record(data, source, origins)
+    return _validated(data, origins, source, overrides)
+
+
+def _validated(data: dict, origins: dict[str, str], source: str,
+               overrides: Iterable[str]) -> Recipe:
     for item in [overrides] if isinstance(overrides, str) else overrides:
         _apply_override(data, item, origins)
-    return _Validator(origins, str(path)).section(Recipe, data, "")
+    return _Validator(origins, source).section(Recipe, data, "")
 
 
 def _load_file(path: Path, origins: dict[str, str], chain: tuple[tuple[Path, str], ...]) -> dict:
@@ -429,16 +445,8 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     """Write the resolved recipe (no bases), atomically: a temporary name, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = ("# The resolved recipe: bases and overrides applied.\n"
-            + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "# The resolved recipe: bases and overrides applied.\n"
+                      + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- the head

@@ -157,7 +157,7 @@ def test_cli_train_eval_and_dry_run(tmp_path, data, detector_dir):
     val = json.loads((data / "instances_val.json").read_text())["annotations"]
     assert len(gt_results) == sum(not a["iscrowd"] for a in val) or len(gt_results) == len(val)
     needs = runner.invoke(app, ["eval", path])
-    assert needs.exit_code == 1 and "--checkpoint" in needs.output
+    assert needs.exit_code == 1 and "checkpoint is needed" in needs.output
 
 
 def test_a_cache_of_another_detector_is_refused(tmp_path, data, detector_dir):

@@ -37,7 +37,6 @@ from frozenseg.cache.store import (
     FORMAT_VERSION,
     INDEX_FILE,
     CacheError,
-    atomic_write_text,
     bad_shards,
     pack_shard,
     read_index,
@@ -47,6 +46,7 @@ from frozenseg.cache.store import (
 )
 from frozenseg.data.transforms import Transform, content_size, evaluation, scale_flip
 from frozenseg.detector.classes import ClassMapping, match_classes
+from frozenseg.files import atomic_write_text
 
 # A process's record of its shards while several processes write one cache.
 _PART = re.compile(r"index\.part-\d+\.json$")

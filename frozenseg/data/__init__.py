@@ -2,6 +2,7 @@
 
 from frozenseg.data.coco import CocoInstances
 from frozenseg.data.collate import collate
+from frozenseg.data.folder import ImageFolder
 from frozenseg.data.panoptic import CocoPanoptic, panoptic_to_semantic, rgb_to_id
 from frozenseg.data.semantic import (
     SemanticCategories,
@@ -23,6 +24,7 @@ from frozenseg.data.transforms import (
 __all__ = [
     "CocoInstances",
     "CocoPanoptic",
+    "ImageFolder",
     "SemanticCategories",
     "SemanticSegmentation",
     "SynthError",

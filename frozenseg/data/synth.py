@@ -42,6 +42,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from frozenseg.files import atomic_write_bytes
+
 # Bump whenever the output for a given set of parameters changes, so old datasets are redone.
 SYNTH_VERSION = 1
 
@@ -143,7 +145,7 @@ def synth(
     out.mkdir(parents=True, exist_ok=True)
     # The marker first, then the clean-up: a run stopped anywhere leaves a folder that the
     # next run still recognises as its own and redoes.
-    _atomic_write(out / _MARKER, _dumps({"params": params}))
+    atomic_write_bytes(out / _MARKER, _dumps({"params": params}))
     _remove_owned(out)
     workers = workers or min(4, os.cpu_count() or 1)
     summary = _generate(out, params, workers, progress)
@@ -151,7 +153,7 @@ def synth(
     record = {"generator": "frozenseg.synth", "params": params, "summary": asdict(summary)}
     for volatile in ("out_dir", "reused", "seconds"):  # kept out: same arguments, same bytes
         del record["summary"][volatile]
-    _atomic_write(out / "synth.json", _dumps(record))
+    atomic_write_bytes(out / "synth.json", _dumps(record))
     (out / _MARKER).unlink()
     return summary
 
@@ -272,7 +274,7 @@ def _generate(out: Path, params: dict, workers: int, progress) -> SynthSummary:
         pool.shutdown(cancel_futures=True)
     for split, (entries, instances, panoptic) in results.items():
         _write_split_json(out, split, entries, instances, panoptic)
-    _atomic_write(out / "semantic_categories.json", _dumps(_semantic_categories()))
+    atomic_write_bytes(out / "semantic_categories.json", _dumps(_semantic_categories()))
     return SynthSummary(out_dir=str(out), images=total, train=n_train, val=total - n_train,
                         classes=len(CATEGORIES), **counts)
 
@@ -296,9 +298,9 @@ def _make_image(out: Path, split: str, index: int, params: dict):
         if seg.category_id in _THING_IDS:  # stuff lives in panoptic and semantic only
             anns.append(ann)
     semantic = _semantic(ids, segments, image_id)
-    _atomic_write(out / "images" / split / f"{stem}.{ext}", _encode_image(pixels, ext))
-    _atomic_write(out / f"panoptic_{split}" / f"{stem}.png", _encode_png(_id_to_rgb(ids)))
-    _atomic_write(out / f"semantic_{split}" / f"{stem}.png", _encode_png(semantic))
+    atomic_write_bytes(out / "images" / split / f"{stem}.{ext}", _encode_image(pixels, ext))
+    atomic_write_bytes(out / f"panoptic_{split}" / f"{stem}.png", _encode_png(_id_to_rgb(ids)))
+    atomic_write_bytes(out / f"semantic_{split}" / f"{stem}.png", _encode_png(semantic))
     entry = {"id": image_id, "file_name": f"{stem}.{ext}", "height": height, "width": width}
     pan = {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": infos}
     return entry, anns, pan
@@ -705,8 +707,8 @@ def _write_split_json(out: Path, split: str, entries, instances, panoptic) -> No
                        "isthing": c.isthing, "color": list(c.color)} for c in CATEGORIES]
     pan = {"info": info, "licenses": [], "images": entries, "annotations": panoptic,
            "categories": pan_categories}
-    _atomic_write(out / f"instances_{split}.json", _dumps(coco))
-    _atomic_write(out / f"panoptic_{split}.json", _dumps(pan))
+    atomic_write_bytes(out / f"instances_{split}.json", _dumps(coco))
+    atomic_write_bytes(out / f"panoptic_{split}.json", _dumps(pan))
 
 
 def _semantic_categories() -> dict:
@@ -719,8 +721,3 @@ def _dumps(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from rich.table import Table
+
+from frozenseg.files import atomic_write_text
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = ("bbox", "segm")
@@ -192,14 +193,7 @@ def write_metrics(metrics: dict, path: str | os.PathLike) -> None:
     """``metrics`` as JSON at ``path`` (NaN as null), atomically: a temp name, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_nan_to_none(metrics), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(_nan_to_none(metrics), indent=2, allow_nan=False) + "\n")
 
 
 def _nan_to_none(value: Any) -> Any:

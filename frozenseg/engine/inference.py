@@ -27,8 +27,10 @@ from frozenseg.engine.results import ResultsWriter, image_predictions
 def predict(detector, head, dataset: CocoInstances, *, classes: ClassMapping | None = None,
             batch_size: int = 2, score_threshold: float = 0.0, max_per_image: int = 100,
             mask_threshold: float = 0.5, boxes: str = "detector", num_workers: int = 0,
-            progress: Callable[[int, int], None] | None = None) -> Iterator[list[dict]]:
-    """COCO results of each image of ``dataset`` (its own transform is the view), in order.
+            progress: Callable[[int, int], None] | None = None
+            ) -> Iterator[tuple[dict, list[dict]]]:
+    """(target, COCO results) of each image of ``dataset`` (its own transform is the view),
+    in order; ``progress(done, total)`` after each batch.
 
     classes: detector class -> dataset category id; default: matched from the detector's
       and the dataset's categories (:func:`frozenseg.detector.classes.match_classes`).
@@ -47,9 +49,9 @@ def predict(detector, head, dataset: CocoInstances, *, classes: ClassMapping | N
                     for image, t in zip(images, targets, strict=True)]
             found = batch_outputs([output for output, _ in runs])
             category_ids = stack_padded([ids[None] for _, ids in runs])
-            yield from image_predictions(
+            yield from zip(targets, image_predictions(
                 head(found), category_ids, targets, score_threshold=score_threshold,
-                max_per_image=max_per_image, mask_threshold=mask_threshold)
+                max_per_image=max_per_image, mask_threshold=mask_threshold), strict=True)
         if progress:
             progress(min(done, len(dataset)), len(dataset))
 
@@ -83,7 +85,7 @@ def evaluate(recipe, detector, head, out_dir: str | Path, *,
     was_training = head.training
     head.eval()
     with ResultsWriter(out / "results.json") as writer:
-        for image_results in predict(
+        for _, image_results in predict(
                 detector, head, dataset, batch_size=recipe.train.batch_size,
                 score_threshold=settings.score_threshold, max_per_image=settings.max_per_image,
                 mask_threshold=settings.mask_threshold, boxes=settings.boxes, progress=progress):

@@ -6,7 +6,8 @@ by mask AP) are written to a temporary name and renamed, and hold everything a r
 needs: head, optimizer, scheduler, step / epoch / position in the epoch, and the RNG
 states. The data side is a function of (seed, epoch, image) (:mod:`frozenseg.engine.data`),
 so ``resume=True`` continues exactly where the run stopped: a resumed run ends with the
-same weights as an uninterrupted one.
+same weights as an uninterrupted one. They also carry the resolved recipe, so
+:func:`load_trained` rebuilds the head (and finds its detector) from the file alone.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from frozenseg.cache.training import check_made_by
@@ -27,8 +30,17 @@ from frozenseg.data.coco import CocoInstances
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
 from frozenseg.engine.step import head_losses
+from frozenseg.files import atomic_path
 from frozenseg.head.loss import MaskCriterion, MaskLossWeights
-from frozenseg.recipe import Recipe, build_mask_head, load_recipe_detector, save_recipe
+from frozenseg.recipe import (
+    Recipe,
+    build_mask_head,
+    load_recipe,
+    load_recipe_detector,
+    recipe_from_dict,
+    recipe_to_dict,
+    save_recipe,
+)
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -122,6 +134,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             state = {
                 "head": self.accelerator.unwrap_model(self.head).state_dict(),
+                "recipe": recipe_to_dict(self.recipe),  # so the head can be rebuilt from it
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "position": asdict(self.position),
@@ -130,9 +143,8 @@ class Trainer:
             }
             if not self.detector.frozen:  # fine-tuning: the detector's weights are trained too
                 state["detector"] = self.detector.model.state_dict()
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
         return path
 
     def load(self, path: Path) -> None:
@@ -255,3 +267,69 @@ class Trainer:
             self.position.best_ap = ap
             self.save(BEST)
         return metrics
+
+
+# ---------------------------------------------------------------------- trained heads
+
+
+def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe | None = None,
+                 overrides: Sequence[str] = ()) -> tuple[Any, nn.Module, Recipe]:
+    """(detector, head, recipe) of a trained head, ready for inference (eval mode).
+
+    checkpoint: a ``last.pt`` / ``best.pt`` the trainer wrote; it carries its recipe (an
+      older one without it: the ``recipe.yaml`` beside it). None with a ``recipe`` whose
+      head has no parameters: the training-free baseline.
+    recipe: use this recipe instead of the checkpoint's. overrides: ``key=value`` applied
+      to the recipe, e.g. ``detector.path=DIR`` for the detector folder on this machine.
+    A detector the run fine-tuned gets its trained weights from the checkpoint.
+    Raises ValueError (one line, naming the file) for anything that does not fit.
+    """
+    state = _read_checkpoint(Path(checkpoint)) if checkpoint is not None else {}
+    if recipe is None:
+        if checkpoint is None:
+            raise ValueError("a head checkpoint or a recipe is needed")
+        recipe = _checkpoint_recipe(Path(checkpoint), state, overrides)
+    elif overrides:
+        recipe = recipe_from_dict(recipe_to_dict(recipe), "recipe", overrides)
+    head = build_mask_head(recipe)
+    if checkpoint is None and any(p.requires_grad for p in head.parameters()):
+        raise ValueError("this recipe's head has trainable parameters: a checkpoint is needed")
+    detector = load_recipe_detector(recipe)
+    where = str(checkpoint)
+    if "head" in state:
+        _load_weights(head, state["head"], where, "head")
+    if "detector" in state:
+        _load_weights(detector.model, state["detector"], where, "fine-tuned detector")
+    return detector, head.eval(), recipe
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as err:  # an unpickling error's first line says what was refused
+        raise ValueError(f"{path}: not a frozenseg checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or "head" not in state:
+        raise ValueError(f"{path}: not a frozenseg head checkpoint (no 'head' weights)")
+    return state
+
+
+def _checkpoint_recipe(path: Path, state: dict, overrides: Sequence[str]) -> Recipe:
+    if "recipe" in state:
+        return recipe_from_dict(state["recipe"], str(path), overrides)
+    beside = path.parent / "recipe.yaml"
+    if not beside.is_file():
+        raise ValueError(f"{path}: carries no recipe and there is no recipe.yaml beside it; "
+                         "pass the recipe it was trained with")
+    return load_recipe(beside, overrides)
+
+
+def _load_weights(module: nn.Module, weights: dict, where: str, what: str) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"{where}: the {what} weights do not fit the recipe's model "
+                         f"({detail})") from None

@@ -1,0 +1,256 @@
+"""frozenseg export and predict: COCO results others can evaluate, masks for any detector's
+boxes, resume, instance PNGs, overlays."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from typer.testing import CliRunner
+
+from frozenseg.cli import app
+from frozenseg.data import ImageFolder
+from frozenseg.detector.classes import match_classes
+from frozenseg.engine.data import eval_transform
+from frozenseg.engine.export import ExportSettings, export_results, masks_for_boxes, read_boxes
+from frozenseg.engine.train import Trainer, load_trained
+from frozenseg.head.paste import paste_masks
+from tests.test_train import SCALE, data, detector_dir, recipe  # noqa: F401 (fixtures)
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data, detector_dir):  # noqa: F811
+    """A head trained for 2 steps: its last.pt (which carries the recipe)."""
+    folder = tmp_path_factory.mktemp("head")
+    Trainer(recipe(folder, data, detector_dir, "train.iterations=2"), log=lambda _: None,
+            evaluate=False).run()
+    return folder / "run" / "last.pt"
+
+
+def _val(data):  # noqa: F811
+    return ["--images", str(data / "images" / "val"),
+            "--annotations", str(data / "instances_val.json")]
+
+
+def _export(*args):
+    result = runner.invoke(app, ["export", *map(str, args)])
+    return result
+
+
+def _given_boxes(data, tmp_path):  # noqa: F811
+    """Another detector's results: the val boxes jittered, with odd fields and float
+    scores, shuffled across images, one reaching outside its image, one outside it."""
+    coco = json.loads((data / "instances_val.json").read_text())
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    rng = random.Random(0)
+    entries = [{"image_id": a["image_id"], "category_id": a["category_id"],
+                "bbox": [v + rng.uniform(-2, 2) for v in a["bbox"]],
+                "score": rng.random(), "id": 1000 + i, "extra": {"from": "yolo"}}
+               for i, a in enumerate(coco["annotations"])]
+    rng.shuffle(entries)
+    width, height = sizes[entries[0]["image_id"]]
+    entries[0]["bbox"] = [width - 10.5, 3.25, 40.0, 20.0]      # reaches outside: clipped
+    entries[1]["bbox"] = [-50.0, -50.0, 20.0, 20.0]            # nothing inside: empty mask
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps(entries))
+    return path, entries
+
+
+# ------------------------------------------------------------------------- detector boxes
+
+
+def test_export_is_coco_results_that_pycocotools_scores(tmp_path, data, trained):  # noqa: F811
+    out = tmp_path / "results.json"
+    result = _export("--head", trained, *_val(data), "--out", out)
+    assert result.exit_code == 0, result.output
+    gt = COCO(str(data / "instances_val.json"))
+    results = json.loads(out.read_text())
+    assert results and {r["category_id"] for r in results} <= set(gt.getCatIds())
+    for r in results:
+        assert isinstance(r["segmentation"]["counts"], str)
+        assert r["segmentation"]["size"] == [gt.imgs[r["image_id"]]["height"],
+                                             gt.imgs[r["image_id"]]["width"]]
+        assert 0 <= r["mask_quality"] <= 1 and r["score"] <= r["mask_quality"] + 1e-6
+    for iou_type in ("segm", "bbox"):
+        evaluator = COCOeval(gt, gt.loadRes(str(out)), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        assert evaluator.stats[0] >= 0  # -1 would mean nothing was evaluated
+
+
+def test_export_equals_the_evaluation_results(tmp_path, data, detector_dir, trained):  # noqa: F811
+    """The same head on the same images gives the same entries as `frozenseg eval`."""
+    r = recipe(tmp_path / "r", data, detector_dir)
+    evaluated = runner.invoke(app, ["eval", str(tmp_path / "r" / "recipe.yaml"),
+                                    "--checkpoint", str(trained), "--out", str(tmp_path / "ev")])
+    assert evaluated.exit_code == 0, evaluated.output
+    out = tmp_path / "export.json"
+    assert _export("--head", trained, *_val(data), "--out", out, "--score-threshold",
+                   r.eval.score_threshold, "--max-per-image", r.eval.max_per_image).exit_code == 0
+    assert json.loads(out.read_text()) == json.loads((tmp_path / "ev" / "results.json")
+                                                     .read_text())
+
+
+def test_resume_gives_the_uninterrupted_file(tmp_path, data, trained, monkeypatch):  # noqa: F811
+    detector, head, r = load_trained(trained)
+    dataset = ImageFolder.from_coco(data / "images" / "val", data / "instances_val.json",
+                                    transform=eval_transform(SCALE))
+    classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+    boxes = read_boxes(_given_boxes(data, tmp_path)[0], [im["id"] for im in dataset.images])
+    settings = ExportSettings(batch_size=1)
+    for given in (None, boxes):
+        whole, part = tmp_path / "whole.json", tmp_path / "part.json"
+        export_results(detector, head, dataset, whole, classes=classes, settings=settings,
+                       boxes=given)
+
+        def interrupt(done, total):
+            if done == 1:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            export_results(detector, head, dataset, part, classes=classes, settings=settings,
+                           boxes=given, progress=interrupt)
+        assert not part.exists()
+        with pytest.raises(ValueError, match="--resume"):  # never thrown away silently
+            export_results(detector, head, dataset, part, classes=classes, boxes=given,
+                           settings=settings)
+        with pytest.raises(ValueError, match="settings"):
+            export_results(detector, head, dataset, part, classes=classes, boxes=given,
+                           settings=ExportSettings(batch_size=1, mask_threshold=0.4),
+                           resume=True)
+        summary = export_results(detector, head, dataset, part, classes=classes,
+                                 settings=settings, boxes=given, resume=True)
+        assert summary.resumed == 1
+        assert part.read_bytes() == whole.read_bytes()
+        assert not list(tmp_path.glob(".part.json.partial*"))
+        part.unlink()
+
+
+def test_instance_pngs_hold_the_results_masks(tmp_path, data, trained):  # noqa: F811
+    out, pngs = tmp_path / "results.json", tmp_path / "png"
+    assert _export("--head", trained, *_val(data), "--out", out, "--png-dir", pngs,
+                   "--score-threshold", 0.01).exit_code == 0
+    results = json.loads(out.read_text())
+    coco = json.loads((data / "instances_val.json").read_text())
+    for image in coco["images"]:
+        ids = np.array(Image.open(pngs / image["file_name"].replace(".jpg", ".png")))
+        assert ids.shape == (image["height"], image["width"])
+        mine = [r for r in results if r["image_id"] == image["id"]]
+        covered = np.zeros(ids.shape, dtype=bool)
+        for k, r in enumerate(mine, start=1):  # earlier (better) results win overlaps
+            mask = mask_utils.decode(r["segmentation"]).astype(bool) & ~covered
+            assert (ids[mask] == k).all()
+            covered |= mask
+        assert (ids[~covered] == 0).all()
+
+
+# ------------------------------------------------------------------------- given boxes
+
+
+def test_given_boxes_come_back_unchanged_with_masks(tmp_path, data, trained):  # noqa: F811
+    path, entries = _given_boxes(data, tmp_path)
+    out = tmp_path / "masked.json"
+    result = _export("--head", trained, *_val(data), "--boxes", path, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "1 boxes" in result.output and "clipped" in result.output  # entries[0], entries[1]
+    assert "nothing inside their image" in result.output
+    masked = json.loads(out.read_text())
+    assert len(masked) == len(entries)
+    for given, back in zip(entries, masked, strict=True):
+        kept = {k: v for k, v in back.items() if k not in ("segmentation", "mask_quality")}
+        assert json.dumps(kept) == json.dumps(given)  # same fields, order and values
+        assert set(back) - set(given) == {"segmentation", "mask_quality"}
+    assert mask_utils.decode(masked[1]["segmentation"]).sum() == 0
+    assert masked[1]["mask_quality"] == 0.0
+    assert mask_utils.decode(masked[2]["segmentation"]).any()
+
+
+def test_given_box_masks_are_the_heads_pasted_masks(data, trained):  # noqa: F811
+    detector, head, _ = load_trained(trained)
+    dataset = ImageFolder.from_coco(data / "images" / "val", data / "instances_val.json",
+                                    transform=eval_transform(SCALE))
+    classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+    image, target = dataset[0]
+    entries = [{"bbox": [10.0, 12.0, 60.0, 40.0], "category_id": 3},
+               {"bbox": [30.5, 5.0, 25.0, 70.0], "category_id": 1}]
+    masks, clipped, degenerate = masks_for_boxes(detector, head, classes, (image, target),
+                                                 entries)
+    assert (clipped, degenerate) == (0, 0)
+    # The reference, step by step: boxes to the view, embed, head, paste at the original size.
+    (h, w), (vh, vw) = target["orig_size"].tolist(), target["size"].tolist()
+    xyxy = torch.tensor([[10.0, 12.0, 70.0, 52.0], [30.5, 5.0, 55.5, 75.0]], dtype=torch.float64)
+    view = (xyxy * torch.tensor([vw / w, vh / h] * 2, dtype=torch.float64)).float()
+    out = head(detector.embed_boxes([image], [view], [torch.tensor(
+        classes.to_detector([3, 1]))]))
+    boxes = out.boxes.double() * torch.tensor([w / vw, h / vh] * 2, dtype=torch.float64)
+    pasted = paste_masks(out.mask_logits.float().sigmoid(), boxes.float(), (h, w), 0.5)
+    for (rle, quality), reference, iou in zip(masks, pasted, out.iou_logits, strict=True):
+        assert np.array_equal(mask_utils.decode(rle).astype(bool), reference.numpy())
+        assert quality == pytest.approx(float(iou.sigmoid()))
+
+
+def test_unknown_image_ids_are_named_and_nothing_is_written(tmp_path, data, trained):  # noqa: F811
+    path = tmp_path / "detections.json"
+    path.write_text(json.dumps([{"image_id": 424242, "bbox": [0, 0, 5, 5], "score": 1}]))
+    out = tmp_path / "masked.json"
+    result = _export("--head", trained, *_val(data), "--boxes", path, "--out", out)
+    assert result.exit_code == 1 and "424242" in result.output and str(path) in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    path.write_text(json.dumps([{"image_id": 1, "bbox": [0, 0, "w", 5]}]))
+    bad = _export("--head", trained, *_val(data), "--boxes", path, "--out", out)
+    assert bad.exit_code == 1 and "entry 0" in bad.output and "bbox" in bad.output
+
+
+# ------------------------------------------------------------------------- plain images
+
+
+def test_plain_images_get_an_image_table(tmp_path, data, trained):  # noqa: F811
+    out = tmp_path / "results.json"
+    result = _export("--head", trained, "--images", data / "images" / "val", "--out", out)
+    assert result.exit_code == 0, result.output
+    table = tmp_path / "results.images.json"
+    images = json.loads(table.read_text())["images"]
+    coco = json.loads((data / "instances_val.json").read_text())
+    # Numbered files (COCO naming): the number is the id, as in the annotations.
+    assert sorted((im["id"], im["file_name"]) for im in images) == sorted(
+        (im["id"], im["file_name"]) for im in coco["images"])
+    COCO(str(table)).loadRes(str(out))
+
+
+def test_a_garbage_checkpoint_is_one_line(tmp_path, data):  # noqa: F811
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = _export("--head", bad, *_val(data), "--out", tmp_path / "r.json")
+    assert result.exit_code == 1 and str(bad) in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------- predict
+
+
+def test_predict_draws_overlays_and_counts_instances(tmp_path, data, trained):  # noqa: F811
+    folder = data / "images" / "val"
+    result = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
+                                 str(tmp_path / "viz"), "--threshold", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "instances with score >= 0.05" in result.output
+    for image in sorted(folder.iterdir()):
+        overlay = Image.open(tmp_path / "viz" / image.with_suffix(".png").name)
+        assert overlay.size == Image.open(image).size and overlay.mode == "RGB"
+        record = json.loads((tmp_path / "viz" / image.with_suffix(".json").name).read_text())
+        assert all(i["score"] >= 0.05 for i in record["instances"])
+        if record["instances"]:  # something was drawn over the picture
+            assert not np.array_equal(np.asarray(overlay), np.asarray(Image.open(image)))
+    none = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
+                               str(tmp_path / "none"), "--threshold", "1.5"])
+    assert none.exit_code == 0 and "lower --threshold" in none.output
