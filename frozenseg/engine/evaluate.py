@@ -168,7 +168,7 @@ def metrics_table(metrics: dict) -> Table:
         table.add_column(name, justify="right")
     for iou_type in IOU_TYPES:
         if iou_type in metrics:
-            table.add_row(iou_type, *(_cell(metrics[iou_type][n]) for n in METRIC_NAMES))
+            table.add_row(iou_type, *(metric_cell(metrics[iou_type][n]) for n in METRIC_NAMES))
     return table
 
 
@@ -181,11 +181,12 @@ def per_class_table(metrics: dict, iou_type: str) -> Table:
     table.add_column("category")
     table.add_column("AP", justify="right")
     for name, ap in per_class.items():
-        table.add_row(name, _cell(ap))
+        table.add_row(name, metric_cell(ap))
     return table
 
 
-def _cell(value: float) -> str:
+def metric_cell(value: float) -> str:
+    """A metric (percent) for a table: one decimal, "-" for NaN (undefined)."""
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
