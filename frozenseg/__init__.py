@@ -10,6 +10,8 @@ _API = {
     "synth": "frozenseg.data.synth",
     "load_recipe": "frozenseg.recipe",
     "build_mask_head": "frozenseg.recipe",
+    "load_trained": "frozenseg.engine.train",
+    "export_results": "frozenseg.engine.export",
 }
 
 

@@ -30,6 +30,7 @@ from frozenseg.detector.transformer import (
     encoder_proposals,
     inverse_sigmoid,
 )
+from frozenseg.ops.tracing import spatial_shapes, tensor_values
 
 
 @dataclass
@@ -148,9 +149,11 @@ class DeformableDETR(nn.Module):
         memory = encoded.encoder_states[-1]
         return self.decode(self.initial_queries(memory, encoded.mask, encoded.shapes), encoded)
 
-    def encode(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Encoded:
-        """Backbone, input projections and encoder: everything before the queries."""
-        features = self.backbone(images)
+    def encode(self, images: torch.Tensor, padding_mask: torch.Tensor,
+               features: list[torch.Tensor] | None = None) -> Encoded:
+        """Backbone, input projections and encoder: everything before the queries.
+        ``features``: the backbone's maps when already computed (activation checkpointing)."""
+        features = self.backbone(images) if features is None else features
         srcs, masks = self._levels(features, padding_mask)
         flat = self._flatten(srcs, masks)
         encoder_states = self.transformer.encoder(
@@ -195,18 +198,16 @@ class DeformableDETR(nn.Module):
     def _flatten(self, srcs, masks) -> dict[str, torch.Tensor]:
         """Concatenate the levels: src, pos (+ level embedding), mask over S positions."""
         cfg = self.config
-        flat_src, flat_pos, flat_mask, shapes = [], [], [], []
+        flat_src, flat_pos, flat_mask = [], [], []
         for level, (src, mask) in enumerate(zip(srcs, masks, strict=True)):
             pos = feature_position_embedding(
                 ~mask, num_feats=cfg.hidden_dim // 2, temperature=cfg.pos_temperature,
                 offset=cfg.pos_offset,
             ).to(src.dtype)
-            shapes.append(src.shape[-2:])
             flat_src.append(src.flatten(2).transpose(1, 2))
             flat_pos.append(pos.flatten(2).transpose(1, 2) + self.transformer.level_embed[level])
             flat_mask.append(mask.flatten(1))
-        device = srcs[0].device
-        shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=device)
+        shapes = spatial_shapes(srcs)
         starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self._valid_ratio(m) for m in masks], 1).to(srcs[0].dtype)
         return {
@@ -233,7 +234,7 @@ class DeformableDETR(nn.Module):
             reference = t.reference_points(query_pos).sigmoid()
             return Queries(content[None].expand(b, -1, -1), reference, query_pos)
         proposal_logits, valid = encoder_proposals(
-            memory, memory_mask, [tuple(s) for s in shapes.tolist()]
+            memory, memory_mask, [tuple(s) for s in tensor_values(shapes)]
         )
         output_memory = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
         scores = t.enc_out_class_embed(output_memory)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from frozenseg.detector.position import box_position_embedding
 from frozenseg.ops import MSDeformAttn
+from frozenseg.ops.tracing import tensor_values, unit_steps
 
 
 class MLP(nn.Module):
@@ -41,6 +43,15 @@ def inverse_sigmoid(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def run_layer(stack: nn.Module, layer: nn.Module, *args):
+    """``layer(*args)``, through activation checkpointing when the stack asks for it
+    (``stack.checkpointing``, set by the joint mode to fit one GPU) and is training:
+    the layer's activations are recomputed in the backward pass instead of kept."""
+    if getattr(stack, "checkpointing", False) and stack.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
 
 
 class EncoderLayer(nn.Module):
@@ -83,10 +94,13 @@ class DecoderLayer(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, tgt, query_pos, reference_points, memory, shapes, starts, memory_mask):
-        """tgt, query_pos: (B, Q, C); reference_points: (B, Q, L, 2 or 4); memory: (B, S, C)."""
+    def forward(self, tgt, query_pos, reference_points, memory, shapes, starts, memory_mask,
+                self_attn_mask=None):
+        """tgt, query_pos: (B, Q, C); reference_points: (B, Q, L, 2 or 4); memory: (B, S, C);
+        self_attn_mask: (Q, Q) bool, True where query i may not see query j (denoising)."""
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.self_attn(q, k, tgt, need_weights=False)[0])
+        tgt = self.norm2(tgt + self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
+                                              need_weights=False)[0])
         attended = self.cross_attn(
             tgt + query_pos, reference_points, memory, shapes, starts, memory_mask
         )
@@ -104,14 +118,9 @@ class Encoder(nn.Module):
         """Pixel centres of every level, (B, S, L, 2), in the valid-area frame of each level."""
         points = []
         for level, (h, w) in enumerate(shapes):
+            like = {"dtype": valid_ratios.dtype, "device": valid_ratios.device}
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(
-                    0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device
-                ),
-                torch.linspace(
-                    0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device
-                ),
-                indexing="ij",
+                unit_steps(0.5, h, **like), unit_steps(0.5, w, **like), indexing="ij"
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
@@ -120,10 +129,12 @@ class Encoder(nn.Module):
 
     def forward(self, src, pos, shapes, starts, valid_ratios, padding_mask) -> list[torch.Tensor]:
         """Returns the output of every layer, each (B, S, C)."""
-        reference_points = self.reference_points([tuple(s) for s in shapes.tolist()], valid_ratios)
+        reference_points = self.reference_points([tuple(s) for s in tensor_values(shapes)],
+                                                 valid_ratios)
         outputs = []
         for layer in self.layers:
-            src = layer(src, pos, reference_points, shapes, starts, padding_mask)
+            src = run_layer(self, layer, src, pos, reference_points, shapes, starts,
+                            padding_mask)
             outputs.append(src)
         return outputs
 
@@ -169,11 +180,13 @@ class Decoder(nn.Module):
         *,
         query_pos=None,
         bbox_embed=None,
+        self_attn_mask=None,
     ):
         """Run every layer.
 
         tgt: (B, Q, C) content queries; reference: (B, Q, 2 or 4) normalised points or boxes.
         bbox_embed: per-layer box heads for iterative refinement, or None (references fixed).
+        self_attn_mask: (Q, Q) bool, True where query i may not see query j (denoising).
         Returns (states, references): per layer, the output (B, Q, C) and the reference
         (B, Q, 2 or 4) that layer's head is applied relative to.
         """
@@ -186,7 +199,8 @@ class Decoder(nn.Module):
                     reference_input[:, :, 0], num_feats=self.dim // 2, order="yxwh"
                 )
                 query_pos = self.ref_point_head(sine.to(tgt.dtype))
-            tgt = layer(tgt, query_pos, reference_input, memory, shapes, starts, memory_mask)
+            tgt = run_layer(self, layer, tgt, query_pos, reference_input, memory, shapes, starts,
+                            memory_mask, self_attn_mask)
             states.append(self.norm(tgt) if self.norm is not None else tgt)
             references.append(reference)
             if bbox_embed is not None:
@@ -213,10 +227,9 @@ def encoder_proposals(memory, padding_mask, shapes: list[tuple[int, int]]):
         pad = padding_mask[:, start : start + h * w].view(b, h, w)
         valid_h = (~pad[:, :, 0]).sum(1)
         valid_w = (~pad[:, 0, :]).sum(1)
+        like = {"dtype": memory.dtype, "device": memory.device}
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
-            torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
-            indexing="ij",
+            unit_steps(0, h, **like), unit_steps(0, w, **like), indexing="ij"
         )
         grid = torch.stack([grid_x, grid_y], -1)
         scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2)

@@ -69,35 +69,30 @@ def lr_factor(step: int, iterations: int, drops: tuple[float, ...]) -> float:
     return 0.1 ** sum(step >= round(d * iterations) for d in drops)
 
 
-class Trainer:
-    """Wires a recipe's detector, data, head, criterion and optimizer; ``run()`` trains."""
+class HeadTask:
+    """Training the mask head (recipe mode "head") on the frozen detector's outputs.
 
-    def __init__(self, recipe: Recipe, *, log: Callable[[str], None] = print,
-                 evaluate: bool = True) -> None:
-        """evaluate: mask AP on the val split every ``train.eval_every`` steps and at the
-        end (results in ``output_dir/eval``), keeping ``best.pt``."""
-        from accelerate import Accelerator
+    What the loop asks of a task: ``model`` (the module trained), ``parameter_groups()``,
+    ``dataset`` / ``collate`` (items of one image, ``set_epoch``), ``batch(items)``,
+    ``losses(model, batch, generator)``, ``evaluate(model, out_dir)`` -> (metrics, the
+    metric that picks best.pt, a log line), ``weights_key`` and ``extra_state()`` /
+    ``load_extra_state()`` for what else a checkpoint holds.
+    """
 
-        self.recipe, self.log, self.evaluate = recipe, log, evaluate
-        train = recipe.train
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=train.precision,
-            gradient_accumulation_steps=train.grad_accumulation)
-        self.out = Path(train.output_dir)
+    weights_key = "head"
+
+    def __init__(self, recipe: Recipe, accelerator) -> None:
+        self.recipe, self.accelerator = recipe, accelerator
+        if recipe.detector.finetune != "frozen" and recipe.data.cache:
+            raise TrainingError(f"detector.finetune: {recipe.detector.finetune} runs the "
+                                "detector live; remove data.cache")
         self.detector = load_recipe_detector(recipe)
-        self.detector.to(self.accelerator.device)
-        torch.manual_seed(train.seed)  # the head's initial weights
-        head = build_mask_head(recipe)
-        params = [p for p in head.parameters() if p.requires_grad]
-        if not params:
+        self.detector.to(accelerator.device)
+        torch.manual_seed(recipe.train.seed)  # the head's initial weights
+        self.model = build_mask_head(recipe)
+        if not any(p.requires_grad for p in self.model.parameters()):
             raise TrainingError("this head has no trainable parameters (head.trainable: false "
                                 "is the training-free baseline: evaluate it, don't train it)")
-        groups = [{"params": params, "lr": train.lr}] + self._finetuned(recipe)
-        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas,
-                                      weight_decay=train.weight_decay)
-        self.head, self.optimizer = self.accelerator.prepare(head, optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, train.iterations, train.lr_drops))
         self.criterion = build_criterion(recipe)
         self.data = data = CocoInstances(recipe.data.train.images, recipe.data.train.annotations)
         if len(data) == 0:
@@ -106,25 +101,95 @@ class Trainer:
                                      data.category_names)
         self.dataset, self.collate = training_set(
             data, cache=recipe.data.cache, transform=train_transform(
-                recipe.data.transform, recipe.data.scale), seed=train.seed)
+                recipe.data.transform, recipe.data.scale), seed=recipe.train.seed)
         if recipe.data.cache:
             check_made_by(self.dataset.cache, recipe.detector.path, self.detector)
-        self.position = Position()
-        self._tensorboard = None  # opened on first use; False when not installed
-        self.generator = torch.Generator().manual_seed(train.seed)
 
-    def _finetuned(self, recipe: Recipe) -> list[dict]:
+    def parameter_groups(self) -> list[dict]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": self.recipe.train.lr}] + self._finetuned()
+
+    def _finetuned(self) -> list[dict]:
         """The detector's optimizer group when the recipe fine-tunes it (Table 16)."""
-        mode = recipe.detector.finetune
+        recipe, mode = self.recipe, self.recipe.detector.finetune
         if mode == "frozen":
             return []
-        if recipe.data.cache:
-            raise TrainingError(f"detector.finetune: {mode} runs the detector live; "
-                                "remove data.cache")
         if self.accelerator.num_processes > 1:
             raise TrainingError("detector.finetune runs on one process only")
         params = self.detector.unfreeze(mode)
         return [{"params": params, "lr": recipe.train.lr * recipe.detector.finetune_lr_factor}]
+
+    def batch(self, items):
+        if self.recipe.data.cache:
+            return items
+        return live_batch(self.detector, self.classes, self.data, items)
+
+    def losses(self, model, batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        loss = self.recipe.loss
+        return head_losses(batch, self.detector, model, self.criterion, mode=loss.proposals,
+                           assign_iou=loss.assign_iou, jitter=loss.gt_jitter,
+                           generator=generator)
+
+    def evaluate(self, model, out_dir: Path) -> tuple[dict, float, str]:
+        from frozenseg.engine.inference import evaluate
+
+        metrics = evaluate(self.recipe, self.detector, model, out_dir)
+        return (metrics, metrics["segm"]["AP"],
+                f"mask AP {metrics['segm']['AP']:.2f}, box AP {metrics['bbox']['AP']:.2f}")
+
+    def extra_state(self) -> dict:
+        # Fine-tuning: the detector's weights are trained too.
+        return {} if self.detector.frozen else {"detector": self.detector.model.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "detector" in state:
+            self.detector.model.load_state_dict(state["detector"])
+
+
+def build_task(recipe: Recipe, accelerator):
+    """The task a recipe's mode names."""
+    if recipe.mode == "maskdino":
+        from frozenseg.maskdino.task import MaskDINOTask
+
+        return MaskDINOTask(recipe, accelerator)
+    return HeadTask(recipe, accelerator)
+
+
+class Trainer:
+    """Wires a recipe's task (the head on a frozen detector, or Mask DINO), optimizer and
+    schedule; ``run()`` trains."""
+
+    def __init__(self, recipe: Recipe, *, log: Callable[[str], None] = print,
+                 evaluate: bool = True) -> None:
+        """evaluate: on the val split every ``train.eval_every`` steps and at the end
+        (results in ``output_dir/eval``), keeping ``best.pt``."""
+        from accelerate import Accelerator
+
+        self.recipe, self.log, self.evaluate = recipe, log, evaluate
+        train = recipe.train
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=train.precision,
+            gradient_accumulation_steps=train.grad_accumulation)
+        self.out = Path(train.output_dir)
+        self.task = build_task(recipe, self.accelerator)
+        optimizer = torch.optim.AdamW(self.task.parameter_groups(), lr=train.lr,
+                                      betas=train.betas, weight_decay=train.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(self.task.model, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, train.iterations, train.lr_drops))
+        self.dataset, self.collate = self.task.dataset, self.task.collate
+        self.position = Position()
+        self._tensorboard = None  # opened on first use; False when not installed
+        self.generator = torch.Generator().manual_seed(train.seed)
+
+    @property
+    def head(self):
+        """The trained module as prepared by accelerate (the head, or Mask DINO)."""
+        return self.model
+
+    @property
+    def detector(self):
+        return self.task.detector
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -133,25 +198,23 @@ class Trainer:
         path = self.out / name
         if self.accelerator.is_main_process:
             state = {
-                "head": self.accelerator.unwrap_model(self.head).state_dict(),
-                "recipe": recipe_to_dict(self.recipe),  # so the head can be rebuilt from it
+                self.task.weights_key: self.accelerator.unwrap_model(self.model).state_dict(),
+                "recipe": recipe_to_dict(self.recipe),  # so the model can be rebuilt from it
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "position": asdict(self.position),
                 "generator": self.generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
             }
-            if not self.detector.frozen:  # fine-tuning: the detector's weights are trained too
-                state["detector"] = self.detector.model.state_dict()
+            state.update(self.task.extra_state())
             with atomic_path(path) as tmp:
                 torch.save(state, tmp)
         return path
 
     def load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.accelerator.unwrap_model(self.head).load_state_dict(state["head"])
-        if "detector" in state:
-            self.detector.model.load_state_dict(state["detector"])
+        self.accelerator.unwrap_model(self.model).load_state_dict(state[self.task.weights_key])
+        self.task.load_extra_state(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.position = Position(**state["position"])
@@ -172,17 +235,14 @@ class Trainer:
                                 num_workers=self.recipe.data.num_workers)
             for items in loader:
                 self.position.batch += 1
-                yield (items if self.recipe.data.cache
-                       else live_batch(self.detector, self.classes, self.data, items))
+                yield self.task.batch(items)
             self.position.epoch, self.position.batch = self.position.epoch + 1, 0
 
     def step(self, batch) -> dict[str, float]:
         """Forward, backward and (every grad_accumulation batches) an optimizer step."""
-        loss, train = self.recipe.loss, self.recipe.train
-        with self.accelerator.accumulate(self.head), self.accelerator.autocast():
-            losses = head_losses(batch, self.detector, self.head, self.criterion,
-                                 mode=loss.proposals, assign_iou=loss.assign_iou,
-                                 jitter=loss.gt_jitter, generator=self.generator)
+        train = self.recipe.train
+        with self.accelerator.accumulate(self.model), self.accelerator.autocast():
+            losses = self.task.losses(self.model, batch, self.generator)
             values = {name: float(value.detach()) for name, value in losses.items()}
             if not all(math.isfinite(v) for v in values.values()):
                 raise TrainingError(
@@ -191,7 +251,7 @@ class Trainer:
                     + f"; the last good checkpoint is {self.out / LAST}")
             self.accelerator.backward(losses["loss"])
             if self.accelerator.sync_gradients and train.grad_clip > 0:
-                self.accelerator.clip_grad_norm_(self.head.parameters(), train.grad_clip)
+                self.accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad()
         return values
@@ -254,17 +314,16 @@ class Trainer:
                     self._tensorboard.add_scalar(name, value, record["step"])
 
     def evaluate_and_keep_best(self) -> dict | None:
-        """Evaluate on the val split (process 0) and keep best.pt by mask AP."""
-        from frozenseg.engine.inference import evaluate
-
+        """Evaluate on the val split (process 0) and keep best.pt by the task's metric."""
         if not self.evaluate or not self.accelerator.is_main_process:
             return None
-        head = self.accelerator.unwrap_model(self.head)
-        metrics = evaluate(self.recipe, self.detector, head, self.out / "eval")
-        ap = metrics["segm"]["AP"]
-        self.log(f"step {self.position.step}: mask AP {ap:.2f}, box AP {metrics['bbox']['AP']:.2f}")
-        if ap > self.position.best_ap:
-            self.position.best_ap = ap
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        metrics, score, line = self.task.evaluate(model, self.out / "eval")
+        model.train(was_training)
+        self.log(f"step {self.position.step}: {line}")
+        if score > self.position.best_ap:
+            self.position.best_ap = score
             self.save(BEST)
         return metrics
 
