@@ -54,9 +54,10 @@ def _check(ok: bool, key: str, must: str, got: Any) -> None:
 
 @dataclass
 class DetectorSection:
-    """The frozen detector: a folder ``frozenseg convert`` wrote (config.json + weights)."""
+    """The frozen detector: a folder ``frozenseg convert`` wrote (config.json + weights).
+    (mode maskdino starts from ``maskdino.init`` instead and needs no path here.)"""
 
-    path: str
+    path: str | None = None
     top_k: int = 100                    # predictions per image given to the head
     # Encoder layer (1-based) whose output is the map E (Table 14: 4 of 6);
     # null: the detector's default (layer 4, or its last if it has fewer).
@@ -76,6 +77,13 @@ class DetectorSection:
 class SplitSection:
     images: str         # folder of images
     annotations: str    # COCO instances json
+    # COCO panoptic json and its PNG folder: mode maskdino's panoptic training and PQ.
+    panoptic: str | None = None
+    panoptic_png: str | None = None
+
+    def __post_init__(self) -> None:
+        _check((self.panoptic is None) == (self.panoptic_png is None), "data.*.panoptic_png",
+               "given together with panoptic", self.panoptic_png)
 
 
 @dataclass
@@ -183,20 +191,62 @@ class EvalSection:
                self.mask_threshold)
 
 
+@dataclass
+class MaskDINOSection:
+    """Mode maskdino: Mask DINO trained whole (mask-dino.txt). The model is DINO's, from
+    ``init`` (a converted DINO folder: what matches is loaded, classes remapped by name)
+    or from ``model`` (DetectorConfig fields, random weights: backbone, widths, layers)."""
+
+    init: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    task: Literal["instance", "panoptic"] = "panoptic"   # panoptic: things and stuff
+    num_queries: int = 300
+    dec_layers: int = 9
+    num_denoising: int = 100        # denoising queries per batch (dynamic groups)
+    mask_enhanced_boxes: bool = False
+    backbone_lr_factor: float = 0.1
+    # Activation checkpointing, to fit one GPU (recompute instead of keeping).
+    checkpoint_backbone: bool = False
+    checkpoint_encoder: bool = False
+    checkpoint_decoder: bool = False
+    num_points: int = 12544         # mask loss and matching points per mask
+    cls_weight: float = 4.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    mask_bce_weight: float = 5.0
+    mask_dice_weight: float = 5.0
+    # Inference.
+    object_threshold: float = 0.25  # panoptic: queries scoring less are dropped
+    overlap_threshold: float = 0.8  # panoptic: a query keeping less of its mask is dropped
+
+    def __post_init__(self) -> None:
+        for name in ("num_queries", "dec_layers", "num_points"):
+            _check(getattr(self, name) >= 1, f"maskdino.{name}", "at least 1",
+                   getattr(self, name))
+        _check(self.num_denoising >= 0, "maskdino.num_denoising", "0 or more",
+               self.num_denoising)
+        _check(self.backbone_lr_factor >= 0, "maskdino.backbone_lr_factor", "0 or more",
+               self.backbone_lr_factor)
+
+
 @dataclass(kw_only=True)
 class Recipe:
     mode: Literal["head", "maskdino"] = "head"
-    detector: DetectorSection
+    detector: DetectorSection = field(default_factory=DetectorSection)
     data: DataSection
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection
     eval: EvalSection = field(default_factory=EvalSection)
+    maskdino: MaskDINOSection = field(default_factory=MaskDINOSection)
 
     def __post_init__(self) -> None:
-        if self.mode == "maskdino":
-            raise ValueError("mode: maskdino (joint Mask DINO training) is not available yet; "
-                             "use mode: head")
+        if self.mode == "head":
+            _check(self.detector.path is not None, "detector.path",
+                   "a converted detector folder (mode head trains on its outputs)", None)
+        elif self.maskdino.task == "panoptic":
+            _check(self.data.train.panoptic is not None, "data.train.panoptic",
+                   "a COCO panoptic json (maskdino.task: panoptic)", None)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -396,6 +446,9 @@ class _Validator:
                 items = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
                 if len(items) == len(value) and all(map(_fits, value, items)):
                     return tuple(self.value(v, t, key) for v, t in zip(value, items, strict=True))
+        elif origin is dict:  # free-form (checked where it is used, e.g. DetectorConfig)
+            if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+                return dict(value)
         elif _fits(value, hint):
             return float(value) if hint is float else value
         self.fail(key, f"{key} must be {_describe(hint)}, got {value!r}")
@@ -422,6 +475,8 @@ def _describe(hint: Any) -> str:
         return f"a list of {count}{_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is Literal:
         return f"one of {', '.join(args)}"
+    if origin is dict:
+        return "a mapping of keys"
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 

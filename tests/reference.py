@@ -72,3 +72,13 @@ def random_inputs(
         value.to(device, dtype), spatial_shapes.to(device), level_start_index.to(device),
         loc.to(device, dtype), attn.to(device, dtype),
     )
+
+
+def giou_cxcywh(a: list[float], b: list[float]) -> float:
+    """GIoU of two normalised (cx, cy, w, h) boxes, by hand in float64."""
+    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
+    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
+    return inter / union - (hull - union) / hull

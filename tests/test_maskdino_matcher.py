@@ -10,6 +10,7 @@ import torch
 
 from frozenseg.head.loss import point_sample
 from frozenseg.maskdino.matcher import HybridMatcher, MatchCostWeights
+from tests.reference import giou_cxcywh
 
 NUM_CLASSES = 6
 POINTS = 400  # enough points for the tests' masks; the default 12544 is for training
@@ -53,15 +54,6 @@ def _random_predictions(q: int, seed: int, size: int = 16):
 # ----------------------------------------------------------------------------- references
 
 
-def _giou64(a: list[float], b: list[float]) -> float:
-    """GIoU of two cxcywh boxes, by hand in float64."""
-    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
-    return inter / union - (hull - union) / hull
-
 
 def _focal64(logit: float, alpha: float = 0.25, gamma: float = 2.0) -> float:
     p = 1 / (1 + math.exp(-logit))
@@ -92,7 +84,7 @@ def _reference_cost(logits, boxes, masks, target, coords, weights) -> torch.Tens
         label = int(target["labels"][j])
         pred_box, gt_box = boxes[i].double().tolist(), target["boxes"][j].double().tolist()
         l1 = sum(abs(a - b) for a, b in zip(pred_box, gt_box, strict=True))
-        box_part[i, j] = weights.l1 * l1 - weights.giou * _giou64(pred_box, gt_box)
+        box_part[i, j] = weights.l1 * l1 - weights.giou * giou_cxcywh(pred_box, gt_box)
         cost[i, j] = weights.cls * _focal64(float(logits[i, label]))
         if masks is not None:
             bce, dice = _mask_costs64(masks[i], target["masks"][j], coords)

@@ -167,8 +167,15 @@ def test_unknown_key_from_the_command_line(tmp_path):
 
 def test_missing_key_is_named(tmp_path):
     data = json.loads(json.dumps(MINIMAL))
-    del data["detector"]["path"]
-    assert "missing key detector.path" in error(write(tmp_path, "r.yaml", data))
+    del data["data"]["train"]["annotations"]
+    assert "missing key data.train.annotations" in error(write(tmp_path, "r.yaml", data))
+
+
+def test_head_mode_needs_a_detector(tmp_path):
+    data = json.loads(json.dumps(MINIMAL))
+    del data["detector"]
+    assert "detector.path must be a converted detector folder" in error(
+        write(tmp_path, "r.yaml", data))
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -213,10 +220,12 @@ def test_range_checks(tmp_path):
     assert error(path, ["detector.top_k=0"]).startswith("command line: detector.top_k")
 
 
-def test_maskdino_mode_is_refused_clearly(tmp_path):
+def test_maskdino_mode_needs_panoptic_data_for_the_panoptic_task(tmp_path):
     path = minimal(tmp_path, mode="maskdino")
-    assert error(path) == (f"{path}: mode: maskdino (joint Mask DINO training) is not "
-                           "available yet; use mode: head")
+    assert "data.train.panoptic must be a COCO panoptic json" in error(path)
+    recipe = load_recipe(path, ["maskdino.task=instance"])
+    assert recipe.maskdino.dec_layers == 9 and recipe.maskdino.num_queries == 300
+    assert "given together with panoptic" in error(path, ["data.train.panoptic=p.json"])
 
 
 # ----------------------------------------------------------------------------- saving
