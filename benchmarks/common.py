@@ -71,3 +71,32 @@ def resolve_run_arguments(args) -> torch.device:
     args.repeats = args.repeats or (20 if on_gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
     return device
+
+
+def learning_curve(trainer, marks: list[float], cells, columns: list[str]) -> list[list]:
+    """Train; at each mark (minutes of training, evaluation not counted) evaluate with the
+    task's own evaluation. Rows: minutes, step, then ``cells(metrics)``; each row is
+    printed as it comes."""
+    import time
+    from pathlib import Path
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    out = Path(trainer.recipe.train.output_dir) / "eval"
+    rows, clock = [], {"train": 0.0, "last": time.perf_counter()}
+
+    def on_step(record: dict) -> None:
+        clock["train"] += time.perf_counter() - clock["last"]
+        if marks and clock["train"] >= 60 * marks[0]:
+            metrics, _, _ = trainer.task.evaluate(model, out)
+            rows.append([f"{clock['train'] / 60:.1f}", record["step"], *cells(metrics)])
+            print(table(columns, rows[-1:]), flush=True)
+            marks.pop(0)
+            if not marks:
+                raise StopIteration
+        clock["last"] = time.perf_counter()
+
+    try:
+        trainer.run(progress=on_step)
+    except StopIteration:
+        pass
+    return rows

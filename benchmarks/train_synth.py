@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import frozenseg
-from benchmarks.common import cpu_name, table
+from benchmarks.common import cpu_name, learning_curve, table
 from frozenseg.cache import write_cache
 from frozenseg.convert import write_detector
 from frozenseg.data import CocoInstances
@@ -63,31 +63,11 @@ def recipe(work: Path, synth: Path, cache: Path, scale: float, *extra: str):
         "train.iterations=1000000", "train.checkpoint_every=0", *extra])
 
 
-def learning_curve(r, marks: list[float]) -> list[list]:
-    """Train; at each mark (minutes of training) evaluate. Rows: minutes, step, APs."""
-    trainer = Trainer(r, log=lambda _: None, evaluate=False)
-    head = trainer.accelerator.unwrap_model(trainer.head)
-    rows, clock = [], {"train": 0.0, "last": time.perf_counter()}
+COLUMNS = ["minutes", "step", "mask AP", "AP50", "AP75"]
 
-    def on_step(record: dict) -> None:
-        now = time.perf_counter()
-        clock["train"] += now - clock["last"]
-        if marks and clock["train"] >= 60 * marks[0]:
-            metrics = evaluate(r, trainer.detector, head, Path(r.train.output_dir) / "eval")
-            rows.append([f"{clock['train'] / 60:.1f}", record["step"],
-                         f"{metrics['segm']['AP']:.1f}", f"{metrics['segm']['AP50']:.1f}",
-                         f"{metrics['segm']['AP75']:.1f}"])
-            print(table(["minutes", "step", "mask AP", "AP50", "AP75"], rows[-1:]), flush=True)
-            marks.pop(0)
-            if not marks:
-                raise StopIteration
-        clock["last"] = time.perf_counter()
 
-    try:
-        trainer.run(progress=on_step)
-    except StopIteration:
-        pass
-    return rows
+def mask_ap(metrics: dict) -> list[str]:
+    return [f"{metrics['segm'][name]:.1f}" for name in ("AP", "AP50", "AP75")]
 
 
 def baseline(r) -> dict:
@@ -109,14 +89,15 @@ def main() -> None:
     print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"cached the train split in {cache_s:.0f} s", flush=True)
     run = args.work / f"run-{int(time.time())}"
-    rows = learning_curve(recipe(args.work, synth, cache, args.scale,
-                                 f"train.output_dir={run}", *args.overrides),
-                          [float(m) for m in args.marks.split(",")])
+    rows = learning_curve(Trainer(recipe(args.work, synth, cache, args.scale,
+                                         f"train.output_dir={run}", *args.overrides),
+                                  log=lambda _: None, evaluate=False),
+                          [float(m) for m in args.marks.split(",")], mask_ap, COLUMNS)
     free = baseline(recipe(args.work, synth, cache, args.scale, f"train.output_dir={run}",
                            *args.overrides))
     rows.append(["baseline", 0, f"{free['segm']['AP']:.1f}", f"{free['segm']['AP50']:.1f}",
                  f"{free['segm']['AP75']:.1f}"])
-    print(table(["minutes", "step", "mask AP", "AP50", "AP75"], rows))
+    print(table(COLUMNS, rows))
 
 
 if __name__ == "__main__":

@@ -406,7 +406,11 @@ def train(
             _dry_run(loaded)
             return
         trainer = Trainer(loaded, log=lambda line: console.print(line, highlight=False))
-        _print_head_size(trainer.accelerator.unwrap_model(trainer.head), trainer.detector, loaded)
+        if loaded.mode == "maskdino":
+            _print_model_size(trainer.task)
+        else:
+            _print_head_size(trainer.accelerator.unwrap_model(trainer.head), trainer.detector,
+                             loaded)
         with _training_progress(loaded) as update:
             position = trainer.run(resume=resume, progress=update)
     except (TrainingError, ValueError, FileNotFoundError) as err:
@@ -454,8 +458,28 @@ def _head_and_detector(recipe):
 
 
 def _dry_run(recipe) -> None:
+    if recipe.mode == "maskdino":
+        from accelerate import PartialState
+
+        from frozenseg.maskdino.task import MaskDINOTask
+
+        _print_model_size(MaskDINOTask(recipe, PartialState()), measure=True)
+        return
     head, detector = _head_and_detector(recipe)
     _print_head_size(head, detector, recipe)
+
+
+def _print_model_size(task, measure: bool = False) -> None:
+    """Mask DINO: where its weights came from, parameters, and (measure) the memory of one
+    training step at the recipe's batch size."""
+    from frozenseg.maskdino.memory import training_memory
+
+    for line in task.report:
+        console.print(line, highlight=False, soft_wrap=True)
+    params = sum(p.numel() for p in task.model.parameters())
+    console.print(f"Mask DINO: {params / 1e6:.2f} M parameters", highlight=False)
+    if measure:
+        console.print(training_memory(task), highlight=False, soft_wrap=True)
 
 
 def _print_head_size(head, detector, recipe) -> None:

@@ -254,3 +254,15 @@ def test_predict_draws_overlays_and_counts_instances(tmp_path, data, trained):  
     none = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
                                str(tmp_path / "none"), "--threshold", "1.5"])
     assert none.exit_code == 0 and "lower --threshold" in none.output
+
+
+def test_export_onnx_from_the_command_line(tmp_path, trained):
+    pytest.importorskip("onnxruntime")
+    from frozenseg.engine.onnx import check_onnx
+
+    out = tmp_path / "model.onnx"
+    result = _export("--head", trained, "--format", "onnx", "--out", out, "--height", 64,
+                     "--width", 96, "--dynamic")
+    assert result.exit_code == 0, result.output
+    detector, head, _ = load_trained(trained)
+    check_onnx(out, detector, head, torch.rand(1, 3, 70, 90))  # raises on disagreement

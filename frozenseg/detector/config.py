@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-QueryInit = Literal["learned", "proposals", "mixed"]
+QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,6 +29,8 @@ class DetectorConfig:
                     4-d reference boxes, and query_pos and content both come from them.
       ``mixed``     mixed query selection (DINO, H-Deformable-DETR): the proposals give the
                     reference boxes (and, for H-DETR, query_pos); the content is learned.
+      ``selected``  unified query selection (Mask DINO): the proposals give the reference
+                    boxes and the selected encoder tokens themselves the content.
     """
 
     variant: Literal["deformable_detr", "h_deformable_detr", "dino"] = "deformable_detr"

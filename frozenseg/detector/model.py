@@ -68,6 +68,18 @@ class RawDetection:
 
 
 @dataclass
+class Proposals:
+    """The top-Q encoder proposals (two-stage): tokens (B, Q, C) (the encoder output after
+    enc_output and its norm), class_logits (B, Q, K), box_logits (B, Q, 4) (inverse
+    sigmoid space), with gradients; index (B, Q) their positions in the memory."""
+
+    tokens: torch.Tensor
+    class_logits: torch.Tensor
+    box_logits: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
 class Queries:
     """Decoder input: content (B, Q, C), reference (B, Q, 2|4), query_pos (B, Q, C) or None."""
 
@@ -233,17 +245,8 @@ class DeformableDETR(nn.Module):
             query_pos = query_pos[None].expand(b, -1, -1)
             reference = t.reference_points(query_pos).sigmoid()
             return Queries(content[None].expand(b, -1, -1), reference, query_pos)
-        proposal_logits, valid = encoder_proposals(
-            memory, memory_mask, [tuple(s) for s in tensor_values(shapes)]
-        )
-        output_memory = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
-        scores = t.enc_out_class_embed(output_memory)
-        scores = scores[..., 0] if cfg.proposal_score == "first_class" else scores.max(-1).values
-        box_logits = t.enc_out_bbox_embed(output_memory) + proposal_logits
-        # Images too small to offer num_queries positions get one query per position.
-        top = torch.topk(scores, min(cfg.num_queries, scores.shape[1]), dim=1).indices
-        box_logits = torch.gather(box_logits, 1, top[..., None].expand(-1, -1, 4)).detach()
-        reference = box_logits.sigmoid()
+        proposals = self.select_proposals(memory, memory_mask, shapes)
+        reference = proposals.box_logits.detach().sigmoid()
         query_pos = content = None
         if not cfg.ref_point_head:
             sine = box_position_embedding(reference, num_feats=c // 2).to(memory.dtype)
@@ -251,7 +254,29 @@ class DeformableDETR(nn.Module):
             query_pos, content = embedded.split(c, dim=2)
         if cfg.query_init == "mixed":
             content = t.tgt_embed.weight[None, : reference.shape[1]].expand(b, -1, -1)
+        elif cfg.query_init == "selected":
+            content = proposals.tokens.detach()
         return Queries(content, reference, query_pos)
+
+    def select_proposals(self, memory, memory_mask, shapes) -> Proposals:
+        """Two-stage: score every encoder position as a proposal, keep the top num_queries
+        (by class 0 or the best class, as the variant ranks them)."""
+        cfg, t = self.config, self.transformer
+        proposal_logits, valid = encoder_proposals(
+            memory, memory_mask, [tuple(s) for s in tensor_values(shapes)]
+        )
+        tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
+        class_logits = t.enc_out_class_embed(tokens)
+        scores = (class_logits[..., 0] if cfg.proposal_score == "first_class"
+                  else class_logits.max(-1).values)
+        box_logits = t.enc_out_bbox_embed(tokens) + proposal_logits
+        # Images too small to offer num_queries positions get one query per position.
+        top = torch.topk(scores, min(cfg.num_queries, scores.shape[1]), dim=1).indices
+
+        def gather(x: torch.Tensor) -> torch.Tensor:
+            return torch.gather(x, 1, top[..., None].expand(-1, -1, x.shape[-1]))
+
+        return Proposals(gather(tokens), gather(class_logits), gather(box_logits), top)
 
 
 def build_detector(config: DetectorConfig) -> DeformableDETR:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from frozenseg.detector.backbones.swin import SwinStage
 from frozenseg.detector.transformer import Encoder, EncoderLayer
+from frozenseg.ops.tracing import tensor_values
 
 
 @dataclass
@@ -53,14 +54,14 @@ class TokenLayout:
 
     def valid_sizes(self, level: int = 0) -> list[tuple[int, int]]:
         """Unpadded (h, w) of ``level`` for each map, counted from the padding mask."""
-        h, w = (int(v) for v in self.shapes[level])
+        h, w = tensor_values(self.shapes[level])
         batch = self.valid_ratios.shape[0]
         if self.padding_mask is None:
             return [(h, w)] * batch
-        start = int(self.starts[level])
+        start = tensor_values(self.starts[level])
         valid = ~self.padding_mask[:, start : start + h * w].view(-1, h, w)
-        return list(zip(valid[:, :, 0].sum(1).tolist(), valid[:, 0, :].sum(1).tolist(),
-                        strict=True))
+        return list(zip(tensor_values(valid[:, :, 0].sum(1)),
+                        tensor_values(valid[:, 0, :].sum(1)), strict=True))
 
 
 class DeformableStack(nn.Module):
@@ -88,8 +89,8 @@ class MapStack(nn.Module):
         self.blocks = blocks
 
     def forward(self, tokens: Tensor, layout: TokenLayout) -> Tensor:
-        h, w = (int(v) for v in layout.shapes[0])
-        start = int(layout.starts[0])
+        h, w = tensor_values(layout.shapes[0])
+        start = tensor_values(layout.starts[0])
         level0 = tokens[:, start : start + h * w].view(-1, h, w, tokens.shape[-1])
         sizes = layout.valid_sizes(0)
         if all(size == (h, w) for size in sizes):

@@ -20,6 +20,7 @@ from torchvision.ops import roi_align
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.detector.position import feature_position_embedding
 from frozenseg.head.blocks import TokenLayout
+from frozenseg.ops.tracing import smaller, tensor_values
 
 C1_STRIDE = 4
 # RoIAlign bilinear samples per bin side (Mask R-CNN's choice); aligned=True puts pixel
@@ -56,8 +57,8 @@ class ImageFeatureEncoder(nn.Module):
         if self.stack is not None:
             layout = memory_layout(output, self.position(output))
             tokens = self.stack(tokens, layout)
-        h, w = (int(v) for v in output.spatial_shapes[0])
-        start = int(output.level_start_index[0])
+        h, w = tensor_values(output.spatial_shapes[0])
+        start = tensor_values(output.level_start_index[0])
         return tokens[:, start : start + h * w].transpose(1, 2).unflatten(2, (h, w))
 
     def position(self, output: DetectorOutput) -> Tensor | None:
@@ -66,8 +67,8 @@ class ImageFeatureEncoder(nn.Module):
             return None
         b, dim = output.memory.shape[0], self.level_embed.shape[1]
         pos = []
-        for level, (h, w) in enumerate(output.spatial_shapes.tolist()):
-            start = int(output.level_start_index[level])
+        for level, (h, w) in enumerate(tensor_values(output.spatial_shapes)):
+            start = tensor_values(output.level_start_index[level])
             valid = ~output.memory_mask[:, start : start + h * w].view(b, h, w)
             sine = feature_position_embedding(valid, num_feats=dim // 2, temperature=10000.0,
                                               offset=-0.5)
@@ -122,8 +123,10 @@ class FeatureFusion(nn.Module):
 def c1_valid_sizes(output: DetectorOutput) -> list[tuple[int, int]]:
     """Unpadded (h, w) of each image in C1: ceil(size / 4), at most C1's padded size."""
     hmax, wmax = output.c1.shape[-2:]
-    return [(min(-(-int(h) // C1_STRIDE), hmax), min(-(-int(w) // C1_STRIDE), wmax))
-            for h, w in output.image_sizes.tolist()]
+    # ceil(n / 4) as (n + 3) // 4, not -(-n // 4): ONNX export turns // into truncation.
+    up = C1_STRIDE - 1
+    return [(smaller((h + up) // C1_STRIDE, hmax), smaller((w + up) // C1_STRIDE, wmax))
+            for h, w in tensor_values(output.image_sizes)]
 
 
 def upsample_to(x: Tensor, size: tuple[int, int]) -> Tensor:

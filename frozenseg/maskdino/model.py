@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import masks_to_boxes
 
 from frozenseg.detector.model import DeformableDETR, Encoded
-from frozenseg.detector.transformer import MLP, encoder_proposals
+from frozenseg.detector.output import stack_padded
+from frozenseg.detector.transformer import MLP
 from frozenseg.maskdino.denoising import ContrastiveDenoising, DenoisingQueries
 from frozenseg.maskdino.outputs import MaskDINOOutput, Predictions
 
@@ -50,9 +51,10 @@ class MaskDINO(nn.Module):
                  box_noise_scale: float = 0.4, mask_enhanced_boxes: bool = False) -> None:
         super().__init__()
         config = detector.config
-        if config.variant != "dino" or not config.two_stage or not config.box_refine:
-            raise ValueError("Mask DINO builds on a two-stage DINO detector with box "
-                             f"refinement, not {config.variant} ({config.query_init} queries)")
+        if config.variant != "dino" or config.query_init != "selected" or not config.box_refine:
+            raise ValueError("Mask DINO builds on a DINO detector with box refinement and "
+                             "query_init 'selected' (unified query selection), not "
+                             f"{config.variant} with {config.query_init} queries")
         c, mask_dim = config.hidden_dim, mask_dim or config.hidden_dim
         self.detector = detector
         self.pixel_lateral = nn.Sequential(nn.Conv2d(detector.backbone.channels[0], c, 1),
@@ -81,6 +83,8 @@ class MaskDINO(nn.Module):
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor,
                 targets: list[dict] | None = None,
                 generator: torch.Generator | None = None) -> MaskDINOOutput:
+        if not self.training and len(images) > 1:
+            return self._one_by_one(images, padding_mask)
         encoded = self._encode(images, padding_mask)
         pixels = self.pixel_map(encoded)
         sizes = self._image_sizes(padding_mask)
@@ -101,6 +105,18 @@ class MaskDINO(nn.Module):
             layers = [_split(p, dn.pad_size, first=False) for p in layers]
         return MaskDINOOutput(layers=layers, encoder=encoder_predictions, denoising=denoising,
                               dn=dn, image_sizes=sizes,
+                              padded_size=(images.shape[-2], images.shape[-1]))
+
+    def _one_by_one(self, images: torch.Tensor, padding_mask: torch.Tensor) -> MaskDINOOutput:
+        """Inference on each image alone, at its own size, then padded into one output:
+        a padded batch would change the backbone's features near the padding (windows
+        and convolutions see it), so a batch gives exactly what single images give."""
+        sizes = self._image_sizes(padding_mask)
+        singles = [self(images[i:i + 1, :, :h, :w], padding_mask[i:i + 1, :h, :w])
+                   for i, (h, w) in enumerate(sizes.tolist())]
+        layers = [_stack([s.layers[k] for s in singles]) for k in range(len(singles[0].layers))]
+        return MaskDINOOutput(layers=layers, encoder=_stack([s.encoder for s in singles]),
+                              denoising=None, dn=None, image_sizes=sizes,
                               padded_size=(images.shape[-2], images.shape[-1]))
 
     # ------------------------------------------------------------------ parts
@@ -132,25 +148,18 @@ class MaskDINO(nn.Module):
         """Unified query selection -> (content (B, Q, C), reference boxes (B, Q, 4) in
         (0, 1), the selected proposals' Predictions). Content and reference carry no
         gradient into the encoder (as DINO); the proposals' predictions do."""
-        det, cfg = self.detector, self.detector.config
-        t, memory = det.transformer, encoded.encoder_states[-1]
-        proposal_logits, valid = encoder_proposals(
-            memory, encoded.mask, [tuple(s) for s in encoded.shapes.tolist()])
-        tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
-        class_logits = t.enc_out_class_embed(tokens)
-        box_logits = t.enc_out_bbox_embed(tokens) + proposal_logits
-        top = torch.topk(class_logits.max(-1).values, min(cfg.num_queries, tokens.shape[1]),
-                         dim=1).indices
-        gather = lambda x: torch.gather(x, 1, top[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-        selected = gather(tokens)
-        boxes = gather(box_logits).sigmoid()
-        logits = gather(class_logits)
-        norm = t.decoder.norm if t.decoder.norm is not None else nn.Identity()
-        _, masks = self.predict(norm(selected), pixels, nn.Identity())
+        det = self.detector
+        proposals = det.select_proposals(encoded.encoder_states[-1], encoded.mask,
+                                         encoded.shapes)
+        boxes = proposals.box_logits.sigmoid()
+        norm = det.transformer.decoder.norm
+        _, masks = self.predict(norm(proposals.tokens) if norm is not None else proposals.tokens,
+                                pixels, nn.Identity())
         reference = boxes.detach()
         if self.mask_enhanced_boxes:
             reference = self._mask_boxes(masks.detach(), sizes)
-        return selected.detach(), reference, Predictions(logits, boxes, masks)
+        return (proposals.tokens.detach(), reference,
+                Predictions(proposals.class_logits, boxes, masks))
 
     @staticmethod
     def _mask_boxes(masks: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -189,6 +198,12 @@ class MaskDINO(nn.Module):
         heights = (~padding_mask[:, :, 0]).sum(1)
         widths = (~padding_mask[:, 0, :]).sum(1)
         return torch.stack([heights, widths], -1)
+
+
+def _stack(predictions: list[Predictions]) -> Predictions:
+    """Predictions of single images -> one batch, zero-padded (queries, mask grid)."""
+    return Predictions(*(stack_padded([getattr(p, name) for p in predictions])
+                         for name in ("logits", "boxes", "masks")))
 
 
 def _split(p: Predictions, pad: int, *, first: bool) -> Predictions:

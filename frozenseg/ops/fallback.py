@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from frozenseg.ops.tracing import tensor_values
+
 # Largest sample tensor (elements) one chunk may create: 32M floats = 128 MB.
 CHUNK_ELEMENTS = 1 << 25
 
@@ -31,7 +33,7 @@ def ms_deform_attn_fallback(
 
     ``level_start_index`` is implied by ``spatial_shapes`` here and not read.
     """
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = [(h, w) for h, w in tensor_values(spatial_shapes)]
     compute_dtype = torch.promote_types(value.dtype, torch.float32)
     inputs = [t.to(compute_dtype) for t in (value, sampling_locations, attention_weights)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
@@ -92,6 +94,8 @@ def _sample_all(value, locations, weights, shapes) -> torch.Tensor:
         return value.new_zeros(n, q, value.shape[2] * value.shape[3])
     maps = _level_maps(value, shapes)
     grids, weights = _heads_first(locations, weights)
+    if torch.jit.is_tracing():  # chunk bounds would freeze the traced number of queries
+        return _merge_heads(_sample_chunk(maps, grids, weights), n)
     chunks = [
         _sample_chunk(maps, grids[:, q0:q1], weights[:, q0:q1])
         for q0, q1 in _query_chunks(q, maps, p)

@@ -43,8 +43,10 @@ def pad_hw(x: Tensor, multiple: int, *, channels_last: bool) -> Tensor:
     in the official Swin and FocalNet backbones is done (never top/left, never centred).
     """
     h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[-2], x.shape[-1])
-    pad_h, pad_w = -h % multiple, -w % multiple
-    if not (pad_h or pad_w):
+    # (m - h % m) % m, not -h % m: ONNX export gets remainders of negatives wrong. Traced, the
+    # pad is kept (possibly zero wide) so that the graph pads the sizes that need it.
+    pad_h, pad_w = (multiple - h % multiple) % multiple, (multiple - w % multiple) % multiple
+    if not (pad_h or pad_w) and not torch.jit.is_tracing():
         return x
     pad = (0, 0, 0, pad_w, 0, pad_h) if channels_last else (0, pad_w, 0, pad_h)
     return F.pad(x, pad)
@@ -224,8 +226,9 @@ class SwinStage(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(B, H, W, C) -> (stage output (B, H, W, C), downsampled input of the next stage)."""
-        hp = math.ceil(x.shape[1] / self.window) * self.window
-        wp = math.ceil(x.shape[2] / self.window) * self.window
+        # Integer ceil (not math.ceil) keeps the traced sizes symbolic for ONNX export.
+        hp = (x.shape[1] + self.window - 1) // self.window * self.window
+        wp = (x.shape[2] + self.window - 1) // self.window * self.window
         mask = shifted_window_mask(hp, wp, self.window, self.shift, device=x.device, dtype=x.dtype)
         for block in self.blocks:
             x = block(x, mask)

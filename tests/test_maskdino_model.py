@@ -1,0 +1,191 @@
+"""Mask DINO joint mode: the model on the detector's modules, training on the synthetic
+data, batching, images without annotations, and the round trips with detector folders."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+import frozenseg
+from frozenseg.convert import write_detector
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.model import build_detector
+from frozenseg.engine.train import Trainer
+from frozenseg.maskdino.model import MaskDINO
+from frozenseg.maskdino.task import DINO_FIXED, build_maskdino, save_as_detector
+from frozenseg.recipe import load_recipe
+from tests.weights import perturb
+
+TINY = {"backbone": {"name": "swin", "embed_dim": 32, "depths": [1, 1, 1, 1],
+                     "num_heads": [1, 2, 4, 8], "window_size": 7},
+        "hidden_dim": 64, "nheads": 4, "enc_layers": 2, "dim_feedforward": 64}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    frozenseg.synth(root, images=8, seed=3)
+    return root
+
+
+def recipe(tmp_path, data, *overrides):
+    split = {s: {"images": str(data / "images" / s),
+                 "annotations": str(data / f"instances_{s}.json"),
+                 "panoptic": str(data / f"panoptic_{s}.json"),
+                 "panoptic_png": str(data / f"panoptic_{s}")} for s in ("train", "val")}
+    body = {"mode": "maskdino",
+            "data": {**split, "transform": "lsj", "scale": 0.15, "num_workers": 0},
+            "maskdino": {"model": TINY, "num_queries": 12, "dec_layers": 2,
+                         "num_denoising": 8, "num_points": 256, "backbone_lr_factor": 1.0},
+            "train": {"output_dir": str(tmp_path / "run"), "batch_size": 2, "lr": 1e-3,
+                      "iterations": 2, "checkpoint_every": 0, "log_every": 1,
+                      "weight_decay": 0.05}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(body))
+    return load_recipe(tmp_path / "recipe.yaml", overrides)
+
+
+def tiny_model(num_classes: int = 5, seed: int = 0) -> MaskDINO:
+    torch.manual_seed(seed)
+    config = DetectorConfig.from_dict({**TINY, **DINO_FIXED, "num_classes": num_classes,
+                                       "num_queries": 10, "dec_layers": 2,
+                                       "dn_labelbook_size": num_classes})
+    return perturb(MaskDINO(build_detector(config), num_denoising=6), seed=seed)
+
+
+def test_training_steps_lower_the_loss(tmp_path, data):
+    """The same batch, 25 steps: the loss must fall well below where it started."""
+    trainer = Trainer(recipe(tmp_path, data), log=lambda _: None, evaluate=False)
+    task = trainer.task
+    batch = task.batch(task.collate([task.dataset[0], task.dataset[1]]))
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(25):
+        values = trainer.step(batch)
+        losses.append(values["loss"])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-5:]) < 0.7 * losses[0], losses
+    del generator
+
+
+def test_a_run_trains_evaluates_and_saves(tmp_path, data):
+    r = recipe(tmp_path, data)
+    trainer = Trainer(r, log=lambda _: None)
+    trainer.run()
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert "model" in state and state["class_names"] == trainer.task.class_names
+    metrics = (tmp_path / "run" / "eval" / "metrics.json").read_text()
+    for key in ('"panoptic"', '"semantic"', '"segm"', '"bbox"', '"PQ"', '"mIoU"'):
+        assert key in metrics
+
+
+def test_images_without_annotations_are_training_input(tmp_path, data):
+    trainer = Trainer(recipe(tmp_path, data), log=lambda _: None, evaluate=False)
+    task = trainer.task
+    images, padding, targets = task.collate([task.dataset[0], task.dataset[1]])
+    empty = {**targets[1], "labels": targets[1]["labels"][:0], "boxes": targets[1]["boxes"][:0],
+             "masks": targets[1]["masks"][:0], "iscrowd": targets[1]["iscrowd"][:0],
+             "isthing": targets[1]["isthing"][:0]}
+    for batch_targets in ([targets[0], empty], [empty, empty]):
+        values = trainer.step(task.batch((images, padding, batch_targets)))
+        assert torch.isfinite(torch.tensor(values["loss"]))
+
+
+def test_a_batch_of_two_equals_two_singles():
+    model = tiny_model().eval()
+    a, b = torch.rand(3, 96, 128), torch.rand(3, 64, 96)
+    batch = torch.zeros(2, 3, 96, 128)
+    batch[0], batch[1, :, :64, :96] = a, b
+    padding = torch.ones(2, 96, 128, dtype=torch.bool)
+    padding[0] = False
+    padding[1, :64, :96] = False
+    with torch.no_grad():
+        both = model(batch, padding)
+        singles = [model(x[None], torch.zeros(1, *x.shape[1:], dtype=torch.bool)) for x in (a, b)]
+    for i, single in enumerate(singles):
+        h, w = single.final.masks.shape[-2:]
+        torch.testing.assert_close(both.final.logits[i], single.final.logits[0],
+                                   atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(both.final.boxes[i], single.final.boxes[0],
+                                   atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(both.final.masks[i, :, :h, :w], single.final.masks[0],
+                                   atol=2e-3, rtol=1e-3)
+
+
+def test_denoising_queries_only_in_training():
+    model = tiny_model()
+    images, padding = torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    targets = [{"labels": torch.tensor([1, 3]),
+                "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.3, 0.6, 0.2, 0.4]]),
+                "masks": torch.zeros(2, 64, 64, dtype=torch.bool),
+                "isthing": torch.tensor([True, False])}]
+    trained = model.train()(images, padding, targets, generator=torch.Generator().manual_seed(0))
+    assert trained.dn is not None and trained.denoising[0].logits.shape[1] == trained.dn.pad_size
+    assert trained.final.logits.shape[1] == model.config.num_queries
+    assert model.eval()(images, padding, targets).dn is None
+
+
+def test_checkpointing_changes_memory_not_results():
+    model = tiny_model().train()
+    images, padding = torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    plain = model(images, padding)
+    model.set_checkpointing(backbone=True, encoder=True, decoder=True)
+    checkpointed = model(images, padding)
+    torch.testing.assert_close(plain.final.masks, checkpointed.final.masks)
+    checkpointed.final.masks.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters()
+               if n.startswith(("detector.backbone", "detector.transformer.encoder")))
+
+
+# ------------------------------------------------------------------ detector round trips
+
+
+def test_init_from_a_dino_detector_remaps_classes_by_name(tmp_path, data):
+    """A converted DINO (mixed queries, other classes) starts the joint model: matching
+    tensors load, class rows follow the names, the report names what was dropped."""
+    torch.manual_seed(1)
+    config = DetectorConfig.from_dict({**TINY, **DINO_FIXED, "query_init": "mixed",
+                                       "num_classes": 3, "num_queries": 12, "dec_layers": 2,
+                                       "dn_labelbook_size": 3})
+    dino = perturb(build_detector(config), seed=1)
+    names = ["star", "kite", "sky"]  # synth has star and sky; kite is not there
+    write_detector(tmp_path / "dino", dino.state_dict(), config, format="test", source="x",
+                   class_names=names)
+    r = recipe(tmp_path, data, f"maskdino.init={tmp_path / 'dino'}")
+    dataset_names = list(Trainer.__mro__ and _class_names(r))
+    model, report = build_maskdino(r, dataset_names)
+    assert "matched by name" in " ".join(report) and "kite" in report[-1]
+    source = dino.state_dict()
+    for name in ("star", "sky"):
+        k, row = dataset_names.index(name), names.index(name)
+        torch.testing.assert_close(model.detector.class_embed[0].weight[k],
+                                   source["class_embed.0.weight"][row])
+        torch.testing.assert_close(model.detector.label_enc.weight[k],
+                                   source["label_enc.weight"][row])
+    torch.testing.assert_close(model.detector.transformer.encoder.layers[0].linear1.weight,
+                               source["transformer.encoder.layers.0.linear1.weight"])
+
+
+def _class_names(r) -> list[str]:
+    from frozenseg.maskdino.task import MaskDINOTask
+
+    return list(MaskDINOTask.training_data(r).category_names)
+
+
+def test_a_joint_model_is_a_frozen_detector_again(tmp_path):
+    """save_as_detector -> load_detector: the frozen detector's decoder gives the joint
+    model's final class logits and boxes."""
+    model = tiny_model(num_classes=4).eval()
+    folder = save_as_detector(model, tmp_path / "det", ["a", "b", "c", "d"])
+    frozen = frozenseg.load_detector(folder)
+    assert frozen.classes["names"] == ["a", "b", "c", "d"]
+    images, padding = torch.rand(1, 3, 80, 96), torch.zeros(1, 80, 96, dtype=torch.bool)
+    with torch.no_grad():
+        joint = model(images, padding)
+        raw = frozen.model(images, padding)
+    torch.testing.assert_close(raw.logits[-1], joint.final.logits)
+    torch.testing.assert_close(raw.boxes[-1], joint.final.boxes)
+    assert dataclasses.asdict(frozen.config) == dataclasses.asdict(model.config)
