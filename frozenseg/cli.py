@@ -156,8 +156,12 @@ def convert(
     """Convert a DETR-family checkpoint into a verified frozen detector."""
     from frozenseg.checkpoint import CheckpointError
     from frozenseg.convert import ConversionError, convert_checkpoint
+    from frozenseg.maskdino.task import is_joint_checkpoint
 
     names = _read_class_names(class_names)
+    if is_joint_checkpoint(detector):
+        _joint_to_detector(detector, out)
+        return
     try:
         with console.status(f"Converting {detector} ..."):
             report = convert_checkpoint(detector, out, format=format, num_classes=num_classes,
@@ -167,6 +171,19 @@ def convert(
         _fail(str(err))
     _print_report(report)
     console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}")
+
+
+def _joint_to_detector(checkpoint: Path, out: Path) -> None:
+    """A Mask DINO checkpoint of the joint mode -> a detector folder for the head pipeline."""
+    from frozenseg.maskdino.task import load_joint, save_as_detector
+
+    try:
+        model, info = load_joint(checkpoint)
+        save_as_detector(model, out, info["class_names"], source=checkpoint.name)
+    except (ValueError, RuntimeError, KeyError) as err:
+        _fail(f"{checkpoint}: {str(err).strip().splitlines()[0]}")
+    console.print(f"Mask DINO checkpoint (joint mode): its detector, {len(info['class_names'])} "
+                  f"classes, written to {out}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -515,6 +532,9 @@ def evaluate(
     from frozenseg.engine.train import load_trained
 
     loaded = _load_recipe(recipe, overrides or [])
+    if loaded.mode == "maskdino":
+        _evaluate_joint(loaded, checkpoint, out)
+        return
     try:
         detector, head, _ = load_trained(checkpoint, recipe=loaded)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -526,6 +546,30 @@ def evaluate(
     console.print(metrics_table(metrics))
     console.print(per_class_table(metrics, "segm"))
     console.print(f"results and metrics: {folder}", highlight=False, soft_wrap=True)
+
+
+def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
+    """frozenseg eval in mode maskdino: AP, PQ and mIoU of a joint checkpoint."""
+    import torch
+
+    from frozenseg.engine.evaluate import metrics_table
+    from frozenseg.engine.panoptic_eval import panoptic_table
+    from frozenseg.maskdino.task import evaluate_joint, load_joint
+
+    if checkpoint is None:
+        _fail("--checkpoint is needed (a joint-mode last.pt or best.pt)")
+    try:
+        model, _ = load_joint(checkpoint)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        folder = out or Path(recipe.train.output_dir) / "eval"
+        metrics, _, line = evaluate_joint(model.to(device), recipe, folder)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        _fail(f"{checkpoint}: {str(err).splitlines()[0]}")
+    if "bbox" in metrics:
+        console.print(metrics_table(metrics))
+    if "panoptic" in metrics:
+        console.print(panoptic_table(metrics["panoptic"]))
+    console.print(f"{line}; results and metrics: {folder}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------ masks out

@@ -4,6 +4,7 @@ data, batching, images without annotations, and the round trips with detector fo
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -61,14 +62,12 @@ def test_training_steps_lower_the_loss(tmp_path, data):
     trainer = Trainer(recipe(tmp_path, data), log=lambda _: None, evaluate=False)
     task = trainer.task
     batch = task.batch(task.collate([task.dataset[0], task.dataset[1]]))
-    generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(25):
         values = trainer.step(batch)
         losses.append(values["loss"])
     assert all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-5:]) < 0.7 * losses[0], losses
-    del generator
 
 
 def test_a_run_trains_evaluates_and_saves(tmp_path, data):
@@ -80,6 +79,22 @@ def test_a_run_trains_evaluates_and_saves(tmp_path, data):
     metrics = (tmp_path / "run" / "eval" / "metrics.json").read_text()
     for key in ('"panoptic"', '"semantic"', '"segm"', '"bbox"', '"PQ"', '"mIoU"'):
         assert key in metrics
+    # The command line: evaluate the checkpoint again, and turn it into a frozen detector.
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    runner, last = CliRunner(), str(tmp_path / "run" / "last.pt")
+    again = runner.invoke(app, ["eval", str(tmp_path / "recipe.yaml"), "--checkpoint", last,
+                                "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0 and "PQ" in again.output, again.output
+    assert (json.loads((tmp_path / "again" / "metrics.json").read_text())["panoptic"]
+            == json.loads(metrics)["panoptic"])
+    converted = runner.invoke(app, ["convert", "--detector", last, "--out",
+                                    str(tmp_path / "det")])
+    assert converted.exit_code == 0, converted.output
+    frozen = frozenseg.load_detector(tmp_path / "det")
+    assert frozen.classes["names"] == trainer.task.class_names
 
 
 def test_images_without_annotations_are_training_input(tmp_path, data):
@@ -189,3 +204,23 @@ def test_a_joint_model_is_a_frozen_detector_again(tmp_path):
     torch.testing.assert_close(raw.logits[-1], joint.final.logits)
     torch.testing.assert_close(raw.boxes[-1], joint.final.boxes)
     assert dataclasses.asdict(frozen.config) == dataclasses.asdict(model.config)
+
+
+def test_a_bf16_training_step_is_finite():
+    """bf16 autocast, the deformable op included (the fallback here; the kernel on a GPU)."""
+    from frozenseg.maskdino.criterion import MaskDINOCriterion
+
+    model = tiny_model().train()
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks[0, 20:40, 20:40] = True
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.47, 0.47, 0.31, 0.31]]),
+                "masks": masks, "isthing": torch.tensor([True])}]
+    images, padding = torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, padding, targets, generator=torch.Generator().manual_seed(0))
+        losses = MaskDINOCriterion(5, num_points=256)(out, targets,
+                                                      generator=torch.Generator().manual_seed(0))
+    assert out.final.masks.dtype == torch.bfloat16
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"].detach())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -129,6 +129,31 @@ def save_as_detector(model: MaskDINO, out_dir: str | os.PathLike, class_names: l
     return Path(out_dir)
 
 
+def is_joint_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint frozenseg's joint mode wrote (safe to probe)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a checkpoint, or one the safe loader refuses: not ours
+        return False
+    return isinstance(state, dict) and {"model", "detector_config", "class_names"} <= set(state)
+
+
+def load_joint(checkpoint: str | os.PathLike) -> tuple[MaskDINO, dict]:
+    """(model in eval mode, {"recipe", "class_names", "isthing"}) of a joint checkpoint,
+    rebuilt from what it carries (no init folder needed)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "detector_config" not in state:
+        raise ValueError(f"{checkpoint}: not a frozenseg Mask DINO checkpoint")
+    from frozenseg.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(state["recipe"], str(checkpoint))
+    detector = build_detector(DetectorConfig.from_dict(state["detector_config"]))
+    model = _model(detector, recipe.maskdino)
+    model.load_state_dict(state["model"])
+    return model.eval(), {"recipe": recipe, "class_names": state["class_names"],
+                          "isthing": state.get("isthing")}
+
+
 class MaskDINOTask:
     """The joint mode for :class:`frozenseg.engine.train.Trainer` (see HeadTask)."""
 
@@ -204,25 +229,32 @@ class MaskDINOTask:
         return self.criterion(output, targets, generator=generator)
 
     def evaluate(self, model, out_dir: Path) -> tuple[dict, float, str]:
-        split = self.recipe.data.val
-        metrics = evaluate_maskdino(
-            model, EvalSplit(split.images, split.annotations, split.panoptic,
-                             split.panoptic_png),
-            out_dir, transform=eval_transform(self.recipe.data.scale),
-            settings=InferenceSettings(
-                object_mask_threshold=self.recipe.maskdino.object_threshold,
-                overlap_threshold=self.recipe.maskdino.overlap_threshold),
-            batch_size=self.recipe.train.batch_size)
-        parts = [f"{name} {value:.2f}" for name, value in _headline(metrics)]
-        score = metrics["panoptic"]["all"]["PQ"] if "panoptic" in metrics else \
-            metrics["segm"]["AP"]
-        return metrics, score, ", ".join(parts)
+        return evaluate_joint(model, self.recipe, out_dir)
 
     def extra_state(self) -> dict:
-        return {"class_names": self.class_names}
+        # Enough to rebuild the model without the recipe's init folder (load_joint).
+        return {"class_names": self.class_names, "isthing": self.isthing,
+                "detector_config": self.model.config.to_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+
+def evaluate_joint(model: MaskDINO, recipe, out_dir: str | os.PathLike
+                   ) -> tuple[dict, float, str]:
+    """AP, PQ and mIoU on the recipe's val split (whatever files it names) -> (metrics,
+    the score that picks best.pt: PQ when panoptic, else mask AP, a summary line)."""
+    split = recipe.data.val
+    metrics = evaluate_maskdino(
+        model, EvalSplit(split.images, split.annotations, split.panoptic, split.panoptic_png),
+        out_dir, transform=eval_transform(recipe.data.scale),
+        settings=InferenceSettings(object_mask_threshold=recipe.maskdino.object_threshold,
+                                   overlap_threshold=recipe.maskdino.overlap_threshold),
+        batch_size=recipe.train.batch_size)
+    line = ", ".join(f"{name} {value:.2f}" for name, value in _headline(metrics))
+    score = (metrics["panoptic"]["all"]["PQ"] if "panoptic" in metrics
+             else metrics["segm"]["AP"])
+    return metrics, score, line
 
 
 def _headline(metrics: dict) -> list[tuple[str, float]]:
