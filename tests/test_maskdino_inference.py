@@ -17,10 +17,10 @@ from torch import nn
 from frozenseg.data import CocoPanoptic, panoptic_to_semantic
 from frozenseg.data.synth import synth
 from frozenseg.data.transforms import Compose, evaluation
-from frozenseg.maskdino.inference import (
-    EvalSplit,
+from frozenseg.maskdino.inference import EvalSplit, evaluate_maskdino
+from frozenseg.maskdino.outputs import MaskDINOOutput, Predictions
+from frozenseg.maskdino.postprocess import (
     InferenceSettings,
-    evaluate_maskdino,
     instance_inference,
     mask_boxes,
     panoptic_inference,
@@ -28,7 +28,6 @@ from frozenseg.maskdino.inference import (
     semantic_inference,
     upsample_masks,
 )
-from frozenseg.maskdino.outputs import MaskDINOOutput, Predictions
 
 # pycocotools 2.0 with numpy 2 warns inside its own decode; nothing to act on here.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

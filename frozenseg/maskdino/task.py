@@ -28,9 +28,10 @@ from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, train_transform
 from frozenseg.maskdino.criterion import LossWeights, MaskDINOCriterion
-from frozenseg.maskdino.inference import EvalSplit, InferenceSettings, evaluate_maskdino
+from frozenseg.maskdino.inference import EvalSplit, evaluate_maskdino
 from frozenseg.maskdino.matcher import HybridMatcher, MatchCostWeights
 from frozenseg.maskdino.model import MaskDINO
+from frozenseg.maskdino.postprocess import InferenceSettings
 
 # What every Mask DINO shares with DINO's code (formats/dino.py derives the same for a
 # converted DINO), except the queries: unified query selection.
