@@ -224,3 +224,20 @@ def test_a_bf16_training_step_is_finite():
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"].detach())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_mask_enhanced_boxes_are_the_boxes_of_the_proposals_masks():
+    """Sec. 3.2: the anchors become the boxes of the selected proposals' masks (> 0)."""
+    masks = torch.full((1, 2, 16, 24), -1.0)
+    masks[0, 0, 4:8, 6:18] = 1.0      # rows 4..7, columns 6..17 of a 16 x 24 grid
+    masks[0, 1, 0:16, 0:12] = 1.0
+    sizes = torch.tensor([[64, 96]])  # the image is the whole 64 x 96 (grid x 4)
+    boxes = MaskDINO._mask_boxes(masks, sizes)
+    expected = torch.tensor([[[12 / 24, 6 / 16, 12 / 24, 4 / 16],
+                              [6 / 24, 8 / 16, 12 / 24, 16 / 16]]]).clamp(1e-4, 1 - 1e-4)
+    torch.testing.assert_close(boxes, expected)
+    model = tiny_model().eval()
+    model.mask_enhanced_boxes = True
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+    assert torch.isfinite(out.final.boxes).all()
