@@ -602,7 +602,7 @@ def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
 
 
 def _images(paths: list[Path], annotations: Path | None, scale: float):
-    """(ImageFolder at the recipe's evaluation view, class mapping, id -> name)."""
+    """The images (files, folders, or a COCO json's image table) at the evaluation view."""
     from frozenseg.data import ImageFolder
     from frozenseg.engine.data import eval_transform
 

@@ -204,8 +204,8 @@ def _given_boxes(detector, head, dataset, writer, classes, settings, boxes, pngs
         masks, clipped, degenerate = masks_for_boxes(
             detector, head, classes, (item[0].to(device), item[1]), entries,
             settings.mask_threshold)
-        summary.clipped, summary.degenerate = summary.clipped + clipped, (
-            summary.degenerate + degenerate)
+        summary.clipped += clipped
+        summary.degenerate += degenerate
         for i, entry, (rle, quality) in zip(entry_ids, entries, masks, strict=True):
             pending[i] = {**entry, "segmentation": rle,
                           **({} if quality is None else {"mask_quality": quality})}
@@ -249,7 +249,7 @@ def masks_for_boxes(detector, head, classes: ClassMapping, item: tuple, entries:
         categories = [entries[i].get("category_id") for i in kept]
         labels = None if None in categories else classes.to_detector(categories)
         output = detector.embed_boxes(
-            [image[:, :view_h, :view_w]], [view_boxes],
+            [image], [view_boxes],
             None if labels is None else [torch.tensor(labels, device=image.device)])
         head_output = head(output)
         order = head_output.query_index.argsort()  # the masks in the order of the boxes

@@ -317,10 +317,9 @@ class Trainer:
         """Evaluate on the val split (process 0) and keep best.pt by the task's metric."""
         if not self.evaluate or not self.accelerator.is_main_process:
             return None
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        metrics, score, line = self.task.evaluate(model, self.out / "eval")
-        model.train(was_training)
+        # The task's evaluation puts the model back in training mode itself.
+        metrics, score, line = self.task.evaluate(self.accelerator.unwrap_model(self.model),
+                                                  self.out / "eval")
         self.log(f"step {self.position.step}: {line}")
         if score > self.position.best_ap:
             self.position.best_ap = score

@@ -131,9 +131,10 @@ def save_as_detector(model: MaskDINO, out_dir: str | os.PathLike, class_names: l
 
 
 def is_joint_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a checkpoint frozenseg's joint mode wrote (safe to probe)."""
+    """Whether ``path`` is a checkpoint frozenseg's joint mode wrote (safe to probe).
+    Memory-mapped: only the pickle is read, not the tensors of a large checkpoint."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a checkpoint, or one the safe loader refuses: not ours
         return False
     return isinstance(state, dict) and {"model", "detector_config", "class_names"} <= set(state)
