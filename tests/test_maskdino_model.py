@@ -241,3 +241,25 @@ def test_mask_enhanced_boxes_are_the_boxes_of_the_proposals_masks():
     with torch.no_grad():
         out = model(torch.rand(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
     assert torch.isfinite(out.final.boxes).all()
+
+
+def test_training_init_starts_every_box_at_its_reference_and_classes_at_the_prior(tmp_path,
+                                                                                   data):
+    """From random weights (no maskdino.init) the model starts as DINO's code does: box
+    heads output zero deltas (each prediction is its reference box, so matched boxes are
+    sensible from step one) and class probabilities sit around the focal prior 0.01
+    (the classifiers' bias; their weights are random), not around 0.5."""
+    model, _ = build_maskdino(recipe(tmp_path, data), [f"c{i}" for i in range(5)])
+    model.eval()
+    images, padding = torch.rand(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(images, padding)
+        encoded = model._encode(images, padding)
+        proposals = model.detector.select_proposals(encoded.encoder_states[-1], encoded.mask,
+                                                    encoded.shapes)
+    anchors = proposals.box_logits.sigmoid()
+    torch.testing.assert_close(out.encoder.boxes, anchors)
+    for layer in out.layers:  # zero deltas: the reference, up to inverse_sigmoid's clamp
+        torch.testing.assert_close(layer.boxes, anchors, atol=1e-5, rtol=1e-4)
+    for logits in [out.encoder.logits, *(layer.logits for layer in out.layers)]:
+        assert 0.003 < logits.sigmoid().median() < 0.03

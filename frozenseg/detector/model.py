@@ -13,6 +13,7 @@ reference box = the box itself).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from frozenseg.detector.transformer import (
     encoder_proposals,
     inverse_sigmoid,
 )
+from frozenseg.ops import MSDeformAttn
 from frozenseg.ops.tracing import spatial_shapes, tensor_values
 
 
@@ -139,6 +141,36 @@ class DeformableDETR(nn.Module):
         self.bbox_embed = nn.ModuleList(
             MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3) for _ in range(config.dec_layers)
         )
+
+    def init_for_training(self, prior_prob: float = 0.01) -> None:
+        """Deformable DETR's and DINO's initialisation, for training from random weights.
+
+        A module's default init suits loading weights, not learning: classifiers start at
+        the focal loss's prior (p = 0.01 for every class, so the first losses are not
+        swamped by confident false positives), box heads' last layers at zero (each
+        prediction starts at its reference box, which box refinement then corrects),
+        transformer matrices Xavier-uniform with the deformable attention's sampling
+        grid, level embeddings normal, input projections Xavier with zero bias.
+        """
+        for p in self.transformer.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for module in self.transformer.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_parameters()
+        nn.init.normal_(self.transformer.level_embed)
+        classifiers, box_heads = list(self.class_embed), list(self.bbox_embed)
+        if self.config.two_stage:
+            classifiers.append(self.transformer.enc_out_class_embed)
+            box_heads.append(self.transformer.enc_out_bbox_embed)
+        for classifier in classifiers:
+            nn.init.constant_(classifier.bias, -math.log((1 - prior_prob) / prior_prob))
+        for head in box_heads:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        for projection in self.input_proj:
+            nn.init.xavier_uniform_(projection[0].weight)
+            nn.init.zeros_(projection[0].bias)
 
     @staticmethod
     def _input_projections(config: DetectorConfig, channels: list[int]) -> list[nn.Module]:

@@ -50,7 +50,9 @@ def build_maskdino(recipe, class_names: list[str]) -> tuple[MaskDINO, list[str]]
              "dec_layers": section.dec_layers, "dn_labelbook_size": len(class_names)}
     if section.init is None:
         base = DetectorConfig.from_dict({**section.model, **DINO_FIXED, **shape})
-        return _model(build_detector(base), section), [
+        detector = build_detector(base)
+        detector.init_for_training()
+        return _model(detector, section), [
             f"Mask DINO from random weights ({base.backbone['name']} backbone)"]
     from frozenseg.detector.frozen import load_detector
 
@@ -59,7 +61,9 @@ def build_maskdino(recipe, class_names: list[str]) -> tuple[MaskDINO, list[str]]
         raise ValueError(f"{section.init}: maskdino.init needs a two-stage DINO detector, "
                          f"not {source.config.variant} ({source.config.query_init} queries)")
     config = dataclasses.replace(source.config, **DINO_FIXED, **shape)
-    model = _model(build_detector(config), section)
+    detector = build_detector(config)
+    detector.init_for_training()  # what the source lacks (new classes) starts as DINO's
+    model = _model(detector, section)
     report = _load_matching(model.detector, source.model.state_dict(), source.classes["names"],
                             class_names, section.init)
     return model, report
