@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -152,12 +154,22 @@ def convert(
         help="Allow any pickled Python object (runs code from the file: trusted sources only).",
     ),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    to: str = typer.Option("frozenseg", "--to", help="frozenseg: a detector folder; dino: "
+                           "one .pth file in the official DINO layout (a DINO detector only, "
+                           "e.g. a joint-mode run with maskdino.query_init=mixed)."),
 ) -> None:
     """Convert a DETR-family checkpoint into a verified frozen detector."""
     from frozenseg.checkpoint import CheckpointError
     from frozenseg.convert import ConversionError, convert_checkpoint
     from frozenseg.maskdino.task import is_joint_checkpoint
 
+    if to not in ("frozenseg", "dino"):
+        _fail(f"--to {to}: expected frozenseg or dino")
+    if to == "dino":
+        _convert_to_dino(out, detector=detector, format=format, num_classes=num_classes,
+                         class_names=class_names, trust_checkpoint=trust_checkpoint,
+                         config=config)
+        return
     names = _read_class_names(class_names)
     if is_joint_checkpoint(detector):
         _joint_to_detector(detector, out)
@@ -171,6 +183,26 @@ def convert(
         _fail(str(err))
     _print_report(report)
     console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}")
+
+
+def _convert_to_dino(out: Path, **options) -> None:
+    """Convert as usual into a temporary folder, then write that detector in DINO's
+    layout: a checkpoint the official DINO code (and ``frozenseg convert``) reads."""
+    import tempfile
+
+    from frozenseg.detector.frozen import load_detector
+    from frozenseg.formats.dino import save_official
+
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert(out=Path(tmp), to="frozenseg", **options)
+        frozen = load_detector(tmp)
+        try:
+            save_official(frozen.model.state_dict(), frozen.config, out)
+        except ValueError as err:
+            _fail(f"{options['detector']}: {err}")
+    console.print(f"wrote {out} (official DINO layout, {frozen.config.num_classes} classes)",
+                  highlight=False, soft_wrap=True)
 
 
 def _joint_to_detector(checkpoint: Path, out: Path) -> None:
@@ -438,7 +470,6 @@ def train(
 
 def _training_progress(recipe):
     """A context giving update(record): a rich bar with ETA, loss, lr, it/s, peak memory."""
-    import contextlib
 
     import torch
     from rich.progress import (
@@ -628,7 +659,6 @@ def _classes(detector, dataset):
 
 def _image_progress(description: str):
     """A rich bar over images; yields update(done, total) (see _ProgressUpdate)."""
-    import contextlib
 
     from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 

@@ -200,6 +200,10 @@ class MaskDINOSection:
     init: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
     task: Literal["instance", "panoptic"] = "panoptic"   # panoptic: things and stuff
+    # Content queries: "selected" (Mask DINO's unified selection: the top encoder tokens)
+    # or "mixed" (DINO's learned content; the detector is then exactly DINO and exports
+    # in the official DINO layout).
+    query_init: Literal["selected", "mixed"] = "selected"
     num_queries: int = 300
     dec_layers: int = 9
     num_denoising: int = 100        # denoising queries per batch (dynamic groups)

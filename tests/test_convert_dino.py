@@ -61,21 +61,9 @@ CONVERTED = {**VARIANTS, "focalnet_4scale": dataclasses.replace(
 ARGS = {"nheads": 8, "num_select": 300, "pe_temperatureH": 20, "pe_temperatureW": 20}
 
 
-def official_layout(state_dict: dict, config: DetectorConfig) -> dict:
-    """Canonical keys -> DINO's: the backbone under ``backbone.0.`` (+ ``body.`` for a
-    ResNet), and the decoder's second reference to every per-layer head."""
-    prefix = "backbone.0.body." if config.backbone["name"].startswith("resnet") else "backbone.0."
-    out = {}
-    for key, tensor in state_dict.items():
-        out[key.replace("backbone.", prefix, 1) if key.startswith("backbone.") else key] = tensor
-        if key.startswith(("class_embed.", "bbox_embed.")):
-            out[f"transformer.decoder.{key}"] = tensor.clone()
-    return out
-
-
 def random_official_state_dict(variant: str) -> dict:
     config = CONVERTED[variant]
-    return official_layout(perturb(build_detector(config)).state_dict(), config)
+    return dino.official_state_dict(perturb(build_detector(config)).state_dict(), config)
 
 
 def images_and_padding():
@@ -93,7 +81,7 @@ def images_and_padding():
 def test_official_layout_is_the_recorded_one(variant):
     with torch.device("meta"):
         model = build_detector(VARIANTS[variant])
-    layout = official_layout(model.state_dict(), VARIANTS[variant])
+    layout = dino.official_state_dict(model.state_dict(), VARIANTS[variant])
     assert {k: list(v.shape) for k, v in layout.items()} == RECORDED[variant]
 
 
@@ -104,7 +92,7 @@ def test_full_size_dino_config_is_derived_from_shapes_with_or_without_args():
                             dn_labelbook_size=91, backbone={"name": "resnet50"},
                             backbone_levels=(1, 2, 3), num_feature_levels=4)
     with torch.device("meta"):
-        layout = official_layout(build_detector(config).state_dict(), config)
+        layout = dino.official_state_dict(build_detector(config).state_dict(), config)
     assert detect_format(layout).name == "dino"
     assert dino.derive_config(layout, ARGS) == (config, [])
     derived, notes = dino.derive_config(layout, {})

@@ -49,11 +49,12 @@ def recipe(tmp_path, data, *overrides):
     return load_recipe(tmp_path / "recipe.yaml", overrides)
 
 
-def tiny_model(num_classes: int = 5, seed: int = 0) -> MaskDINO:
+def tiny_model(num_classes: int = 5, seed: int = 0, query_init: str = "selected") -> MaskDINO:
     torch.manual_seed(seed)
     config = DetectorConfig.from_dict({**TINY, **DINO_FIXED, "num_classes": num_classes,
                                        "num_queries": 10, "dec_layers": 2,
-                                       "dn_labelbook_size": num_classes})
+                                       "dn_labelbook_size": num_classes,
+                                       "query_init": query_init})
     return perturb(MaskDINO(build_detector(config), num_denoising=6), seed=seed)
 
 
@@ -190,10 +191,11 @@ def _class_names(r) -> list[str]:
     return list(MaskDINOTask.training_data(r).category_names)
 
 
-def test_a_joint_model_is_a_frozen_detector_again(tmp_path):
+@pytest.mark.parametrize("query_init", ["selected", "mixed"])
+def test_a_joint_model_is_a_frozen_detector_again(tmp_path, query_init):
     """save_as_detector -> load_detector: the frozen detector's decoder gives the joint
-    model's final class logits and boxes."""
-    model = tiny_model(num_classes=4).eval()
+    model's final class logits and boxes (Mask DINO's queries, or DINO's own)."""
+    model = tiny_model(num_classes=4, query_init=query_init).eval()
     folder = save_as_detector(model, tmp_path / "det", ["a", "b", "c", "d"])
     frozen = frozenseg.load_detector(folder)
     assert frozen.classes["names"] == ["a", "b", "c", "d"]

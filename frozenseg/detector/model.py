@@ -284,11 +284,17 @@ class DeformableDETR(nn.Module):
             sine = box_position_embedding(reference, num_feats=c // 2).to(memory.dtype)
             embedded = t.pos_trans_norm(t.pos_trans(sine))
             query_pos, content = embedded.split(c, dim=2)
-        if cfg.query_init == "mixed":
-            content = t.tgt_embed.weight[None, : reference.shape[1]].expand(b, -1, -1)
-        elif cfg.query_init == "selected":
-            content = proposals.tokens.detach()
+        if cfg.query_init in ("mixed", "selected"):
+            content = self.selected_content(proposals)
         return Queries(content, reference, query_pos)
+
+    def selected_content(self, proposals: Proposals) -> torch.Tensor:
+        """Content queries (B, Q, C) beside the selected anchors: DINO's learned embedding
+        ("mixed") or the selected encoder tokens, without gradient ("selected")."""
+        if self.config.query_init == "mixed":
+            b, q = proposals.tokens.shape[:2]
+            return self.transformer.tgt_embed.weight[None, :q].expand(b, -1, -1)
+        return proposals.tokens.detach()
 
     def select_proposals(self, memory, memory_mask, shapes) -> Proposals:
         """Two-stage: score every encoder position as a proposal, keep the top num_queries

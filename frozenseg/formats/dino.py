@@ -9,11 +9,15 @@ the per-layer heads (``transformer.decoder.{class,bbox}_embed.i``), saved as dup
 
 from __future__ import annotations
 
+import argparse
 import re
+
+import torch
 
 from frozenseg.detector.backbones.focalnet import focalnet_config_from_state_dict
 from frozenseg.detector.backbones.swin import swin_config_from_state_dict
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.files import atomic_path
 from frozenseg.formats.base import (
     CheckpointFormat,
     Renamed,
@@ -130,6 +134,39 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
     return out
+
+
+def official_state_dict(state_dict: StateDict, config: DetectorConfig) -> StateDict:
+    """Canonical keys -> DINO's (the inverse of :func:`rename`): the backbone under
+    ``backbone.0.`` (+ ``body.`` for a ResNet), and the decoder's second reference to every
+    per-layer head, as DINO's own checkpoints hold them."""
+    prefix = "backbone.0.body." if config.backbone["name"].startswith("resnet") else "backbone.0."
+    out = {}
+    for key, tensor in state_dict.items():
+        out[key.replace("backbone.", prefix, 1) if key.startswith("backbone.") else key] = tensor
+        if key.startswith(("class_embed.", "bbox_embed.")):
+            out[f"transformer.decoder.{key}"] = tensor.clone()
+    return out
+
+
+def official_args(config: DetectorConfig) -> dict:
+    """The training arguments DINO's main.py saves that :func:`derive_config` reads (the
+    rest comes from the weights' shapes)."""
+    return {"nheads": config.nheads, "num_select": config.num_select,
+            "num_queries": config.num_queries, "num_classes": config.num_classes,
+            "pe_temperatureH": int(config.pos_temperature),
+            "pe_temperatureW": int(config.pos_temperature), "two_stage_type": "standard"}
+
+
+def save_official(state_dict: StateDict, config: DetectorConfig, path) -> None:
+    """A DINO-layout checkpoint as DINO's main.py writes it: {'model', 'args' (a
+    Namespace)}; only an exactly DINO model (variant dino, mixed queries) qualifies."""
+    if config.variant != "dino" or config.query_init != "mixed":
+        raise ValueError(f"only a DINO detector (variant dino, mixed queries) has "
+                         f"DINO's layout, not {config.variant} with {config.query_init} queries")
+    with atomic_path(path) as tmp:
+        torch.save({"model": official_state_dict(state_dict, config),
+                    "args": argparse.Namespace(**official_args(config))}, tmp)
 
 
 FORMAT = CheckpointFormat(

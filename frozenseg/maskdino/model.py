@@ -51,10 +51,11 @@ class MaskDINO(nn.Module):
                  box_noise_scale: float = 0.4, mask_enhanced_boxes: bool = False) -> None:
         super().__init__()
         config = detector.config
-        if config.variant != "dino" or config.query_init != "selected" or not config.box_refine:
+        if (config.variant != "dino" or config.query_init not in ("selected", "mixed")
+                or not config.box_refine):
             raise ValueError("Mask DINO builds on a DINO detector with box refinement and "
-                             "query_init 'selected' (unified query selection), not "
-                             f"{config.variant} with {config.query_init} queries")
+                             "query_init 'selected' (unified query selection) or 'mixed' "
+                             f"(DINO's), not {config.variant} with {config.query_init} queries")
         c, mask_dim = config.hidden_dim, mask_dim or config.hidden_dim
         self.detector = detector
         self.pixel_lateral = nn.Sequential(nn.Conv2d(detector.backbone.channels[0], c, 1),
@@ -147,7 +148,8 @@ class MaskDINO(nn.Module):
     def select_queries(self, encoded: Encoded, pixels: torch.Tensor, sizes: torch.Tensor):
         """Unified query selection -> (content (B, Q, C), reference boxes (B, Q, 4) in
         (0, 1), the selected proposals' Predictions). Content and reference carry no
-        gradient into the encoder (as DINO); the proposals' predictions do."""
+        gradient into the encoder (as DINO); the proposals' predictions do. With
+        query_init "mixed" the content is DINO's learned embedding instead."""
         det = self.detector
         proposals = det.select_proposals(encoded.encoder_states[-1], encoded.mask,
                                          encoded.shapes)
@@ -158,7 +160,7 @@ class MaskDINO(nn.Module):
         reference = boxes.detach()
         if self.mask_enhanced_boxes:
             reference = self._mask_boxes(masks.detach(), sizes)
-        return (proposals.tokens.detach(), reference,
+        return (det.selected_content(proposals), reference,
                 Predictions(proposals.class_logits, boxes, masks))
 
     @staticmethod

@@ -34,7 +34,8 @@ from frozenseg.maskdino.model import MaskDINO
 from frozenseg.maskdino.postprocess import InferenceSettings
 
 # What every Mask DINO shares with DINO's code (formats/dino.py derives the same for a
-# converted DINO), except the queries: unified query selection.
+# converted DINO), except the queries: unified query selection unless the recipe's
+# maskdino.query_init says "mixed" (DINO's).
 DINO_FIXED = {"variant": "dino", "query_init": "selected", "box_refine": True,
               "proposal_score": "max_class", "decoder_norm": True, "ref_point_head": True,
               "pos_offset": 0.0, "inverse_sigmoid_eps": 1e-3, "pos_temperature": 20.0}
@@ -47,9 +48,10 @@ def build_maskdino(recipe, class_names: list[str]) -> tuple[MaskDINO, list[str]]
     """(model, report lines) for ``recipe.maskdino`` and the dataset's classes."""
     section = recipe.maskdino
     shape = {"num_classes": len(class_names), "num_queries": section.num_queries,
-             "dec_layers": section.dec_layers, "dn_labelbook_size": len(class_names)}
+             "dec_layers": section.dec_layers, "dn_labelbook_size": len(class_names),
+             "query_init": section.query_init}
     if section.init is None:
-        base = DetectorConfig.from_dict({**section.model, **DINO_FIXED, **shape})
+        base = DetectorConfig.from_dict({**section.model, **DINO_FIXED, **shape})  # shape wins
         detector = build_detector(base)
         detector.init_for_training()
         return _model(detector, section), [
@@ -60,7 +62,7 @@ def build_maskdino(recipe, class_names: list[str]) -> tuple[MaskDINO, list[str]]
     if source.config.variant != "dino" or not source.config.two_stage:
         raise ValueError(f"{section.init}: maskdino.init needs a two-stage DINO detector, "
                          f"not {source.config.variant} ({source.config.query_init} queries)")
-    config = dataclasses.replace(source.config, **DINO_FIXED, **shape)
+    config = dataclasses.replace(source.config, **{**DINO_FIXED, **shape})
     detector = build_detector(config)
     detector.init_for_training()  # what the source lacks (new classes) starts as DINO's
     model = _model(detector, section)
