@@ -265,3 +265,39 @@ def test_training_init_starts_every_box_at_its_reference_and_classes_at_the_prio
         torch.testing.assert_close(layer.boxes, anchors, atol=1e-5, rtol=1e-4)
     for logits in [out.encoder.logits, *(layer.logits for layer in out.layers)]:
         assert 0.003 < logits.sigmoid().median() < 0.03
+
+
+def test_a_joint_run_with_dinos_queries_converts_to_the_official_dino_layout(tmp_path, data):
+    """maskdino.query_init=mixed trains a detector that is exactly DINO: `convert --to dino`
+    writes it in DINO's own layout, which the ordinary conversion then recognises as an
+    official DINO checkpoint and loads into the same detector (same logits and boxes)."""
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    trainer = Trainer(recipe(tmp_path, data, "maskdino.query_init=mixed", "train.iterations=1"),
+                      log=lambda _: None, evaluate=False)
+    trainer.run()
+    last = str(tmp_path / "run" / "last.pt")
+    runner, official = CliRunner(), tmp_path / "dino.pth"
+    written = runner.invoke(app, ["convert", "--detector", last, "--to", "dino", "--out",
+                                  str(official)])
+    assert written.exit_code == 0, written.output
+    names = trainer.task.class_names
+    report = frozenseg.convert_checkpoint(official, tmp_path / "det", class_names=names)
+    assert report.format == "dino"
+    frozen = frozenseg.load_detector(tmp_path / "det")
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    images, padding = torch.rand(1, 3, 80, 96), torch.zeros(1, 80, 96, dtype=torch.bool)
+    with torch.no_grad():
+        joint, raw = model(images, padding), frozen.model(images, padding)
+    torch.testing.assert_close(raw.logits[-1], joint.final.logits)
+    torch.testing.assert_close(raw.boxes[-1], joint.final.boxes)
+    # Mask DINO's own queries are not DINO's: refused in one line, nothing written.
+    selected = tmp_path / "selected"
+    Trainer(recipe(selected, data, "train.iterations=1"), log=lambda _: None,
+            evaluate=False).run()
+    refused = runner.invoke(app, ["convert", "--detector", str(selected / "run" / "last.pt"),
+                                  "--to", "dino", "--out", str(tmp_path / "no.pth")])
+    assert refused.exit_code == 1 and "mixed queries" in refused.output
+    assert not (tmp_path / "no.pth").exists()
