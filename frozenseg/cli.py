@@ -296,6 +296,8 @@ def cache(
                                   "detector (path, top_k, memory_layer) into data.cache, "
                                   "data.views views at data.scale; the flags below that name "
                                   "these are then ignored."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of the recipe, "
+                                          "e.g. data.cache=cache/coco_train"),
     detector: Path = typer.Option(None, "--detector", help="A folder frozenseg convert wrote."),
     images: Path = typer.Option(None, "--images", help="The folder of the dataset's images."),
     annotations: Path = typer.Option(None, "--annotations", help="The COCO instances json."),
@@ -327,7 +329,7 @@ def cache(
             _verify_cache(verify)
             return
         if recipe is not None:
-            job = _recipe_cache_job(recipe)
+            job = _recipe_cache_job(recipe, overrides or [])
         else:
             missing = [name for name, value in (("--detector", detector), ("--images", images),
                                                 ("--annotations", annotations), ("--out", out))
@@ -365,9 +367,9 @@ def _verify_cache(folder: Path) -> None:
     console.print(f"{folder}: every shard verifies", highlight=False)
 
 
-def _recipe_cache_job(path: Path) -> dict:
+def _recipe_cache_job(path: Path, overrides: list[str]) -> dict:
     """What ``frozenseg cache RECIPE`` caches: the train split, as training will read it."""
-    r = _load_recipe(path, [])
+    r = _load_recipe(path, overrides)
     if not r.data.cache:
         _fail(f"{path}: data.cache is null: name the cache folder to write (data.cache=DIR)")
     return {"detector": Path(r.detector.path), "images": Path(r.data.train.images),

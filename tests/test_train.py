@@ -227,11 +227,14 @@ def test_cli_cache_from_a_recipe_then_train_on_it(tmp_path, data, detector_dir):
     path = str(tmp_path / "recipe.yaml")
     yaml_text = (tmp_path / "recipe.yaml").read_text()
     (tmp_path / "recipe.yaml").write_text(yaml_text.replace(
-        "scale: 0.25", f"scale: 0.25\n  cache: {tmp_path / 'cache'}\n  views: 2"))
-    made = runner.invoke(app, ["cache", path, "--dtype", "fp32"])
+        "scale: 0.25", "scale: 0.25\n  views: 2"))
+    # The cache folder as a key=value override, as for train.
+    made = runner.invoke(app, ["cache", path, f"data.cache={tmp_path / 'cache'}", "--dtype",
+                               "fp32"])
     assert made.exit_code == 0, made.output
     cache = FeatureCache(tmp_path / "cache")
     assert cache.views_per_image == 2 and cache.index["recipe"]["top_k"] == 7
     assert max(cache[0].image_size.tolist()) <= round(1333 * SCALE)
-    trained = runner.invoke(app, ["train", path, "train.iterations=1"])
+    trained = runner.invoke(app, ["train", path, f"data.cache={tmp_path / 'cache'}",
+                                  "train.iterations=1"])
     assert trained.exit_code == 0, trained.output
