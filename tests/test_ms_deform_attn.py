@@ -60,6 +60,17 @@ def test_empty_query_set_gives_empty_output_and_zero_value_grad():
     assert value.grad.shape == value.shape and value.grad.abs().max() == 0
 
 
+def test_empty_batch_gives_empty_output_and_gradients():
+    """N = 0 (the mask head's box encoder on a batch without a kept proposal) backpropagates."""
+    value, shapes, starts, loc, attn = random_inputs([(3, 4), (2, 2)], batch=0)
+    for tensor in (value, loc, attn):
+        tensor.requires_grad_()
+    out = ms_deform_attn(value, shapes, starts, loc, attn)
+    assert out.shape == (0, loc.shape[1], value.shape[2] * value.shape[3])
+    out.sum().backward()
+    assert value.grad.shape == value.shape and loc.grad.shape == loc.shape
+
+
 def test_chunked_queries_equal_a_single_chunk(monkeypatch):
     inputs = random_inputs([(6, 5), (3, 3)], queries=23, seed=4)
     whole = ms_deform_attn(*inputs)

@@ -139,8 +139,9 @@ class _RecomputedSampling(torch.autograd.Function):
         grad_value = grad_locations = grad_weights = None
         if need_value:
             per_level = [next(grads) for _ in maps]
-            grad_value = torch.cat(
-                [g.reshape(n, m, d, -1).permute(0, 3, 1, 2) for g in per_level], dim=1
+            grad_value = torch.cat(  # sizes spelled out: -1 is ambiguous when n is 0
+                [g.reshape(n, m, d, g.shape[2] * g.shape[3]).permute(0, 3, 1, 2)
+                 for g in per_level], dim=1
             )
         if need_locations:
             grad_locations = next(grads)
