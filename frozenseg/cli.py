@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import frozenseg
+from frozenseg.demo import DEFAULT_IMAGES, DEFAULT_MINUTES
 
 app = typer.Typer(
     help="Turn a frozen DETR-family detector into an instance segmenter.",
@@ -811,3 +812,32 @@ def _prediction_table(summaries, threshold: float, rows: int = 20) -> Table:
         table.caption = (f"a yellow best score is below {threshold:g}: nothing drawn there "
                          "(lower --threshold to see more)")
     return table
+
+
+# ------------------------------------------------------------------------ the demo
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("frozenseg-demo"), "--out", help="The demo's folder: "
+                             "dataset, detector, cache, run, results, overlays."),
+    minutes: float = typer.Option(DEFAULT_MINUTES, "--minutes", help="Minutes of head "
+                                  "training (the other stages add about a minute on a 2-core "
+                                  "CPU)."),
+    images: int = typer.Option(DEFAULT_IMAGES, "--images", help="Synthetic images in all, at "
+                               "least 10 (20% of them are val)."),
+) -> None:
+    """The whole flow on the detector frozenseg ships: synth, convert, cache, train, export,
+    evaluate, overlays. Run it again: it reuses what is done."""
+    from frozenseg.demo import DemoHooks, run_demo, summary_table
+    from frozenseg.engine.train import TrainingError
+
+    hooks = DemoHooks(images=_image_progress, training=_training_progress,
+                      log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    try:
+        summary = run_demo(out, minutes=minutes, images=images, hooks=hooks)
+    except (ValueError, FileNotFoundError, TrainingError) as err:
+        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    except OSError as err:
+        _fail(f"{err.filename or out}: {err.strerror or err}")
+    console.print(summary_table(summary))

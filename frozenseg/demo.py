@@ -1,0 +1,364 @@
+"""``frozenseg demo``: the whole flow, end to end, on the detector frozenseg ships.
+
+:func:`run_demo` runs, in one folder, each stage of the real workflow:
+
+1. ``synth``: the synthetic COCO-format dataset (``synth/``, 20% of it val);
+2. ``convert``: ``assets/synth_dino.pth`` (official DINO layout) into ``detector/``;
+3. ``cache``: the frozen detector's features over the train split (``cache/``);
+4. ``train``: the head of ``assets/demo.yaml`` from the detector's own detections, for a
+   few minutes (``run/last.pt``);
+5. ``export``: COCO results (RLE masks) for the val split (``results/results.json``);
+6. ``evaluate``: the detector's box AP and the head's mask AP on them
+   (``results/metrics.json``);
+7. ``overlays``: PNGs of a few val images (``overlays/``).
+
+Run again, it reuses what is done: a stage is skipped when its output is complete and
+everything it was made from was itself reused; a stage that does work makes every later
+one start over (their folders are removed first). Interrupted, the cache and the
+training resume where they stopped. Models are loaded only by the stages that run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+from frozenseg.files import atomic_write_text
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DETECTOR = ASSETS / "synth_dino.pth"
+RECIPE = ASSETS / "demo.yaml"
+DEFAULT_IMAGES = 200        # 160 train, 40 val
+DEFAULT_MINUTES = 2.5       # of head training: the whole demo in about 5 minutes on 2 cores
+OVERLAYS = 6                # val images drawn
+RESULTS, OVERLAYS_DIR = "results", "overlays"
+_TRAINED = "demo.json"      # in run/: the step a finished demo run ended at, and its minutes
+_MARKER = "frozenseg-demo.json"  # in the demo's folder: it is one (its folders may be replaced)
+
+
+class DemoError(ValueError):
+    """The demo cannot run as asked; the message is one line naming the path."""
+
+
+def _no_bar(*_):
+    return contextlib.nullcontext()
+
+
+@dataclass
+class DemoHooks:
+    """How the stages report. ``images(description)`` and ``training(recipe)``: context
+    managers giving a progress callback (``update(done, total)`` over images, ``update(record)``
+    per training step) or None; ``log(line)``: a message."""
+
+    images: Callable = _no_bar
+    training: Callable = _no_bar
+    log: Callable[[str], None] = lambda line: None
+
+
+@dataclass
+class Stage:
+    name: str
+    seconds: float
+    reused: bool
+    detail: str     # what it made, in a few words
+    path: Path      # where
+
+
+@dataclass
+class DemoSummary:
+    out: Path
+    stages: list[Stage] = field(default_factory=list)
+    box_ap: float | None = None     # the detector's box AP on val, percent
+    mask_ap: float | None = None    # the head's mask AP on val, percent
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+def run_demo(out: str | Path, *, minutes: float = DEFAULT_MINUTES,
+             images: int = DEFAULT_IMAGES, hooks: DemoHooks | None = None) -> DemoSummary:
+    """Run (or reuse) every stage in ``out`` (module docstring) and say what each did.
+
+    minutes: of head training (``train.max_minutes``); images: synthetic images in all.
+    Raises DemoError for bad arguments; the stages' own errors (one line) pass through.
+    """
+    out, hooks = Path(out).resolve(), hooks or DemoHooks()
+    _check(out, minutes, images)
+    atomic_write_text(out / _MARKER, json.dumps({"made_by": "frozenseg demo"}) + "\n")
+    summary, recipe = DemoSummary(out), _recipe(out, minutes)
+    trained = _Trained(recipe, out)
+    stages = {
+        "synth": lambda: _synth(out / "synth", images, hooks),
+        "convert": lambda: _convert(Path(recipe.detector.path), hooks),
+        "cache": lambda: _cache(recipe, hooks),
+        "train": lambda: _train(recipe, minutes, hooks),
+        "export": lambda: _export(recipe, trained, hooks),
+        "evaluate": lambda: _evaluate(recipe, trained, hooks, summary),
+        "overlays": lambda: _overlays(recipe, trained, hooks),
+    }
+    worked = set()
+    for name, run in stages.items():
+        if worked & set(_MADE_FROM[name]):
+            _clear(name, recipe, out)
+        started = time.perf_counter()
+        reused, detail, path = run()
+        summary.stages.append(Stage(name, time.perf_counter() - started, reused, detail, path))
+        if not reused:
+            worked.add(name)
+    return summary
+
+
+# What each stage is made from: when one of these does work, the stage starts over.
+_MADE_FROM = {"synth": (), "convert": (), "cache": ("synth", "convert"), "train": ("cache",),
+              "export": ("train",), "evaluate": ("export",), "overlays": ("train",)}
+
+
+def _check(out: Path, minutes: float, images: int) -> None:
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out}: exists and is not a folder (--out names the demo's folder)")
+    if out.is_dir() and any(out.iterdir()) and not (out / _MARKER).is_file():
+        raise DemoError(f"{out}: not empty and not a frozenseg demo folder; choose a new or "
+                        "empty one (the demo replaces what it made there)")
+    if not minutes > 0:
+        raise DemoError(f"--minutes must be positive, got {minutes:g}")
+    if images < 10:
+        raise DemoError(f"--images must be at least 10 (20% of them are val), got {images}")
+    if not DETECTOR.is_file():
+        raise DemoError(f"{DETECTOR}: the shipped detector is missing (reinstall frozenseg)")
+
+
+def _recipe(out: Path, minutes: float):
+    """assets/demo.yaml with its paths under ``out`` and ``train.max_minutes``."""
+    from frozenseg.recipe import load_recipe, recipe_from_dict, recipe_to_dict
+
+    data = recipe_to_dict(load_recipe(RECIPE))
+    data["detector"]["path"] = str(out / data["detector"]["path"])
+    for split in ("train", "val"):
+        for key in ("images", "annotations"):
+            data["data"][split][key] = str(out / data["data"][split][key])
+    data["data"]["cache"] = str(out / data["data"]["cache"])
+    data["train"]["output_dir"] = str(out / data["train"]["output_dir"])
+    data["train"]["max_minutes"] = minutes
+    return recipe_from_dict(data, str(RECIPE))
+
+
+def _clear(stage: str, recipe, out: Path) -> None:
+    """Remove what ``stage`` made before: what it is made from has changed."""
+    folders = {"cache": recipe.data.cache, "train": recipe.train.output_dir,
+               "export": out / RESULTS, "overlays": out / OVERLAYS_DIR}
+    if stage in folders:
+        shutil.rmtree(folders[stage], ignore_errors=True)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------ stages
+# Each returns (reused, what it made in a few words, where).
+
+
+def _synth(folder: Path, images: int, hooks: DemoHooks):
+    from frozenseg.data.synth import synth
+
+    with hooks.images("Rendering the synthetic dataset") as update:
+        made = synth(folder, images=images, seed=0, overwrite=True, progress=update)
+    return made.reused, f"{made.train} train + {made.val} val images", folder
+
+
+def _convert(folder: Path, hooks: DemoHooks):
+    """Skipped when ``folder`` holds a conversion of this very file (its config.json
+    records the source's sha256) with the synthetic dataset's class names."""
+    from frozenseg.cache.store import sha256_file
+    from frozenseg.convert import CONFIG_FILE, convert_checkpoint
+    from frozenseg.data.synth import THINGS
+
+    names = [c.name for c in THINGS]
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    if (meta.get("sha256") == sha256_file(DETECTOR)
+            and meta.get("classes", {}).get("names") == names):
+        return True, f"{meta['format']}, {len(names)} classes", folder
+    with hooks.images("Converting the detector") as update:
+        report = convert_checkpoint(DETECTOR, folder, class_names=names)
+        if update:
+            update(1, 1)
+    return False, f"{report.format}, {report.config.num_classes} classes", folder
+
+
+def _cache(recipe, hooks: DemoHooks):
+    """Skipped when complete; an interrupted cache resumes."""
+    from frozenseg.cache import write_cache
+    from frozenseg.cache.store import read_index
+    from frozenseg.data import CocoInstances
+    from frozenseg.engine.data import cache_views
+
+    folder = Path(recipe.data.cache)
+    index = read_index(folder) if folder.is_dir() else None
+    reused = bool(index and index["complete"])
+    if not reused:
+        dataset = CocoInstances(recipe.data.train.images, recipe.data.train.annotations)
+        with hooks.images("Caching the detector's features") as update:
+            index = write_cache(
+                recipe.detector.path, dataset, folder,
+                transform=cache_views(recipe.data.views, recipe.data.scale),
+                views=recipe.data.views, seed=recipe.train.seed, top_k=recipe.detector.top_k,
+                memory_layer=recipe.detector.memory_layer, device=_device(), resume=True,
+                progress=update, log=hooks.log)
+    entries = sum(len(s["entries"]) for s in index["shards"])
+    return reused, f"{entries} images", folder
+
+
+def _train(recipe, minutes: float, hooks: DemoHooks):
+    """Skipped when run/ holds a finished demo run of ``minutes``; a run interrupted
+    resumes from its last checkpoint (for up to ``minutes`` more)."""
+    from frozenseg.engine.train import LAST, Trainer
+
+    folder = Path(recipe.train.output_dir)
+    finished = _finished_step(folder, minutes)
+    if finished is not None:
+        return True, f"{finished} steps", folder / LAST
+    if (folder / _TRAINED).is_file():  # finished with other minutes: train anew
+        shutil.rmtree(folder)
+    trainer = Trainer(recipe, log=hooks.log, evaluate=False)  # evaluate: the export's results
+    with hooks.training(recipe) as update:
+        position = trainer.run(resume=True, progress=update)
+    atomic_write_text(folder / _TRAINED, json.dumps({"step": position.step,
+                                                     "minutes": minutes}) + "\n")
+    return False, f"{position.step} steps", folder / LAST
+
+
+def _finished_step(folder: Path, minutes: float) -> int | None:
+    """The step of a finished demo run in ``folder`` with these minutes, else None."""
+    import torch
+
+    from frozenseg.engine.train import LAST
+
+    try:
+        record = json.loads((folder / _TRAINED).read_text())
+        state = torch.load(folder / LAST, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError):  # none yet, or not one to trust
+        return None
+    step = state["position"]["step"]
+    return step if record == {"step": step, "minutes": minutes} else None
+
+
+class _Trained:
+    """(detector, head) from run/last.pt, loaded once when a stage first needs them."""
+
+    def __init__(self, recipe, out: Path) -> None:
+        self.recipe, self.out, self._loaded = recipe, out, None
+        self.checkpoint = Path(recipe.train.output_dir) / "last.pt"
+
+    def load(self):
+        if self._loaded is None:
+            from frozenseg.engine.train import load_trained
+
+            detector, head, _ = load_trained(self.checkpoint, recipe=self.recipe)
+            self._loaded = detector.to(_device()), head.to(_device())
+        return self._loaded
+
+    def newer(self, *paths: Path) -> bool:
+        """Whether every path exists and was written after the checkpoint."""
+        made = self.checkpoint.stat().st_mtime
+        return all(p.is_file() and p.stat().st_mtime >= made for p in paths)
+
+
+def _export(recipe, trained: _Trained, hooks: DemoHooks):
+    """The val split's COCO results, as ``frozenseg export`` writes them."""
+    from frozenseg.data import ImageFolder
+    from frozenseg.detector.classes import match_classes
+    from frozenseg.engine.data import eval_transform
+    from frozenseg.engine.export import ExportSettings, export_results
+
+    path = trained.out / RESULTS / "results.json"
+    if trained.newer(path):
+        return True, f"{len(json.loads(path.read_text()))} results", path
+    split, settings = recipe.data.val, recipe.eval
+    dataset = ImageFolder.from_coco(split.images, split.annotations,
+                                    transform=eval_transform(recipe.data.scale))
+    detector, head = trained.load()
+    classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+    with hooks.images("Exporting val masks") as update:
+        made = export_results(
+            detector, head, dataset, path, classes=classes, resume=True,
+            settings=ExportSettings(settings.score_threshold, settings.max_per_image,
+                                    settings.mask_threshold, recipe.train.batch_size),
+            job={"head": str(trained.checkpoint), "images": split.images}, progress=update)
+    return False, f"{made.results} results on {made.images + made.resumed} images", path
+
+
+def _evaluate(recipe, trained: _Trained, hooks: DemoHooks, summary: DemoSummary):
+    """Box AP (the detector's boxes) and mask AP (the head's masks) of the exported results."""
+    from frozenseg.engine.evaluate import coco_evaluate, write_metrics
+
+    results = trained.out / RESULTS / "results.json"
+    path = results.with_name("metrics.json")
+    reused = trained.newer(results, path) and path.stat().st_mtime >= results.stat().st_mtime
+    if reused:
+        metrics = json.loads(path.read_text())
+    else:
+        with hooks.images("Evaluating (pycocotools)") as update:
+            metrics = coco_evaluate(recipe.data.val.annotations, results)
+            write_metrics(metrics, path)
+            if update:
+                update(1, 1)
+    summary.box_ap, summary.mask_ap = metrics["bbox"]["AP"], metrics["segm"]["AP"]
+    return reused, f"box AP {_ap(summary.box_ap)}, mask AP {_ap(summary.mask_ap)}", path
+
+
+def _overlays(recipe, trained: _Trained, hooks: DemoHooks):
+    """Overlay PNGs (and json) of the first val images, as ``frozenseg predict`` draws."""
+    from frozenseg.data import ImageFolder
+    from frozenseg.detector.classes import match_classes
+    from frozenseg.engine.data import eval_transform
+    from frozenseg.engine.overlay import predict_overlays
+
+    folder = trained.out / OVERLAYS_DIR
+    val = ImageFolder.from_coco(recipe.data.val.images, recipe.data.val.annotations)
+    files = [val.image_path(i) for i in range(min(OVERLAYS, len(val)))]
+    pngs = [folder / f.with_suffix(".png").name for f in files]
+    if trained.newer(*pngs):
+        return True, f"{len(pngs)} images", folder
+    detector, head = trained.load()
+    classes = match_classes(detector.classes, val.category_ids, val.category_names)
+    names = dict(zip(val.category_ids, val.category_names, strict=True))
+    with hooks.images("Drawing overlays") as update:
+        predict_overlays(detector, head, ImageFolder(files, transform=eval_transform(
+            recipe.data.scale)), folder, classes=classes, names=names, progress=update)
+    return False, f"{len(pngs)} images", folder
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _ap(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.1f}"
+
+
+def summary_table(summary: DemoSummary) -> Table:
+    """One table: each stage's time (or "reused"), what it made and where; the two APs."""
+    table = Table(title=f"frozenseg demo: {summary.out}")
+    for column, justify in (("stage", "left"), ("seconds", "right"), ("made", "left"),
+                            ("written to", "left")):
+        table.add_column(column, justify=justify)
+    for s in summary.stages:
+        seconds = "reused" if s.reused else f"{s.seconds:.1f}"
+        where = s.path.relative_to(summary.out) if s.path.is_relative_to(summary.out) else s.path
+        table.add_row(s.name, seconds, s.detail, str(where))
+    table.add_section()
+    table.add_row("[bold]detector box AP", "", f"[bold]{_ap(summary.box_ap)}", "val split")
+    table.add_row("[bold]head mask AP", "", f"[bold]{_ap(summary.mask_ap)}", "val split")
+    table.caption = f"total {sum(s.seconds for s in summary.stages):.1f} s"
+    return table
