@@ -826,6 +826,8 @@ def demo(
                                   "CPU)."),
     images: int = typer.Option(DEFAULT_IMAGES, "--images", help="Synthetic images in all, at "
                                "least 10 (20% of them are val)."),
+    detector: Path = typer.Option(None, "--detector", help="A checkpoint to convert instead "
+                                  "of the shipped one (any format frozenseg convert reads)."),
 ) -> None:
     """The whole flow on the detector frozenseg ships: synth, convert, cache, train, export,
     evaluate, overlays. Run it again: it reuses what is done."""
@@ -835,7 +837,8 @@ def demo(
     hooks = DemoHooks(images=_image_progress, training=_training_progress,
                       log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     try:
-        summary = run_demo(out, minutes=minutes, images=images, hooks=hooks)
+        summary = run_demo(out, minutes=minutes, images=images, hooks=hooks,
+                           **({"detector": detector} if detector else {}))
     except (ValueError, FileNotFoundError, TrainingError) as err:
         _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     except OSError as err:

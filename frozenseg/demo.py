@@ -83,20 +83,23 @@ class DemoSummary:
 
 
 def run_demo(out: str | Path, *, minutes: float = DEFAULT_MINUTES,
-             images: int = DEFAULT_IMAGES, hooks: DemoHooks | None = None) -> DemoSummary:
+             images: int = DEFAULT_IMAGES, detector: str | Path = DETECTOR,
+             hooks: DemoHooks | None = None) -> DemoSummary:
     """Run (or reuse) every stage in ``out`` (module docstring) and say what each did.
 
-    minutes: of head training (``train.max_minutes``); images: synthetic images in all.
-    Raises DemoError for bad arguments; the stages' own errors (one line) pass through.
+    minutes: of head training (``train.max_minutes``); images: synthetic images in all;
+    detector: the checkpoint converted (default the shipped one; any file ``frozenseg
+    convert`` reads, for the synthetic shapes' classes). Raises DemoError for bad
+    arguments; the stages' own errors (one line) pass through.
     """
-    out, hooks = Path(out).resolve(), hooks or DemoHooks()
-    _check(out, minutes, images)
+    out, hooks, detector = Path(out).resolve(), hooks or DemoHooks(), Path(detector)
+    _check(out, minutes, images, detector)
     atomic_write_text(out / _MARKER, json.dumps({"made_by": "frozenseg demo"}) + "\n")
     summary, recipe = DemoSummary(out), _recipe(out, minutes)
     trained = _Trained(recipe, out)
     stages = {
         "synth": lambda: _synth(out / "synth", images, hooks),
-        "convert": lambda: _convert(Path(recipe.detector.path), hooks),
+        "convert": lambda: _convert(detector, Path(recipe.detector.path), hooks),
         "cache": lambda: _cache(recipe, hooks),
         "train": lambda: _train(recipe, minutes, hooks),
         "export": lambda: _export(recipe, trained, hooks),
@@ -120,7 +123,7 @@ _MADE_FROM = {"synth": (), "convert": (), "cache": ("synth", "convert"), "train"
               "export": ("train",), "evaluate": ("export",), "overlays": ("train",)}
 
 
-def _check(out: Path, minutes: float, images: int) -> None:
+def _check(out: Path, minutes: float, images: int, detector: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DemoError(f"{out}: exists and is not a folder (--out names the demo's folder)")
     if out.is_dir() and any(out.iterdir()) and not (out / _MARKER).is_file():
@@ -130,8 +133,11 @@ def _check(out: Path, minutes: float, images: int) -> None:
         raise DemoError(f"--minutes must be positive, got {minutes:g}")
     if images < 10:
         raise DemoError(f"--images must be at least 10 (20% of them are val), got {images}")
-    if not DETECTOR.is_file():
-        raise DemoError(f"{DETECTOR}: the shipped detector is missing (reinstall frozenseg)")
+    if detector == DETECTOR and not detector.is_file():
+        raise DemoError(f"{DETECTOR}: no shipped detector in this build yet (it is trained "
+                        "with recipes/synth_detector.yaml); pass --detector CHECKPOINT")
+    if not detector.is_file():
+        raise DemoError(f"{detector}: no such checkpoint")
 
 
 def _recipe(out: Path, minutes: float):
@@ -175,7 +181,7 @@ def _synth(folder: Path, images: int, hooks: DemoHooks):
     return made.reused, f"{made.train} train + {made.val} val images", folder
 
 
-def _convert(folder: Path, hooks: DemoHooks):
+def _convert(detector: Path, folder: Path, hooks: DemoHooks):
     """Skipped when ``folder`` holds a conversion of this very file (its config.json
     records the source's sha256) with the synthetic dataset's class names."""
     from frozenseg.cache.store import sha256_file
@@ -187,11 +193,11 @@ def _convert(folder: Path, hooks: DemoHooks):
         meta = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         meta = {}
-    if (meta.get("sha256") == sha256_file(DETECTOR)
+    if (meta.get("sha256") == sha256_file(detector)
             and meta.get("classes", {}).get("names") == names):
         return True, f"{meta['format']}, {len(names)} classes", folder
     with hooks.images("Converting the detector") as update:
-        report = convert_checkpoint(DETECTOR, folder, class_names=names)
+        report = convert_checkpoint(detector, folder, class_names=names)
         if update:
             update(1, 1)
     return False, f"{report.format}, {report.config.num_classes} classes", folder
