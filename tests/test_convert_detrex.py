@@ -30,7 +30,7 @@ from frozenseg.convert import convert_checkpoint, convert_state_dict
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.model import build_detector
-from frozenseg.formats import detect_format
+from frozenseg.formats import detect_format, dino
 from frozenseg.formats import detrex as detrex_format
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "detrex_dino_keys.json").read_text())
@@ -158,12 +158,11 @@ def test_the_24_epoch_position_embedding_comes_from_the_config(config):
 
 def test_official_dino_and_detrex_layouts_are_told_apart():
     from test_convert_dino import VARIANTS as DINO_VARIANTS
-    from test_convert_dino import official_layout
 
     config = DINO_VARIANTS["resnet50_4scale"]
     with torch.device("meta"):
         canonical = build_detector(config).state_dict()
-    assert detect_format(official_layout(canonical, config)).name == "dino"
+    assert detect_format(dino.official_state_dict(canonical, config)).name == "dino"
     assert detect_format(detrex_layout(canonical, config)).name == "detrex_dino"
 
 
