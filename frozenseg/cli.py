@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -160,33 +159,41 @@ def convert(
                            "e.g. a joint-mode run with maskdino.query_init=mixed)."),
 ) -> None:
     """Convert a DETR-family checkpoint into a verified frozen detector."""
+    if to not in ("frozenseg", "dino"):
+        _fail(f"--to {to}: expected frozenseg or dino")
+    options = {"format": format, "num_classes": num_classes,
+               "names": _read_class_names(class_names), "trust": trust_checkpoint,
+               "config": config}
+    if to == "dino":
+        _convert_to_dino(detector, out, options)
+        return
+    report = _convert_to_folder(detector, out, options)
+    if report is not None:
+        _print_report(report)
+        console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}")
+
+
+def _convert_to_folder(detector: Path, out: Path, options: dict):
+    """Any checkpoint convert reads -> a detector folder: the conversion report, or None
+    for a joint-mode checkpoint (its detector is written as it is)."""
     from frozenseg.checkpoint import CheckpointError
     from frozenseg.convert import ConversionError, convert_checkpoint
     from frozenseg.maskdino.task import is_joint_checkpoint
 
-    if to not in ("frozenseg", "dino"):
-        _fail(f"--to {to}: expected frozenseg or dino")
-    if to == "dino":
-        _convert_to_dino(out, detector=detector, format=format, num_classes=num_classes,
-                         class_names=class_names, trust_checkpoint=trust_checkpoint,
-                         config=config)
-        return
-    names = _read_class_names(class_names)
     if is_joint_checkpoint(detector):
         _joint_to_detector(detector, out)
-        return
+        return None
     try:
         with console.status(f"Converting {detector} ..."):
-            report = convert_checkpoint(detector, out, format=format, num_classes=num_classes,
-                                        class_names=names, trust=trust_checkpoint,
-                                        config=config)
+            return convert_checkpoint(detector, out, format=options["format"],
+                                      num_classes=options["num_classes"],
+                                      class_names=options["names"], trust=options["trust"],
+                                      config=options["config"])
     except (CheckpointError, ConversionError) as err:
         _fail(str(err))
-    _print_report(report)
-    console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}")
 
 
-def _convert_to_dino(out: Path, **options) -> None:
+def _convert_to_dino(detector: Path, out: Path, options: dict) -> None:
     """Convert as usual into a temporary folder, then write that detector in DINO's
     layout: a checkpoint the official DINO code (and ``frozenseg convert``) reads."""
     import tempfile
@@ -195,13 +202,12 @@ def _convert_to_dino(out: Path, **options) -> None:
     from frozenseg.formats.dino import save_official
 
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert(out=Path(tmp), to="frozenseg", **options)
+        _convert_to_folder(detector, Path(tmp), options)
         frozen = load_detector(tmp)
         try:
             save_official(frozen.model.state_dict(), frozen.config, out)
         except ValueError as err:
-            _fail(f"{options['detector']}: {err}")
+            _fail(f"{detector}: {err}")
     console.print(f"wrote {out} (official DINO layout, {frozen.config.num_classes} classes)",
                   highlight=False, soft_wrap=True)
 

@@ -253,7 +253,8 @@ def _finished_step(folder: Path, minutes: float) -> int | None:
 
     try:
         record = json.loads((folder / _TRAINED).read_text())
-        state = torch.load(folder / LAST, map_location="cpu", weights_only=True)
+        # Memory-mapped: only the position is read, not the weights.
+        state = torch.load(folder / LAST, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, ValueError, RuntimeError):  # none yet, or not one to trust
         return None
     step = state["position"]["step"]
@@ -264,8 +265,10 @@ class _Trained:
     """(detector, head) from run/last.pt, loaded once when a stage first needs them."""
 
     def __init__(self, recipe, out: Path) -> None:
+        from frozenseg.engine.train import LAST
+
         self.recipe, self.out, self._loaded = recipe, out, None
-        self.checkpoint = Path(recipe.train.output_dir) / "last.pt"
+        self.checkpoint = Path(recipe.train.output_dir) / LAST
 
     def load(self):
         if self._loaded is None:
