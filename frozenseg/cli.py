@@ -253,6 +253,7 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     min_size: int = typer.Option(160, "--min-size", help="Smallest image side, pixels."),
     max_size: int = typer.Option(320, "--max-size", help="Largest image side, pixels."),
+    min_object: int = typer.Option(8, "--min-object", help="Smallest shape's size, pixels."),
     image_format: str = typer.Option("jpg", "--image-format", help="jpg (quality 90) or png."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a synth dataset made with other parameters."
@@ -269,6 +270,7 @@ def synth(
             task = bar.add_task("Rendering", total=images)
             summary = make_dataset(
                 out, images=images, seed=seed, min_size=min_size, max_size=max_size,
+                min_object=min_object,
                 image_format=image_format, overwrite=overwrite,
                 progress=lambda done, total: bar.update(task, completed=done),
             )

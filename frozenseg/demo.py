@@ -2,7 +2,8 @@
 
 :func:`run_demo` runs, in one folder, each stage of the real workflow:
 
-1. ``synth``: the synthetic COCO-format dataset (``synth/``, 20% of it val);
+1. ``synth``: the synthetic COCO-format dataset (``synth/``, 20% of it val), its shapes
+   from 24 px as in the shipped detector's training data;
 2. ``convert``: ``assets/synth_dino.pth`` (official DINO layout) into ``detector/``;
 3. ``cache``: the frozen detector's features over the train split (``cache/``);
 4. ``train``: the head of ``assets/demo.yaml`` from the detector's own detections, for a
@@ -37,7 +38,9 @@ DETECTOR = ASSETS / "synth_dino.pth"
 RECIPE = ASSETS / "demo.yaml"
 DEFAULT_IMAGES = 200        # 160 train, 40 val
 DEFAULT_MINUTES = 2.5       # of head training: the whole demo in about 5 minutes on 2 cores
+MIN_OBJECT = 24             # px, the smallest shape: as the shipped detector's training data
 OVERLAYS = 6                # val images drawn
+OVERLAY_SCORE = 0.2         # drawn from this score: the tiny detector is rarely confident
 RESULTS, OVERLAYS_DIR = "results", "overlays"
 _TRAINED = "demo.json"      # in run/: the step a finished demo run ended at, and its minutes
 _MARKER = "frozenseg-demo.json"  # in the demo's folder: it is one (its folders may be replaced)
@@ -95,7 +98,7 @@ def run_demo(out: str | Path, *, minutes: float = DEFAULT_MINUTES,
     out, hooks, detector = Path(out).resolve(), hooks or DemoHooks(), Path(detector)
     _check(out, minutes, images, detector)
     atomic_write_text(out / _MARKER, json.dumps({"made_by": "frozenseg demo"}) + "\n")
-    summary, recipe = DemoSummary(out), _recipe(out, minutes)
+    summary, recipe = DemoSummary(out), demo_recipe(out, minutes)
     trained = _Trained(recipe, out)
     stages = {
         "synth": lambda: _synth(out / "synth", images, hooks),
@@ -140,10 +143,11 @@ def _check(out: Path, minutes: float, images: int, detector: Path) -> None:
         raise DemoError(f"{detector}: no such checkpoint")
 
 
-def _recipe(out: Path, minutes: float):
+def demo_recipe(out: str | Path, minutes: float = DEFAULT_MINUTES):
     """assets/demo.yaml with its paths under ``out`` and ``train.max_minutes``."""
     from frozenseg.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 
+    out = Path(out)
     data = recipe_to_dict(load_recipe(RECIPE))
     data["detector"]["path"] = str(out / data["detector"]["path"])
     for split in ("train", "val"):
@@ -177,7 +181,8 @@ def _synth(folder: Path, images: int, hooks: DemoHooks):
     from frozenseg.data.synth import synth
 
     with hooks.images("Rendering the synthetic dataset") as update:
-        made = synth(folder, images=images, seed=0, overwrite=True, progress=update)
+        made = synth(folder, images=images, seed=0, min_object=MIN_OBJECT, overwrite=True,
+                     progress=update)
     return made.reused, f"{made.train} train + {made.val} val images", folder
 
 
@@ -345,7 +350,8 @@ def _overlays(recipe, trained: _Trained, hooks: DemoHooks):
     names = dict(zip(val.category_ids, val.category_names, strict=True))
     with hooks.images("Drawing overlays") as update:
         predict_overlays(detector, head, ImageFolder(files, transform=eval_transform(
-            recipe.data.scale)), folder, classes=classes, names=names, progress=update)
+            recipe.data.scale)), folder, classes=classes, names=names, threshold=OVERLAY_SCORE,
+            progress=update)
     return False, f"{len(pngs)} images", folder
 
 

@@ -185,6 +185,23 @@ def test_sizes_range_from_tiny_to_large_and_some_images_are_empty(dataset):
     assert empty >= 1
 
 
+def test_min_object_sets_the_smallest_shape(dataset, tmp_path):
+    """Shapes start at min_object px (a visible part can be smaller: occlusion, borders);
+    the default is 8 px and is not recorded, so datasets made before the option reuse."""
+    def largest_sides(root):
+        return [max(a["bbox"][2:]) for _, coco, _ in _splits(root)
+                for a in coco.loadAnns(coco.getAnnIds(iscrowd=False))]
+
+    big = tmp_path / "big"
+    synth(big, images=N_IMAGES, seed=0, min_object=40)
+    default, large = largest_sides(dataset), largest_sides(big)
+    assert np.median(large) > 1.5 * np.median(default)
+    assert np.mean(np.array(large) >= 30) > 0.8 > np.mean(np.array(default) >= 30)
+    assert json.loads((big / "synth.json").read_text())["params"]["min_object"] == 40
+    assert "min_object" not in json.loads((dataset / "synth.json").read_text())["params"]
+    assert synth(dataset, images=N_IMAGES, seed=0, min_object=8).reused
+
+
 def test_running_again_does_nothing(dataset):
     before = {p: p.stat().st_mtime_ns for p in dataset.rglob("*")}
     summary = synth(dataset, images=N_IMAGES, seed=0)
@@ -223,6 +240,7 @@ def test_interrupted_run_is_redone_and_foreign_folders_are_refused(tmp_path):
     ({"images": 10, "seed": -1}, "seed must be"),
     ({"images": 10, "min_size": 300, "max_size": 200}, "min_size"),
     ({"images": 10, "image_format": "gif"}, "image_format"),
+    ({"images": 10, "min_size": 64, "min_object": 40}, "min_object"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, kwargs, message):
     with pytest.raises(SynthError, match=message):

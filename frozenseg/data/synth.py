@@ -47,6 +47,7 @@ from frozenseg.files import atomic_write_bytes
 # Bump whenever the output for a given set of parameters changes, so old datasets are redone.
 SYNTH_VERSION = 1
 
+MIN_OBJECT = 8  # px, the smallest shape's size by default
 MAX_IMAGES = 100_000  # segment ids are image_id * 100 + j and must fit in 24 bits
 _IDS_PER_IMAGE = 100
 # Images 8, 40, 72, ... have no instances (~3%), so every dataset of 8 or more has one.
@@ -121,6 +122,7 @@ def synth(
     *,
     min_size: int = 160,
     max_size: int = 320,
+    min_object: int = MIN_OBJECT,
     val_fraction: float = 0.2,
     image_format: str = "jpg",
     overwrite: bool = False,
@@ -130,13 +132,14 @@ def synth(
     """Write the synthetic dataset to ``out_dir`` and return a summary.
 
     ``images`` in all (at least 2: one train, one val), sides drawn from
-    ``[min_size, max_size]`` pixels. Same arguments, same bytes. If ``out_dir/synth.json``
-    already records these arguments nothing is done. A folder holding a dataset made with
-    other arguments is only replaced with ``overwrite=True``. ``workers`` threads render
-    (default: up to 4 CPU cores; the output does not depend on it). ``progress(done, total)``
-    is called after each image.
+    ``[min_size, max_size]`` pixels; shapes from ``min_object`` pixels to 60% of the
+    shorter side (log-uniform: many small, few large). Same arguments, same bytes. If
+    ``out_dir/synth.json`` already records these arguments nothing is done. A folder
+    holding a dataset made with other arguments is only replaced with ``overwrite=True``.
+    ``workers`` threads render (default: up to 4 CPU cores; the output does not depend on
+    it). ``progress(done, total)`` is called after each image.
     """
-    params = _params(images, seed, min_size, max_size, val_fraction, image_format)
+    params = _params(images, seed, min_size, max_size, min_object, val_fraction, image_format)
     out = Path(out_dir)
     reused = _existing(out, params, overwrite)
     if reused is not None:
@@ -166,9 +169,10 @@ _OWNED = ("images/train", "images/val", "panoptic_train", "panoptic_val", "seman
           "panoptic_val.json", "semantic_categories.json", "synth.json", _MARKER)
 
 
-def _params(images, seed, min_size, max_size, val_fraction, image_format) -> dict:
+def _params(images, seed, min_size, max_size, min_object, val_fraction, image_format) -> dict:
     """Validate the arguments; return them as the dict synth.json records."""
-    images, seed, min_size, max_size = (_as_int(v) for v in (images, seed, min_size, max_size))
+    images, seed, min_size, max_size, min_object = (
+        _as_int(v) for v in (images, seed, min_size, max_size, min_object))
     checks = [
         (isinstance(images, int) and 2 <= images <= MAX_IMAGES,
          f"images must be an integer from 2 (one train, one val) to {MAX_IMAGES}, got {images!r}"),
@@ -178,6 +182,8 @@ def _params(images, seed, min_size, max_size, val_fraction, image_format) -> dic
          and 32 <= min_size <= max_size <= 4096,
          "sizes must satisfy 32 <= min_size <= max_size <= 4096, "
          f"got min_size={min_size!r}, max_size={max_size!r}"),
+        (isinstance(min_object, int) and 4 <= min_object <= 0.6 * min_size,
+         f"min_object must be an integer from 4 to 60% of min_size, got {min_object!r}"),
         (isinstance(val_fraction, numbers.Real) and 0 < val_fraction < 1,
          f"val_fraction must lie in (0, 1), got {val_fraction!r}"),
         (image_format in ("jpg", "png"), f"image_format must be jpg or png, got {image_format!r}"),
@@ -186,8 +192,12 @@ def _params(images, seed, min_size, max_size, val_fraction, image_format) -> dic
         if not ok:
             raise SynthError(message)
     val = min(images - 1, max(1, round(images * val_fraction)))
-    return {"version": SYNTH_VERSION, "seed": seed, "images": images, "train": images - val,
-            "val": val, "min_size": min_size, "max_size": max_size, "image_format": image_format}
+    params = {"version": SYNTH_VERSION, "seed": seed, "images": images, "train": images - val,
+              "val": val, "min_size": min_size, "max_size": max_size,
+              "image_format": image_format}
+    if min_object != MIN_OBJECT:  # recorded only when set: older datasets stay reusable
+        params["min_object"] = min_object
+    return params
 
 
 def _as_int(value):
@@ -285,7 +295,8 @@ def _make_image(out: Path, split: str, index: int, params: dict):
     # One generator per image: an image does not depend on how many came before it.
     rng = np.random.default_rng([params["seed"], index])
     height, width = (int(v) for v in rng.integers(params["min_size"], params["max_size"] + 1, 2))
-    pixels, segments = _render(rng, height, width, empty=index % _EMPTY_EVERY == _EMPTY_AT)
+    pixels, segments = _render(rng, height, width, params.get("min_object", MIN_OBJECT),
+                               empty=index % _EMPTY_EVERY == _EMPTY_AT)
     stem, ext = f"{image_id:06d}", params["image_format"]
     ids = np.zeros((height, width), np.int32)  # 0 = void
     infos, anns = [], []
@@ -341,22 +352,22 @@ def _semantic(ids: np.ndarray, segments: list[_Segment], image_id: int) -> np.nd
 # ------------------------------------------------------------------------------ the scene
 
 
-def _render(rng: np.random.Generator, h: int, w: int, empty: bool):
+def _render(rng: np.random.Generator, h: int, w: int, min_object: int, empty: bool):
     """Pixels (uint8 H×W×3) and the visible segments (things first, then stuff)."""
     stuff_map, canvas = _stuff(rng, h, w)
     owner = np.full((h, w), -1, np.int16)  # which shape is on top at each pixel
-    shapes = [] if empty else _draw_things(rng, canvas, owner)
+    shapes = [] if empty else _draw_things(rng, canvas, owner, min_object)
     things = _visible_things(shapes, owner)
     segments = things + _stuff_segments(stuff_map, owner)
     return _finish(rng, canvas), segments
 
 
-def _draw_things(rng, canvas: np.ndarray, owner: np.ndarray) -> list[tuple]:
+def _draw_things(rng, canvas: np.ndarray, owner: np.ndarray, min_object: int) -> list[tuple]:
     """Paint the shapes bottom to top; return (category_id, full mask, polygon, crowd) each."""
     h, w = owner.shape
     count = int(rng.integers(1, _MAX_INSTANCES + 1))
-    # Log-uniform sizes from 8 px to 60% of the shorter side: COCO-like many small, few large.
-    sizes = np.exp(rng.uniform(math.log(8), math.log(0.6 * min(h, w)), count))
+    # Log-uniform sizes to 60% of the shorter side: COCO-like many small, few large.
+    sizes = np.exp(rng.uniform(math.log(min_object), math.log(0.6 * min(h, w)), count))
     # Mostly large first (painter's order, like a scene's background objects) with shuffling.
     order = np.argsort(-(np.log(sizes) + rng.normal(0, 0.7, count)))
     specs = [("thing", float(sizes[k])) for k in order]
