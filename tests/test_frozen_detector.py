@@ -162,3 +162,29 @@ def test_detect_and_embed_equals_the_two_calls(detector):
     for a, b in ((found, alone), (embedded, boxed)):
         for name in ("queries", "boxes", "scores", "labels", "query_mask", "memory"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("variant,reaches", [
+    (dict(variant="dino", query_init="mixed", box_refine=True, decoder_norm=True,
+          ref_point_head=True, proposal_score="max_class"), True),
+    (dict(query_init="proposals", box_refine=True), False),
+    (dict(variant="h_deformable_detr", query_init="mixed", box_refine=True), False),
+])
+def test_last_layer_box_loss_reaches_the_previous_box_head_only_in_dino(variant, reaches):
+    """DINO's look forward twice: the last layer's box is relative to a reference that the
+    previous layer's box head refined, with its gradient; Deformable DETR detaches it."""
+    torch.manual_seed(0)
+    config = DetectorConfig(hidden_dim=64, enc_layers=1, dec_layers=2, dim_feedforward=32,
+                            num_queries=10, num_classes=5, **variant)
+    model = build_detector(config).train()
+    for head in model.bbox_embed:  # non-zero deltas, so every path carries a gradient
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    image = torch.rand(1, 3, 64, 96)
+    raw = model(image, torch.zeros(1, 64, 96, dtype=torch.bool))
+    raw.boxes[-1].sum().backward()
+    grad = model.bbox_embed[0].layers[-1].weight.grad
+    assert (grad is not None and grad.abs().sum() > 0) == reaches
+    # The boxes themselves are the same either way: inference does not change.
+    with torch.no_grad():
+        again = model(image, torch.zeros(1, 64, 96, dtype=torch.bool))
+    torch.testing.assert_close(again.boxes[-1], raw.boxes[-1].detach())

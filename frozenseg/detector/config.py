@@ -75,6 +75,13 @@ class DetectorConfig:
     def two_stage(self) -> bool:
         return self.query_init != "learned"
 
+    @property
+    def look_forward_twice(self) -> bool:
+        """DINO's box refinement lets a layer's box loss reach the previous layer's box
+        head (through the reference it refined); Deformable DETR's stops it there. Only
+        training sees the difference."""
+        return self.variant == "dino"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -108,6 +108,7 @@ class DeformableTransformer(nn.Module):
                     for _ in range(config.dec_layers)],
             dim=c, norm=config.decoder_norm, ref_point_head=config.ref_point_head,
             inverse_sigmoid_eps=config.inverse_sigmoid_eps,
+            look_forward_twice=config.look_forward_twice,
         )
         if not config.two_stage:
             self.reference_points = nn.Linear(c, 2)

@@ -145,7 +145,10 @@ class Decoder(nn.Module):
     With ``ref_point_head`` (DINO) each layer's query_pos is an MLP of the sine
     embedding of its current reference box; otherwise query_pos is given and fixed.
     With ``norm`` (DINO) the outputs that feed the heads are layer-normed; the
-    refinement itself uses the raw output, as DINO does.
+    refinement itself uses the raw output, as DINO does. Each layer attends from its
+    reference without gradient; with ``look_forward_twice`` (DINO) the reference its head
+    is applied to keeps the previous layer's gradient, so a layer's box loss also trains
+    the refinement that placed its reference (Deformable DETR detaches it).
     """
 
     def __init__(
@@ -156,9 +159,11 @@ class Decoder(nn.Module):
         norm: bool,
         ref_point_head: bool,
         inverse_sigmoid_eps: float,
+        look_forward_twice: bool = False,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.look_forward_twice = look_forward_twice
         self.norm = nn.LayerNorm(dim) if norm else None
         self.ref_point_head = (
             MLP(in_dim=2 * dim, hidden_dim=dim, out_dim=dim, num_layers=2)
@@ -188,9 +193,11 @@ class Decoder(nn.Module):
         bbox_embed: per-layer box heads for iterative refinement, or None (references fixed).
         self_attn_mask: (Q, Q) bool, True where query i may not see query j (denoising).
         Returns (states, references): per layer, the output (B, Q, C) and the reference
-        (B, Q, 2 or 4) that layer's head is applied relative to.
+        (B, Q, 2 or 4) that layer's head is applied relative to (the first is the given
+        reference; the others carry their refinement's gradient with look_forward_twice).
         """
         states, references = [], []
+        head_reference = reference
         for i, layer in enumerate(self.layers):
             scale = valid_ratios if reference.shape[-1] == 2 else torch.cat([valid_ratios] * 2, -1)
             reference_input = reference[:, :, None] * scale[:, None]
@@ -202,17 +209,19 @@ class Decoder(nn.Module):
             tgt = run_layer(self, layer, tgt, query_pos, reference_input, memory, shapes, starts,
                             memory_mask, self_attn_mask)
             states.append(self.norm(tgt) if self.norm is not None else tgt)
-            references.append(reference)
+            references.append(head_reference)
             if bbox_embed is not None:
-                reference = self.refine(reference, bbox_embed[i](tgt))
+                refined = self.refine(reference, bbox_embed[i](tgt))
+                reference = refined.detach()
+                head_reference = refined if self.look_forward_twice else reference
         return states, references
 
     def refine(self, reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Apply a box head's delta in logit space; the new reference carries no gradient."""
+        """Apply a box head's delta in logit space (the gradient flows into the delta)."""
         # A 2-d reference point becomes a box after its first refinement (Deformable DETR).
         logits = delta.clone()
         logits[..., : reference.shape[-1]] += inverse_sigmoid(reference, self.eps)
-        return logits.sigmoid().detach()
+        return logits.sigmoid()
 
 
 def encoder_proposals(memory, padding_mask, shapes: list[tuple[int, int]]):
