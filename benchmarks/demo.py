@@ -5,7 +5,8 @@ on ground-truth boxes (what better boxes would give).
 1. ``frozenseg demo`` as a user runs it (its defaults) in WORK/demo: seconds per stage,
    the detector's box AP and the head's mask AP.
 2. On that demo's data and feature cache, the demo's head again, its schedule stretched to
-   the last mark at the default run's steps per minute (so the lr drops land near it),
+   the last mark at the steps per minute of the demo's timed training (so the lr drops
+   land near it; a reused demo gives the same rate as the run that made it),
    evaluated at every mark on the detector's boxes (evaluation time not counted); after
    the last mark also on the ground-truth boxes.
 3. The training-free head on the detector's boxes and on the ground-truth boxes.
@@ -49,7 +50,7 @@ def trained_step(checkpoint: Path) -> int:
 
 
 def curve(recipe, out: Path, marks: list[float], steps_per_minute: float):
-    """Rows of the demo's head trained to the last mark; its GT-box AP; the box AP."""
+    """Rows of the demo's head trained to the last mark, the last with its GT-box AP."""
     shutil.rmtree(out, ignore_errors=True)
     iterations = math.ceil(steps_per_minute * marks[-1])
     recipe = with_overrides(recipe, f"train.output_dir={out}", "train.max_minutes=null",
@@ -94,13 +95,12 @@ def main() -> None:
     print(f"the demo: {time.perf_counter() - started:.0f} s wall", flush=True)
 
     recipe = demo_recipe(demo)
-    train = summary.stage("train")
-    steps = trained_step(train.path)
+    steps, minutes = trained_step(summary.stage("train").path), recipe.train.max_minutes
     rows = curve(recipe, args.work / "curve", [float(m) for m in args.marks.split(",")],
-                 60 * steps / train.seconds)
+                 steps / minutes)
     free, box_ap = training_free(recipe, args.work)
     print(f"detector box AP on val: {box_ap:.1f}")
-    print(table(COLUMNS, [free, ["demo default", f"{train.seconds / 60:.1f}", steps,
+    print(table(COLUMNS, [free, ["demo default", f"{minutes:g}", steps,
                                  f"{summary.mask_ap:.1f}", "", "", ""], *rows]))
 
 

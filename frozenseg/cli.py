@@ -839,14 +839,14 @@ def demo(
 ) -> None:
     """The whole flow on the detector frozenseg ships: synth, convert, cache, train, export,
     evaluate, overlays. Run it again: it reuses what is done."""
-    from frozenseg.demo import DemoHooks, run_demo, summary_table
+    from frozenseg.demo import DETECTOR, DemoHooks, run_demo, summary_table
     from frozenseg.engine.train import TrainingError
 
     hooks = DemoHooks(images=_image_progress, training=_training_progress,
                       log=lambda line: console.print(line, highlight=False, soft_wrap=True))
     try:
         summary = run_demo(out, minutes=minutes, images=images, hooks=hooks,
-                           **({"detector": detector} if detector else {}))
+                           detector=detector or DETECTOR)
     except (ValueError, FileNotFoundError, TrainingError) as err:
         _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     except OSError as err:

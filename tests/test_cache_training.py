@@ -85,9 +85,11 @@ def test_batch_outputs_matches_the_detector_on_a_padded_batch_of_equal_sizes(det
     images = [torch.rand(3, 64, 96, generator=g) for _ in range(2)]
     together = detector(images)
     joined = batch_outputs([detector([image]) for image in images])
+    # A batch of two sums in another order than two singles (fp32): differences of a few
+    # 1e-5 on values of order 1 are rounding, a wrong join would be off by far more.
     for name in ("memory", "queries", "boxes", "valid_ratios", "c1"):
         torch.testing.assert_close(getattr(joined, name), getattr(together, name),
-                                   atol=2e-5, rtol=1e-5)
+                                   atol=1e-4, rtol=1e-5)
     assert torch.equal(joined.spatial_shapes, together.spatial_shapes)
 
 
