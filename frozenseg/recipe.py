@@ -207,6 +207,9 @@ class MaskDINOSection:
     num_queries: int = 300
     dec_layers: int = 9
     num_denoising: int = 100        # denoising queries per batch (dynamic groups)
+    # Denoising box noise lambda: a positive's corners move by up to lambda/2 of the box
+    # size, a negative's up to lambda (Mask DINO 0.4; DINO's detector configs 1.0).
+    box_noise_scale: float = 0.4
     mask_enhanced_boxes: bool = False
     backbone_lr_factor: float = 0.1
     # Activation checkpointing, to fit one GPU (recompute instead of keeping).
@@ -231,6 +234,8 @@ class MaskDINOSection:
                self.num_denoising)
         _check(self.backbone_lr_factor >= 0, "maskdino.backbone_lr_factor", "0 or more",
                self.backbone_lr_factor)
+        _check(0 <= self.box_noise_scale < 2, "maskdino.box_noise_scale", "in [0, 2)",
+               self.box_noise_scale)
 
 
 @dataclass(kw_only=True)

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import yaml
+from torchvision.ops import box_convert
 
 import frozenseg
 from frozenseg.convert import write_detector
@@ -265,6 +266,26 @@ def test_training_init_starts_every_box_at_its_reference_and_classes_at_the_prio
         torch.testing.assert_close(layer.boxes, anchors, atol=1e-5, rtol=1e-4)
     for logits in [out.encoder.logits, *(layer.logits for layer in out.layers)]:
         assert 0.003 < logits.sigmoid().median() < 0.03
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_the_recipes_box_noise_reaches_the_denoising_queries(tmp_path, data, scale):
+    """maskdino.box_noise_scale is the lambda of the denoising boxes: 0 gives the targets'
+    own boxes, DINO's 1.0 moves a positive's corners by up to half its size."""
+    model, _ = build_maskdino(recipe(tmp_path, data, f"maskdino.box_noise_scale={scale}"),
+                              [f"c{i}" for i in range(5)])
+    boxes = torch.tensor([[0.5, 0.5, 0.4, 0.2], [0.3, 0.6, 0.2, 0.3]])
+    dn = model.denoising([{"labels": torch.tensor([1, 3]), "boxes": boxes}],
+                         generator=torch.Generator().manual_seed(0))
+    positives = box_convert(dn.boxes[dn.positive].view(-1, 2, 4), "cxcywh", "xyxy")
+    # Each corner moves by up to lambda * half the box's size (in normalised units).
+    moved = (positives - box_convert(boxes, "cxcywh", "xyxy")).abs()
+    reach = (boxes[:, 2:] / 2).repeat(1, 2)
+    if scale == 0:
+        torch.testing.assert_close(moved, torch.zeros_like(moved), atol=1e-6, rtol=0)
+    else:
+        assert (moved <= scale * reach + 1e-6).all()
+        assert (moved > 0.5 * scale * reach).any()  # and Mask DINO's 0.4 could not
 
 
 def test_a_joint_run_with_dinos_queries_converts_to_the_official_dino_layout(tmp_path, data):

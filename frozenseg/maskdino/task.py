@@ -73,6 +73,7 @@ def build_maskdino(recipe, class_names: list[str]) -> tuple[MaskDINO, list[str]]
 
 def _model(detector: nn.Module, section) -> MaskDINO:
     model = MaskDINO(detector, num_denoising=section.num_denoising,
+                     box_noise_scale=section.box_noise_scale,
                      mask_enhanced_boxes=section.mask_enhanced_boxes)
     model.set_checkpointing(backbone=section.checkpoint_backbone,
                             encoder=section.checkpoint_encoder,
