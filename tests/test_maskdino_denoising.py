@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torchvision.ops import box_convert
 
+from frozenseg.detector.transformer import MLP, Decoder, DecoderLayer
+from frozenseg.maskdino.criterion import box_losses
 from frozenseg.maskdino.denoising import ContrastiveDenoising, DenoisingQueries, attention_mask
 
 NUM_CLASSES = 10
@@ -199,11 +202,6 @@ def test_the_decoder_learns_to_denoise_boxes_the_memory_shows():
     decoder trained on the denoising loss alone brings its positives' boxes well inside
     the noise they started from. A decoder that cannot learn to move a box (a broken
     reference scaling, refinement or gradient) stays at the noise level."""
-    from torch import nn
-
-    from frozenseg.detector.transformer import MLP, Decoder, DecoderLayer
-    from frozenseg.maskdino.criterion import box_losses
-
     torch.manual_seed(0)
     dim, levels, batch, objects = 32, [(32, 32), (16, 16)], 8, 2
     shapes = torch.tensor(levels)
@@ -223,7 +221,8 @@ def test_the_decoder_learns_to_denoise_boxes_the_memory_shows():
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     g = _gen(0)
 
-    def loss_and_noise() -> tuple[torch.Tensor, float]:
+    def loss_and_noise() -> tuple[torch.Tensor, float, float]:
+        """(training loss, GIoU loss of the noised boxes, of the last layer's)."""
         boxes = torch.cat([0.25 + 0.5 * torch.rand(batch, objects, 2, generator=g),
                            0.15 + 0.25 * torch.rand(batch, objects, 2, generator=g)], -1)
         dn = denoising([{"labels": torch.zeros(objects, dtype=torch.int64), "boxes": b}

@@ -67,16 +67,19 @@ def _query_chunks(num_queries: int, maps: list[torch.Tensor], num_points: int):
     return [(q0, min(q0 + step, num_queries)) for q0 in range(0, num_queries, step)]
 
 
+def _bilinear(level_map: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of one level; align_corners=False + zero padding is Deformable
+    DETR's convention: pixel centre (i + 0.5) / size, samples outside the map read zero.
+    Its backward, by hand, is ``grid_sampler_2d_backward`` with the same settings."""
+    return F.grid_sample(level_map, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
 def _sample_chunk(maps, grids, weights) -> torch.Tensor:
     """Weighted sum of bilinear samples for one query chunk: (N*M, D, q)."""
     out = None
     for level, level_map in enumerate(maps):
-        # align_corners=False + zero padding is Deformable DETR's convention:
-        # pixel centre (i + 0.5) / size, samples outside the map read zero.
-        sampled = F.grid_sample(
-            level_map, grids[:, :, level], mode="bilinear",
-            padding_mode="zeros", align_corners=False,
-        )  # (N*M, D, q, P)
+        sampled = _bilinear(level_map, grids[:, :, level])  # (N*M, D, q, P)
         term = (sampled * weights[:, None, :, level]).sum(-1)
         out = term if out is None else out + term
     return out
@@ -131,18 +134,17 @@ class _RecomputedSampling(torch.autograd.Function):
         grids, heads_weights = _heads_first(locations, weights)
         # (N, Q, M*D) -> (N*M, D, Q), the layout _sample_chunk produces.
         grad_heads = grad_out.reshape(n, q, m, d).permute(0, 2, 3, 1).reshape(n * m, d, q)
-        grad_maps = [torch.zeros_like(t) for t in maps]
-        grad_grids = torch.zeros_like(grids)
-        grad_heads_weights = torch.zeros_like(heads_weights)
-        # grid_sampler_2d_backward's codes: bilinear (0), zero padding (0).
+        grad_maps = [torch.zeros_like(t) for t in maps] if need_value else []
+        grad_grids = torch.zeros_like(grids) if need_locations else None
+        grad_heads_weights = torch.zeros_like(heads_weights) if need_weights else None
+        # grid_sampler_2d_backward's codes for _bilinear's settings: bilinear (0), zeros (0).
         wanted = [bool(need_value), bool(need_locations)]
         for q0, q1 in _query_chunks(q, maps, p) if n and q else []:
             grad = grad_heads[:, :, q0:q1, None]  # (N*M, D, q, 1)
             for level, level_map in enumerate(maps):
                 grid = grids[:, q0:q1, level]
                 if need_weights:
-                    sampled = F.grid_sample(level_map, grid, mode="bilinear",
-                                            padding_mode="zeros", align_corners=False)
+                    sampled = _bilinear(level_map, grid)
                     grad_heads_weights[:, q0:q1, level] = (sampled * grad).sum(1)
                 if any(wanted):
                     grad_sampled = grad * heads_weights[:, None, q0:q1, level]
