@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import hashlib
+import json
 import pathlib
 import re
 import warnings
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SAFE_GLOBALS", "CheckpointError", "LoadedCheckpoint", "load_checkpoint"]
+__all__ = ["EMA_KEYS", "SAFE_GLOBALS", "CheckpointError", "LoadedCheckpoint", "load_checkpoint"]
 
 # numpy pickles a scalar as ``scalar(dtype, raw_bytes)``; the function lives in numpy.core
 # (numpy 1.x) or numpy._core (numpy 2.x), so take it from a scalar's own reduce and register it
@@ -60,6 +61,16 @@ DETR-family training scripts don't store any), and every model, optimizer or con
 
 # Keys under which training scripts store the weights, in order of preference.
 _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+# ... and their exponential moving average, where the training script keeps one: DINO's
+# main.py ('ema_model'), detectron2 / detrex's EMA hook ('ema_state'), RT-DETR and its
+# descendants ({'ema': {'module': state_dict, 'updates': n}}), timm ('state_dict_ema').
+EMA_KEYS = ("ema_model", "ema_state", "ema", "state_dict_ema", "model_ema")
+WEIGHT_CHOICES = ("auto", "model", "ema")
+# What a model folder holds, in the order a folder is searched: Hugging Face's save_pretrained
+# (sharded or not, safetensors or pickle), else the one checkpoint file in it.
+_FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors",
+                 "pytorch_model.bin.index.json", "pytorch_model.bin")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch.save's legacy (pre-1.6, non-zip) format starts by pickling this magic number (a LONG1).
 _LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
@@ -86,27 +97,91 @@ class LoadedCheckpoint:
     path: Path
     sha256: str
     kind: str
+    # where the weights were found: ckpt['model'], ckpt['ema_model'], ... (None: top level)
+    weights_key: str | None = None
+    # the other copy left in the file (the trained weights when the EMA was taken, or back)
+    other_key: str | None = None
 
 
-def load_checkpoint(path: str | Path, *, trust: bool = False) -> LoadedCheckpoint:
-    """Load a detector checkpoint (``.pth``/``.pt``/``.bin`` pickle or ``.safetensors``).
+def load_checkpoint(path: str | Path, *, trust: bool = False,
+                    weights: str = "auto") -> LoadedCheckpoint:
+    """Load a detector checkpoint: a file, a sharded index, or a folder holding one.
+
+    A file is a ``.pth``/``.pt``/``.bin`` pickle or ``.safetensors``; an index is Hugging
+    Face's ``*.index.json`` (its shards are read and merged); a folder is a
+    ``save_pretrained`` folder or a folder with exactly one checkpoint file.
 
     Pickles are read with ``torch.load(weights_only=True)`` and the globals in
     :data:`SAFE_GLOBALS`; a file that needs anything else raises :class:`CheckpointError` naming
     the global. ``trust=True`` loads with ``weights_only=False`` instead, which EXECUTES whatever
     code the pickle carries: use it only for files from a source you trust. Weights are taken from
     ``ckpt['model']``, else ``ckpt['state_dict']``, else ``ckpt['model_state_dict']``, else the
-    file itself when it is a bare state dict. Every failure (missing file, directory, not a
-    checkpoint, truncated, refused global, no tensors) is a one-line :class:`CheckpointError`.
+    file itself when it is a bare state dict. ``weights``: ``auto`` takes the EMA copy where
+    the file has one (``ema_model``, ``ema_state``, ``ema``: what the projects evaluate),
+    ``model`` the trained weights, ``ema`` insists on the EMA copy. Every failure (missing
+    file, empty folder, not a checkpoint, truncated, refused global, no tensors) is a
+    one-line :class:`CheckpointError`.
     """
-    path = Path(path).expanduser()
+    if weights not in WEIGHT_CHOICES:
+        raise CheckpointError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_CHOICES)}")
+    path = _weights_file(Path(path).expanduser())
+    if path.name.endswith(".index.json"):
+        return _load_sharded(path, trust=trust, weights=weights)
     sha256 = _sha256(path)
     if path.suffix == ".safetensors":
         state_dict = _strip_module(_load_safetensors(path))
         return LoadedCheckpoint(state_dict, None, path, sha256, kind="safetensors")
     obj = _load_pickle(path, trust=trust)
-    state_dict = _strip_module(_find_state_dict(path, obj))
-    return LoadedCheckpoint(state_dict, _find_args(obj), path, sha256, kind="pickle")
+    key, other = _choose_weights(path, obj, weights)
+    state_dict = _strip_module(_find_state_dict(path, obj, key))
+    return LoadedCheckpoint(state_dict, _find_args(obj), path, sha256, kind="pickle",
+                            weights_key=key, other_key=other)
+
+
+def _weights_file(path: Path) -> Path:
+    """A folder -> the weights file (or index) in it; a file -> itself."""
+    if not path.is_dir():
+        return path
+    for name in _FOLDER_FILES:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(p for p in path.iterdir()
+                   if p.suffix in _CHECKPOINT_SUFFIXES and not p.name.startswith(".")
+                   and p.is_file())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CheckpointError(f"{path}: is a directory with no checkpoint file in it (looked "
+                              f"for {', '.join(_FOLDER_FILES)} or one *.pth/.pt/.bin/"
+                              f".safetensors/.ckpt file)")
+    names = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
+    raise CheckpointError(f"{path}: is a directory with {len(found)} checkpoint files "
+                          f"({names}): pass the one to use")
+
+
+def _load_sharded(index: Path, *, trust: bool, weights: str) -> LoadedCheckpoint:
+    """Hugging Face's sharded checkpoint: ``{"weight_map": {key: shard file}}`` beside its
+    shards; they are loaded one by one and merged. The digest covers index and shards."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a sharded-checkpoint index (a json with a "
+                              f"weight_map): {_reason(e)}") from None
+    digest = hashlib.sha256(bytes.fromhex(_sha256(index)))
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in shards:
+        if Path(name).name != name:
+            raise CheckpointError(f"{index}: shard {name!r} is not a file beside the index")
+        shard = load_checkpoint(index.parent / name, trust=trust, weights=weights)
+        digest.update(bytes.fromhex(shard.sha256))
+        state_dict.update(shard.state_dict)
+    missing = sorted(set(weight_map) - set(state_dict))
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} keys of the weight_map are in no "
+                              f"shard, e.g. {missing[0]}")
+    return LoadedCheckpoint(_strip_module(state_dict), None, index, digest.hexdigest(),
+                            kind="sharded")
 
 
 def _sha256(path: Path) -> str:
@@ -183,25 +258,53 @@ def _diagnose(path: Path, exc: Exception, *, trust: bool) -> str:
     return f"not a PyTorch checkpoint or safetensors file ({_describe(head)})"
 
 
-def _find_state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
-    """The weights in a loaded pickle: a preferred key's value, else the object itself."""
+def _choose_weights(path: Path, obj: Any, weights: str) -> tuple[str | None, str | None]:
+    """(the key whose weights to load, the other copy left in the file) by ``weights``;
+    (None, None) for a file with neither (a bare state dict, say)."""
+    if not isinstance(obj, Mapping):
+        return None, None
+    model = next((k for k in _STATE_DICT_KEYS if _weights_under(obj, k) is not None), None)
+    ema = next((k for k in EMA_KEYS if _weights_under(obj, k) is not None), None)
+    if weights == "ema" and ema is None:
+        raise CheckpointError(f"{path}: has no EMA copy of the weights (looked for "
+                              f"{', '.join(map(repr, EMA_KEYS))}); top-level keys: "
+                              f"{_top_level_keys(obj)}")
+    if weights == "model" or ema is None:
+        return model, ema
+    return ema, model
+
+
+def _weights_under(obj: Mapping, key: str) -> Any:
+    """A state dict (or module) at ``obj[key]``, looking one level into RT-DETR's
+    ``{'module': state_dict, 'updates': n}`` EMA record; None if there is none."""
+    candidate = obj.get(key)
+    if isinstance(candidate, Mapping) and _is_state_dict(candidate.get("module")):
+        candidate = candidate["module"]
+    if isinstance(candidate, torch.nn.Module) or _is_state_dict(candidate):
+        return candidate
+    return None
+
+
+def _find_state_dict(path: Path, obj: Any, key: str | None) -> dict[str, torch.Tensor]:
+    """The weights in a loaded pickle: ``obj[key]``'s, else the object itself."""
     if isinstance(obj, torch.nn.Module):  # only reachable with trust=True (torch.save(model))
         return obj.state_dict()
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: no state dict found: the file holds a "
                               f"{type(obj).__name__}, not a dict of tensors")
-    for key in _STATE_DICT_KEYS:
-        candidate = obj.get(key)
-        if isinstance(candidate, torch.nn.Module):
-            return candidate.state_dict()
-        if _is_state_dict(candidate):
-            return _tensors_only(candidate)
+    if key is not None:
+        found = _weights_under(obj, key)
+        return found.state_dict() if isinstance(found, torch.nn.Module) else _tensors_only(found)
     if _is_state_dict(obj):
         return _tensors_only(obj)
-    keys = ", ".join(repr(k) for k in list(obj)[:20]) + (", ..." if len(obj) > 20 else "")
     raise CheckpointError(f"{path}: no state dict found (no tensors under "
                           f"{', '.join(map(repr, _STATE_DICT_KEYS))} or at the top level); "
-                          f"top-level keys: {keys or 'none'}")
+                          f"top-level keys: {_top_level_keys(obj)}")
+
+
+def _top_level_keys(obj: Mapping) -> str:
+    keys = ", ".join(repr(k) for k in list(obj)[:20]) + (", ..." if len(obj) > 20 else "")
+    return keys or "none"
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -101,13 +101,19 @@ def _read_class_names(path: Path | None) -> list[str] | None:
 
 def _print_report(report) -> None:
     from frozenseg.detector.config import DetectorConfig
+    from frozenseg.detector.frozen import DEFAULT_TOP_K
 
     console.print(f"format: [bold]{report.format}[/] ({report.source}, sha256 "
                   f"{report.sha256[:12]})")
-    config = Table(title="derived config", show_header=False)
+    config = Table(title="derived config", show_header=False,
+                   caption="*: differs from DetectorConfig's default")
     defaults = DetectorConfig().to_dict()
     for key, value in report.config.to_dict().items():
-        config.add_row(key, str(value), "" if defaults.get(key) == value else "*")
+        shown = str(value)
+        if key == "num_select":  # the original's top-k; FrozenDetector has its own
+            shown += (f" (the original's post-processing; frozenseg keeps the top "
+                      f"{DEFAULT_TOP_K}, load_detector(top_k=...))")
+        config.add_row(key, shown, "" if defaults.get(key) == value else "*")
     console.print(config)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
@@ -129,31 +135,40 @@ def _print_report(report) -> None:
     console.print(keys)
 
 
-FORMAT_HELP = "auto, or one of the formats frozenseg knows (see frozenseg inspect)"
+FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable_detr, "
+               "h_deformable_detr, detrex_dino, huggingface.")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
     "detrex's config.yaml); overrides ckpt['args']."
 )
+DETECTOR_HELP = ("The checkpoint: a .pth/.pt/.bin/.safetensors file, a sharded "
+                 "*.index.json, or a folder holding one (e.g. a save_pretrained folder).")
+WEIGHTS_HELP = ("auto: the EMA copy where the file has one (what the projects evaluate); "
+                "model: the trained weights; ema: the EMA copy or an error.")
+FLAG = " "  # a flag's metavar: typer would otherwise show <bool>, as if it took a value
+TRUST_HELP = ("Flag: allow any pickled Python object. This runs code from the file: "
+              "use it for files from a source you trust only.")
 
 
 @app.command()
 def convert(
-    detector: Path = typer.Option(
-        ..., "--detector", help="The checkpoint (.pth, .bin, .safetensors)."
-    ),
+    detector: Path = typer.Option(..., "--detector", help=DETECTOR_HELP),
     out: Path = typer.Option(
-        ..., "--out", help="Folder to write detector.safetensors + config.json."
+        ..., "--out", help="Folder to write detector.safetensors + config.json (a new one)."
     ),
     format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
     num_classes: int = typer.Option(
         None, "--num-classes", help="Check the classifier has N classes."
     ),
     class_names: Path = typer.Option(None, "--class-names", help="JSON list or one name per line."),
-    trust_checkpoint: bool = typer.Option(
-        False, "--trust-checkpoint",
-        help="Allow any pickled Python object (runs code from the file: trusted sources only).",
-    ),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP,
+                                          metavar=FLAG),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    weights: str = typer.Option("auto", "--weights", help=WEIGHTS_HELP),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar=FLAG,
+        help="Flag: replace --out when it holds a detector convert wrote.",
+    ),
     to: str = typer.Option("frozenseg", "--to", help="frozenseg: a detector folder; dino: "
                            "one .pth file in the official DINO layout (a DINO detector only, "
                            "e.g. a joint-mode run with maskdino.query_init=mixed)."),
@@ -163,14 +178,15 @@ def convert(
         _fail(f"--to {to}: expected frozenseg or dino")
     options = {"format": format, "num_classes": num_classes,
                "names": _read_class_names(class_names), "trust": trust_checkpoint,
-               "config": config}
+               "config": config, "weights": weights, "overwrite": overwrite}
     if to == "dino":
         _convert_to_dino(detector, out, options)
         return
     report = _convert_to_folder(detector, out, options)
     if report is not None:
         _print_report(report)
-        console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}")
+        console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}",
+                      highlight=False, soft_wrap=True, markup=False)
 
 
 def _convert_to_folder(detector: Path, out: Path, options: dict):
@@ -180,15 +196,16 @@ def _convert_to_folder(detector: Path, out: Path, options: dict):
     from frozenseg.convert import ConversionError, convert_checkpoint
     from frozenseg.maskdino.task import is_joint_checkpoint
 
-    if is_joint_checkpoint(detector):
-        _joint_to_detector(detector, out)
-        return None
     try:
-        with console.status(f"Converting {detector} ..."):
+        if detector.is_file() and is_joint_checkpoint(detector):
+            _joint_to_detector(detector, out, options["overwrite"])
+            return None
+        with console.status("Converting ..."):
             return convert_checkpoint(detector, out, format=options["format"],
                                       num_classes=options["num_classes"],
                                       class_names=options["names"], trust=options["trust"],
-                                      config=options["config"])
+                                      config=options["config"], weights=options["weights"],
+                                      overwrite=options["overwrite"])
     except (CheckpointError, ConversionError) as err:
         _fail(str(err))
 
@@ -202,43 +219,51 @@ def _convert_to_dino(detector: Path, out: Path, options: dict) -> None:
     from frozenseg.formats.dino import save_official
 
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
-        _convert_to_folder(detector, Path(tmp), options)
-        frozen = load_detector(tmp)
+        folder = Path(tmp) / "detector"
+        _convert_to_folder(detector, folder, options)
+        frozen = load_detector(folder)
         try:
             save_official(frozen.model.state_dict(), frozen.config, out)
         except ValueError as err:
             _fail(f"{detector}: {err}")
     console.print(f"wrote {out} (official DINO layout, {frozen.config.num_classes} classes)",
-                  highlight=False, soft_wrap=True)
+                  highlight=False, soft_wrap=True, markup=False)
 
 
-def _joint_to_detector(checkpoint: Path, out: Path) -> None:
+def _joint_to_detector(checkpoint: Path, out: Path, overwrite: bool) -> None:
     """A Mask DINO checkpoint of the joint mode -> a detector folder for the head pipeline."""
+    from frozenseg.convert import ConversionError
     from frozenseg.maskdino.task import load_joint, save_as_detector
 
     try:
         model, info = load_joint(checkpoint)
-        save_as_detector(model, out, info["class_names"], source=checkpoint.name)
+        save_as_detector(model, out, info["class_names"], source=checkpoint.name,
+                         overwrite=overwrite)
+    except ConversionError:
+        raise
     except (ValueError, RuntimeError, KeyError) as err:
         _fail(f"{checkpoint}: {str(err).strip().splitlines()[0]}")
     console.print(f"Mask DINO checkpoint (joint mode): its detector, {len(info['class_names'])} "
-                  f"classes, written to {out}", highlight=False, soft_wrap=True)
+                  f"classes, written to {out}", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
 def inspect(
-    checkpoint: Path = typer.Argument(..., help="The checkpoint to look at."),
+    checkpoint: Path = typer.Argument(..., help=DETECTOR_HELP),
     format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="See convert."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help=TRUST_HELP,
+                                          metavar=FLAG),
     config: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    weights: str = typer.Option("auto", "--weights", help=WEIGHTS_HELP),
 ) -> None:
-    """What convert would do with a checkpoint, without writing anything."""
+    """Everything convert does (load, convert, build, load strictly, run, serialise), without
+    writing anything: a clean report means convert succeeds."""
     from frozenseg.checkpoint import CheckpointError
     from frozenseg.convert import ConversionError, inspect_checkpoint
 
     try:
         _, report = inspect_checkpoint(checkpoint, format=format, trust=trust_checkpoint,
-                                       config=config)
+                                       config=config, weights=weights)
     except (CheckpointError, ConversionError) as err:
         _fail(str(err))
     _print_report(report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 
 from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.files import unshared
 from frozenseg.formats import FORMATS, detect_format
 from frozenseg.formats.base import Renamed, StateDict
 
@@ -42,6 +44,10 @@ class ConversionReport:
     unexpected: list[str] = field(default_factory=list)
     # (checkpoint key, its shape, the model's shape)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    # (checkpoint key, its shape, a sibling it disagrees with, that one's shape): a tensor
+    # the config was read from that is unlike its siblings, so they are the ones reported
+    # as mismatched, though this one is at fault
+    odd_ones: list[tuple[str, tuple, str, tuple]] = field(default_factory=list)
     source: str = ""
     sha256: str = ""
 
@@ -52,6 +58,9 @@ class ConversionReport:
     def problem(self) -> str:
         """One line naming what does not match (empty when everything does)."""
         parts = []
+        for key, shape, sibling, theirs in self.odd_ones[:1]:
+            parts.append(f"{key} is {list(shape)} but {sibling} is {list(theirs)} (the model "
+                         f"was sized from {key})")
         if self.mismatched:
             key, got, want = self.mismatched[0]
             parts.append(f"{len(self.mismatched)} shape mismatches, e.g. {key}: checkpoint "
@@ -102,54 +111,137 @@ def _verify(state_dict: StateDict, config: DetectorConfig, report: ConversionRep
     # Name unexpected and mismatched keys as the checkpoint does: what the user can look up.
     source_of = {target: source for source, target in report.renamed}
     report.unexpected = sorted(source_of.get(k, k) for k in set(state_dict) - set(expected))
-    report.mismatched = [
-        (source_of.get(k, k), tuple(state_dict[k].shape), expected[k])
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != expected[k]
-    ]
+    mismatched = [k for k in sorted(set(expected) & set(state_dict))
+                  if tuple(state_dict[k].shape) != expected[k]]
+    report.mismatched = [(source_of.get(k, k), tuple(state_dict[k].shape), expected[k])
+                         for k in mismatched]
+    report.odd_ones = [(source_of.get(k, k), shape, source_of.get(s, s), theirs)
+                       for k, shape, s, theirs in _odd_ones_out(state_dict, mismatched)]
+
+
+def _odd_ones_out(state_dict: StateDict, mismatched: list[str]):
+    """Layer-0 keys that fit the model while at least as many of their siblings (the same
+    key at other layer indices) do not, all in the same way: the config is read from layer
+    0, so a changed layer-0 tensor shows up as its siblings' mismatches."""
+    def pattern(key: str) -> str:
+        return re.sub(r"\.\d+\.", ".#.", key)
+
+    groups: dict[str, list[str]] = {}
+    for key in state_dict:
+        groups.setdefault(pattern(key), []).append(key)
+    odd = []
+    for keys in groups.values():
+        bad = [k for k in keys if k in mismatched]
+        shapes = {tuple(state_dict[k].shape) for k in bad}
+        if bad and len(shapes) == 1 and len(bad) >= len(keys) - len(bad):
+            odd += [(k, tuple(state_dict[k].shape), bad[0], shapes.pop()) for k in keys
+                    if k not in bad and re.search(r"\.(\d+)\.", k)[1] == "0"][:1]
+    return odd
 
 
 def inspect_checkpoint(
     src: str | Path, *, format: str = "auto", num_classes: int | None = None,
-    trust: bool = False, config: str | Path | None = None,
+    trust: bool = False, config: str | Path | None = None, weights: str = "auto",
 ) -> tuple[StateDict, ConversionReport]:
-    """Load safely and convert, without writing: what ``frozenseg inspect`` reports.
+    """Everything ``convert`` does except writing: what ``frozenseg inspect`` reports.
 
-    The training arguments come from ``config`` (a JSON or YAML file, e.g. detrex's
+    ``src`` is a checkpoint file, a sharded index or a folder holding either. The
+    training arguments come from ``config`` (a JSON or YAML file, e.g. detrex's
     config.yaml) when given, else from ``ckpt['args']``, else from a Hugging Face
-    config.json beside the checkpoint. Raises ConversionError (one line naming the
-    file) when the file is not a checkpoint or its format is unknown; key and shape
-    mismatches are left in the report.
+    config.json beside the weights. When every key and shape matches, the detector is
+    built, loaded strictly, run on a small image and serialised in memory, exactly as
+    ``convert`` writes it: a clean report means ``convert`` succeeds. Returns the
+    loaded model's state dict (canonical, float32) and the report.
+
+    Raises ConversionError (one line naming the file) when the file is not a checkpoint,
+    its format is unknown, or the built detector does not take the weights; key and
+    shape mismatches are left in the report.
     """
     from frozenseg.checkpoint import load_checkpoint
 
     src = Path(src)
-    ckpt = load_checkpoint(src, trust=trust)
-    args = read_training_config(config) if config else ckpt.args or _sidecar_config(src)
+    ckpt = load_checkpoint(src, trust=trust, weights=weights)
+    args = read_training_config(config) if config else ckpt.args or _sidecar_config(ckpt.path)
     try:
         state_dict, report = convert_state_dict(
             ckpt.state_dict, format=format, args=args, num_classes=num_classes
         )
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConversionError(f"{src}: {_one_line(err)}") from err
-    report.source, report.sha256 = src.name, ckpt.sha256
+    except KeyError as err:
+        raise ConversionError(f"{ckpt.path}: no key {err.args[0]!r}, which the "
+                              f"{_format_name(ckpt.state_dict, format)} layout has: the "
+                              f"checkpoint is incomplete or of another format") from None
+    except (IndexError, ValueError, TypeError, ZeroDivisionError) as err:
+        raise ConversionError(f"{ckpt.path}: {_one_line(err)}") from None
+    report.source, report.sha256 = ckpt.path.name, ckpt.sha256
+    report.notes[:0] = _weights_notes(ckpt)
+    if report.ok:
+        state_dict = _prove(state_dict, report, ckpt.path)
     return state_dict, report
+
+
+def _format_name(state_dict: StateDict, format: str) -> str:
+    try:
+        return detect_format(state_dict).name if format == "auto" else format
+    except ValueError:
+        return format
+
+
+def _weights_notes(ckpt) -> list[str]:
+    """Which copy of the weights was taken, and dtypes that are not float32."""
+    from frozenseg.checkpoint import EMA_KEYS
+
+    notes = []
+    if ckpt.other_key is not None:
+        flag = "model" if ckpt.weights_key in EMA_KEYS else "ema"
+        notes.append(f"weights from ckpt[{ckpt.weights_key!r}]; the file also holds "
+                     f"ckpt[{ckpt.other_key!r}] (--weights {flag} takes it)")
+    dtypes = {t.dtype for t in ckpt.state_dict.values() if t.is_floating_point()}
+    if dtypes - {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        notes.append(f"weights saved as {names}: the detector keeps them as float32")
+    return notes
+
+
+def _prove(state_dict: StateDict, report: ConversionReport, path: Path) -> StateDict:
+    """Build the detector, load it strictly, run it on a small image and serialise it as
+    ``write_detector`` does; the model's own state dict comes back (what is written)."""
+    from frozenseg.detector.model import build_detector
+
+    model = build_detector(report.config).eval()
+    try:
+        model.load_state_dict(state_dict, strict=True)
+        with torch.no_grad():
+            image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+            out = model(image, torch.zeros(1, 64, 96, dtype=torch.bool))
+    except (RuntimeError, ValueError) as err:
+        raise ConversionError(f"{path}: the converted detector does not run "
+                              f"({_one_line(err)})") from None
+    if not (out.logits[-1].isfinite().all() and out.boxes[-1].isfinite().all()):
+        raise ConversionError(f"{path}: the converted detector gives non-finite outputs on "
+                              "a test image (are the weights damaged?)")
+    state_dict = model.state_dict()
+    _serialise(state_dict, report.config, format=report.format, source=report.source)
+    return state_dict
 
 
 def convert_checkpoint(
     src: str | Path, out_dir: str | Path, *, format: str = "auto",
     num_classes: int | None = None, class_names: list[str] | None = None, trust: bool = False,
-    config: str | Path | None = None,
+    config: str | Path | None = None, weights: str = "auto", overwrite: bool = False,
 ) -> ConversionReport:
-    """What ``frozenseg convert`` does: load safely, convert, verify, write atomically."""
+    """What ``frozenseg convert`` does: :func:`inspect_checkpoint`, then write atomically.
+    ``out_dir`` must not exist, or be a detector folder frozenseg wrote and ``overwrite``."""
+    check_output_folder(Path(out_dir), overwrite=overwrite)
     state_dict, report = inspect_checkpoint(src, format=format, num_classes=num_classes,
-                                            trust=trust, config=config)
+                                            trust=trust, config=config, weights=weights)
     if not report.ok:
         raise ConversionError(f"{src}: {report.problem()}")
     if class_names is not None and len(class_names) != report.config.num_classes:
         raise ConversionError(f"{len(class_names)} class names for a detector with "
                               f"{report.config.num_classes} classes")
-    _write(Path(out_dir), state_dict, report, class_names)
+    write_detector(out_dir, state_dict, report.config, format=report.format,
+                   source=report.source, sha256=report.sha256, class_names=class_names,
+                   overwrite=overwrite)
     return report
 
 
@@ -178,13 +270,17 @@ def read_training_config(path: str | Path) -> dict:
     return data
 
 
-def _sidecar_config(src: Path) -> dict:
-    """A Hugging Face checkpoint's config.json, when it sits beside the weights."""
-    path = src.parent / "config.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+def _sidecar_config(weights: Path) -> dict:
+    """The training config saved beside the weights: Hugging Face's config.json, or the
+    config.yaml detectron2 / detrex write into their output folder. {} if none reads."""
+    for name in ("config.json", "config.yaml"):
+        path = weights.parent / name
+        if path.is_file():
+            try:
+                return read_training_config(path)
+            except ConversionError:
+                return {}
+    return {}
 
 
 def _one_line(err: Exception) -> str:
@@ -192,31 +288,58 @@ def _one_line(err: Exception) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _write(out_dir: Path, state_dict: StateDict, report: ConversionReport, class_names) -> None:
-    write_detector(out_dir, state_dict, report.config, format=report.format,
-                   source=report.source, sha256=report.sha256, class_names=class_names)
-
-
 def write_detector(out_dir: str | Path, state_dict: StateDict, config: DetectorConfig, *,
                    format: str, source: str, sha256: str = "",
-                   class_names: list[str] | None = None) -> None:
+                   class_names: list[str] | None = None, overwrite: bool = False) -> None:
     """The folder ``load_detector`` reads (weights + config.json), written atomically: a
-    staging folder renamed into place. Also for detectors frozenseg trains or makes."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
+    staging folder renamed into place. Also for detectors frozenseg trains or makes.
+    An existing ``out_dir`` is replaced only if frozenseg wrote it and ``overwrite``."""
+    out_dir = Path(out_dir).absolute()
+    check_output_folder(out_dir, overwrite=overwrite)
+    weights, meta = _serialise(state_dict, config, format=format, source=source,
+                               sha256=sha256, class_names=class_names)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, staging / WEIGHTS_FILE)
-        meta = {
-            "format": format, "source": source, "sha256": sha256, "config": config.to_dict(),
-            "classes": class_map(config.num_classes, class_names),
-        }
-        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / WEIGHTS_FILE).write_bytes(weights)
+        (staging / CONFIG_FILE).write_text(meta)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _serialise(state_dict: StateDict, config: DetectorConfig, *, format: str, source: str,
+               sha256: str = "", class_names: list[str] | None = None) -> tuple[bytes, str]:
+    """The two files of a detector folder, in memory: safetensors bytes and config.json."""
+    from safetensors.torch import save
+
+    meta = {"format": format, "source": source, "sha256": sha256, "config": config.to_dict(),
+            "classes": class_map(config.num_classes, class_names)}
+    return save(unshared(state_dict)), json.dumps(meta, indent=2) + "\n"
+
+
+def is_detector_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a detector folder frozenseg wrote: its config.json says so."""
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"format", "config"} <= set(meta)
+
+
+def check_output_folder(out_dir: Path, *, overwrite: bool) -> None:
+    """Refuse, in one line, to replace anything but a detector folder frozenseg wrote,
+    and that one only when asked to: convert never deletes a user's files."""
+    out_dir = out_dir.absolute()
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or not is_detector_folder(out_dir):
+        what = "a directory" if out_dir.is_dir() else "a file"
+        raise ConversionError(f"{out_dir}: exists and is {what} frozenseg did not write as a "
+                              "detector folder: choose a new --out folder")
+    if not overwrite:
+        raise ConversionError(f"{out_dir}: already holds a converted detector; pass "
+                              "--overwrite to replace it")
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:

@@ -202,7 +202,7 @@ def _convert(detector: Path, folder: Path, hooks: DemoHooks):
             and meta.get("classes", {}).get("names") == names):
         return True, f"{meta['format']}, {len(names)} classes", folder
     with hooks.images("Converting the detector") as update:
-        report = convert_checkpoint(detector, folder, class_names=names)
+        report = convert_checkpoint(detector, folder, class_names=names, overwrite=True)
         if update:
             update(1, 1)
     return False, f"{report.format}, {report.config.num_classes} classes", folder

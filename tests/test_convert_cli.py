@@ -85,19 +85,44 @@ def test_unknown_format_names_the_closest_and_its_missing_keys(tmp_path):
                    mentions=["yolo.pth", "closest is huggingface", "class_embed"])
 
 
-def test_shape_mismatch_and_existing_output_untouched(hf_checkpoint, tmp_path):
+def test_shape_mismatch_writes_nothing(hf_checkpoint, tmp_path):
     _, state_dict, args = hf_checkpoint
     broken = dict(state_dict)
     broken["model.input_proj.1.1.weight"] = torch.zeros(32)
     path = tmp_path / "broken.pth"
     torch.save({"model": broken, "args": args}, path)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
-    _fails_cleanly(["convert", "--detector", str(path), "--out", str(out)],
+    _fails_cleanly(["convert", "--detector", str(path), "--out", str(tmp_path / "out")],
                    mentions=["broken.pth", "input_proj.1.1.weight"])
-    assert (out / "keep.txt").read_text() == "precious"
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pth"]
+
+
+def test_an_existing_out_is_replaced_only_when_frozenseg_wrote_it_and_asked(
+        hf_checkpoint, tmp_path, monkeypatch):
+    """A folder of the user's, a file, or the working folder are never touched; a detector
+    folder convert wrote is replaced with --overwrite only."""
+    path = str(hf_checkpoint[0])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    (tmp_path / "file").write_text("precious")
+    monkeypatch.chdir(mine)
+    for out in (mine, tmp_path / "file", "."):
+        for extra in ([], ["--overwrite"]):
+            _fails_cleanly(["convert", "--detector", path, "--out", str(out), *extra],
+                           mentions=["exists", "choose a new --out"])
+    assert (mine / "keep.txt").read_text() == "precious"
+    assert (tmp_path / "file").read_text() == "precious"
+
+    out = tmp_path / "det"
+    assert runner.invoke(app, ["convert", "--detector", path, "--out", str(out)]).exit_code == 0
+    before = (out / "detector.safetensors").read_bytes()
+    _fails_cleanly(["convert", "--detector", path, "--out", str(out)],
+                   mentions=["already holds a converted detector", "--overwrite"])
+    result = runner.invoke(app, ["convert", "--detector", path, "--out", str(out),
+                                 "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (out / "detector.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det", "file", "mine"]
 
 
 def test_wrong_class_count(hf_checkpoint, tmp_path):
@@ -151,3 +176,14 @@ def test_training_config_file_supplies_what_the_weights_cannot(hf_checkpoint, tm
     config.write_text("[unclosed")
     _fails_cleanly(["inspect", str(bare), "--config", str(config)],
                    mentions=["config.yaml", "not a readable"])
+
+
+def test_the_help_names_every_format_and_shows_flags_as_flags():
+    from frozenseg.formats import FORMATS
+
+    for command in ("convert", "inspect"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        assert all(name in result.output for name in FORMATS), result.output
+        line = next(x for x in result.output.splitlines() if "--trust-checkpoint" in x)
+        assert "<bool>" not in line and "see frozenseg inspect" not in result.output

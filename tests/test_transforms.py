@@ -26,14 +26,7 @@ TRANSFORMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Transforms run in DataLoader workers, one thread each; on a small shared CPU,
-    # more threads for these small tensors only oversubscribe it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample(height: int = 120, width: int = 160, seed: int = 0) -> tuple[torch.Tensor, dict]:

@@ -46,7 +46,7 @@ from frozenseg.cache.store import (
 )
 from frozenseg.data.transforms import Transform, content_size, evaluation, scale_flip
 from frozenseg.detector.classes import ClassMapping, match_classes
-from frozenseg.files import atomic_write_text
+from frozenseg.files import atomic_write_text, unshared
 
 # A process's record of its shards while several processes write one cache.
 _PART = re.compile(r"index\.part-\d+\.json$")
@@ -328,7 +328,7 @@ def _save_shard(out: Path, j: int, items: list[dict], dtype: str) -> dict:
     final = out / shard_name(j)
     tmp = out / f".{final.name}.tmp-{os.getpid()}"
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file(unshared(tensors), tmp, metadata=meta)
         digest = sha256_file(tmp)
         os.replace(tmp, final)
     finally:  # an interrupted save leaves no temp file (a hard kill may: resume removes it)

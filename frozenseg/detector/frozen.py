@@ -21,6 +21,8 @@ from frozenseg.detector.output import DetectorOutput
 from frozenseg.detector.position import box_position_embedding
 from frozenseg.detector.transformer import inverse_sigmoid
 
+DEFAULT_TOP_K = 100  # detections per image: COCO evaluation's maxDets
+
 
 def _frozen_unless_unfrozen(method):
     """No autograd graph while the detector is frozen (the usual case); with unfreeze()
@@ -35,7 +37,7 @@ def _frozen_unless_unfrozen(method):
 
 
 class FrozenDetector(nn.Module):
-    def __init__(self, model: DeformableDETR, *, top_k: int = 100,
+    def __init__(self, model: DeformableDETR, *, top_k: int = DEFAULT_TOP_K,
                  memory_layer: int | None = None, classes: dict | None = None) -> None:
         """memory_layer: which encoder layer's output (1-based) becomes DetectorOutput.memory;
         default layer 4 (the paper's choice for a 6-layer encoder), or the last if fewer.
@@ -228,7 +230,7 @@ def detector_input_size(height: int, width: int, *, short: int = 800,
 
 
 def load_detector(
-    path: str | Path, *, top_k: int = 100, memory_layer: int | None = None
+    path: str | Path, *, top_k: int = DEFAULT_TOP_K, memory_layer: int | None = None
 ) -> FrozenDetector:
     """A detector written by ``frozenseg convert`` (a folder with config.json and weights)."""
     from safetensors.torch import load_file

@@ -8,6 +8,7 @@ Converters are pure: state dict in, state dict out, with a record of every chang
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,17 @@ def apply_rules(source: StateDict, rules: list[Rule], out: Renamed) -> list[str]
             unmatched.append(key)
             out.put(key, key, tensor)
     return unmatched
+
+
+def positive(name: str, value, kind: type = int):
+    """A training argument that must be a positive ``kind`` (int: a whole number), as
+    that kind; ValueError naming the argument otherwise (a config of wrong types)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0 and (kind is not int
+                                                                or value == int(value))):
+        what = "a positive integer" if kind is int else "a positive number"
+        raise ValueError(f"the training config's {name} is {value!r}: expected {what}")
+    return kind(value)
 
 
 def count_indexed(state_dict: StateDict, prefix: str) -> int:

@@ -32,6 +32,7 @@ from frozenseg.formats.base import (
     backbone_levels,
     check_duplicate,
     count_indexed,
+    positive,
     sampling_points,
 )
 
@@ -74,7 +75,7 @@ def transformer_config(
     """DetectorConfig fields read off the shapes (nheads from args): widths, depths, levels,
     sampling points, classes. Layer 0 stands for all layers."""
     levels, c = sd["transformer.level_embed"].shape
-    heads = int(arg(args, "nheads", 8, notes))
+    heads = positive("nheads", arg(args, "nheads", 8, notes))
     points = sampling_points(sd, heads, levels)
     stages, levels = backbone_levels(sd, "input_proj.", stage_channels)
     return dict(
@@ -104,7 +105,7 @@ def derive_config(sd: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]
     notes: list[str] = []
     two_stage, box_refine = stage_flags(sd, args, notes)
     if two_stage:  # the number of proposals kept is main.py's --num_queries
-        num_queries = int(arg(args, "num_queries", 300, notes))
+        num_queries = positive("num_queries", arg(args, "num_queries", 300, notes))
     else:
         num_queries = sd["query_embed.weight"].shape[0]
     config = DetectorConfig(

@@ -51,6 +51,7 @@ from frozenseg.formats.base import (
     backbone_levels,
     check_duplicate,
     count_indexed,
+    positive,
     sampling_points,
 )
 from frozenseg.formats.dino import DUPLICATE_HEADS
@@ -157,6 +158,7 @@ def derive_config(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig,
     if heads is None:
         heads = c // 32
         notes.append(f"attention heads (head dim 32): not in the config, assumed {heads}")
+    heads = positive("model.transformer.encoder.num_heads", heads)
     backbone, channels = _backbone(sd, args)
     stages, levels = backbone_levels(sd, "input_proj.", channels)
     temperature = _get(args, "model.position_embedding.temperature")
@@ -175,10 +177,12 @@ def derive_config(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig,
         num_classes=sd["class_embed.0.weight"].shape[0],
         query_init="mixed", box_refine=True, proposal_score="max_class", decoder_norm=True,
         ref_point_head=True, inverse_sigmoid_eps=1e-3,
-        pos_temperature=float(10000 if temperature is None else temperature),
+        pos_temperature=positive("model.position_embedding.temperature",
+                                 10000 if temperature is None else temperature, float),
         pos_offset=float(-0.5 if offset is None else offset),
         dn_labelbook_size=sd["label_enc.weight"].shape[0] - 1,
-        num_select=_get(args, "model.select_box_nums_for_evaluation", 300),
+        num_select=positive("model.select_box_nums_for_evaluation",
+                            _get(args, "model.select_box_nums_for_evaluation", 300)),
         image_mean=tuple(round(v / 255, 10) for v in _get(args, "model.pixel_mean", PIXEL_MEAN)),
         image_std=tuple(round(v / 255, 10) for v in _get(args, "model.pixel_std", PIXEL_STD)),
     )

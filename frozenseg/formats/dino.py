@@ -26,6 +26,7 @@ from frozenseg.formats.base import (
     backbone_levels,
     check_duplicate,
     count_indexed,
+    positive,
     sampling_points,
 )
 
@@ -55,7 +56,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     _check_args(args)
     notes: list[str] = []
     c = state_dict["transformer.level_embed"].shape[1]
-    heads = _from_args(args, "nheads", c // 32, notes, "attention heads (head dim 32)")
+    heads = positive("nheads", _from_args(args, "nheads", c // 32, notes,
+                                          "attention heads (head dim 32)"))
     backbone, channels = _backbone(state_dict)
     stages, levels = backbone_levels(state_dict, "input_proj.", channels)
     config = DetectorConfig(
@@ -72,7 +74,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
         query_init="mixed", box_refine=True, proposal_score="max_class", decoder_norm=True,
         ref_point_head=True, pos_offset=0.0, inverse_sigmoid_eps=1e-3,
         pos_temperature=_temperature(args, notes),
-        num_select=_from_args(args, "num_select", 300, notes, "post-processing top-k"),
+        num_select=positive("num_select", _from_args(args, "num_select", 300, notes,
+                                                     "post-processing top-k")),
         dn_labelbook_size=state_dict["label_enc.weight"].shape[0] - 1,
     )
     return config, notes
@@ -94,8 +97,9 @@ def _from_args(args: dict, name: str, default, notes: list[str], what: str):
 
 def _temperature(args: dict, notes: list[str]) -> float:
     """The feature-map sine temperature; DINO has one per axis, frozenseg one for both."""
-    h = _from_args(args, "pe_temperatureH", 20, notes, "position temperature")
-    w = args.get("pe_temperatureW", h)
+    h = positive("pe_temperatureH",
+                 _from_args(args, "pe_temperatureH", 20, notes, "position temperature"), float)
+    w = positive("pe_temperatureW", args.get("pe_temperatureW", h), float)
     if h != w:
         raise ValueError(f"different position temperatures for H ({h}) and W ({w})")
     return float(h)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from frozenseg.detector.backbones.swin import swin_config_from_state_dict
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats import deformable_detr as dd
-from frozenseg.formats.base import CheckpointFormat, Renamed, StateDict
+from frozenseg.formats.base import CheckpointFormat, Renamed, StateDict, positive
 
 
 def swin_backbone(sd: StateDict) -> tuple[dict, list[int]]:
@@ -31,7 +31,7 @@ def swin_backbone(sd: StateDict) -> tuple[dict, list[int]]:
 
 def one_to_one_queries(sd: StateDict, args: dict, notes: list[str]) -> int:
     """num_queries_one2one (args only; default 300), checked against query_embed's rows."""
-    n = int(dd.arg(args, "num_queries_one2one", 300, notes))
+    n = positive("num_queries_one2one", dd.arg(args, "num_queries_one2one", 300, notes))
     rows = sd["query_embed.weight"].shape[0] if "query_embed.weight" in sd else n
     if rows < n:
         raise ValueError(f"query_embed has {rows} rows, fewer than the {n} one-to-one queries")

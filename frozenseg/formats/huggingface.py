@@ -20,6 +20,7 @@ from frozenseg.formats.base import (
     apply_rules,
     backbone_levels,
     count_indexed,
+    positive,
 )
 
 # transformers' own v4 -> v5 renames (its conversion_mapping for deformable_detr).
@@ -117,12 +118,14 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     if heads is None:
         heads = c // 32
         notes.append(f"attention heads not saved: assumed {heads} (head dim 32)")
+    heads = positive("encoder_attention_heads", heads)
     two_stage = "model.enc_output.weight" in sd
     box_refine = args.get(
         "with_box_refine", any(k.startswith("model.decoder.bbox_embed.") for k in sd)
     )
     if two_stage:
-        num_queries = args.get("two_stage_num_proposals", 300)
+        num_queries = positive("two_stage_num_proposals",
+                               args.get("two_stage_num_proposals", 300))
         if "two_stage_num_proposals" not in args:
             notes.append("two-stage proposal count not saved: assumed 300")
     else:
@@ -148,11 +151,17 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
         enc_n_points=points[0],
         dec_n_points=points[1],
         num_queries=num_queries,
-        num_classes=sd["class_embed.0.weight"].shape[0],
+        num_classes=_head(sd, "class_embed.0.weight").shape[0],
         query_init="proposals" if two_stage else "learned",
         box_refine=bool(box_refine),
     )
     return config, notes
+
+
+def _head(sd: StateDict, key: str) -> torch.Tensor:
+    """A head's tensor under its own name or, as transformers 5's save_pretrained writes
+    heads tied to the decoder's, only under ``model.decoder.``."""
+    return sd[key] if key in sd else sd[f"model.decoder.{key}"]
 
 
 def _resnet_blocks(sd: StateDict) -> int:
@@ -220,7 +229,7 @@ FORMAT = CheckpointFormat(
         r"^model\.level_embed$",
         r"^model\.encoder\.layers\.0\.self_attn\.sampling_offsets\.",
         r"^model\.input_proj\.0\.0\.weight$",
-        r"^class_embed\.0\.weight$",
+        r"^(model\.decoder\.)?class_embed\.0\.weight$",
     ),
     derive_config=derive_config,
     rename=rename,

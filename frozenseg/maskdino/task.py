@@ -127,13 +127,14 @@ def _prefixes(keys: list[str], depth: int = 2) -> list[str]:
 
 
 def save_as_detector(model: MaskDINO, out_dir: str | os.PathLike, class_names: list[str], *,
-                     source: str = "") -> Path:
+                     source: str = "", overwrite: bool = False) -> Path:
     """The joint model's detector (everything but the mask branch) as a folder
-    ``frozenseg.load_detector`` reads: the round trip back to the head pipeline."""
+    ``frozenseg.load_detector`` reads: the round trip back to the head pipeline.
+    An existing folder is replaced only if frozenseg wrote it and ``overwrite``."""
     from frozenseg.convert import write_detector
 
     write_detector(out_dir, model.detector.state_dict(), model.config, format="maskdino",
-                   source=source, class_names=class_names)
+                   source=source, class_names=class_names, overwrite=overwrite)
     return Path(out_dir)
 
 

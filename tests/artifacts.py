@@ -1,0 +1,270 @@
+"""Checkpoints as their own projects write them to disk: the corpus ``convert`` is proven on.
+
+Each writer recreates its project's save call (not its code): the dict ``torch.save`` gets,
+the parameter sharing the original modules have (``state_dict()`` of a module registered
+twice returns views of one storage, and ``torch.save`` keeps them so), EMA copies, DDP
+prefixes, half-precision weights, ``save_pretrained`` folders. Every artifact carries the
+reference it must reproduce: the model the file was written from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import official_detr
+import torch
+import yaml
+from weights import perturb
+
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.model import build_detector
+from frozenseg.formats import dino
+
+# (images, padding True on padding) -> last decoder layer's (logits, normalised cxcywh boxes)
+Reference = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass
+class Artifact:
+    path: Path  # what a user passes to --detector: a file or a folder
+    format: str
+    reference: Reference
+    config: DetectorConfig | None = None  # what the conversion must derive (None: not checked)
+
+
+DINO_SMALL = DetectorConfig(
+    variant="dino", query_init="mixed", box_refine=True, proposal_score="max_class",
+    decoder_norm=True, ref_point_head=True, pos_temperature=20.0, pos_offset=0.0,
+    inverse_sigmoid_eps=1e-3, num_select=300, hidden_dim=64, nheads=2, enc_layers=2,
+    dec_layers=2, dim_feedforward=64, num_queries=30, num_classes=7, dn_labelbook_size=7,
+    backbone={"name": "resnet50"}, backbone_levels=(1, 2, 3), num_feature_levels=4,
+)
+HEAD = re.compile(r"^(transformer\.decoder\.)?(class|bbox)_embed\.(\d+)\.(.*)$")
+
+
+# --- the pieces every training script saves beside the model -------------------------------
+
+
+def training_state(model: torch.nn.Module) -> tuple[dict, dict]:
+    """(optimizer, lr_scheduler) state dicts after one AdamW step, as main.py saves them."""
+    params = [p for p in model.parameters()][:4]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 40)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    scheduler.step()
+    for p in params:
+        p.grad = None
+    return optimizer.state_dict(), scheduler.state_dict()
+
+
+def canonical_reference(model: torch.nn.Module) -> Reference:
+    def run(images, padding):
+        with torch.no_grad():
+            out = model(images, padding)
+        return out.logits[-1], out.boxes[-1]
+    return run
+
+
+def tied_heads(model: torch.nn.Module) -> torch.nn.Module:
+    """Every decoder layer's class and box head equal to layer 0's: the weights a model
+    whose layers share one head has (DINO's default, Deformable DETR without refinement)."""
+    with torch.no_grad():
+        for heads in (model.class_embed, model.bbox_embed):
+            for head in heads[1:]:
+                head.load_state_dict(heads[0].state_dict())
+    return model
+
+
+def share_heads(layout: dict, *, across_layers: bool, layers: int) -> dict:
+    """The sharing ``state_dict()`` of the original gives: the decoder's reference to every
+    head is the head's own tensor, and with ``across_layers`` every layer < ``layers`` is
+    layer 0's (``nn.ModuleList([head] * n)``)."""
+    out = dict(layout)
+    for key in layout:
+        m = HEAD.match(key)
+        if not m:
+            continue
+        index = 0 if across_layers and int(m[3]) < layers else int(m[3])
+        source = f"{m[2]}_embed.{index}.{m[4]}"
+        out[key] = out[source] if source in out else layout[key]
+    return out
+
+
+def _save(payload: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+# --- official DINO (IDEA-Research/DINO main.py) --------------------------------------------
+
+
+def dino_checkpoint(folder: Path, *, shared: bool = True, ema: bool = False,
+                    ddp: bool = False, half: bool = False) -> Artifact:
+    """``checkpoint.pth`` as DINO's main.py writes it: {'model', 'optimizer',
+    'lr_scheduler', 'epoch', 'args'} (+ 'ema_model' with --use_ema). ``shared``: the
+    default dec_pred_{class,bbox}_embed_share, one head for every layer."""
+    config = DINO_SMALL
+    model = perturb(build_detector(config), seed=1)
+    if shared:
+        tied_heads(model)
+    if half:
+        model.half().float()  # what a float16 save keeps
+    layout = share_heads(dino.official_state_dict(model.state_dict(), config),
+                         across_layers=shared, layers=config.dec_layers)
+    if half:
+        layout = share_heads({k: v.half() for k, v in layout.items()},
+                             across_layers=shared, layers=config.dec_layers)
+    optimizer, scheduler = training_state(build_detector(config))
+    payload = {"model": layout, "optimizer": optimizer, "lr_scheduler": scheduler, "epoch": 11,
+               "args": argparse.Namespace(**dino.official_args(config), lr=1e-4,
+                                          dec_pred_class_embed_share=shared,
+                                          dec_pred_bbox_embed_share=shared, use_ema=ema,
+                                          output_dir="logs/DINO/R50-MS4", device="cuda")}
+    reference = model
+    if ema:
+        reference = perturb(build_detector(config), seed=2)
+        if shared:
+            tied_heads(reference)
+        payload["ema_model"] = share_heads(
+            dino.official_state_dict(reference.state_dict(), config),
+            across_layers=shared, layers=config.dec_layers)
+    if ddp:  # model.state_dict() of the DistributedDataParallel wrapper
+        payload["model"] = {f"module.{k}": v for k, v in payload["model"].items()}
+    path = _save(payload, folder / "checkpoint0011_4scale.pth")
+    return Artifact(path, "dino", canonical_reference(reference.eval()), config)
+
+
+# --- official Deformable DETR and H-Deformable-DETR (main.py) -----------------------------
+
+
+def deformable_detr_checkpoint(folder: Path, variant: str) -> Artifact:
+    """``checkpoint.pth`` of fundamentalvision/Deformable-DETR's main.py, for its three
+    model kinds: heads shared across layers without box refinement (``[head] * n``)."""
+    from test_convert_deformable_detr import args_of, config_of
+
+    config = config_of(variant)
+    model = official_detr.canonical_model(config)
+    layout = share_heads(official_detr.official_layout(model.state_dict(), config),
+                         across_layers=not config.box_refine, layers=config.dec_layers)
+    optimizer, scheduler = training_state(build_detector(config))
+    path = _save({"model": layout, "optimizer": optimizer, "lr_scheduler": scheduler,
+                  "epoch": 49, "args": argparse.Namespace(**args_of(config), lr=2e-4)},
+                 folder / "checkpoint0049.pth")
+    return Artifact(path, "deformable_detr", canonical_reference(model), config)
+
+
+def h_deformable_detr_checkpoint(folder: Path) -> Artifact:
+    """H-Deformable-DETR's main.py checkpoint (two-stage, mixed selection, box refinement,
+    one-to-many query rows after the one-to-one ones)."""
+    from test_convert_h_deformable_detr import ONE2MANY, args_of, config_of
+
+    config = config_of("r50-mixed")
+    model = official_detr.canonical_model(config)
+    extra = torch.randn(ONE2MANY, config.hidden_dim, generator=torch.Generator().manual_seed(3))
+    layout = share_heads(official_detr.official_layout(model.state_dict(), config, extra),
+                         across_layers=False, layers=config.dec_layers)
+    optimizer, scheduler = training_state(build_detector(config))
+    path = _save({"model": layout, "optimizer": optimizer, "lr_scheduler": scheduler,
+                  "epoch": 11, "args": argparse.Namespace(**args_of(config))},
+                 folder / "checkpoint0011.pth")
+    return Artifact(path, "h_deformable_detr", canonical_reference(model), config)
+
+
+# --- detrex (detectron2's DetectionCheckpointer) -------------------------------------------
+
+
+def detrex_checkpoint(folder: Path, *, trainer: bool = True, ema: bool = False) -> Artifact:
+    """``model_final.pth`` as detectron2's Checkpointer.save writes it in detrex's
+    train_net.py: {'model', 'trainer' (its hooks, optimizer, scaler), 'iteration'}, plus
+    'ema_state' with EMA on; ``trainer=False``: a released model ({'model'} only). The
+    LazyConfig is saved beside it as config.yaml, with its ``_target_`` entries."""
+    from test_convert_detrex import VARIANTS, detrex_layout
+
+    config = VARIANTS["resnet50_4scale"]
+    model = perturb(build_detector(config), seed=4)
+    layout = share_heads(detrex_layout(model.state_dict(), config), across_layers=False,
+                         layers=config.dec_layers + 1)
+    payload = {"model": layout}
+    if trainer:
+        optimizer, _ = training_state(build_detector(config))
+        payload.update(trainer={"iteration": 89999, "hooks": {"LRScheduler": {}},
+                                "optimizer": optimizer}, iteration=89999)
+    reference = model
+    if ema:
+        reference = perturb(build_detector(config), seed=5)
+        payload["ema_state"] = detrex_layout(reference.state_dict(), config)
+    path = _save(payload, folder / "model_final.pth")
+    lazy_config = {"model": {
+        "_target_": "projects.dino.modeling.DINO",
+        "transformer": {"encoder": {"num_heads": 8, "_target_": "DINOTransformerEncoder"}},
+        "position_embedding": {"_target_": "detrex.layers.PositionEmbeddingSine",
+                               "temperature": 10000, "offset": -0.5, "normalize": True}},
+        "train": {"output_dir": "./output/dino_r50_4scale_12ep", "max_iter": 90000}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(lazy_config))
+    return Artifact(path, "detrex_dino", canonical_reference(reference.eval()), config)
+
+
+# --- Hugging Face transformers ---------------------------------------------------------------
+
+
+def huggingface_reference(folder: Path) -> Reference:
+    """transformers itself, reading back the folder it wrote."""
+    import transformers
+
+    model = transformers.DeformableDetrForObjectDetection.from_pretrained(folder).eval()
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = model(pixel_values=images, pixel_mask=(~padding).long())
+        return out.logits, out.pred_boxes
+    return run
+
+
+def huggingface_folder(folder: Path, variant: str, *, shards: bool = False) -> Artifact:
+    """``save_pretrained`` of the installed transformers: model.safetensors + config.json,
+    or (``shards``) model-0000k-of-n.safetensors + model.safetensors.index.json."""
+    from test_convert_huggingface import VARIANTS, random_hf_model
+
+    model, _ = random_hf_model(**VARIANTS[variant])
+    model.save_pretrained(folder, **({"max_shard_size": "2MB"} if shards else {}))
+    return Artifact(folder, "huggingface", huggingface_reference(folder))
+
+
+def huggingface_v4_hub_file(folder: Path) -> Artifact:
+    """A transformers 4 hub folder: pytorch_model.bin in v4 names without the weights tied
+    to others (v4 saved neither the per-layer copies of a shared head nor the decoder's
+    references), and config.json."""
+    from test_convert_huggingface import VARIANTS, random_hf_model, to_v4_hub_names
+
+    model, _ = random_hf_model(**VARIANTS["box-refine"])
+    model.save_pretrained(folder)  # config.json, and the reference transformers reads back
+    reference = huggingface_reference(folder)
+    (folder / "model.safetensors").unlink()
+    state_dict = {k: v for k, v in to_v4_hub_names(model.state_dict()).items()
+                  if not k.startswith("model.decoder.bbox_embed.")}
+    torch.save(state_dict, folder / "pytorch_model.bin")
+    return Artifact(folder, "huggingface", reference)
+
+
+CORPUS: dict[str, Callable[[Path], Artifact]] = {
+    "dino-shared-heads": lambda d: dino_checkpoint(d),
+    "dino-separate-heads-ema": lambda d: dino_checkpoint(d, shared=False, ema=True),
+    "dino-ddp-float16": lambda d: dino_checkpoint(d, ddp=True, half=True),
+    "deformable-detr-single-stage": lambda d: deformable_detr_checkpoint(d, "single-stage"),
+    "deformable-detr-box-refine": lambda d: deformable_detr_checkpoint(d, "box-refine"),
+    "deformable-detr-two-stage": lambda d: deformable_detr_checkpoint(d, "two-stage"),
+    "h-deformable-detr-two-stage-mixed": h_deformable_detr_checkpoint,
+    "detrex-trainer": lambda d: detrex_checkpoint(d),
+    "detrex-released": lambda d: detrex_checkpoint(d, trainer=False),
+    "detrex-ema": lambda d: detrex_checkpoint(d, ema=True),
+    "huggingface-single-stage": lambda d: huggingface_folder(d, "single-stage"),
+    "huggingface-box-refine": lambda d: huggingface_folder(d, "box-refine"),
+    "huggingface-two-stage-sharded": lambda d: huggingface_folder(d, "two-stage", shards=True),
+    "huggingface-v4-hub-file": huggingface_v4_hub_file,
+}

@@ -1,0 +1,148 @@
+"""Every format on files written the way their own projects write them (tests/artifacts.py).
+
+Each artifact is inspected, converted and loaded back exactly as a user does it, and the
+loaded detector must give the outputs of the model the file was written from. inspect and
+convert must agree: a clean inspect means convert succeeds, and what inspect refuses,
+convert refuses with the same line.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from artifacts import CORPUS, DINO_SMALL, dino_checkpoint, share_heads
+from typer.testing import CliRunner
+
+from frozenseg.checkpoint import CheckpointError
+from frozenseg.cli import app
+from frozenseg.convert import convert_checkpoint, inspect_checkpoint
+from frozenseg.detector.frozen import load_detector
+
+pytest.importorskip("transformers")
+runner = CliRunner()
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def images_and_padding() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images in one padded batch; the second is 70 x 90 of 96 x 128."""
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    padding = torch.zeros(2, 96, 128, dtype=torch.bool)
+    padding[1, 70:] = True
+    padding[1, :, 90:] = True
+    images[1, :, padding[1]] = 0.0
+    return images, padding
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_an_artifact_converts_and_reproduces_its_model(name, tmp_path):
+    artifact = CORPUS[name](tmp_path / "source")
+    _, inspected = inspect_checkpoint(artifact.path)
+    assert inspected.ok and inspected.format == artifact.format, inspected.problem()
+    # what the weights cannot say came from the file or the config saved beside it
+    assert not [n for n in inspected.notes if "assumed" in n], inspected.notes
+    report = convert_checkpoint(artifact.path, tmp_path / "converted")
+    assert report.config == inspected.config
+    if artifact.config is not None:
+        assert report.config == artifact.config
+    detector = load_detector(tmp_path / "converted")
+    images, padding = images_and_padding()
+    with torch.no_grad():
+        got = detector.model(images, padding)
+    logits, boxes = artifact.reference(images, padding)
+    torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
+
+
+def test_the_shared_heads_of_a_dino_file_share_storage_on_disk(tmp_path):
+    """The reproduction of the crash: the file really holds one storage for every head."""
+    loaded = torch.load(dino_checkpoint(tmp_path).path, weights_only=False)["model"]
+    pointers = {loaded[k].untyped_storage().data_ptr() for k in
+                ("class_embed.0.weight", "class_embed.1.weight",
+                 "transformer.decoder.class_embed.0.weight")}
+    assert len(pointers) == 1
+
+
+def test_inspect_names_the_weights_taken_and_the_cli_takes_the_other_copy(tmp_path):
+    path = dino_checkpoint(tmp_path, shared=False, ema=True).path
+    _, report = inspect_checkpoint(path)
+    assert "weights from ckpt['ema_model']" in report.notes[0]
+    assert "--weights model" in report.notes[0]
+    result = runner.invoke(app, ["convert", "--detector", str(path), "--out",
+                                 str(tmp_path / "raw"), "--weights", "model"])
+    assert result.exit_code == 0, result.output
+    raw = torch.load(path, weights_only=False)["model"]
+    converted = load_detector(tmp_path / "raw").model.state_dict()
+    assert torch.equal(converted["class_embed.1.weight"], raw["class_embed.1.weight"])
+
+
+def test_a_folder_with_several_checkpoints_asks_for_one(tmp_path):
+    dino_checkpoint(tmp_path)
+    torch.save({}, tmp_path / "checkpoint0010.pth")
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "2 checkpoint files" in result.output and "checkpoint0010.pth" in result.output
+
+
+def _broken_files(folder):
+    """Files the bad-input tests break in each way convert can meet."""
+    path = dino_checkpoint(folder).path
+    ckpt = torch.load(path, weights_only=False)
+    model = ckpt["model"]
+    yield "truncated.pth", path.read_bytes()[: path.stat().st_size // 2], "truncated"
+    gone = "transformer.encoder.layers.0.linear1.weight"  # the FFN width is read from it
+    missing = {k: v for k, v in model.items() if k != gone}
+    yield "missing.pth", {**ckpt, "model": missing}, f"no key '{gone}'"
+    reshaped = dict(model, **{"input_proj.1.1.weight": torch.zeros(32)})
+    yield "reshaped.pth", {**ckpt, "model": reshaped}, "input_proj.1.1.weight"
+    # one changed class head: the derived class count follows class_embed.0, so the other
+    # layers' heads mismatch; the report must name class_embed.0, the real offender
+    widened = dict(model)
+    for key in [k for k in model if k.startswith(("class_embed.0.", "transformer.decoder."
+                                                  "class_embed.0."))]:
+        widened[key] = torch.cat([model[key], model[key][:1]])
+    yield "widened.pth", {**ckpt, "model": widened}, "class_embed.0.weight"
+    for nheads, what in (("eight", "config's nheads is 'eight': expected a positive integer"),
+                         (0, "config's nheads is 0"), (3, "not a multiple of 3 heads")):
+        args = dict(vars(ckpt["args"]), nheads=nheads)
+        yield f"heads-{nheads}.pth", {**ckpt, "args": args}, what
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_inspect_and_convert_refuse_a_broken_file_with_the_same_line(index, tmp_path):
+    name, content, mention = list(_broken_files(tmp_path / "source"))[index]
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    inspected = runner.invoke(app, ["inspect", str(path)])
+    converted = runner.invoke(app, ["convert", "--detector", str(path), "--out",
+                                    str(tmp_path / "out")])
+    assert inspected.exit_code == converted.exit_code == 1
+    errors = [[line for line in r.output.splitlines() if line.startswith("error:")]
+              for r in (inspected, converted)]
+    assert errors[0] == errors[1] and len(errors[0]) == 1, (inspected.output, converted.output)
+    assert name in errors[0][0] and mention in errors[0][0], errors[0][0]
+    assert "Traceback" not in inspected.output + converted.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_heads_that_share_storage_are_written_once_each(tmp_path):
+    """write_detector takes a state dict whose heads are views of one storage."""
+    from frozenseg.convert import write_detector
+    from frozenseg.detector.model import build_detector
+
+    model = build_detector(DINO_SMALL)
+    shared = share_heads(model.state_dict(), across_layers=True, layers=DINO_SMALL.dec_layers)
+    write_detector(tmp_path / "det", shared, DINO_SMALL, format="dino", source="test")
+    loaded = load_detector(tmp_path / "det").model.state_dict()
+    assert torch.equal(loaded["class_embed.1.weight"], shared["class_embed.0.weight"])
+
+
+def test_a_missing_sharded_piece_is_one_line(tmp_path):
+    artifact = CORPUS["huggingface-two-stage-sharded"](tmp_path / "hf")
+    next(artifact.path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-\d+\.safetensors: no such file"):
+        inspect_checkpoint(artifact.path)
