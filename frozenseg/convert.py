@@ -50,6 +50,8 @@ class ConversionReport:
     odd_ones: list[tuple[str, tuple, str, tuple]] = field(default_factory=list)
     source: str = ""
     sha256: str = ""
+    # class names the training config carries (a Hugging Face config's id2label), or None
+    class_names: list[str | None] | None = None
 
     @property
     def ok(self) -> bool:
@@ -173,10 +175,25 @@ def inspect_checkpoint(
     except (IndexError, ValueError, TypeError, ZeroDivisionError) as err:
         raise ConversionError(f"{ckpt.path}: {_one_line(err)}") from None
     report.source, report.sha256 = ckpt.path.name, ckpt.sha256
+    report.class_names = _label_names(args, report.config.num_classes)
     report.notes[:0] = _weights_notes(ckpt)
     if report.ok:
         state_dict = _prove(state_dict, report, ckpt.path)
     return state_dict, report
+
+
+def _label_names(args: dict, num_classes: int) -> list[str | None] | None:
+    """The class names in a Hugging Face config's ``id2label``, when it names every class
+    (transformers' placeholders ``LABEL_i`` name none; COCO's unused slots, "N/A", are
+    None); else None."""
+    labels = args.get("id2label")
+    if not isinstance(labels, dict):
+        return None
+    names = [labels.get(str(i), labels.get(i)) for i in range(num_classes)]
+    if not all(isinstance(n, str) for n in names) or all(
+            re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return None
+    return [None if n == "N/A" else n for n in names]
 
 
 def _format_name(state_dict: StateDict, format: str) -> str:
@@ -239,6 +256,7 @@ def convert_checkpoint(
     if class_names is not None and len(class_names) != report.config.num_classes:
         raise ConversionError(f"{len(class_names)} class names for a detector with "
                               f"{report.config.num_classes} classes")
+    class_names = report.class_names if class_names is None else class_names
     write_detector(out_dir, state_dict, report.config, format=report.format,
                    source=report.source, sha256=report.sha256, class_names=class_names,
                    overwrite=overwrite)

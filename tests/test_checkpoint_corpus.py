@@ -8,6 +8,8 @@ convert refuses with the same line.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from artifacts import CORPUS, DINO_SMALL, dino_checkpoint, share_heads
@@ -146,3 +148,16 @@ def test_a_missing_sharded_piece_is_one_line(tmp_path):
     next(artifact.path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match=r"model-00002-of-\d+\.safetensors: no such file"):
         inspect_checkpoint(artifact.path)
+
+
+def test_a_hugging_face_config_names_the_classes(tmp_path):
+    """id2label of a fine-tuned model becomes the detector's class names (what export
+    matches dataset categories by); transformers' LABEL_i placeholders name nothing."""
+    artifact = CORPUS["huggingface-box-refine"](tmp_path / "hf")
+    convert_checkpoint(artifact.path, tmp_path / "placeholders")
+    assert load_detector(tmp_path / "placeholders").classes["names"] == [None] * 5
+    config = json.loads((artifact.path / "config.json").read_text())
+    config["id2label"] = {str(i): name for i, name in enumerate(["a", "b", "N/A", "d", "e"])}
+    (artifact.path / "config.json").write_text(json.dumps(config))
+    convert_checkpoint(artifact.path, tmp_path / "named")
+    assert load_detector(tmp_path / "named").classes["names"] == ["a", "b", None, "d", "e"]

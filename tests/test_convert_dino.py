@@ -23,6 +23,7 @@ from weights import perturb
 
 from frozenseg.convert import convert_checkpoint, convert_state_dict
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.frozen import load_detector
 from frozenseg.detector.model import build_detector
 from frozenseg.formats import detect_format, dino
 
@@ -274,3 +275,24 @@ def test_converted_model_matches_the_official_dino(official, variant):
     errors = {k: (mine[k] - expected[k]).abs().max().item() for k in mine}
     print(f"{variant}: max abs error", errors)
     assert max(errors.values()) <= 1e-4, errors
+
+
+def test_a_checkpoint_saved_as_main_py_saves_it_converts(official, tmp_path):
+    """The official model with its default shared heads, saved by main.py's call: its heads
+    reach convert as views of one storage, and the converted detector still matches."""
+    build_dino, NestedTensor = official
+    theirs, cfg = official_model(build_dino, "resnet50_5scale", use_ema=False)
+    assert theirs.class_embed[0].weight is theirs.class_embed[1].weight  # shared, as built
+    optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": theirs.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 11).state_dict(),
+                "epoch": 11, "args": argparse.Namespace(**cfg)}, path)
+    convert_checkpoint(path, tmp_path / "converted")
+    ours = load_detector(tmp_path / "converted").model
+    images, padding = images_and_padding()
+    expected = run_official(theirs, NestedTensor, images, padding)
+    with torch.no_grad():
+        got = ours(images, padding)
+    torch.testing.assert_close(torch.stack(got.boxes), expected["boxes"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.stack(got.logits), expected["logits"], atol=1e-4, rtol=0)
