@@ -36,3 +36,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def inside(folder: str | os.PathLike, name: str) -> Path:
+    """``folder / name`` for a ``name`` taken from data (a json's ``file_name``), refusing
+    one that would reach outside ``folder``: an absolute name, or one with ``..``. A
+    results file's PNG must never overwrite the user's own files. Raises a one-line
+    ValueError naming the name and the folder."""
+    if not is_relative_name(name):
+        raise ValueError(f"{name!r} is not a file name inside {folder} (absolute, empty, "
+                         "or with '..'): refused")
+    return Path(folder) / name
+
+
+def is_relative_name(name: str) -> bool:
+    """Whether ``name`` stays inside any folder it is joined to (relative, no ``..``)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts

@@ -154,6 +154,46 @@ def test_instance_pngs_hold_the_results_masks(tmp_path, data, trained):  # noqa:
         assert (ids[~covered] == 0).all()
 
 
+def test_file_names_from_the_json_never_reach_outside_their_folder(tmp_path, data, trained):  # noqa: F811
+    """An absolute file_name or one with '..' is refused before anything is written: the
+    instance PNG of a json naming the user's own photo used to overwrite that photo."""
+    coco = json.loads((data / "instances_val.json").read_text())
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in coco["images"]:
+        (images / image["file_name"]).write_bytes((data / "images" / "val" /
+                                                   image["file_name"]).read_bytes())
+    for name in ("photo.jpg", "../photo.jpg"):
+        photo = (images / name).resolve()
+        photo.write_bytes((images / coco["images"][0]["file_name"]).read_bytes())
+        before = photo.read_bytes()
+        coco["images"][0]["file_name"] = str(photo) if name == "photo.jpg" else name
+        annotations = tmp_path / "instances.json"
+        annotations.write_text(json.dumps(coco))
+        result = _export("--head", trained, "--images", images, "--annotations", annotations,
+                         "--out", tmp_path / "r.json", "--png-dir", photo.parent)
+        assert result.exit_code == 1, result.output
+        assert "file_name" in result.output and str(annotations) in result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert photo.read_bytes() == before and not (tmp_path / "r.json").exists()
+
+
+def test_results_never_overwrite_the_input_images(tmp_path, data, trained):  # noqa: F811
+    """PNG images with --png-dir (or predict's --out) set to their own folder: refused."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for jpg in sorted((data / "images" / "val").iterdir())[:2]:
+        Image.open(jpg).save(folder / jpg.with_suffix(".png").name)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    exported = _export("--head", trained, "--images", folder, "--out", tmp_path / "r.json",
+                       "--png-dir", folder)
+    predicted = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
+                                    str(folder)])
+    for result in (exported, predicted):
+        assert result.exit_code == 1 and "would overwrite that input image" in result.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 # ------------------------------------------------------------------------- given boxes
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from frozenseg.data.transforms import Transform, apply_view
+from frozenseg.files import is_relative_name
 
 # What reading a bad image file can raise (PIL raises SyntaxError for some broken headers).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -135,6 +136,15 @@ def require(item: Any, fields: Sequence[str], path: Path, where: str) -> None:
             raise ValueError(f"{path}: {where} has no '{field}'")
 
 
+def check_file_name(name: Any, path: Path, where: str) -> None:
+    """Raise unless ``name`` is a relative name that stays inside the folder it is joined
+    to: a ``file_name`` with ``..`` or an absolute path would read, or make export write,
+    files anywhere."""
+    if not is_relative_name(str(name)):
+        raise ValueError(f"{path}: {where}: 'file_name' {name!r} is not a relative path "
+                         "inside its folder (absolute, empty, or with '..')")
+
+
 def read_categories(data: dict, path: Path) -> tuple[list[int], list[str]]:
     """Original category ids sorted (contiguous index -> id) and their names."""
     for i, cat in enumerate(data["categories"]):
@@ -154,6 +164,7 @@ def read_images(data: dict, path: Path) -> list[dict]:
         for field in ("id", "height", "width"):
             if not isinstance(im[field], int) or isinstance(im[field], bool):
                 raise ValueError(f"{path}: images[{i}]: '{field}' is not an integer")
+        check_file_name(im["file_name"], path, f"images[{i}]")
         images.append({"id": im["id"], "file_name": str(im["file_name"]),
                        "height": im["height"], "width": im["width"]})
     if len({im["id"] for im in images}) != len(images):

@@ -37,6 +37,7 @@ from torchvision.ops import masks_to_boxes
 
 from frozenseg.data.common import (
     ImageDataset,
+    check_file_name,
     image_to_tensor,
     read_categories,
     read_images,
@@ -177,6 +178,7 @@ def _read_annotations(data: dict, path: Path, images: list[dict],
         if ann["image_id"] in per_image:
             raise ValueError(f"{path}: {where}: 'image_id' {ann['image_id']} already has an "
                              "annotation")
+        check_file_name(ann["file_name"], path, where)
         per_image[ann["image_id"]] = {
             "file_name": str(ann["file_name"]),
             "segments": _read_segments(ann["segments_info"], path, where, category_index)}
