@@ -296,6 +296,19 @@ def test_predict_draws_overlays_and_counts_instances(tmp_path, data, trained):  
     assert none.exit_code == 0 and "lower --threshold" in none.output
 
 
+def test_predict_draws_over_a_16_bit_png_as_it_looks(tmp_path, trained):
+    """PIL's own conversion turned a 16-bit grayscale PNG white; the overlay (nothing drawn
+    at threshold 1.5) is the picture, scaled to 8 bits."""
+    deep = tmp_path / "deep.png"
+    gradient = np.linspace(0, 65535, 96 * 128).reshape(96, 128).astype(np.uint16)
+    Image.fromarray(gradient).save(deep)
+    result = runner.invoke(app, ["predict", str(deep), "--head", str(trained), "--out",
+                                 str(tmp_path / "viz"), "--threshold", "1.5"])
+    assert result.exit_code == 0, result.output
+    overlay = np.asarray(Image.open(tmp_path / "viz" / "deep.png"))
+    np.testing.assert_array_equal(overlay[..., 1], np.round(gradient / 257).astype(np.uint8))
+
+
 def test_export_onnx_from_the_command_line(tmp_path, trained):
     pytest.importorskip("onnxruntime")
     from frozenseg.engine.onnx import check_onnx

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from frozenseg.data.images import IMAGE_ERRORS, read_image
 from frozenseg.data.transforms import Transform, apply_view
 from frozenseg.files import is_relative_name
-
-# What reading a bad image file can raise (PIL raises SyntaxError for some broken headers).
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 Item = tuple[torch.Tensor, dict]
 
@@ -72,15 +70,12 @@ class ImageDataset(Dataset):
         """The untransformed item, or None (after a warning) when a file cannot be read."""
         raise NotImplementedError
 
-    def _open(self, path: Path, what: str, mode: str | None = None) -> Image.Image | None:
-        """The decoded file (converted to ``mode`` if given), or None after a warning.
-
-        Pixels are read as stored (no EXIF rotation), the frame annotations refer to.
-        """
+    def _open(self, path: Path, what: str,
+              read: Callable[[Path], Image.Image] = read_image) -> Image.Image | None:
+        """The file decoded by ``read`` (:func:`frozenseg.data.images.read_image`: an upright
+        8-bit RGB picture; ``read_stored`` for label maps), or None after a warning."""
         try:
-            with Image.open(path) as pil:
-                # Both decode now, so a truncated file fails here.
-                return pil.convert(mode) if mode else pil.copy()
+            return read(path)
         except IMAGE_ERRORS as error:
             self._warn_once(path, f"cannot read {what} {path} ({type(error).__name__}: {error}); "
                                   "skipped")

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from frozenseg.data.folder import ImageFolder
+from frozenseg.data.images import read_image
 from frozenseg.detector.classes import ClassMapping
 from frozenseg.engine.export import per_image_paths
 from frozenseg.engine.inference import predict
@@ -88,8 +89,9 @@ def predict_overlays(detector, head, dataset: ImageFolder, out_dir: str | os.Pat
         index = index_of[int(target["image_id"])]
         info, kept = dataset.images[index], [r for r in results if r["score"] >= threshold]
         overlay = overlays[index]
-        with Image.open(dataset.image_path(index)) as image, atomic_path(overlay) as tmp:
-            draw_instances(image, kept, names).save(tmp, format="PNG")
+        with atomic_path(overlay) as tmp:
+            draw_instances(read_image(dataset.image_path(index)), kept, names).save(
+                tmp, format="PNG")
         atomic_write_text(overlay.with_suffix(".json"), json.dumps({
             "file_name": info["file_name"], "image_id": info["id"],
             "height": int(target["orig_size"][0]), "width": int(target["orig_size"][1]),
