@@ -83,6 +83,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+def _error_line(err: BaseException) -> str:
+    """An exception's message on one line. One raised in a DataLoader worker comes back
+    as "Caught X in DataLoader worker process N." with the worker's traceback, whose last
+    line is the original "module.X: message": that message is the line."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.splitlines()[-1].partition(": ")[2]
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _read_class_names(path: Path | None) -> list[str] | None:
     if path is None:
         return None
@@ -474,7 +484,7 @@ def train(
         with _training_progress(loaded) as update:
             position = trainer.run(resume=resume, progress=update)
     except (TrainingError, ValueError, FileNotFoundError) as err:
-        _fail(str(err).splitlines()[0])
+        _fail(_error_line(err))
     console.print(f"trained {position.step} steps: {Path(loaded.train.output_dir) / 'last.pt'}",
                   highlight=False, soft_wrap=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,37 @@ def test_cli_cache_from_a_recipe_then_train_on_it(tmp_path, data, detector_dir):
     trained = runner.invoke(app, ["train", path, f"data.cache={tmp_path / 'cache'}",
                                   "train.iterations=1"])
     assert trained.exit_code == 0, trained.output
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, data, detector_dir):
+    """A cache of the train split (evaluation view), one shard."""
+    out = tmp_path_factory.mktemp("cache") / "c"
+    dataset = CocoInstances(data / "images" / "train", data / "instances_train.json")
+    write_cache(str(detector_dir), dataset, out, dtype="fp32", top_k=7, memory_layer=1,
+                transform=eval_transform(SCALE))
+    return out
+
+
+@pytest.mark.parametrize("damage,workers", [("flipped", 0), ("flipped", 1), ("truncated", 0)])
+def test_training_refuses_a_damaged_cache_shard(tmp_path, data, detector_dir, cache_dir,
+                                                damage, workers):
+    """A flipped byte used to train silently (exit 0), a truncated shard gave a traceback:
+    both stop in one line naming the shard and the command that rewrites it."""
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    shutil.copytree(cache_dir, tmp_path / "cache")
+    shard = next((tmp_path / "cache").glob("shard-*.safetensors"))
+    raw = bytearray(shard.read_bytes())
+    if damage == "flipped":
+        raw[len(raw) - 100] ^= 0x01  # in the tensor data: safetensors cannot tell
+    shard.write_bytes(bytes(raw if damage == "flipped" else raw[: len(raw) // 2]))
+    recipe(tmp_path, data, detector_dir)
+    result = CliRunner().invoke(app, [
+        "train", str(tmp_path / "recipe.yaml"), f"data.cache={tmp_path / 'cache'}",
+        "data.transform=evaluation", "train.iterations=1", f"data.num_workers={workers}"])
+    assert result.exit_code == 1, result.output
+    assert str(shard) in result.stderr and "frozenseg cache --resume" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.output
