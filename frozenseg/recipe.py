@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import os
 import re
 import types
@@ -459,6 +460,8 @@ class _Validator:
             if isinstance(value, dict) and all(isinstance(k, str) for k in value):
                 return dict(value)
         elif _fits(value, hint):
+            if hint is float and not math.isfinite(value):  # YAML's .inf and .nan
+                self.fail(key, f"{key} must be a finite number, got {value!r}")
             return float(value) if hint is float else value
         self.fail(key, f"{key} must be {_describe(hint)}, got {value!r}")
 

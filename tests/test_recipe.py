@@ -193,6 +193,20 @@ def test_type_errors_name_key_expected_and_got(tmp_path, override, expected):
     assert error(minimal(tmp_path), [override]) == f"command line: {expected}"
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=.inf", "train.lr must be a finite number, got inf"),
+    ("train.lr=-.inf", "train.lr must be a finite number, got -inf"),
+    ("train.lr=.nan", "train.lr must be a finite number, got nan"),
+    ("train.grad_clip=.inf", "train.grad_clip must be a finite number, got inf"),
+    ("loss.bce_weight=.inf", "loss.bce_weight must be a finite number, got inf"),
+    ("train.lr=-1e-4", "train.lr must be positive, got -0.0001"),
+    ("train.lr=0", "train.lr must be positive, got 0.0"),
+    ("train.iterations=0", "train.iterations must be at least 1, got 0"),
+])
+def test_numbers_must_be_finite_and_in_range(tmp_path, override, expected):
+    assert error(minimal(tmp_path), [override]) == f"command line: {expected}"
+
+
 def test_type_error_in_a_file_names_the_file(tmp_path):
     path = minimal(tmp_path, eval={"max_per_image": "many"})
     assert error(path) == f"{path}: eval.max_per_image must be an integer, got 'many'"
