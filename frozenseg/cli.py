@@ -93,6 +93,12 @@ def _error_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _naming(path: Path, err: BaseException) -> str:
+    """The error's line, led by ``path`` unless it names the file already."""
+    line = _error_line(err)
+    return line if str(path) in line else f"{path}: {line}"
+
+
 def _read_class_names(path: Path | None) -> list[str] | None:
     if path is None:
         return None
@@ -365,7 +371,7 @@ def cache(
     except CacheError as err:
         _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        _fail(_error_line(err))
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     if index is None:  # another process of a distributed run: process 0 reports
@@ -456,7 +462,7 @@ def _load_recipe(path: Path, overrides: list[str]):
     try:
         return load_recipe(path, overrides)
     except (ValueError, OSError) as err:
-        _fail(str(err).splitlines()[0])
+        _fail(_error_line(err))
 
 
 @app.command()
@@ -485,6 +491,8 @@ def train(
             position = trainer.run(resume=resume, progress=update)
     except (TrainingError, ValueError, FileNotFoundError) as err:
         _fail(_error_line(err))
+    except OSError as err:  # a full disk under metrics.jsonl, a read-only output folder
+        _fail(f"{err.filename or loaded.train.output_dir}: {err.strerror or err}")
     console.print(f"trained {position.step} steps: {Path(loaded.train.output_dir) / 'last.pt'}",
                   highlight=False, soft_wrap=True)
 
@@ -594,7 +602,7 @@ def evaluate(
         folder = out or Path(loaded.train.output_dir) / "eval"
         metrics = run_evaluation(loaded, detector, head, folder)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        _fail(f"{checkpoint or recipe}: {str(err).splitlines()[0]}")
+        _fail(_naming(checkpoint or recipe, err))
     console.print(metrics_table(metrics))
     console.print(per_class_table(metrics, "segm"))
     console.print(f"results and metrics: {folder}", highlight=False, soft_wrap=True)
@@ -616,7 +624,7 @@ def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
         folder = out or Path(recipe.train.output_dir) / "eval"
         metrics, _, line = evaluate_joint(model.to(device), recipe, folder)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        _fail(f"{checkpoint}: {str(err).splitlines()[0]}")
+        _fail(_naming(checkpoint, err))
     if "bbox" in metrics:
         console.print(metrics_table(metrics))
     if "panoptic" in metrics:
@@ -746,7 +754,7 @@ def export(
                                      settings=settings, boxes=given, png_dir=png_dir,
                                      resume=resume, job=job, progress=update)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(str(err).strip().splitlines()[0])
+        _fail(_error_line(err))
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     _print_export(summary, given, png_dir)
@@ -805,7 +813,7 @@ def predict(
                                          names=names, threshold=threshold,
                                          max_instances=max_instances, progress=update)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(str(err).strip().splitlines()[0])
+        _fail(_error_line(err))
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     console.print(_prediction_table(summaries, threshold))
@@ -858,7 +866,7 @@ def demo(
         summary = run_demo(out, minutes=minutes, images=images, hooks=hooks,
                            detector=detector or DETECTOR)
     except (ValueError, FileNotFoundError, TrainingError) as err:
-        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        _fail(_error_line(err))
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     console.print(summary_table(summary))

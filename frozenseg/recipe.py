@@ -500,6 +500,26 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return _plain(dataclasses.asdict(recipe))
 
 
+def recipe_differences(before: dict, after: dict, sections: Iterable[str]) -> list[tuple]:
+    """(dotted key, value in ``before``, value in ``after``) for every key of ``sections``
+    (recipe dicts, :func:`recipe_to_dict`) whose value differs, in key order."""
+    flat_before, flat_after, sections = _flat(before), _flat(after), set(sections)
+    keys = sorted(k for k in flat_before.keys() | flat_after.keys()
+                  if k.split(".")[0] in sections and flat_before.get(k) != flat_after.get(k))
+    return [(k, flat_before.get(k), flat_after.get(k)) for k in keys]
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: value}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, _join(prefix, key)))
+        else:
+            flat[_join(prefix, key)] = value
+    return flat
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(v) for key, v in value.items()}

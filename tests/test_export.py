@@ -4,6 +4,7 @@ boxes, resume, instance PNGs, overlays."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -267,12 +268,40 @@ def test_plain_images_get_an_image_table(tmp_path, data, trained):  # noqa: F811
     COCO(str(table)).loadRes(str(out))
 
 
-def test_a_garbage_checkpoint_is_one_line(tmp_path, data):  # noqa: F811
-    bad = tmp_path / "last.pt"
-    bad.write_bytes(b"not a checkpoint")
-    result = _export("--head", bad, *_val(data), "--out", tmp_path / "r.json")
-    assert result.exit_code == 1 and str(bad) in result.output
-    assert len(result.output.strip().splitlines()) == 1
+class _Payload:
+    """A pickle that runs a shell command when loaded unsafely."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _bad_checkpoint(folder, kind, trained):  # noqa: F811
+    path = folder / f"{kind}.pt"
+    if kind == "malicious":
+        torch.save({"head": _Payload()}, path)
+    else:
+        raw = trained.read_bytes()
+        path.write_bytes({"garbage": b"not a checkpoint", "empty": b"", "text": b"head: 1\n",
+                          "truncated": raw[: len(raw) // 2]}[kind])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "text", "truncated", "malicious"])
+def test_a_bad_head_checkpoint_is_one_line(tmp_path, data, detector_dir, trained, kind):  # noqa: F811
+    """export --head and eval --checkpoint: an empty file was an IndexError, a text file
+    "KeyError: 101", a malicious pickle torch's long text with ANSI codes."""
+    bad = _bad_checkpoint(tmp_path, kind, trained)
+    recipe(tmp_path / "r", data, detector_dir)
+    for result in (_export("--head", bad, *_val(data), "--out", tmp_path / "r.json"),
+                   runner.invoke(app, ["eval", str(tmp_path / "r" / "recipe.yaml"),
+                                       "--checkpoint", str(bad)])):
+        assert result.exit_code == 1 and str(bad) in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1, result.output
+        assert "\x1b" not in result.stderr and "Traceback" not in result.output
+        assert {"garbage": "a text file", "empty": "file is empty", "text": "a text file",
+                "truncated": "truncated", "malicious": "refused to load"}[kind] in result.stderr
+        if kind == "malicious":  # the global named; frozenseg's own never need trusting
+            assert "system" in result.stderr and "--trust-checkpoint" not in result.stderr
 
 
 # ------------------------------------------------------------------------- predict

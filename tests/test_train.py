@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -273,3 +275,57 @@ def test_training_refuses_a_damaged_cache_shard(tmp_path, data, detector_dir, ca
     assert result.exit_code == 1, result.output
     assert str(shard) in result.stderr and "frozenseg cache --resume" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def _cli_train(path, *arguments):
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    return CliRunner().invoke(app, ["train", str(path), *arguments])
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, data, detector_dir, damage):
+    """An empty last.pt gave only "Aborted.", a truncated one a RuntimeError traceback."""
+    r = recipe(tmp_path, data, detector_dir, "train.iterations=1")
+    last = Trainer(r, log=lambda _: None, evaluate=False).save(LAST)
+    raw = last.read_bytes()
+    last.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2],
+                      "text": b"step: 1\n"}[damage])
+    result = _cli_train(tmp_path / "recipe.yaml", "train.iterations=1", "--resume")
+    assert result.exit_code == 1, result.output
+    assert str(last) in result.stderr and "--resume cannot continue" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_resume_names_the_recipe_key_that_changed(tmp_path, data, detector_dir):
+    """A shape-bearing key changed since the checkpoint: named, not a size-mismatch trace."""
+    r = recipe(tmp_path, data, detector_dir)  # head.mapper_dim: 32
+    Trainer(r, log=lambda _: None, evaluate=False).save(LAST)
+    result = _cli_train(tmp_path / "recipe.yaml", "head.mapper_dim=16", "--resume")
+    assert result.exit_code == 1, result.output
+    assert "head.mapper_dim is 16 here, 32 in the checkpoint's recipe" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_one(
+        tmp_path, data, detector_dir):
+    """A real failed write: the file-size limit makes the kernel refuse the bytes (EFBIG),
+    as a full disk does (ENOSPC); torch reported it as '[enforce fail at ...]'."""
+    trainer = Trainer(recipe(tmp_path, data, detector_dir), log=lambda _: None, evaluate=False)
+    kept = trainer.save(LAST).read_bytes()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(kept) // 2, hard))
+    try:
+        with pytest.raises(TrainingError) as err:
+            trainer.save(LAST)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    message = str(err.value)
+    assert str(tmp_path / "run" / LAST) in message and "is the disk full?" in message
+    assert "enforce fail" not in message and "\n" not in message
+    assert (tmp_path / "run" / LAST).read_bytes() == kept
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [LAST]

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from frozenseg.cache.training import check_made_by
+from frozenseg.checkpoint import CheckpointError, load_training_checkpoint
 from frozenseg.data.coco import CocoInstances
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
@@ -37,6 +38,7 @@ from frozenseg.recipe import (
     build_mask_head,
     load_recipe,
     load_recipe_detector,
+    recipe_differences,
     recipe_from_dict,
     recipe_to_dict,
     save_recipe,
@@ -207,15 +209,32 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
             }
             state.update(self.task.extra_state())
-            with atomic_path(path) as tmp:
-                torch.save(state, tmp)
+            try:
+                with atomic_path(path) as tmp:
+                    torch.save(state, tmp)
+            except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError
+                detail = err.strerror if isinstance(err, OSError) and err.strerror else (
+                    "the write failed")
+                raise TrainingError(f"{path}: cannot write the checkpoint ({detail}; is the "
+                                    "disk full?); the previous one, if any, is kept") from None
         return path
 
     def load(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state[self.task.weights_key])
-        self.task.load_extra_state(state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Resume from ``path``: one-line TrainingErrors for a damaged file, or one whose
+        weights do not fit this recipe (naming the recipe keys that changed)."""
+        try:
+            state = load_training_checkpoint(path)
+        except CheckpointError as err:
+            raise TrainingError(f"{err}; --resume cannot continue from it (move it away to "
+                                "start again)") from None
+        try:
+            self.accelerator.unwrap_model(self.model).load_state_dict(
+                state[self.task.weights_key])
+            self.task.load_extra_state(state)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise TrainingError(f"{path}: does not fit this recipe's model ("
+                                f"{_what_changed(state, self.recipe, err)})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.position = Position(**state["position"])
         self.generator.set_state(state["generator"])
@@ -327,6 +346,18 @@ class Trainer:
         return metrics
 
 
+def _what_changed(state: dict, recipe: Recipe, err: BaseException) -> str:
+    """Why a checkpoint's weights do not load: the model keys of the recipe that differ
+    from the checkpoint's own recipe, else the loader's first line."""
+    changed = recipe_differences(state.get("recipe", {}), recipe_to_dict(recipe),
+                                 sections=("mode", "head", "detector", "maskdino"))
+    if not changed:
+        return " ".join(str(err).split())[:300]
+    keys = "; ".join(f"{key} is {now!r} here, {then!r} in the checkpoint's recipe"
+                     for key, then, now in changed[:3])
+    return f"{keys}; resume with the recipe it was trained with"
+
+
 # ---------------------------------------------------------------------- trained heads
 
 
@@ -362,14 +393,8 @@ def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe 
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except Exception as err:  # an unpickling error's first line says what was refused
-        raise ValueError(f"{path}: not a frozenseg checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or "head" not in state:
+    state = load_training_checkpoint(path)  # one-line CheckpointError (a ValueError)
+    if "head" not in state:
         raise ValueError(f"{path}: not a frozenseg head checkpoint (no 'head' weights)")
     return state
 
