@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import frozenseg
@@ -68,19 +69,31 @@ def doctor(
     table = Table(title="frozenseg doctor", show_header=False)
     marks = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: ""}
     for finding in findings:
-        table.add_row(finding.name, finding.value, marks[finding.ok])
+        table.add_row(finding.name, escape(finding.value), marks[finding.ok])
     console.print(table)
     failures = [f for f in findings if f.ok is False and f.name.startswith(("CUDA op", "kernel"))]
     for failure in failures:  # unwrapped, so the compiler's message can be copied whole
-        console.print(f"[red]error:[/] {failure.name}: {failure.value}", soft_wrap=True)
+        console.print(f"[red]error:[/] {failure.name}: {escape(failure.value)}", soft_wrap=True)
     if failures:
         raise typer.Exit(code=1)
 
 
 def _fail(message: str) -> None:
-    """One line on stderr, exit code 1."""
-    Console(stderr=True).print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
+    """One line on stderr, exit code 1. The message is escaped: paths and messages hold
+    brackets ("[x, y, w, h]", a file named "[1]/x.pth") that rich would take for markup."""
+    Console(stderr=True).print(f"[red]error:[/] {escape(message)}", soft_wrap=True,
+                               highlight=False)
     raise typer.Exit(code=1)
+
+
+def _warn(line: str) -> None:
+    """A warning line; ``line`` is escaped (see _fail)."""
+    console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _say(line: str) -> None:
+    """A line printed as it is: no markup (it holds paths and names), no highlighting."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _error_line(err: BaseException) -> str:
@@ -295,12 +308,9 @@ def synth(
     except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
         _fail(f"{err.filename or out}: {err.strerror or err}")
     what = "already there, reused" if summary.reused else f"wrote in {summary.seconds:.1f} s"
-    console.print(
-        f"{summary.images} images ({summary.train} train, {summary.val} val), "
-        f"{summary.instances} instances + {summary.crowd} crowd regions, {summary.classes} "
-        f"classes, {summary.empty_images} images without instances; {what}: {out}",
-        soft_wrap=True, highlight=False,
-    )
+    _say(f"{summary.images} images ({summary.train} train, {summary.val} val), "
+         f"{summary.instances} instances + {summary.crowd} crowd regions, {summary.classes} "
+         f"classes, {summary.empty_images} images without instances; {what}: {out}")
 
 
 def _rate_column(unit: str = "img/s"):
@@ -378,8 +388,7 @@ def cache(
         return
     count = sum(len(s["entries"]) for s in index["shards"])
     what = f"{count} images" if views == 1 else f"{count} entries ({views} views per image)"
-    console.print(f"cached {what} in {len(index['shards'])} shards: {out}",
-                  soft_wrap=True, highlight=False)
+    _say(f"cached {what} in {len(index['shards'])} shards: {out}")
 
 
 def _verify_cache(folder: Path) -> None:
@@ -389,7 +398,7 @@ def _verify_cache(folder: Path) -> None:
     if bad:
         _fail(f"{folder / bad[0]}: sha256 does not match index.json"
               + (f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""))
-    console.print(f"{folder}: every shard verifies", highlight=False)
+    _say(f"{folder}: every shard verifies")
 
 
 def _recipe_cache_job(path: Path, overrides: list[str]) -> dict:
@@ -436,7 +445,7 @@ def _write_cache(detector, images, annotations, out, *, views, transform, **opti
         index = write_cache(
             detector, dataset, out, transform=transform, views=views, device=state.device,
             state=state, progress=_ProgressUpdate(bar, task),
-            log=lambda line: console.print(line, highlight=False), **options,
+            log=_say, **options,
         )
     return index if state.is_main_process else None
 
@@ -481,7 +490,7 @@ def train(
         if dry_run:
             _dry_run(loaded)
             return
-        trainer = Trainer(loaded, log=lambda line: console.print(line, highlight=False))
+        trainer = Trainer(loaded, log=_say)
         if loaded.mode == "maskdino":
             _print_model_size(trainer.task)
         else:
@@ -493,8 +502,7 @@ def train(
         _fail(_error_line(err))
     except OSError as err:  # a full disk under metrics.jsonl, a read-only output folder
         _fail(f"{err.filename or loaded.train.output_dir}: {err.strerror or err}")
-    console.print(f"trained {position.step} steps: {Path(loaded.train.output_dir) / 'last.pt'}",
-                  highlight=False, soft_wrap=True)
+    _say(f"trained {position.step} steps: {Path(loaded.train.output_dir) / 'last.pt'}")
 
 
 def _training_progress(recipe):
@@ -552,11 +560,11 @@ def _print_model_size(task, measure: bool = False) -> None:
     from frozenseg.maskdino.memory import training_memory
 
     for line in task.report:
-        console.print(line, highlight=False, soft_wrap=True)
+        _say(line)
     params = sum(p.numel() for p in task.model.parameters())
     console.print(f"Mask DINO: {params / 1e6:.2f} M parameters", highlight=False)
     if measure:
-        console.print(training_memory(task), highlight=False, soft_wrap=True)
+        _say(training_memory(task))
 
 
 def _print_head_size(head, detector, recipe) -> None:
@@ -605,7 +613,7 @@ def evaluate(
         _fail(_naming(checkpoint or recipe, err))
     console.print(metrics_table(metrics))
     console.print(per_class_table(metrics, "segm"))
-    console.print(f"results and metrics: {folder}", highlight=False, soft_wrap=True)
+    _say(f"results and metrics: {folder}")
 
 
 def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
@@ -629,7 +637,7 @@ def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
         console.print(metrics_table(metrics))
     if "panoptic" in metrics:
         console.print(panoptic_table(metrics["panoptic"]))
-    console.print(f"{line}; results and metrics: {folder}", highlight=False, soft_wrap=True)
+    _say(f"{line}; results and metrics: {folder}")
 
 
 # ------------------------------------------------------------------------ masks out
@@ -763,21 +771,17 @@ def export(
 def _print_export(summary, boxes, png_dir) -> None:
     done = f"{summary.images} images" + (f" (+{summary.resumed} before the interruption)"
                                          if summary.resumed else "")
-    console.print(f"{summary.results} results for {done}: {summary.path}", highlight=False,
-                  soft_wrap=True)
+    _say(f"{summary.results} results for {done}: {summary.path}")
     if summary.skipped:
-        console.print(f"[yellow]warning:[/] {summary.skipped} images could not be read "
-                      "(named above) and have no results", highlight=False)
+        _warn(f"{summary.skipped} images could not be read (named above) and have no results")
     if summary.clipped:
-        console.print(f"[yellow]warning:[/] {summary.clipped} boxes of {boxes.path} reach "
-                      "outside their image: clipped for the head (their bbox is kept)",
-                      highlight=False, soft_wrap=True)
+        _warn(f"{summary.clipped} boxes of {boxes.path} reach outside their image: clipped "
+              "for the head (their bbox is kept)")
     if summary.degenerate:
-        console.print(f"[yellow]warning:[/] {summary.degenerate} boxes of {boxes.path} have "
-                      "nothing inside their image: empty masks, mask_quality 0",
-                      highlight=False, soft_wrap=True)
+        _warn(f"{summary.degenerate} boxes of {boxes.path} have nothing inside their image: "
+              "empty masks, mask_quality 0")
     for path in ([png_dir] if png_dir else []) + summary.files:
-        console.print(f"also: {path}", highlight=False, soft_wrap=True)
+        _say(f"also: {path}")
 
 
 def _export_onnx(detector, head, out: Path, height: int | None, width: int | None,
@@ -786,7 +790,7 @@ def _export_onnx(detector, head, out: Path, height: int | None, width: int | Non
 
     path = export_onnx(detector.cpu(), head.cpu(), out, height=height, width=width,
                        dynamic=dynamic)
-    console.print(f"ONNX graph (detector + head): {path}", highlight=False, soft_wrap=True)
+    _say(f"ONNX graph (detector + head): {path}")
 
 
 @app.command()
@@ -817,7 +821,7 @@ def predict(
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     console.print(_prediction_table(summaries, threshold))
-    console.print(f"overlays and json: {out}", highlight=False, soft_wrap=True)
+    _say(f"overlays and json: {out}")
 
 
 def _prediction_table(summaries, threshold: float, rows: int = 20) -> Table:
@@ -827,7 +831,7 @@ def _prediction_table(summaries, threshold: float, rows: int = 20) -> Table:
         table.add_column(column, justify="left" if column == "image" else "right")
     for s in summaries[:rows]:
         best = "-" if s.best is None else f"{s.best:.3f}"
-        table.add_row(s.file_name, str(s.kept), str(s.candidates),
+        table.add_row(escape(s.file_name), str(s.kept), str(s.candidates),
                       best if s.kept or s.best is None else f"[yellow]{best}[/]")
     if len(summaries) > rows:
         table.add_row(f"... {len(summaries) - rows} more", "", "", "")
@@ -861,7 +865,7 @@ def demo(
     from frozenseg.engine.train import TrainingError
 
     hooks = DemoHooks(images=_image_progress, training=_training_progress,
-                      log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+                      log=_say)
     try:
         summary = run_demo(out, minutes=minutes, images=images, hooks=hooks,
                            detector=detector or DETECTOR)

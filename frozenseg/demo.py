@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from frozenseg.files import atomic_write_text
@@ -364,14 +365,14 @@ def _ap(value: float | None) -> str:
 
 def summary_table(summary: DemoSummary) -> Table:
     """One table: each stage's time (or "reused"), what it made and where; the two APs."""
-    table = Table(title=f"frozenseg demo: {summary.out}")
+    table = Table(title=f"frozenseg demo: {escape(str(summary.out))}")
     for column, justify in (("stage", "left"), ("seconds", "right"), ("made", "left"),
                             ("written to", "left")):
         table.add_column(column, justify=justify)
     for s in summary.stages:
         seconds = "reused" if s.reused else f"{s.seconds:.1f}"
         where = s.path.relative_to(summary.out) if s.path.is_relative_to(summary.out) else s.path
-        table.add_row(s.name, seconds, s.detail, str(where))
+        table.add_row(s.name, seconds, escape(s.detail), escape(str(where)))
     table.add_section()
     table.add_row("[bold]detector box AP", "", f"[bold]{_ap(summary.box_ap)}", "val split")
     table.add_row("[bold]head mask AP", "", f"[bold]{_ap(summary.mask_ap)}", "val split")

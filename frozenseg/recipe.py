@@ -330,6 +330,8 @@ def _read_yaml(path: Path, referrer: str | None) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RecipeError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except RecursionError:  # the parser recurses: thousands of nested '[' exhaust the stack
+        raise RecipeError(f"{path}: not valid YAML (nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -252,6 +252,39 @@ def test_unknown_image_ids_are_named_and_nothing_is_written(tmp_path, data, trai
     assert bad.exit_code == 1 and "entry 0" in bad.output and "bbox" in bad.output
 
 
+def test_deeply_nested_json_is_one_line(tmp_path, data, trained):  # noqa: F811
+    """100,000 nested '[' were a RecursionError traceback (--boxes, --annotations)."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    for arguments in (["--boxes", deep, *_val(data)],
+                      ["--images", data / "images" / "val", "--annotations", deep]):
+        result = _export("--head", trained, *arguments, "--out", tmp_path / "r.json")
+        assert result.exit_code == 1, result.output
+        assert f"{deep}: not valid JSON (nested too deeply)" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_brackets_in_paths_and_messages_are_printed_as_they_are(tmp_path, data, trained):  # noqa: F811
+    """rich took them for markup: '[/]' was a MarkupError traceback, '[bold]x.pth' printed
+    as 'x.pth', "'bbox' must be [x, y, w, h]" without its brackets."""
+    for name in ("a[/]b.pt", "[bold]x.pth"):
+        result = _export("--head", tmp_path / name, *_val(data), "--out", tmp_path / "r.json")
+        assert result.exit_code == 1 and f"{tmp_path / name}: no such file" in result.stderr
+    boxes = tmp_path / "[red]boxes.json"
+    boxes.write_text(json.dumps([{"image_id": 1, "bbox": [0, 0, 5]}]))
+    bad = _export("--head", trained, *_val(data), "--boxes", boxes, "--out", tmp_path / "r.json")
+    assert bad.exit_code == 1 and str(boxes) in bad.stderr
+    assert "'bbox' must be [x, y, w, h]" in bad.stderr
+    folder = tmp_path / "[b]photos"
+    folder.mkdir()
+    image = next((data / "images" / "val").iterdir())
+    (folder / f"[i]{image.name}").write_bytes(image.read_bytes())
+    shown = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
+                                str(tmp_path / "[u]viz")])
+    assert shown.exit_code == 0, shown.output
+    assert f"[i]{image.name}" in shown.output and f"{tmp_path / '[u]viz'}" in shown.output
+
+
 # ------------------------------------------------------------------------- plain images
 
 

@@ -132,6 +132,13 @@ def test_yaml_1_2_scalars_in_files(tmp_path):
     assert recipe.loss.importance == 0.5
 
 
+def test_deeply_nested_yaml_is_one_line(tmp_path):
+    """The YAML parser recurses: 100,000 nested '[' were a RecursionError."""
+    path = tmp_path / "deep.yaml"
+    path.write_text("train: " + "[" * 100_000)
+    assert error(path) == f"{path}: not valid YAML (nested too deeply)"
+
+
 def test_parse_override():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("a= text with = sign") == ("a", "text with = sign")

@@ -110,16 +110,25 @@ def read_json(path: Path, kind: str = "COCO instances",
     """The json object at ``path``, checked to hold a list under each of ``fields``."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such annotations file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    data = parse_json(path.read_bytes(), path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a COCO file: the top level is not an object")
     for field in fields:
         if not isinstance(data.get(field), list):
             raise ValueError(f"{path}: not a {kind} file: no '{field}' list")
     return data
+
+
+def parse_json(raw: bytes | str, path: Path) -> Any:
+    """The JSON value of ``raw`` (the contents of ``path``); anything else is a one-line
+    ValueError naming the file, nesting too deep included (Python's parser recurses, so
+    100,000 '[' were a RecursionError)."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def require(item: Any, fields: Sequence[str], path: Path, where: str) -> None:

@@ -35,6 +35,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Subset
 
+from frozenseg.data.common import parse_json
 from frozenseg.data.folder import ImageFolder
 from frozenseg.detector.classes import ClassMapping
 from frozenseg.engine.inference import predict
@@ -88,11 +89,11 @@ def read_boxes(path: str | os.PathLike, image_ids: Collection[int]) -> ExternalB
     path = Path(path)
     try:
         raw = path.read_bytes()
-        entries = json.loads(raw)
+        entries = parse_json(raw, path)
     except OSError as err:
         raise ExportError(f"{path}: {err.strerror or err}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    except ValueError as err:  # parse_json's line
+        raise ExportError(str(err)) from None
     if not isinstance(entries, list):
         raise ExportError(f"{path}: not a COCO results file: the top level is not a list")
     by_image: dict[int, list[int]] = {}
