@@ -70,8 +70,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data, detector_dir, proposal
     whole.run()
     part = recipe(tmp_path / "b", data, detector_dir, f"loss.proposals={proposals}")
 
-    def interrupt(record):  # killed after step 3; the last checkpoint is step 2's
-        if record["step"] == 3:
+    def interrupt(record):  # killed in step 4, step 3 logged; the last checkpoint is step 2's
+        if record["step"] == 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -82,8 +82,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data, detector_dir, proposal
     a, b = weights(whole), weights(second)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-    lines = (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    for run in ("a", "b"):  # resumed: step 3, logged before the stop, is not logged twice
+        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     assert (tmp_path / "a" / "run" / "recipe.yaml").is_file()
 
 
@@ -118,8 +119,29 @@ def test_a_nan_loss_stops_with_the_step_and_terms(tmp_path, data, detector_dir, 
     head = trainer.accelerator.unwrap_model(trainer.head)
     with torch.no_grad():
         next(p for p in head.parameters() if p.requires_grad).fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 1: loss_mask_bce nan"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 1: loss_mask_bce nan.*"
+                                            "no checkpoint with finite weights was written"):
         trainer.run()
+
+
+def test_exploded_weights_are_never_checkpointed(tmp_path, data, detector_dir):
+    """The step after a checkpoint blows the weights up: last.pt keeps the good weights,
+    and the stop names it with its step (it used to name a last.pt holding NaNs)."""
+    trainer = Trainer(recipe(tmp_path, data, detector_dir, "train.checkpoint_every=1"),
+                      log=lambda _: None, evaluate=False)
+
+    def explode(record):  # after step 2's optimizer step, before its checkpoint
+        if record["step"] == 2:
+            with torch.no_grad():
+                next(trainer.head.parameters()).fill_(float("inf"))
+
+    with pytest.raises(TrainingError, match=r"non-finite weights after step 2; the newest "
+                                            r"checkpoint with finite weights is .*last.pt "
+                                            r"\(step 1\)"):
+        trainer.run(progress=explode)
+    state = torch.load(tmp_path / "run" / LAST, weights_only=True)
+    assert state["position"]["step"] == 1
+    assert all(bool(v.isfinite().all()) for v in state["head"].values() if v.is_floating_point())
 
 
 def test_cli_train_eval_and_dry_run(tmp_path, data, detector_dir):

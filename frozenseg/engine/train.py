@@ -31,7 +31,7 @@ from frozenseg.data.coco import CocoInstances
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
 from frozenseg.engine.step import head_losses
-from frozenseg.files import atomic_path
+from frozenseg.files import atomic_path, atomic_write_text
 from frozenseg.head.loss import MaskCriterion, MaskLossWeights
 from frozenseg.recipe import (
     Recipe,
@@ -181,6 +181,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, train.iterations, train.lr_drops))
         self.dataset, self.collate = self.task.dataset, self.task.collate
         self.position = Position()
+        self.good_checkpoint: tuple[Path, int] | None = None  # newest with finite weights
         self._tensorboard = None  # opened on first use; False when not installed
         self.generator = torch.Generator().manual_seed(train.seed)
 
@@ -196,8 +197,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, name: str) -> Path:
-        """Atomically write a checkpoint (process 0 only)."""
+        """Atomically write a checkpoint (process 0 only). Weights that are no longer finite
+        are never written over a good checkpoint: training stops, naming the newest good one."""
         path = self.out / name
+        model = self.accelerator.unwrap_model(self.model)
+        if not all(bool(p.isfinite().all()) for p in model.parameters()):
+            raise TrainingError(f"non-finite weights after step {self.position.step}; "
+                                f"{self._newest_good()}")
         if self.accelerator.is_main_process:
             state = {
                 self.task.weights_key: self.accelerator.unwrap_model(self.model).state_dict(),
@@ -217,7 +223,15 @@ class Trainer:
                     "the write failed")
                 raise TrainingError(f"{path}: cannot write the checkpoint ({detail}; is the "
                                     "disk full?); the previous one, if any, is kept") from None
+        self.good_checkpoint = (path, self.position.step)
         return path
+
+    def _newest_good(self) -> str:
+        """Where to go back to after a non-finite loss or weights."""
+        if self.good_checkpoint is None:
+            return "no checkpoint with finite weights was written before it"
+        path, step = self.good_checkpoint
+        return f"the newest checkpoint with finite weights is {path} (step {step})"
 
     def load(self, path: Path) -> None:
         """Resume from ``path``: one-line TrainingErrors for a damaged file, or one whose
@@ -237,6 +251,7 @@ class Trainer:
                                 f"{_what_changed(state, self.recipe, err)})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.position = Position(**state["position"])
+        self.good_checkpoint = (path, self.position.step)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
 
@@ -267,7 +282,7 @@ class Trainer:
                 raise TrainingError(
                     f"non-finite loss at step {self.position.step + 1}: "
                     + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-                    + f"; the last good checkpoint is {self.out / LAST}")
+                    + f"; {self._newest_good()}")
             self.accelerator.backward(losses["loss"])
             if self.accelerator.sync_gradients and train.grad_clip > 0:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip)
@@ -279,15 +294,17 @@ class Trainer:
         """Train until ``train.iterations`` steps (or ``train.max_minutes``)."""
         train = self.recipe.train
         self.out.mkdir(parents=True, exist_ok=True)
+        started, metrics = time.monotonic(), self.out / "metrics.jsonl"
         if resume and (self.out / LAST).is_file():
             self.load(self.out / LAST)
             self.log(f"resumed from {self.out / LAST} at step {self.position.step}")
+            if self.accelerator.is_main_process:
+                truncate_metrics(metrics, self.position.step)
         elif (self.out / LAST).is_file():
             raise TrainingError(f"{self.out} already holds a run ({LAST}); pass --resume "
                                 "to continue it, or choose another train.output_dir")
         if self.accelerator.is_main_process:
             save_recipe(self.recipe, self.out / "recipe.yaml")
-        started, metrics = time.monotonic(), self.out / "metrics.jsonl"
         batches = self.batches()
         while self.position.step < train.iterations:
             batch = next(batches)
@@ -356,6 +373,23 @@ def _what_changed(state: dict, recipe: Recipe, err: BaseException) -> str:
     keys = "; ".join(f"{key} is {now!r} here, {then!r} in the checkpoint's recipe"
                      for key, then, now in changed[:3])
     return f"{keys}; resume with the recipe it was trained with"
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` from metrics.jsonl: a resumed run repeats the steps
+    between its checkpoint and the stop, and would log them twice. A line torn by the stop
+    goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 # ---------------------------------------------------------------------- trained heads
