@@ -358,6 +358,7 @@ def cache(
 ) -> None:
     """Run the frozen detector once over a dataset into a feature cache (or --verify one)."""
     from frozenseg.cache import CacheError
+    from frozenseg.files import FolderInUse
 
     try:
         if verify is not None:
@@ -378,7 +379,7 @@ def cache(
         out, views = job["out"], job["views"]
         index = _write_cache(**job, dtype=dtype, shard_size=shard_size, max_gb=max_gb,
                              resume=resume, store_c1=store_c1)
-    except CacheError as err:
+    except (CacheError, FolderInUse) as err:
         _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
         _fail(_error_line(err))
@@ -484,6 +485,7 @@ def train(
 ) -> None:
     """Train the mask head a recipe describes (on its cache, or with the detector live)."""
     from frozenseg.engine.train import Trainer, TrainingError
+    from frozenseg.files import FolderInUse
 
     loaded = _load_recipe(recipe, overrides or [])
     try:
@@ -498,7 +500,7 @@ def train(
                              loaded)
         with _training_progress(loaded) as update:
             position = trainer.run(resume=resume, progress=update)
-    except (TrainingError, ValueError, FileNotFoundError) as err:
+    except (TrainingError, ValueError, FileNotFoundError, FolderInUse) as err:
         _fail(_error_line(err))
     except OSError as err:  # a full disk under metrics.jsonl, a read-only output folder
         _fail(f"{err.filename or loaded.train.output_dir}: {err.strerror or err}")

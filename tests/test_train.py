@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -351,3 +352,21 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_one(
     assert "enforce fail" not in message and "\n" not in message
     assert (tmp_path / "run" / LAST).read_bytes() == kept
     assert [p.name for p in (tmp_path / "run").iterdir()] == [LAST]
+
+
+def test_a_second_run_on_the_folder_refuses_naming_the_holder(tmp_path, data, detector_dir):
+    """Two trainings (or two --resume) on one folder interleaved metrics.jsonl and raced on
+    last.pt; the second refuses in one line; a killed run's lock (dead pid) is taken over."""
+    from frozenseg.files import LOCK_FILE, folder_lock
+    from tests.test_cache import _dead_pid
+
+    recipe(tmp_path, data, detector_dir)
+    with folder_lock(tmp_path / "run"):  # another process's lock: flock conflicts per open
+        refused = _cli_train(tmp_path / "recipe.yaml", "train.iterations=1", "--resume")
+    assert refused.exit_code == 1, refused.output
+    assert f"in use by process {os.getpid()}" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    (tmp_path / "run" / LOCK_FILE).write_text(f"{_dead_pid()}\n")  # a killed run's lock
+    trainer = Trainer(recipe(tmp_path, data, detector_dir, "train.iterations=1"),
+                      log=lambda _: None, evaluate=False)
+    assert trainer.run().step == 1 and not (tmp_path / "run" / LOCK_FILE).exists()

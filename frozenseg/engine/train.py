@@ -31,7 +31,7 @@ from frozenseg.data.coco import CocoInstances
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
 from frozenseg.engine.step import head_losses
-from frozenseg.files import atomic_path, atomic_write_text
+from frozenseg.files import atomic_path, atomic_write_text, folder_lock
 from frozenseg.head.loss import MaskCriterion, MaskLossWeights
 from frozenseg.recipe import (
     Recipe,
@@ -291,7 +291,15 @@ class Trainer:
         return values
 
     def run(self, *, resume: bool = False, progress: Callable | None = None) -> Position:
-        """Train until ``train.iterations`` steps (or ``train.max_minutes``)."""
+        """Train until ``train.iterations`` steps (or ``train.max_minutes``). Process 0
+        holds the output folder meanwhile: a second run (or --resume) on it refuses
+        (:class:`frozenseg.files.FolderInUse`) instead of racing on last.pt and the log."""
+        if not self.accelerator.is_main_process:
+            return self._run(resume, progress)
+        with folder_lock(self.out):
+            return self._run(resume, progress)
+
+    def _run(self, resume: bool, progress: Callable | None) -> Position:
         train = self.recipe.train
         self.out.mkdir(parents=True, exist_ok=True)
         started, metrics = time.monotonic(), self.out / "metrics.jsonl"
