@@ -216,6 +216,23 @@ def test_given_boxes_come_back_unchanged_with_masks(tmp_path, data, trained):  #
     assert mask_utils.decode(masked[2]["segmentation"]).any()
 
 
+def test_an_empty_mask_has_quality_and_score_0(tmp_path, data, trained):  # noqa: F811
+    """A 5x5 px box's empty mask had mask_quality 0.74. At --mask-threshold 1.01 no pixel
+    passes: every mask is empty, for the detector's boxes and for given ones."""
+    path, _ = _given_boxes(data, tmp_path)
+    for boxes in ([], ["--boxes", path]):
+        out = tmp_path / "empty.json"
+        result = _export("--head", trained, *_val(data), *boxes, "--out", out,
+                         "--mask-threshold", 1.01)
+        assert result.exit_code == 0, result.output
+        results = json.loads(out.read_text())
+        assert results and all(mask_utils.area(r["segmentation"]) == 0 for r in results)
+        assert all(r["mask_quality"] == 0.0 for r in results)
+        if not boxes:  # score = class score x mask quality; given boxes keep their own
+            assert all(r["score"] == 0.0 for r in results)
+        out.unlink()
+
+
 def test_given_box_masks_are_the_heads_pasted_masks(data, trained):  # noqa: F811
     detector, head, _ = load_trained(trained)
     dataset = ImageFolder.from_coco(data / "images" / "val", data / "instances_val.json",
