@@ -860,6 +860,8 @@ def demo(
                                "least 10 (20% of them are val)."),
     detector: Path = typer.Option(None, "--detector", help="A checkpoint to convert instead "
                                   "of the shipped one (any format frozenseg convert reads)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="See convert: "
+                                          "--detector may run code (trusted files only)."),
 ) -> None:
     """The whole flow on the detector frozenseg ships: synth, convert, cache, train, export,
     evaluate, overlays. Run it again: it reuses what is done."""
@@ -870,7 +872,7 @@ def demo(
                       log=_say)
     try:
         summary = run_demo(out, minutes=minutes, images=images, hooks=hooks,
-                           detector=detector or DETECTOR)
+                           detector=detector or DETECTOR, trust=trust_checkpoint)
     except (ValueError, FileNotFoundError, TrainingError) as err:
         _fail(_error_line(err))
     except OSError as err:

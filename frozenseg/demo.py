@@ -88,12 +88,13 @@ class DemoSummary:
 
 def run_demo(out: str | Path, *, minutes: float = DEFAULT_MINUTES,
              images: int = DEFAULT_IMAGES, detector: str | Path = DETECTOR,
-             hooks: DemoHooks | None = None) -> DemoSummary:
+             trust: bool = False, hooks: DemoHooks | None = None) -> DemoSummary:
     """Run (or reuse) every stage in ``out`` (module docstring) and say what each did.
 
     minutes: of head training (``train.max_minutes``); images: synthetic images in all;
     detector: the checkpoint converted (default the shipped one; any file ``frozenseg
-    convert`` reads, for the synthetic shapes' classes). Raises DemoError for bad
+    convert`` reads, for the synthetic shapes' classes); trust: load it as ``frozenseg
+    convert --trust-checkpoint`` does (runs the pickle's code). Raises DemoError for bad
     arguments; the stages' own errors (one line) pass through.
     """
     out, hooks, detector = Path(out).resolve(), hooks or DemoHooks(), Path(detector)
@@ -103,7 +104,7 @@ def run_demo(out: str | Path, *, minutes: float = DEFAULT_MINUTES,
     trained = _Trained(recipe, out)
     stages = {
         "synth": lambda: _synth(out / "synth", images, hooks),
-        "convert": lambda: _convert(detector, Path(recipe.detector.path), hooks),
+        "convert": lambda: _convert(detector, Path(recipe.detector.path), trust, hooks),
         "cache": lambda: _cache(recipe, hooks),
         "train": lambda: _train(recipe, minutes, hooks),
         "export": lambda: _export(recipe, trained, hooks),
@@ -187,7 +188,7 @@ def _synth(folder: Path, images: int, hooks: DemoHooks):
     return made.reused, f"{made.train} train + {made.val} val images", folder
 
 
-def _convert(detector: Path, folder: Path, hooks: DemoHooks):
+def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
     """Skipped when ``folder`` holds a conversion of this very file (its config.json
     records the source's sha256) with the synthetic dataset's class names."""
     from frozenseg.cache.store import sha256_file
@@ -203,7 +204,7 @@ def _convert(detector: Path, folder: Path, hooks: DemoHooks):
             and meta.get("classes", {}).get("names") == names):
         return True, f"{meta['format']}, {len(names)} classes", folder
     with hooks.images("Converting the detector") as update:
-        report = convert_checkpoint(detector, folder, class_names=names)
+        report = convert_checkpoint(detector, folder, class_names=names, trust=trust)
         if update:
             update(1, 1)
     return False, f"{report.format}, {report.config.num_classes} classes", folder
