@@ -52,6 +52,7 @@ from PIL import Image
 
 import frozenseg
 from frozenseg.data import ImageFolder
+from frozenseg.data.images import read_image
 from frozenseg.data.transforms import evaluation
 from frozenseg.detector.classes import ClassMapping
 from frozenseg.engine.export import ExportSettings, export_results
@@ -75,9 +76,8 @@ def make_images(root: Path, count: int, size: tuple[int, int]) -> Path:
     folder = root / "images"
     folder.mkdir()
     for path in sorted(synth.glob("images/*/*.jpg"))[:count]:
-        with Image.open(path) as im:
-            im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR).save(
-                folder / path.name, quality=90)
+        read_image(path).resize((size[1], size[0]), Image.BILINEAR).save(folder / path.name,
+                                                                       quality=90)
     return folder
 
 

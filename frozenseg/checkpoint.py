@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["EMA_KEYS", "SAFE_GLOBALS", "CheckpointError", "LoadedCheckpoint", "load_checkpoint"]
+__all__ = ["EMA_KEYS", "SAFE_GLOBALS", "CheckpointError", "LoadedCheckpoint", "load_checkpoint",
+           "load_training_checkpoint"]
 
 # numpy pickles a scalar as ``scalar(dtype, raw_bytes)``; the function lives in numpy.core
 # (numpy 1.x) or numpy._core (numpy 2.x), so take it from a scalar's own reduce and register it
@@ -390,3 +391,32 @@ def _reason(exc: BaseException) -> str:
     first = first.split(". ")[0].rstrip(".")
     name = type(root).__name__
     return f"{name}: {first[:200]}" if first else name
+
+
+# ----------------------------------------------------------------- frozenseg's own checkpoints
+
+
+def load_training_checkpoint(path: str | Path) -> dict:
+    """A checkpoint frozenseg's training wrote (``last.pt``, ``best.pt``: weights, optimizer,
+    recipe), read weights-only. Such a file never needs a trusted load, so no flag lifts
+    the check. Every failure (missing, empty, truncated, not a checkpoint, a refused
+    global) is a one-line :class:`CheckpointError` naming the file."""
+    path = Path(path).expanduser()
+    _sha256(path)  # for its checks: there, a file, readable, not empty
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types here; each becomes one clear line
+        raise CheckpointError(f"{path}: {_diagnose_own(path, e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a frozenseg checkpoint (it holds a "
+                              f"{type(state).__name__}, not a dict)")
+    return state
+
+
+def _diagnose_own(path: Path, exc: Exception) -> str:
+    """What is wrong with a file that should be a frozenseg checkpoint."""
+    match = _GLOBAL_RE.search(_chain_text(exc))
+    if match:
+        return (f"refused to load: it needs the Python global '{match.group(1)}', which no "
+                "checkpoint frozenseg writes holds (another program's file, or tampered with)")
+    return _diagnose(path, exc, trust=True)  # trust=True: no hint to lift a check

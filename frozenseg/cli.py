@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import frozenseg
@@ -68,19 +69,47 @@ def doctor(
     table = Table(title="frozenseg doctor", show_header=False)
     marks = {True: "[green]ok[/]", False: "[red]FAIL[/]", None: ""}
     for finding in findings:
-        table.add_row(finding.name, finding.value, marks[finding.ok])
+        table.add_row(finding.name, escape(finding.value), marks[finding.ok])
     console.print(table)
     failures = [f for f in findings if f.ok is False and f.name.startswith(("CUDA op", "kernel"))]
     for failure in failures:  # unwrapped, so the compiler's message can be copied whole
-        console.print(f"[red]error:[/] {failure.name}: {failure.value}", soft_wrap=True)
+        console.print(f"[red]error:[/] {failure.name}: {escape(failure.value)}", soft_wrap=True)
     if failures:
         raise typer.Exit(code=1)
 
 
 def _fail(message: str) -> None:
-    """One line on stderr, exit code 1."""
-    Console(stderr=True).print(f"[red]error:[/] {message}", soft_wrap=True, highlight=False)
+    """One line on stderr, exit code 1. The message is escaped: paths and messages hold
+    brackets ("[x, y, w, h]", a file named "[1]/x.pth") that rich would take for markup."""
+    Console(stderr=True).print(f"[red]error:[/] {escape(message)}", soft_wrap=True,
+                               highlight=False)
     raise typer.Exit(code=1)
+
+
+def _warn(line: str) -> None:
+    """A warning line; ``line`` is escaped (see _fail)."""
+    console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _say(line: str) -> None:
+    """A line printed as it is: no markup (it holds paths and names), no highlighting."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _error_line(err: BaseException) -> str:
+    """An exception's message on one line. One raised in a DataLoader worker comes back
+    as "Caught X in DataLoader worker process N." with the worker's traceback, whose last
+    line is the original "module.X: message": that message is the line."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.splitlines()[-1].partition(": ")[2]
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _naming(path: Path, err: BaseException) -> str:
+    """The error's line, led by ``path`` unless it names the file already."""
+    line = _error_line(err)
+    return line if str(path) in line else f"{path}: {line}"
 
 
 def _read_class_names(path: Path | None) -> list[str] | None:
@@ -304,12 +333,9 @@ def synth(
     except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
         _fail(f"{err.filename or out}: {err.strerror or err}")
     what = "already there, reused" if summary.reused else f"wrote in {summary.seconds:.1f} s"
-    console.print(
-        f"{summary.images} images ({summary.train} train, {summary.val} val), "
-        f"{summary.instances} instances + {summary.crowd} crowd regions, {summary.classes} "
-        f"classes, {summary.empty_images} images without instances; {what}: {out}",
-        soft_wrap=True, highlight=False,
-    )
+    _say(f"{summary.images} images ({summary.train} train, {summary.val} val), "
+         f"{summary.instances} instances + {summary.crowd} crowd regions, {summary.classes} "
+         f"classes, {summary.empty_images} images without instances; {what}: {out}")
 
 
 def _rate_column(unit: str = "img/s"):
@@ -357,6 +383,7 @@ def cache(
 ) -> None:
     """Run the frozen detector once over a dataset into a feature cache (or --verify one)."""
     from frozenseg.cache import CacheError
+    from frozenseg.files import FolderInUse
 
     try:
         if verify is not None:
@@ -377,18 +404,17 @@ def cache(
         out, views = job["out"], job["views"]
         index = _write_cache(**job, dtype=dtype, shard_size=shard_size, max_gb=max_gb,
                              resume=resume, store_c1=store_c1)
-    except CacheError as err:
+    except (CacheError, FolderInUse) as err:
         _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        _fail(_error_line(err))
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     if index is None:  # another process of a distributed run: process 0 reports
         return
     count = sum(len(s["entries"]) for s in index["shards"])
     what = f"{count} images" if views == 1 else f"{count} entries ({views} views per image)"
-    console.print(f"cached {what} in {len(index['shards'])} shards: {out}",
-                  soft_wrap=True, highlight=False)
+    _say(f"cached {what} in {len(index['shards'])} shards: {out}")
 
 
 def _verify_cache(folder: Path) -> None:
@@ -398,7 +424,7 @@ def _verify_cache(folder: Path) -> None:
     if bad:
         _fail(f"{folder / bad[0]}: sha256 does not match index.json"
               + (f" (and {len(bad) - 1} more bad shards)" if len(bad) > 1 else ""))
-    console.print(f"{folder}: every shard verifies", highlight=False)
+    _say(f"{folder}: every shard verifies")
 
 
 def _recipe_cache_job(path: Path, overrides: list[str]) -> dict:
@@ -445,7 +471,7 @@ def _write_cache(detector, images, annotations, out, *, views, transform, **opti
         index = write_cache(
             detector, dataset, out, transform=transform, views=views, device=state.device,
             state=state, progress=_ProgressUpdate(bar, task),
-            log=lambda line: console.print(line, highlight=False), **options,
+            log=_say, **options,
         )
     return index if state.is_main_process else None
 
@@ -471,7 +497,7 @@ def _load_recipe(path: Path, overrides: list[str]):
     try:
         return load_recipe(path, overrides)
     except (ValueError, OSError) as err:
-        _fail(str(err).splitlines()[0])
+        _fail(_error_line(err))
 
 
 @app.command()
@@ -484,13 +510,14 @@ def train(
 ) -> None:
     """Train the mask head a recipe describes (on its cache, or with the detector live)."""
     from frozenseg.engine.train import Trainer, TrainingError
+    from frozenseg.files import FolderInUse
 
     loaded = _load_recipe(recipe, overrides or [])
     try:
         if dry_run:
             _dry_run(loaded)
             return
-        trainer = Trainer(loaded, log=lambda line: console.print(line, highlight=False))
+        trainer = Trainer(loaded, log=_say)
         if loaded.mode == "maskdino":
             _print_model_size(trainer.task)
         else:
@@ -498,10 +525,11 @@ def train(
                              loaded)
         with _training_progress(loaded) as update:
             position = trainer.run(resume=resume, progress=update)
-    except (TrainingError, ValueError, FileNotFoundError) as err:
-        _fail(str(err).splitlines()[0])
-    console.print(f"trained {position.step} steps: {Path(loaded.train.output_dir) / 'last.pt'}",
-                  highlight=False, soft_wrap=True)
+    except (TrainingError, ValueError, FileNotFoundError, FolderInUse) as err:
+        _fail(_error_line(err))
+    except OSError as err:  # a full disk under metrics.jsonl, a read-only output folder
+        _fail(f"{err.filename or loaded.train.output_dir}: {err.strerror or err}")
+    _say(f"trained {position.step} steps: {Path(loaded.train.output_dir) / 'last.pt'}")
 
 
 def _training_progress(recipe):
@@ -559,11 +587,11 @@ def _print_model_size(task, measure: bool = False) -> None:
     from frozenseg.maskdino.memory import training_memory
 
     for line in task.report:
-        console.print(line, highlight=False, soft_wrap=True)
+        _say(line)
     params = sum(p.numel() for p in task.model.parameters())
     console.print(f"Mask DINO: {params / 1e6:.2f} M parameters", highlight=False)
     if measure:
-        console.print(training_memory(task), highlight=False, soft_wrap=True)
+        _say(training_memory(task))
 
 
 def _print_head_size(head, detector, recipe) -> None:
@@ -609,10 +637,10 @@ def evaluate(
         folder = out or Path(loaded.train.output_dir) / "eval"
         metrics = run_evaluation(loaded, detector, head, folder)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        _fail(f"{checkpoint or recipe}: {str(err).splitlines()[0]}")
+        _fail(_naming(checkpoint or recipe, err))
     console.print(metrics_table(metrics))
     console.print(per_class_table(metrics, "segm"))
-    console.print(f"results and metrics: {folder}", highlight=False, soft_wrap=True)
+    _say(f"results and metrics: {folder}")
 
 
 def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
@@ -631,12 +659,12 @@ def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
         folder = out or Path(recipe.train.output_dir) / "eval"
         metrics, _, line = evaluate_joint(model.to(device), recipe, folder)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        _fail(f"{checkpoint}: {str(err).splitlines()[0]}")
+        _fail(_naming(checkpoint, err))
     if "bbox" in metrics:
         console.print(metrics_table(metrics))
     if "panoptic" in metrics:
         console.print(panoptic_table(metrics["panoptic"]))
-    console.print(f"{line}; results and metrics: {folder}", highlight=False, soft_wrap=True)
+    _say(f"{line}; results and metrics: {folder}")
 
 
 # ------------------------------------------------------------------------ masks out
@@ -761,7 +789,7 @@ def export(
                                      settings=settings, boxes=given, png_dir=png_dir,
                                      resume=resume, job=job, progress=update)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(str(err).strip().splitlines()[0])
+        _fail(_error_line(err))
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     _print_export(summary, given, png_dir)
@@ -770,21 +798,17 @@ def export(
 def _print_export(summary, boxes, png_dir) -> None:
     done = f"{summary.images} images" + (f" (+{summary.resumed} before the interruption)"
                                          if summary.resumed else "")
-    console.print(f"{summary.results} results for {done}: {summary.path}", highlight=False,
-                  soft_wrap=True)
+    _say(f"{summary.results} results for {done}: {summary.path}")
     if summary.skipped:
-        console.print(f"[yellow]warning:[/] {summary.skipped} images could not be read "
-                      "(named above) and have no results", highlight=False)
+        _warn(f"{summary.skipped} images could not be read (named above) and have no results")
     if summary.clipped:
-        console.print(f"[yellow]warning:[/] {summary.clipped} boxes of {boxes.path} reach "
-                      "outside their image: clipped for the head (their bbox is kept)",
-                      highlight=False, soft_wrap=True)
+        _warn(f"{summary.clipped} boxes of {boxes.path} reach outside their image: clipped "
+              "for the head (their bbox is kept)")
     if summary.degenerate:
-        console.print(f"[yellow]warning:[/] {summary.degenerate} boxes of {boxes.path} have "
-                      "nothing inside their image: empty masks, mask_quality 0",
-                      highlight=False, soft_wrap=True)
+        _warn(f"{summary.degenerate} boxes of {boxes.path} have nothing inside their image: "
+              "empty masks, mask_quality 0")
     for path in ([png_dir] if png_dir else []) + summary.files:
-        console.print(f"also: {path}", highlight=False, soft_wrap=True)
+        _say(f"also: {path}")
 
 
 def _export_onnx(detector, head, out: Path, height: int | None, width: int | None,
@@ -793,7 +817,7 @@ def _export_onnx(detector, head, out: Path, height: int | None, width: int | Non
 
     path = export_onnx(detector.cpu(), head.cpu(), out, height=height, width=width,
                        dynamic=dynamic)
-    console.print(f"ONNX graph (detector + head): {path}", highlight=False, soft_wrap=True)
+    _say(f"ONNX graph (detector + head): {path}")
 
 
 @app.command()
@@ -820,11 +844,11 @@ def predict(
                                          names=names, threshold=threshold,
                                          max_instances=max_instances, progress=update)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(str(err).strip().splitlines()[0])
+        _fail(_error_line(err))
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     console.print(_prediction_table(summaries, threshold))
-    console.print(f"overlays and json: {out}", highlight=False, soft_wrap=True)
+    _say(f"overlays and json: {out}")
 
 
 def _prediction_table(summaries, threshold: float, rows: int = 20) -> Table:
@@ -834,7 +858,7 @@ def _prediction_table(summaries, threshold: float, rows: int = 20) -> Table:
         table.add_column(column, justify="left" if column == "image" else "right")
     for s in summaries[:rows]:
         best = "-" if s.best is None else f"{s.best:.3f}"
-        table.add_row(s.file_name, str(s.kept), str(s.candidates),
+        table.add_row(escape(s.file_name), str(s.kept), str(s.candidates),
                       best if s.kept or s.best is None else f"[yellow]{best}[/]")
     if len(summaries) > rows:
         table.add_row(f"... {len(summaries) - rows} more", "", "", "")
@@ -861,6 +885,8 @@ def demo(
                                "least 10 (20% of them are val)."),
     detector: Path = typer.Option(None, "--detector", help="A checkpoint to convert instead "
                                   "of the shipped one (any format frozenseg convert reads)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="See convert: "
+                                          "--detector may run code (trusted files only)."),
 ) -> None:
     """The whole flow on the detector frozenseg ships: synth, convert, cache, train, export,
     evaluate, overlays. Run it again: it reuses what is done."""
@@ -868,12 +894,12 @@ def demo(
     from frozenseg.engine.train import TrainingError
 
     hooks = DemoHooks(images=_image_progress, training=_training_progress,
-                      log=lambda line: console.print(line, highlight=False, soft_wrap=True))
+                      log=_say)
     try:
         summary = run_demo(out, minutes=minutes, images=images, hooks=hooks,
-                           detector=detector or DETECTOR)
+                           detector=detector or DETECTOR, trust=trust_checkpoint)
     except (ValueError, FileNotFoundError, TrainingError) as err:
-        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        _fail(_error_line(err))
     except OSError as err:
         _fail(f"{err.filename or out}: {err.strerror or err}")
     console.print(summary_table(summary))

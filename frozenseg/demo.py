@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from frozenseg.files import atomic_write_text
@@ -87,12 +88,13 @@ class DemoSummary:
 
 def run_demo(out: str | Path, *, minutes: float = DEFAULT_MINUTES,
              images: int = DEFAULT_IMAGES, detector: str | Path = DETECTOR,
-             hooks: DemoHooks | None = None) -> DemoSummary:
+             trust: bool = False, hooks: DemoHooks | None = None) -> DemoSummary:
     """Run (or reuse) every stage in ``out`` (module docstring) and say what each did.
 
     minutes: of head training (``train.max_minutes``); images: synthetic images in all;
     detector: the checkpoint converted (default the shipped one; any file ``frozenseg
-    convert`` reads, for the synthetic shapes' classes). Raises DemoError for bad
+    convert`` reads, for the synthetic shapes' classes); trust: load it as ``frozenseg
+    convert --trust-checkpoint`` does (runs the pickle's code). Raises DemoError for bad
     arguments; the stages' own errors (one line) pass through.
     """
     out, hooks, detector = Path(out).resolve(), hooks or DemoHooks(), Path(detector)
@@ -102,7 +104,7 @@ def run_demo(out: str | Path, *, minutes: float = DEFAULT_MINUTES,
     trained = _Trained(recipe, out)
     stages = {
         "synth": lambda: _synth(out / "synth", images, hooks),
-        "convert": lambda: _convert(detector, Path(recipe.detector.path), hooks),
+        "convert": lambda: _convert(detector, Path(recipe.detector.path), trust, hooks),
         "cache": lambda: _cache(recipe, hooks),
         "train": lambda: _train(recipe, minutes, hooks),
         "export": lambda: _export(recipe, trained, hooks),
@@ -186,7 +188,7 @@ def _synth(folder: Path, images: int, hooks: DemoHooks):
     return made.reused, f"{made.train} train + {made.val} val images", folder
 
 
-def _convert(detector: Path, folder: Path, hooks: DemoHooks):
+def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
     """Skipped when ``folder`` holds a conversion of this very file (its config.json
     records the source's sha256) with the synthetic dataset's class names."""
     from frozenseg.cache.store import sha256_file
@@ -202,7 +204,8 @@ def _convert(detector: Path, folder: Path, hooks: DemoHooks):
             and meta.get("classes", {}).get("names") == names):
         return True, f"{meta['format']}, {len(names)} classes", folder
     with hooks.images("Converting the detector") as update:
-        report = convert_checkpoint(detector, folder, class_names=names, overwrite=True)
+        report = convert_checkpoint(detector, folder, class_names=names, trust=trust,
+                                    overwrite=True)
         if update:
             update(1, 1)
     return False, f"{report.format}, {report.config.num_classes} classes", folder
@@ -364,14 +367,14 @@ def _ap(value: float | None) -> str:
 
 def summary_table(summary: DemoSummary) -> Table:
     """One table: each stage's time (or "reused"), what it made and where; the two APs."""
-    table = Table(title=f"frozenseg demo: {summary.out}")
+    table = Table(title=f"frozenseg demo: {escape(str(summary.out))}")
     for column, justify in (("stage", "left"), ("seconds", "right"), ("made", "left"),
                             ("written to", "left")):
         table.add_column(column, justify=justify)
     for s in summary.stages:
         seconds = "reused" if s.reused else f"{s.seconds:.1f}"
         where = s.path.relative_to(summary.out) if s.path.is_relative_to(summary.out) else s.path
-        table.add_row(s.name, seconds, s.detail, str(where))
+        table.add_row(s.name, seconds, escape(s.detail), escape(str(where)))
     table.add_section()
     table.add_row("[bold]detector box AP", "", f"[bold]{_ap(summary.box_ap)}", "val split")
     table.add_row("[bold]head mask AP", "", f"[bold]{_ap(summary.mask_ap)}", "val split")

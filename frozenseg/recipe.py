@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import os
 import re
 import types
@@ -329,6 +330,8 @@ def _read_yaml(path: Path, referrer: str | None) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RecipeError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except RecursionError:  # the parser recurses: thousands of nested '[' exhaust the stack
+        raise RecipeError(f"{path}: not valid YAML (nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -459,6 +462,8 @@ class _Validator:
             if isinstance(value, dict) and all(isinstance(k, str) for k in value):
                 return dict(value)
         elif _fits(value, hint):
+            if hint is float and not math.isfinite(value):  # YAML's .inf and .nan
+                self.fail(key, f"{key} must be a finite number, got {value!r}")
             return float(value) if hint is float else value
         self.fail(key, f"{key} must be {_describe(hint)}, got {value!r}")
 
@@ -495,6 +500,26 @@ def _describe(hint: Any) -> str:
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The recipe as plain YAML-safe data (tuples become lists)."""
     return _plain(dataclasses.asdict(recipe))
+
+
+def recipe_differences(before: dict, after: dict, sections: Iterable[str]) -> list[tuple]:
+    """(dotted key, value in ``before``, value in ``after``) for every key of ``sections``
+    (recipe dicts, :func:`recipe_to_dict`) whose value differs, in key order."""
+    flat_before, flat_after, sections = _flat(before), _flat(after), set(sections)
+    keys = sorted(k for k in flat_before.keys() | flat_after.keys()
+                  if k.split(".")[0] in sections and flat_before.get(k) != flat_after.get(k))
+    return [(k, flat_before.get(k), flat_after.get(k)) for k in keys]
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: value}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, _join(prefix, key)))
+        else:
+            flat[_join(prefix, key)] = value
+    return flat
 
 
 def _plain(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -307,3 +308,35 @@ def test_two_processes_write_the_same_cache_as_one(detector, dataset, data, tmp_
         assert one[p].view == two[p].view
         torch.testing.assert_close(one[p].memory, two[p].memory, rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(one[p].boxes, two[p].boxes, rtol=1e-4, atol=1e-5)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (a killed run's lock holds such a pid)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_second_cache_process_on_the_folder_refuses(detector, dataset, data, tmp_path):
+    """Two caches on one folder did all the work twice; the second now refuses in one line
+    naming the holder's pid, and a killed run's lock (a dead pid) is taken over."""
+    from frozenseg.files import LOCK_FILE, folder_lock
+
+    folder = save_detector(detector, tmp_path / "det", source="tiny.pth")
+    out = tmp_path / "c"
+    args = ["cache", "--detector", str(folder), "--images", str(data / "images" / "train"),
+            "--annotations", str(data / "instances_train.json"), "--out", str(out),
+            "--short", str(SHORT), "--max-size", str(MAX_SIZE), "--top-k", "7",
+            "--memory-layer", "1", "--resume"]
+    with folder_lock(out):  # another process's lock: flock conflicts across open files
+        refused = runner.invoke(app, args)
+    assert refused.exit_code == 1, refused.output
+    assert f"in use by process {os.getpid()}" in refused.stderr and str(out) in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    (out / LOCK_FILE).write_text(f"{_dead_pid()}\n")  # killed while caching
+    taken = runner.invoke(app, args)
+    assert taken.exit_code == 0, taken.output
+    assert FeatureCache(out).verify() == [] and not (out / LOCK_FILE).exists()

@@ -4,8 +4,10 @@ measured mask-AP floor; run again, every stage reused; bad input is one line and
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
@@ -88,3 +90,20 @@ def test_bad_input_is_one_line_and_exit_code_1(tmp_path):
 def test_help():
     result = runner.invoke(app, ["demo", "--help"])
     assert result.exit_code == 0 and "--minutes" in result.output
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_malicious_detector_names_the_flag_the_demo_has(tmp_path):
+    """The hint said "pass --trust-checkpoint", which demo did not have."""
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _Payload()}, evil)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--images", "10",
+                                 "--detector", str(evil)])
+    assert result.exit_code == 1, result.output
+    assert "refused to load" in result.stderr and "--trust-checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "--trust-checkpoint" in runner.invoke(app, ["demo", "--help"]).output

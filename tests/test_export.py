@@ -4,6 +4,7 @@ boxes, resume, instance PNGs, overlays."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -154,6 +155,46 @@ def test_instance_pngs_hold_the_results_masks(tmp_path, data, trained):  # noqa:
         assert (ids[~covered] == 0).all()
 
 
+def test_file_names_from_the_json_never_reach_outside_their_folder(tmp_path, data, trained):  # noqa: F811
+    """An absolute file_name or one with '..' is refused before anything is written: the
+    instance PNG of a json naming the user's own photo used to overwrite that photo."""
+    coco = json.loads((data / "instances_val.json").read_text())
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in coco["images"]:
+        (images / image["file_name"]).write_bytes((data / "images" / "val" /
+                                                   image["file_name"]).read_bytes())
+    for name in ("photo.jpg", "../photo.jpg"):
+        photo = (images / name).resolve()
+        photo.write_bytes((images / coco["images"][0]["file_name"]).read_bytes())
+        before = photo.read_bytes()
+        coco["images"][0]["file_name"] = str(photo) if name == "photo.jpg" else name
+        annotations = tmp_path / "instances.json"
+        annotations.write_text(json.dumps(coco))
+        result = _export("--head", trained, "--images", images, "--annotations", annotations,
+                         "--out", tmp_path / "r.json", "--png-dir", photo.parent)
+        assert result.exit_code == 1, result.output
+        assert "file_name" in result.output and str(annotations) in result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert photo.read_bytes() == before and not (tmp_path / "r.json").exists()
+
+
+def test_results_never_overwrite_the_input_images(tmp_path, data, trained):  # noqa: F811
+    """PNG images with --png-dir (or predict's --out) set to their own folder: refused."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for jpg in sorted((data / "images" / "val").iterdir())[:2]:
+        Image.open(jpg).save(folder / jpg.with_suffix(".png").name)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    exported = _export("--head", trained, "--images", folder, "--out", tmp_path / "r.json",
+                       "--png-dir", folder)
+    predicted = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
+                                    str(folder)])
+    for result in (exported, predicted):
+        assert result.exit_code == 1 and "would overwrite that input image" in result.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 # ------------------------------------------------------------------------- given boxes
 
 
@@ -173,6 +214,23 @@ def test_given_boxes_come_back_unchanged_with_masks(tmp_path, data, trained):  #
     assert mask_utils.decode(masked[1]["segmentation"]).sum() == 0
     assert masked[1]["mask_quality"] == 0.0
     assert mask_utils.decode(masked[2]["segmentation"]).any()
+
+
+def test_an_empty_mask_has_quality_and_score_0(tmp_path, data, trained):  # noqa: F811
+    """A 5x5 px box's empty mask had mask_quality 0.74. At --mask-threshold 1.01 no pixel
+    passes: every mask is empty, for the detector's boxes and for given ones."""
+    path, _ = _given_boxes(data, tmp_path)
+    for boxes in ([], ["--boxes", path]):
+        out = tmp_path / "empty.json"
+        result = _export("--head", trained, *_val(data), *boxes, "--out", out,
+                         "--mask-threshold", 1.01)
+        assert result.exit_code == 0, result.output
+        results = json.loads(out.read_text())
+        assert results and all(mask_utils.area(r["segmentation"]) == 0 for r in results)
+        assert all(r["mask_quality"] == 0.0 for r in results)
+        if not boxes:  # score = class score x mask quality; given boxes keep their own
+            assert all(r["score"] == 0.0 for r in results)
+        out.unlink()
 
 
 def test_given_box_masks_are_the_heads_pasted_masks(data, trained):  # noqa: F811
@@ -211,6 +269,39 @@ def test_unknown_image_ids_are_named_and_nothing_is_written(tmp_path, data, trai
     assert bad.exit_code == 1 and "entry 0" in bad.output and "bbox" in bad.output
 
 
+def test_deeply_nested_json_is_one_line(tmp_path, data, trained):  # noqa: F811
+    """100,000 nested '[' were a RecursionError traceback (--boxes, --annotations)."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    for arguments in (["--boxes", deep, *_val(data)],
+                      ["--images", data / "images" / "val", "--annotations", deep]):
+        result = _export("--head", trained, *arguments, "--out", tmp_path / "r.json")
+        assert result.exit_code == 1, result.output
+        assert f"{deep}: not valid JSON (nested too deeply)" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_brackets_in_paths_and_messages_are_printed_as_they_are(tmp_path, data, trained):  # noqa: F811
+    """rich took them for markup: '[/]' was a MarkupError traceback, '[bold]x.pth' printed
+    as 'x.pth', "'bbox' must be [x, y, w, h]" without its brackets."""
+    for name in ("a[/]b.pt", "[bold]x.pth"):
+        result = _export("--head", tmp_path / name, *_val(data), "--out", tmp_path / "r.json")
+        assert result.exit_code == 1 and f"{tmp_path / name}: no such file" in result.stderr
+    boxes = tmp_path / "[red]boxes.json"
+    boxes.write_text(json.dumps([{"image_id": 1, "bbox": [0, 0, 5]}]))
+    bad = _export("--head", trained, *_val(data), "--boxes", boxes, "--out", tmp_path / "r.json")
+    assert bad.exit_code == 1 and str(boxes) in bad.stderr
+    assert "'bbox' must be [x, y, w, h]" in bad.stderr
+    folder = tmp_path / "[b]photos"
+    folder.mkdir()
+    image = next((data / "images" / "val").iterdir())
+    (folder / f"[i]{image.name}").write_bytes(image.read_bytes())
+    shown = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
+                                str(tmp_path / "[u]viz")])
+    assert shown.exit_code == 0, shown.output
+    assert f"[i]{image.name}" in shown.output and f"{tmp_path / '[u]viz'}" in shown.output
+
+
 # ------------------------------------------------------------------------- plain images
 
 
@@ -227,12 +318,40 @@ def test_plain_images_get_an_image_table(tmp_path, data, trained):  # noqa: F811
     COCO(str(table)).loadRes(str(out))
 
 
-def test_a_garbage_checkpoint_is_one_line(tmp_path, data):  # noqa: F811
-    bad = tmp_path / "last.pt"
-    bad.write_bytes(b"not a checkpoint")
-    result = _export("--head", bad, *_val(data), "--out", tmp_path / "r.json")
-    assert result.exit_code == 1 and str(bad) in result.output
-    assert len(result.output.strip().splitlines()) == 1
+class _Payload:
+    """A pickle that runs a shell command when loaded unsafely."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def _bad_checkpoint(folder, kind, trained):  # noqa: F811
+    path = folder / f"{kind}.pt"
+    if kind == "malicious":
+        torch.save({"head": _Payload()}, path)
+    else:
+        raw = trained.read_bytes()
+        path.write_bytes({"garbage": b"not a checkpoint", "empty": b"", "text": b"head: 1\n",
+                          "truncated": raw[: len(raw) // 2]}[kind])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "text", "truncated", "malicious"])
+def test_a_bad_head_checkpoint_is_one_line(tmp_path, data, detector_dir, trained, kind):  # noqa: F811
+    """export --head and eval --checkpoint: an empty file was an IndexError, a text file
+    "KeyError: 101", a malicious pickle torch's long text with ANSI codes."""
+    bad = _bad_checkpoint(tmp_path, kind, trained)
+    recipe(tmp_path / "r", data, detector_dir)
+    for result in (_export("--head", bad, *_val(data), "--out", tmp_path / "r.json"),
+                   runner.invoke(app, ["eval", str(tmp_path / "r" / "recipe.yaml"),
+                                       "--checkpoint", str(bad)])):
+        assert result.exit_code == 1 and str(bad) in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1, result.output
+        assert "\x1b" not in result.stderr and "Traceback" not in result.output
+        assert {"garbage": "a text file", "empty": "file is empty", "text": "a text file",
+                "truncated": "truncated", "malicious": "refused to load"}[kind] in result.stderr
+        if kind == "malicious":  # the global named; frozenseg's own never need trusting
+            assert "system" in result.stderr and "--trust-checkpoint" not in result.stderr
 
 
 # ------------------------------------------------------------------------- predict
@@ -254,6 +373,19 @@ def test_predict_draws_overlays_and_counts_instances(tmp_path, data, trained):  
     none = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
                                str(tmp_path / "none"), "--threshold", "1.5"])
     assert none.exit_code == 0 and "lower --threshold" in none.output
+
+
+def test_predict_draws_over_a_16_bit_png_as_it_looks(tmp_path, trained):
+    """PIL's own conversion turned a 16-bit grayscale PNG white; the overlay (nothing drawn
+    at threshold 1.5) is the picture, scaled to 8 bits."""
+    deep = tmp_path / "deep.png"
+    gradient = np.linspace(0, 65535, 96 * 128).reshape(96, 128).astype(np.uint16)
+    Image.fromarray(gradient).save(deep)
+    result = runner.invoke(app, ["predict", str(deep), "--head", str(trained), "--out",
+                                 str(tmp_path / "viz"), "--threshold", "1.5"])
+    assert result.exit_code == 0, result.output
+    overlay = np.asarray(Image.open(tmp_path / "viz" / "deep.png"))
+    np.testing.assert_array_equal(overlay[..., 1], np.round(gradient / 257).astype(np.uint8))
 
 
 def test_export_onnx_from_the_command_line(tmp_path, trained):

@@ -411,3 +411,12 @@ def test_tasks_must_have_their_files(synth_dir, tmp_path):
         evaluate_maskdino(_Blind(), split, tmp_path, tasks=["panoptic"])
     with pytest.raises(ValueError, match="unknown task"):
         evaluate_maskdino(_Blind(), split, tmp_path, tasks=["depth"])
+
+
+def test_the_readme_says_where_the_joint_mode_departs_from_the_official_code():
+    """The two deliberate differences from IDEA-Research/MaskDINO are written down."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    joint = readme[readme.index("## Joint mode: Mask DINO"):readme.index("## Masks out")]
+    differences = joint[joint.index("Differences from the official code"):]
+    assert "Stuff targets get no box cost" in differences and "panoptic_on" in differences
+    assert "original image size" in differences and "detrex PR #247" in differences

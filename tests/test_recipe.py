@@ -132,6 +132,13 @@ def test_yaml_1_2_scalars_in_files(tmp_path):
     assert recipe.loss.importance == 0.5
 
 
+def test_deeply_nested_yaml_is_one_line(tmp_path):
+    """The YAML parser recurses: 100,000 nested '[' were a RecursionError."""
+    path = tmp_path / "deep.yaml"
+    path.write_text("train: " + "[" * 100_000)
+    assert error(path) == f"{path}: not valid YAML (nested too deeply)"
+
+
 def test_parse_override():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("a= text with = sign") == ("a", "text with = sign")
@@ -190,6 +197,20 @@ def test_head_mode_needs_a_detector(tmp_path):
     ("data.train=x", "data.train must be a mapping of keys, got 'x'"),
 ])
 def test_type_errors_name_key_expected_and_got(tmp_path, override, expected):
+    assert error(minimal(tmp_path), [override]) == f"command line: {expected}"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=.inf", "train.lr must be a finite number, got inf"),
+    ("train.lr=-.inf", "train.lr must be a finite number, got -inf"),
+    ("train.lr=.nan", "train.lr must be a finite number, got nan"),
+    ("train.grad_clip=.inf", "train.grad_clip must be a finite number, got inf"),
+    ("loss.bce_weight=.inf", "loss.bce_weight must be a finite number, got inf"),
+    ("train.lr=-1e-4", "train.lr must be positive, got -0.0001"),
+    ("train.lr=0", "train.lr must be positive, got 0.0"),
+    ("train.iterations=0", "train.iterations must be at least 1, got 0"),
+])
+def test_numbers_must_be_finite_and_in_range(tmp_path, override, expected):
     assert error(minimal(tmp_path), [override]) == f"command line: {expected}"
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -67,8 +71,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data, detector_dir, proposal
     whole.run()
     part = recipe(tmp_path / "b", data, detector_dir, f"loss.proposals={proposals}")
 
-    def interrupt(record):  # killed after step 3; the last checkpoint is step 2's
-        if record["step"] == 3:
+    def interrupt(record):  # killed in step 4, step 3 logged; the last checkpoint is step 2's
+        if record["step"] == 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -79,8 +83,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, data, detector_dir, proposal
     a, b = weights(whole), weights(second)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-    lines = (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    for run in ("a", "b"):  # resumed: step 3, logged before the stop, is not logged twice
+        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     assert (tmp_path / "a" / "run" / "recipe.yaml").is_file()
 
 
@@ -115,8 +120,29 @@ def test_a_nan_loss_stops_with_the_step_and_terms(tmp_path, data, detector_dir, 
     head = trainer.accelerator.unwrap_model(trainer.head)
     with torch.no_grad():
         next(p for p in head.parameters() if p.requires_grad).fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 1: loss_mask_bce nan"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 1: loss_mask_bce nan.*"
+                                            "no checkpoint with finite weights was written"):
         trainer.run()
+
+
+def test_exploded_weights_are_never_checkpointed(tmp_path, data, detector_dir):
+    """The step after a checkpoint blows the weights up: last.pt keeps the good weights,
+    and the stop names it with its step (it used to name a last.pt holding NaNs)."""
+    trainer = Trainer(recipe(tmp_path, data, detector_dir, "train.checkpoint_every=1"),
+                      log=lambda _: None, evaluate=False)
+
+    def explode(record):  # after step 2's optimizer step, before its checkpoint
+        if record["step"] == 2:
+            with torch.no_grad():
+                next(trainer.head.parameters()).fill_(float("inf"))
+
+    with pytest.raises(TrainingError, match=r"non-finite weights after step 2; the newest "
+                                            r"checkpoint with finite weights is .*last.pt "
+                                            r"\(step 1\)"):
+        trainer.run(progress=explode)
+    state = torch.load(tmp_path / "run" / LAST, weights_only=True)
+    assert state["position"]["step"] == 1
+    assert all(bool(v.isfinite().all()) for v in state["head"].values() if v.is_floating_point())
 
 
 def test_cli_train_eval_and_dry_run(tmp_path, data, detector_dir):
@@ -238,3 +264,109 @@ def test_cli_cache_from_a_recipe_then_train_on_it(tmp_path, data, detector_dir):
     trained = runner.invoke(app, ["train", path, f"data.cache={tmp_path / 'cache'}",
                                   "train.iterations=1"])
     assert trained.exit_code == 0, trained.output
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, data, detector_dir):
+    """A cache of the train split (evaluation view), one shard."""
+    out = tmp_path_factory.mktemp("cache") / "c"
+    dataset = CocoInstances(data / "images" / "train", data / "instances_train.json")
+    write_cache(str(detector_dir), dataset, out, dtype="fp32", top_k=7, memory_layer=1,
+                transform=eval_transform(SCALE))
+    return out
+
+
+@pytest.mark.parametrize("damage,workers", [("flipped", 0), ("flipped", 1), ("truncated", 0)])
+def test_training_refuses_a_damaged_cache_shard(tmp_path, data, detector_dir, cache_dir,
+                                                damage, workers):
+    """A flipped byte used to train silently (exit 0), a truncated shard gave a traceback:
+    both stop in one line naming the shard and the command that rewrites it."""
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    shutil.copytree(cache_dir, tmp_path / "cache")
+    shard = next((tmp_path / "cache").glob("shard-*.safetensors"))
+    raw = bytearray(shard.read_bytes())
+    if damage == "flipped":
+        raw[len(raw) - 100] ^= 0x01  # in the tensor data: safetensors cannot tell
+    shard.write_bytes(bytes(raw if damage == "flipped" else raw[: len(raw) // 2]))
+    recipe(tmp_path, data, detector_dir)
+    result = CliRunner().invoke(app, [
+        "train", str(tmp_path / "recipe.yaml"), f"data.cache={tmp_path / 'cache'}",
+        "data.transform=evaluation", "train.iterations=1", f"data.num_workers={workers}"])
+    assert result.exit_code == 1, result.output
+    assert str(shard) in result.stderr and "frozenseg cache --resume" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def _cli_train(path, *arguments):
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    return CliRunner().invoke(app, ["train", str(path), *arguments])
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, data, detector_dir, damage):
+    """An empty last.pt gave only "Aborted.", a truncated one a RuntimeError traceback."""
+    r = recipe(tmp_path, data, detector_dir, "train.iterations=1")
+    last = Trainer(r, log=lambda _: None, evaluate=False).save(LAST)
+    raw = last.read_bytes()
+    last.write_bytes({"empty": b"", "truncated": raw[: len(raw) // 2],
+                      "text": b"step: 1\n"}[damage])
+    result = _cli_train(tmp_path / "recipe.yaml", "train.iterations=1", "--resume")
+    assert result.exit_code == 1, result.output
+    assert str(last) in result.stderr and "--resume cannot continue" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_resume_names_the_recipe_key_that_changed(tmp_path, data, detector_dir):
+    """A shape-bearing key changed since the checkpoint: named, not a size-mismatch trace."""
+    r = recipe(tmp_path, data, detector_dir)  # head.mapper_dim: 32
+    Trainer(r, log=lambda _: None, evaluate=False).save(LAST)
+    result = _cli_train(tmp_path / "recipe.yaml", "head.mapper_dim=16", "--resume")
+    assert result.exit_code == 1, result.output
+    assert "head.mapper_dim is 16 here, 32 in the checkpoint's recipe" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_one(
+        tmp_path, data, detector_dir):
+    """A real failed write: the file-size limit makes the kernel refuse the bytes (EFBIG),
+    as a full disk does (ENOSPC); torch reported it as '[enforce fail at ...]'."""
+    trainer = Trainer(recipe(tmp_path, data, detector_dir), log=lambda _: None, evaluate=False)
+    kept = trainer.save(LAST).read_bytes()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(kept) // 2, hard))
+    try:
+        with pytest.raises(TrainingError) as err:
+            trainer.save(LAST)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    message = str(err.value)
+    assert str(tmp_path / "run" / LAST) in message and "is the disk full?" in message
+    assert "enforce fail" not in message and "\n" not in message
+    assert (tmp_path / "run" / LAST).read_bytes() == kept
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [LAST]
+
+
+def test_a_second_run_on_the_folder_refuses_naming_the_holder(tmp_path, data, detector_dir):
+    """Two trainings (or two --resume) on one folder interleaved metrics.jsonl and raced on
+    last.pt; the second refuses in one line; a killed run's lock (dead pid) is taken over."""
+    from frozenseg.files import LOCK_FILE, folder_lock
+    from tests.test_cache import _dead_pid
+
+    recipe(tmp_path, data, detector_dir)
+    with folder_lock(tmp_path / "run"):  # another process's lock: flock conflicts per open
+        refused = _cli_train(tmp_path / "recipe.yaml", "train.iterations=1", "--resume")
+    assert refused.exit_code == 1, refused.output
+    assert f"in use by process {os.getpid()}" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    (tmp_path / "run" / LOCK_FILE).write_text(f"{_dead_pid()}\n")  # a killed run's lock
+    trainer = Trainer(recipe(tmp_path, data, detector_dir, "train.iterations=1"),
+                      log=lambda _: None, evaluate=False)
+    assert trainer.run().step == 1 and not (tmp_path / "run" / LOCK_FILE).exists()

@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from frozenseg.detector.output import DetectorOutput
+from frozenseg.files import inside
 
 FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
@@ -232,10 +233,16 @@ class FeatureCache:
         return bad_shards(self.dir, self.index["shards"])
 
     def _shard(self, j: int):
+        """Shard j, opened once per process; its sha256 is checked first (hashing is cheap
+        next to the training steps the shard feeds), so a damaged shard stops training
+        with its name instead of training on flipped bytes or failing deep in a read."""
         if j not in self._open:
             from safetensors import safe_open
 
-            handle = safe_open(self.dir / self.index["shards"][j]["file"], framework="pt")
+            shard = self.index["shards"][j]
+            path = inside(self.dir, shard["file"])
+            check_shard(path, shard["sha256"])
+            handle = safe_open(path, framework="pt")
             views = json.loads(handle.metadata()["frozenseg"])["views"]
             self._open[j] = (handle, views)
         return self._open[j]
@@ -285,6 +292,18 @@ def read_index(out_dir: Path) -> dict | None:
         raise CacheError(f"{path}: format version {index.get('format_version')}, "
                          f"this frozenseg reads {FORMAT_VERSION}")
     return index
+
+
+def check_shard(path: Path, sha256: str) -> None:
+    """Raise a one-line CacheError unless the shard at ``path`` is there with ``sha256``."""
+    if not path.is_file():
+        problem = "is missing"
+    elif sha256_file(path) != sha256:
+        problem = "is damaged (its sha256 is not the one in index.json)"
+    else:
+        return
+    raise CacheError(f"{path}: the cache shard {problem}; rewrite it with "
+                     f"frozenseg cache --resume (same arguments)")
 
 
 def bad_shards(out_dir: Path, shards: list[dict]) -> list[str]:

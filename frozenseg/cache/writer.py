@@ -22,6 +22,7 @@ all are done, process 0 merges them into the one index.json and marks it complet
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,7 +47,7 @@ from frozenseg.cache.store import (
 )
 from frozenseg.data.transforms import Transform, content_size, evaluation, scale_flip
 from frozenseg.detector.classes import ClassMapping, match_classes
-from frozenseg.files import atomic_write_text, unshared
+from frozenseg.files import LOCK_FILE, atomic_write_text, folder_lock, unshared
 
 # A process's record of its shards while several processes write one cache.
 _PART = re.compile(r"index\.part-\d+\.json$")
@@ -101,23 +102,27 @@ def write_cache(
     if max_gb is not None and projected["total_bytes"] > max_gb * 1e9:
         raise CacheError(f"projected cache size {projected['total_bytes'] / 1e9:.3f} GB is over "
                          f"--max-gb {max_gb:g} ({len(entries)} entries)")
-    if state.process_index == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        kept = _kept_shards(out)
-        _write_index(out, {"format_version": FORMAT_VERSION, "recipe": recipe,
-                           "projected": projected, "complete": False, "shards": kept})
-        _remove_unkept(out, {s["file"] for s in kept})  # only once the index no longer needs them
-    state.wait_for_everyone()
-    writer = _ShardWriter(detector, dataset, classes, entries, out, dtype, shard_size, store_c1,
-                          state)
-    writer.run(progress, on_shard)
-    state.wait_for_everyone()
-    if state.process_index == 0:
-        index = {**_merge_parts(out, read_index(out)), "complete": True}
-        _write_index(out, index)
-        _remove_unkept(out, {s["file"] for s in index["shards"]})  # the parts, now merged
-    state.wait_for_everyone()
-    return read_index(out)
+    # Process 0 holds the folder while writing: a second cache process on it refuses
+    # (FolderInUse) instead of doing all the work again beside it.
+    with folder_lock(out) if state.process_index == 0 else contextlib.nullcontext():
+        if state.process_index == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            kept = _kept_shards(out)
+            _write_index(out, {"format_version": FORMAT_VERSION, "recipe": recipe,
+                               "projected": projected, "complete": False, "shards": kept})
+            # only once the index no longer needs them:
+            _remove_unkept(out, {s["file"] for s in kept})
+        state.wait_for_everyone()
+        writer = _ShardWriter(detector, dataset, classes, entries, out, dtype, shard_size,
+                              store_c1, state)
+        writer.run(progress, on_shard)
+        state.wait_for_everyone()
+        if state.process_index == 0:
+            index = {**_merge_parts(out, read_index(out)), "complete": True}
+            _write_index(out, index)
+            _remove_unkept(out, {s["file"] for s in index["shards"]})  # the parts, now merged
+        state.wait_for_everyone()
+        return read_index(out)
 
 
 class _SingleProcess:
@@ -182,7 +187,7 @@ def _recipe(detector, detector_id: dict, dataset, transform, dtype: str, shard_s
 
 def _check_folder(out: Path, recipe: dict, resume: bool) -> None:
     """Refuse a non-empty folder without resume, or one holding another recipe's cache."""
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
         return
     if not resume:
         raise CacheError(f"{out} is not empty; pass --resume to continue a cache there, "

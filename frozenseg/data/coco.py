@@ -74,7 +74,7 @@ class CocoInstances(ImageDataset):
     def _load(self, index: int) -> tuple[torch.Tensor, dict] | None:
         """The untransformed item, or None when its image cannot be read."""
         info, path = self.images[index], self.image_path(index)
-        pil = self._open(path, "image", "RGB")
+        pil = self._open(path, "image")
         # Masks are decoded at the json's size; a mismatched image has no valid targets.
         if pil is None or not self._has_size(pil, path, "image", (info["height"], info["width"]),
                                              f"{self.annotations_json} says"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from frozenseg.data.images import IMAGE_ERRORS, read_image
 from frozenseg.data.transforms import Transform, apply_view
-
-# What reading a bad image file can raise (PIL raises SyntaxError for some broken headers).
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+from frozenseg.files import is_relative_name
 
 Item = tuple[torch.Tensor, dict]
 
@@ -71,15 +70,12 @@ class ImageDataset(Dataset):
         """The untransformed item, or None (after a warning) when a file cannot be read."""
         raise NotImplementedError
 
-    def _open(self, path: Path, what: str, mode: str | None = None) -> Image.Image | None:
-        """The decoded file (converted to ``mode`` if given), or None after a warning.
-
-        Pixels are read as stored (no EXIF rotation), the frame annotations refer to.
-        """
+    def _open(self, path: Path, what: str,
+              read: Callable[[Path], Image.Image] = read_image) -> Image.Image | None:
+        """The file decoded by ``read`` (:func:`frozenseg.data.images.read_image`: an upright
+        8-bit RGB picture; ``read_stored`` for label maps), or None after a warning."""
         try:
-            with Image.open(path) as pil:
-                # Both decode now, so a truncated file fails here.
-                return pil.convert(mode) if mode else pil.copy()
+            return read(path)
         except IMAGE_ERRORS as error:
             self._warn_once(path, f"cannot read {what} {path} ({type(error).__name__}: {error}); "
                                   "skipped")
@@ -114,16 +110,25 @@ def read_json(path: Path, kind: str = "COCO instances",
     """The json object at ``path``, checked to hold a list under each of ``fields``."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such annotations file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    data = parse_json(path.read_bytes(), path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a COCO file: the top level is not an object")
     for field in fields:
         if not isinstance(data.get(field), list):
             raise ValueError(f"{path}: not a {kind} file: no '{field}' list")
     return data
+
+
+def parse_json(raw: bytes | str, path: Path) -> Any:
+    """The JSON value of ``raw`` (the contents of ``path``); anything else is a one-line
+    ValueError naming the file, nesting too deep included (Python's parser recurses, so
+    100,000 '[' were a RecursionError)."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def require(item: Any, fields: Sequence[str], path: Path, where: str) -> None:
@@ -133,6 +138,15 @@ def require(item: Any, fields: Sequence[str], path: Path, where: str) -> None:
     for field in fields:
         if field not in item:
             raise ValueError(f"{path}: {where} has no '{field}'")
+
+
+def check_file_name(name: Any, path: Path, where: str) -> None:
+    """Raise unless ``name`` is a relative name that stays inside the folder it is joined
+    to: a ``file_name`` with ``..`` or an absolute path would read, or make export write,
+    files anywhere."""
+    if not is_relative_name(str(name)):
+        raise ValueError(f"{path}: {where}: 'file_name' {name!r} is not a relative path "
+                         "inside its folder (absolute, empty, or with '..')")
 
 
 def read_categories(data: dict, path: Path) -> tuple[list[int], list[str]]:
@@ -154,6 +168,7 @@ def read_images(data: dict, path: Path) -> list[dict]:
         for field in ("id", "height", "width"):
             if not isinstance(im[field], int) or isinstance(im[field], bool):
                 raise ValueError(f"{path}: images[{i}]: '{field}' is not an integer")
+        check_file_name(im["file_name"], path, f"images[{i}]")
         images.append({"id": im["id"], "file_name": str(im["file_name"]),
                        "height": im["height"], "width": im["width"]})
     if len({im["id"] for im in images}) != len(images):

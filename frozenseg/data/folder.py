@@ -17,16 +17,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from frozenseg.data.common import (
-    IMAGE_ERRORS,
     ImageDataset,
     image_to_tensor,
     read_categories,
     read_images,
     read_json,
 )
+from frozenseg.data.images import IMAGE_ERRORS, image_size
 from frozenseg.data.transforms import Transform, identity_view
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -67,7 +66,7 @@ class ImageFolder(ImageDataset):
         return self._paths[index]
 
     def _load(self, index: int) -> tuple[torch.Tensor, dict] | None:
-        pil = self._open(self._paths[index], "image", "RGB")
+        pil = self._open(self._paths[index], "image")
         if pil is None:
             return None
         size = torch.tensor([pil.height, pil.width], dtype=torch.int64)
@@ -118,10 +117,10 @@ def _image_ids(names: list[str]) -> list[int]:
 
 
 def _header_size(path: Path) -> dict:
-    """{"height", "width"} from the file's header (no decoding); None when unreadable (the
-    dataset warns when it tries to load it)."""
+    """{"height", "width"} as displayed (EXIF orientation applied), from the file's header
+    (no decoding); None when unreadable (the dataset warns when it tries to load it)."""
     try:
-        with Image.open(path) as pil:
-            return {"height": pil.height, "width": pil.width}
+        height, width = image_size(path)
     except IMAGE_ERRORS:
         return {"height": None, "width": None}
+    return {"height": height, "width": width}

@@ -37,12 +37,14 @@ from torchvision.ops import masks_to_boxes
 
 from frozenseg.data.common import (
     ImageDataset,
+    check_file_name,
     image_to_tensor,
     read_categories,
     read_images,
     read_json,
     require,
 )
+from frozenseg.data.images import read_stored
 from frozenseg.data.transforms import Transform, identity_view
 
 # (segment id, contiguous label, iscrowd) for each segment of an image.
@@ -80,7 +82,7 @@ class CocoPanoptic(ImageDataset):
         """The untransformed item, or None when its image or PNG cannot be read."""
         info, path = self.images[index], self.image_path(index)
         size = (info["height"], info["width"])
-        pil = self._open(path, "image", "RGB")
+        pil = self._open(path, "image")
         if pil is None or not self._has_size(pil, path, "image", size,
                                              f"{self.panoptic_json} says"):
             return None
@@ -90,10 +92,10 @@ class CocoPanoptic(ImageDataset):
     def _read_ids(self, index: int, size: tuple[int, int]) -> torch.Tensor | None:
         """The PNG's segment id per pixel, int64 (H, W), or None after a warning."""
         png = self.png_path(index)
-        pil = self._open(png, "panoptic PNG", "RGB")
+        pil = self._open(png, "panoptic PNG", read_stored)
         if pil is None or not self._has_size(pil, png, "panoptic PNG", size, "its image is"):
             return None
-        return torch.from_numpy(rgb_to_id(np.asarray(pil)))
+        return torch.from_numpy(rgb_to_id(np.asarray(pil.convert("RGB"))))
 
     def _target(self, index: int, ids: torch.Tensor) -> dict:
         segments = self._annotations[index]["segments"]
@@ -177,6 +179,7 @@ def _read_annotations(data: dict, path: Path, images: list[dict],
         if ann["image_id"] in per_image:
             raise ValueError(f"{path}: {where}: 'image_id' {ann['image_id']} already has an "
                              "annotation")
+        check_file_name(ann["file_name"], path, where)
         per_image[ann["image_id"]] = {
             "file_name": str(ann["file_name"]),
             "segments": _read_segments(ann["segments_info"], path, where, category_index)}

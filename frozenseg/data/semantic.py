@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from frozenseg.data.common import ImageDataset, image_to_tensor, read_json, require
+from frozenseg.data.images import read_stored
 from frozenseg.data.transforms import Transform, identity_view
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -75,7 +76,7 @@ class SemanticSegmentation(ImageDataset):
 
     def _load(self, index: int) -> tuple[torch.Tensor, dict] | None:
         """The untransformed item, or None when its image or label map cannot be read."""
-        pil = self._open(self.image_path(index), "image", "RGB")
+        pil = self._open(self.image_path(index), "image")
         if pil is None:
             return None
         sem_seg = self._read_labels(self.label_path(index), (pil.height, pil.width))
@@ -83,7 +84,7 @@ class SemanticSegmentation(ImageDataset):
 
     def _read_labels(self, path: Path, size: tuple[int, int]) -> torch.Tensor | None:
         """The label map at ``path`` as int64 (H, W), or None after a warning."""
-        pil = self._open(path, "label map")
+        pil = self._open(path, "label map", read_stored)
         if pil is None or not self._has_size(pil, path, "label map", size, "its image is"):
             return None
         if pil.mode not in _LABEL_MODES:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from rich.markup import escape
 from rich.table import Table
 
 from frozenseg.files import atomic_write_text
@@ -181,7 +182,7 @@ def per_class_table(metrics: dict, iou_type: str) -> Table:
     table.add_column("category")
     table.add_column("AP", justify="right")
     for name, ap in per_class.items():
-        table.add_row(name, metric_cell(ap))
+        table.add_row(escape(name), metric_cell(ap))  # the dataset's names: not markup
     return table
 
 

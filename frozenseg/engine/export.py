@@ -35,11 +35,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Subset
 
+from frozenseg.data.common import parse_json
 from frozenseg.data.folder import ImageFolder
 from frozenseg.detector.classes import ClassMapping
 from frozenseg.engine.inference import predict
 from frozenseg.engine.results import ResultsWriter, encode_masks, mask_results
-from frozenseg.files import atomic_path, atomic_write_text
+from frozenseg.files import atomic_path, atomic_write_text, inside
 
 
 class ExportError(ValueError):
@@ -88,11 +89,11 @@ def read_boxes(path: str | os.PathLike, image_ids: Collection[int]) -> ExternalB
     path = Path(path)
     try:
         raw = path.read_bytes()
-        entries = json.loads(raw)
+        entries = parse_json(raw, path)
     except OSError as err:
         raise ExportError(f"{path}: {err.strerror or err}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    except ValueError as err:  # parse_json's line
+        raise ExportError(str(err)) from None
     if not isinstance(entries, list):
         raise ExportError(f"{path}: not a COCO results file: the top level is not a list")
     by_image: dict[int, list[int]] = {}
@@ -139,7 +140,7 @@ def export_results(detector, head, dataset: ImageFolder, out: str | os.PathLike,
     progress(done, total): called with images done (including a resumed run's).
     """
     summary = ExportSummary(Path(out))
-    pngs = InstancePngs(png_dir) if png_dir is not None else None
+    pngs = InstancePngs(png_dir, dataset) if png_dir is not None else None
     key = {**(job or {}), "settings": asdict(settings), "png_dir": str(png_dir),
            "boxes": boxes.sha256 if boxes else None, "images": len(dataset)}
     head.eval()
@@ -263,23 +264,38 @@ def masks_for_boxes(detector, head, classes: ClassMapping, item: tuple, entries:
 
 
 class InstancePngs:
-    """One PNG per image in ``folder`` (the image's file name, extension .png): pixel
-    value k is the image's k-th result in the json (1-based; 0: no instance), where two
-    masks overlap, the earlier (the better scoring, for the detector's own boxes). 8-bit
-    up to 255 instances, else 16-bit."""
+    """One PNG per image of ``dataset`` in ``folder`` (the image's file name, extension
+    .png): pixel value k is the image's k-th result in the json (1-based; 0: no instance),
+    where two masks overlap, the earlier (the better scoring, for the detector's own
+    boxes). 8-bit up to 255 instances, else 16-bit."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike, dataset: ImageFolder) -> None:
+        self.paths = dict(zip((im["id"] for im in dataset.images),
+                              per_image_paths(folder, dataset, ".png"), strict=True))
 
     def write(self, image: dict, rles: list[dict]) -> Path:
         ids = np.zeros((image["height"], image["width"]),
                        dtype=np.uint8 if len(rles) < 256 else np.uint16)
         for k in range(len(rles), 0, -1):  # the first result painted last: on top
             ids[mask_utils.decode(rles[k - 1]).astype(bool)] = k
-        path = self.folder / Path(image["file_name"]).with_suffix(".png")
+        path = self.paths[image["id"]]
         with atomic_path(path) as tmp:
             Image.fromarray(ids).save(tmp, format="PNG")
         return path
+
+
+def per_image_paths(folder: str | os.PathLike, dataset: ImageFolder, suffix: str) -> list[Path]:
+    """The file of each image of ``dataset`` in ``folder``, named after the image (``a/b.jpg``
+    -> ``a/b`` + ``suffix``), checked before anything is written: inside ``folder`` (see
+    :func:`frozenseg.files.inside`) and never one of the images themselves (a PNG image
+    with its results folder set to its own folder)."""
+    paths = [inside(folder, im["file_name"]).with_suffix(suffix) for im in dataset.images]
+    sources = {dataset.image_path(i).resolve() for i in range(len(dataset))}
+    for path in paths:
+        if path.resolve() in sources:
+            raise ExportError(f"{path}: would overwrite that input image; write to another "
+                              "folder")
+    return paths
 
 
 def write_image_table(dataset: ImageFolder, classes: ClassMapping, detector_classes: dict,

@@ -20,7 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from frozenseg.data.folder import ImageFolder
+from frozenseg.data.images import read_image
 from frozenseg.detector.classes import ClassMapping
+from frozenseg.engine.export import per_image_paths
 from frozenseg.engine.inference import predict
 from frozenseg.files import atomic_path, atomic_write_text
 
@@ -77,7 +79,8 @@ def predict_overlays(detector, head, dataset: ImageFolder, out_dir: str | os.Pat
                      progress: Callable[[int, int], None] | None = None) -> list[ImageSummary]:
     """Overlay PNG and json per image of ``dataset`` (its transform: the view the head was
     trained on) in ``out_dir``, named after the image (``a/b.jpg`` -> ``a/b.png``)."""
-    out, summaries = Path(out_dir), []
+    summaries = []
+    overlays = per_image_paths(out_dir, dataset, ".png")
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
     head.eval()
     for target, results in predict(detector, head, dataset, classes=classes, batch_size=1,
@@ -85,11 +88,11 @@ def predict_overlays(detector, head, dataset: ImageFolder, out_dir: str | os.Pat
                                    progress=progress):
         index = index_of[int(target["image_id"])]
         info, kept = dataset.images[index], [r for r in results if r["score"] >= threshold]
-        stem = out / Path(info["file_name"]).with_suffix("")
-        overlay = stem.with_suffix(".png")
-        with Image.open(dataset.image_path(index)) as image, atomic_path(overlay) as tmp:
-            draw_instances(image, kept, names).save(tmp, format="PNG")
-        atomic_write_text(stem.with_suffix(".json"), json.dumps({
+        overlay = overlays[index]
+        with atomic_path(overlay) as tmp:
+            draw_instances(read_image(dataset.image_path(index)), kept, names).save(
+                tmp, format="PNG")
+        atomic_write_text(overlay.with_suffix(".json"), json.dumps({
             "file_name": info["file_name"], "image_id": info["id"],
             "height": int(target["orig_size"][0]), "width": int(target["orig_size"][1]),
             "threshold": threshold,

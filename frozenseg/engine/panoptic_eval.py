@@ -41,6 +41,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from frozenseg.engine.evaluate import metric_cell
@@ -287,7 +288,7 @@ def per_class_panoptic_table(metrics: dict) -> Table:
     for column in ("PQ", "SQ", "RQ", "TP", "FP", "FN"):
         table.add_column(column, justify="right")
     for name, row in metrics["per_class"].items():
-        table.add_row(name, *(metric_cell(row[c]) for c in ("PQ", "SQ", "RQ")),
+        table.add_row(escape(name), *(metric_cell(row[c]) for c in ("PQ", "SQ", "RQ")),
                       *(str(row[c]) for c in ("TP", "FP", "FN")))
     return table
 
@@ -301,5 +302,5 @@ def semantic_table(metrics: dict, *, per_class: bool = False) -> Table:
         table.add_row(name, metric_cell(metrics[name]))
     if per_class:
         for name, iou in metrics["per_class"].items():
-            table.add_row(f"IoU {name}", metric_cell(iou))
+            table.add_row(f"IoU {escape(name)}", metric_cell(iou))
     return table

@@ -6,7 +6,7 @@ A result is one detection in the format of the COCO results json::
      "bbox": [x, y, w, h] (ORIGINAL image pixels, clipped to the image, 2 decimals),
      "score": float, "segmentation": {"size": [H, W], "counts": str} (compressed RLE
      at the original size), "mask_quality": float (sigmoid of the predicted IoU;
-     absent when the head has no mask scoring)}
+     absent when the head has no mask scoring; 0, and the score 0, for an empty mask)}
 
 Frames. The head works on the detector's input image (the "view": the evaluation
 transform's plain resize of the original, ``target["size"]``), so its boxes are xyxy
@@ -65,8 +65,8 @@ def image_predictions(head_output: HeadOutput, category_ids: Tensor, targets: Se
         rles, quality = mask_results(head_output, index, target, mask_threshold)
         boxes = _clipped_xywh(_original_boxes(head_output, index, target).cpu(),
                               _hw(target["orig_size"]))
-        results.append([
-            _result(int(target["image_id"]), c, box, score, rle, q)
+        results.append([  # score = class score x mask quality: 0 for an empty mask
+            _result(int(target["image_id"]), c, box, 0.0 if is_empty(rle) else score, rle, q)
             for c, box, score, rle, q in zip(per_query[index].tolist(), boxes,
                                              head_output.scores[index].float().tolist(),
                                              rles, quality, strict=True)])
@@ -98,9 +98,15 @@ def mask_results(head_output: HeadOutput, index: Tensor, target: dict,
     boxes = _original_boxes(head_output, index, target)
     masks = _original_masks(head_output, index, boxes, view, orig, mask_threshold)
     rles = [rle for chunk in masks for rle in encode_masks(chunk)]
-    quality = (head_output.iou_logits[index].float().sigmoid().tolist()
-               if head_output.iou_logits is not None else [None] * len(index))
-    return rles, quality
+    if head_output.iou_logits is None:
+        return rles, [None] * len(index)
+    # An empty mask covers none of its object, whatever the head predicted for it.
+    predicted = head_output.iou_logits[index].float().sigmoid().tolist()
+    return rles, [0.0 if is_empty(rle) else q for rle, q in zip(rles, predicted, strict=True)]
+
+
+def is_empty(rle: dict) -> bool:
+    return int(mask_utils.area(rle)) == 0
 
 
 def _original_boxes(head_output: HeadOutput, index: Tensor, target: dict) -> Tensor:

@@ -26,17 +26,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from frozenseg.cache.training import check_made_by
+from frozenseg.checkpoint import CheckpointError, load_training_checkpoint
 from frozenseg.data.coco import CocoInstances
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
 from frozenseg.engine.step import head_losses
-from frozenseg.files import atomic_path
+from frozenseg.files import atomic_path, atomic_write_text, folder_lock
 from frozenseg.head.loss import MaskCriterion, MaskLossWeights
 from frozenseg.recipe import (
     Recipe,
     build_mask_head,
     load_recipe,
     load_recipe_detector,
+    recipe_differences,
     recipe_from_dict,
     recipe_to_dict,
     save_recipe,
@@ -179,6 +181,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, train.iterations, train.lr_drops))
         self.dataset, self.collate = self.task.dataset, self.task.collate
         self.position = Position()
+        self.good_checkpoint: tuple[Path, int] | None = None  # newest with finite weights
         self._tensorboard = None  # opened on first use; False when not installed
         self.generator = torch.Generator().manual_seed(train.seed)
 
@@ -194,8 +197,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, name: str) -> Path:
-        """Atomically write a checkpoint (process 0 only)."""
+        """Atomically write a checkpoint (process 0 only). Weights that are no longer finite
+        are never written over a good checkpoint: training stops, naming the newest good one."""
         path = self.out / name
+        model = self.accelerator.unwrap_model(self.model)
+        if not all(bool(p.isfinite().all()) for p in model.parameters()):
+            raise TrainingError(f"non-finite weights after step {self.position.step}; "
+                                f"{self._newest_good()}")
         if self.accelerator.is_main_process:
             state = {
                 self.task.weights_key: self.accelerator.unwrap_model(self.model).state_dict(),
@@ -207,17 +215,43 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
             }
             state.update(self.task.extra_state())
-            with atomic_path(path) as tmp:
-                torch.save(state, tmp)
+            try:
+                with atomic_path(path) as tmp:
+                    torch.save(state, tmp)
+            except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError
+                detail = err.strerror if isinstance(err, OSError) and err.strerror else (
+                    "the write failed")
+                raise TrainingError(f"{path}: cannot write the checkpoint ({detail}; is the "
+                                    "disk full?); the previous one, if any, is kept") from None
+        self.good_checkpoint = (path, self.position.step)
         return path
 
+    def _newest_good(self) -> str:
+        """Where to go back to after a non-finite loss or weights."""
+        if self.good_checkpoint is None:
+            return "no checkpoint with finite weights was written before it"
+        path, step = self.good_checkpoint
+        return f"the newest checkpoint with finite weights is {path} (step {step})"
+
     def load(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state[self.task.weights_key])
-        self.task.load_extra_state(state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Resume from ``path``: one-line TrainingErrors for a damaged file, or one whose
+        weights do not fit this recipe (naming the recipe keys that changed)."""
+        try:
+            state = load_training_checkpoint(path)
+        except CheckpointError as err:
+            raise TrainingError(f"{err}; --resume cannot continue from it (move it away to "
+                                "start again)") from None
+        try:
+            self.accelerator.unwrap_model(self.model).load_state_dict(
+                state[self.task.weights_key])
+            self.task.load_extra_state(state)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise TrainingError(f"{path}: does not fit this recipe's model ("
+                                f"{_what_changed(state, self.recipe, err)})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.position = Position(**state["position"])
+        self.good_checkpoint = (path, self.position.step)
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
 
@@ -248,7 +282,7 @@ class Trainer:
                 raise TrainingError(
                     f"non-finite loss at step {self.position.step + 1}: "
                     + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-                    + f"; the last good checkpoint is {self.out / LAST}")
+                    + f"; {self._newest_good()}")
             self.accelerator.backward(losses["loss"])
             if self.accelerator.sync_gradients and train.grad_clip > 0:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip)
@@ -257,18 +291,28 @@ class Trainer:
         return values
 
     def run(self, *, resume: bool = False, progress: Callable | None = None) -> Position:
-        """Train until ``train.iterations`` steps (or ``train.max_minutes``)."""
+        """Train until ``train.iterations`` steps (or ``train.max_minutes``). Process 0
+        holds the output folder meanwhile: a second run (or --resume) on it refuses
+        (:class:`frozenseg.files.FolderInUse`) instead of racing on last.pt and the log."""
+        if not self.accelerator.is_main_process:
+            return self._run(resume, progress)
+        with folder_lock(self.out):
+            return self._run(resume, progress)
+
+    def _run(self, resume: bool, progress: Callable | None) -> Position:
         train = self.recipe.train
         self.out.mkdir(parents=True, exist_ok=True)
+        started, metrics = time.monotonic(), self.out / "metrics.jsonl"
         if resume and (self.out / LAST).is_file():
             self.load(self.out / LAST)
             self.log(f"resumed from {self.out / LAST} at step {self.position.step}")
+            if self.accelerator.is_main_process:
+                truncate_metrics(metrics, self.position.step)
         elif (self.out / LAST).is_file():
             raise TrainingError(f"{self.out} already holds a run ({LAST}); pass --resume "
                                 "to continue it, or choose another train.output_dir")
         if self.accelerator.is_main_process:
             save_recipe(self.recipe, self.out / "recipe.yaml")
-        started, metrics = time.monotonic(), self.out / "metrics.jsonl"
         batches = self.batches()
         while self.position.step < train.iterations:
             batch = next(batches)
@@ -327,6 +371,35 @@ class Trainer:
         return metrics
 
 
+def _what_changed(state: dict, recipe: Recipe, err: BaseException) -> str:
+    """Why a checkpoint's weights do not load: the model keys of the recipe that differ
+    from the checkpoint's own recipe, else the loader's first line."""
+    changed = recipe_differences(state.get("recipe", {}), recipe_to_dict(recipe),
+                                 sections=("mode", "head", "detector", "maskdino"))
+    if not changed:
+        return " ".join(str(err).split())[:300]
+    keys = "; ".join(f"{key} is {now!r} here, {then!r} in the checkpoint's recipe"
+                     for key, then, now in changed[:3])
+    return f"{keys}; resume with the recipe it was trained with"
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` from metrics.jsonl: a resumed run repeats the steps
+    between its checkpoint and the stop, and would log them twice. A line torn by the stop
+    goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 # ---------------------------------------------------------------------- trained heads
 
 
@@ -362,14 +435,8 @@ def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe 
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except Exception as err:  # an unpickling error's first line says what was refused
-        raise ValueError(f"{path}: not a frozenseg checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or "head" not in state:
+    state = load_training_checkpoint(path)  # one-line CheckpointError (a ValueError)
+    if "head" not in state:
         raise ValueError(f"{path}: not a frozenseg head checkpoint (no 'head' weights)")
     return state
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from frozenseg.data.coco import CocoInstances
 from frozenseg.data.collate import collate
+from frozenseg.data.images import read_stored
 from frozenseg.data.panoptic import CocoPanoptic, panoptic_to_semantic
 from frozenseg.data.transforms import Transform, evaluation
 from frozenseg.detector.config import IMAGENET_MEAN, IMAGENET_STD
@@ -105,8 +105,7 @@ class _EvalItems(Dataset):
 
     def _labels(self, index: int, size: Tensor) -> Tensor:
         path = self.semantic_png / (Path(self.base.images[index]["file_name"]).stem + ".png")
-        with Image.open(path) as pil:
-            labels = torch.from_numpy(np.asarray(pil).astype(np.int64))
+        labels = torch.from_numpy(np.asarray(read_stored(path)).astype(np.int64))
         if labels.shape != tuple(size.tolist()):
             raise ValueError(f"{path}: label map {tuple(labels.shape)}, image {size.tolist()}")
         return labels

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from frozenseg.checkpoint import load_training_checkpoint
 from frozenseg.data import CocoInstances, CocoPanoptic, collate
 from frozenseg.data.transforms import boxes_to_cxcywh_normalized
 from frozenseg.detector.config import DetectorConfig
@@ -151,8 +152,8 @@ def is_joint_checkpoint(path: str | os.PathLike) -> bool:
 def load_joint(checkpoint: str | os.PathLike) -> tuple[MaskDINO, dict]:
     """(model in eval mode, {"recipe", "class_names", "isthing"}) of a joint checkpoint,
     rebuilt from what it carries (no init folder needed)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "detector_config" not in state:
+    state = load_training_checkpoint(checkpoint)  # one-line CheckpointError (a ValueError)
+    if "detector_config" not in state:
         raise ValueError(f"{checkpoint}: not a frozenseg Mask DINO checkpoint")
     from frozenseg.recipe import recipe_from_dict
 
