@@ -119,9 +119,11 @@ def _read_class_names(path: Path | None) -> list[str] | None:
         text = path.read_text()
     except OSError as err:
         _fail(f"{path}: cannot read class names ({err.strerror})")
+    from frozenseg.data.common import parse_json
+
     try:
-        names = json.loads(text)
-    except json.JSONDecodeError:
+        names = parse_json(text, path)
+    except ValueError:  # not JSON: one name per line
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         _fail(f"{path}: expected a JSON list of strings or one class name per line")
@@ -132,7 +134,7 @@ def _print_report(report) -> None:
     from frozenseg.detector.config import DetectorConfig
     from frozenseg.detector.frozen import DEFAULT_TOP_K
 
-    console.print(f"format: [bold]{report.format}[/] ({report.source}, sha256 "
+    console.print(f"format: [bold]{report.format}[/] ({escape(report.source)}, sha256 "
                   f"{report.sha256[:12]})")
     config = Table(title="derived config", show_header=False,
                    caption="*: differs from DetectorConfig's default")
@@ -142,10 +144,10 @@ def _print_report(report) -> None:
         if key == "num_select":  # the original's top-k; FrozenDetector has its own
             shown += (f" (the original's post-processing; frozenseg keeps the top "
                       f"{DEFAULT_TOP_K}, load_detector(top_k=...))")
-        config.add_row(key, shown, "" if defaults.get(key) == value else "*")
+        config.add_row(key, escape(shown), "" if defaults.get(key) == value else "*")
     console.print(config)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     keys = Table(title="keys")
     for column in ("what", "count", "examples"):
         keys.add_column(column)
@@ -160,7 +162,8 @@ def _print_report(report) -> None:
     ]
     for what, items, show in rows:
         style = "red" if what in ("missing", "unexpected", "shape mismatch") and items else ""
-        keys.add_row(what, str(len(items)), "\n".join(show(i) for i in items[:3]), style=style)
+        examples = "\n".join(escape(show(i)) for i in items[:3])
+        keys.add_row(what, str(len(items)), examples, style=style)
     console.print(keys)
 
 

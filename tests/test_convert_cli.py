@@ -187,3 +187,25 @@ def test_the_help_names_every_format_and_shows_flags_as_flags():
         assert all(name in result.output for name in FORMATS), result.output
         line = next(x for x in result.output.splitlines() if "--trust-checkpoint" in x)
         assert "<bool>" not in line and "see frozenseg inspect" not in result.output
+
+
+def test_brackets_in_paths_are_printed_as_they_are(hf_checkpoint, tmp_path):
+    """Rich markup never eats a user's brackets in the report or the written paths."""
+    path = tmp_path / "[bold]run" / "[bold]model.bin"
+    path.parent.mkdir()
+    path.write_bytes(hf_checkpoint[0].read_bytes())
+    (path.parent / "config.json").write_text(json.dumps(hf_checkpoint[2]))
+    out = tmp_path / "[red]out"
+    result = runner.invoke(app, ["convert", "--detector", str(path), "--out", str(out)],
+                           env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out / 'detector.safetensors'}" in result.output
+    assert "format: huggingface ([bold]model.bin, sha256" in result.output
+
+
+def test_a_deeply_nested_class_names_file_is_one_line(hf_checkpoint, tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text("[" * 100_000)
+    _fails_cleanly(["convert", "--detector", str(hf_checkpoint[0]), "--out",
+                    str(tmp_path / "out"), "--class-names", str(names)],
+                   mentions=["1 class names", "5 classes"])
