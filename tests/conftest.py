@@ -5,6 +5,10 @@ import torch
 
 # Tests never reach a model hub: everything they load, they make.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton kernels run in Triton's interpreter, which executes every line of
+# them on the CPU. Triton reads the switch when it is imported: set it before anything is.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

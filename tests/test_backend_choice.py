@@ -33,7 +33,23 @@ def test_cpu_tensors_use_the_fallback(monkeypatch):
     assert choose_backend(torch.zeros(1, 1, 1, 4)) == "fallback"
 
 
-def test_build_failure_warns_once_with_the_reason_then_falls_back(failing_build):
+def test_build_failure_takes_triton_where_torch_ships_it(failing_build, monkeypatch):
+    """No nvcc (most pip installs): the Triton kernel, silently; forced, it is taken even
+    where the CUDA kernel builds."""
+    monkeypatch.setattr(op_module, "triton_available", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_backend(fake_cuda_value()) == "triton"
+    monkeypatch.setattr(build, "load_extension", lambda archs=None: object())
+    monkeypatch.setenv("FROZENSEG_OPS", "triton")
+    assert choose_backend(fake_cuda_value()) == "triton"
+    monkeypatch.setattr(op_module, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="FROZENSEG_OPS=triton but Triton is not installed"):
+        choose_backend(fake_cuda_value())
+
+
+def test_build_failure_without_triton_warns_once_then_falls_back(failing_build, monkeypatch):
+    monkeypatch.setattr(op_module, "triton_available", lambda: False)
     with pytest.warns(RuntimeWarning, match="nvcc not found"):
         assert choose_backend(fake_cuda_value()) == "fallback"
     with warnings.catch_warnings():
@@ -54,8 +70,8 @@ def test_forcing_cuda_on_cpu_tensors_is_an_error(monkeypatch):
 
 
 def test_unknown_backend_name_is_an_error(monkeypatch):
-    monkeypatch.setenv("FROZENSEG_OPS", "triton")
-    with pytest.raises(ValueError, match="expected 'cuda' or 'fallback'"):
+    monkeypatch.setenv("FROZENSEG_OPS", "tpu")
+    with pytest.raises(ValueError, match="expected 'cuda', 'triton' or 'fallback'"):
         choose_backend(torch.zeros(1, 1, 1, 4))
 
 

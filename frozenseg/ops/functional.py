@@ -16,9 +16,11 @@ Neighbours outside the map read zero (grid_sample's ``padding_mode="zeros"``).
 Sampling locations and attention weights are used in float32 whatever the dtype
 of ``value``; accumulation is float32.
 
-Back ends: CUDA tensors use the kernel built from ``cuda/`` (see ``build.py``);
-everything else, and any case the kernel cannot take, uses the grid_sample
-fallback. ``FROZENSEG_OPS=fallback|cuda`` forces one.
+Back ends: CUDA tensors use the kernel built from ``cuda/`` (see ``build.py``), or,
+where it cannot be built (no nvcc: most pip installs), the Triton kernel
+(``triton_kernel.py``, compiled by the Triton that ships with torch); everything else,
+and any case the kernels cannot take, uses the grid_sample fallback.
+``FROZENSEG_OPS=fallback|cuda|triton`` forces one.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ def ms_deform_attn(
     """Multi-scale deformable attention; see the module docstring for the contract."""
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     check_inputs(*args)
-    if choose_backend(value) == "cuda":
+    backend = choose_backend(value)
+    if backend == "cuda":
         return ms_deform_attn_cuda(*args)
+    if backend == "triton":
+        return ms_deform_attn_triton(*args)
     return ms_deform_attn_fallback(*args)
 
 
@@ -55,24 +60,42 @@ def ms_deform_attn_cuda(
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights
 ) -> torch.Tensor:
     """The CUDA kernel alone (no checks, no dispatch): CUDA inputs, D supported."""
-    return _KernelFunction.apply(
-        value.contiguous(),
-        spatial_shapes.long().contiguous(),
-        level_start_index.long().contiguous(),
-        sampling_locations.float().contiguous(),
-        attention_weights.float().contiguous(),
-    )
+    return _KernelFunction.apply(build.load_extension(), *_kernel_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights))
+
+
+def ms_deform_attn_triton(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+) -> torch.Tensor:
+    """The Triton kernel alone (no checks, no dispatch): CUDA inputs, or any inputs under
+    ``TRITON_INTERPRET=1`` (how the tests run it on the CPU)."""
+    from frozenseg.ops import triton_kernel
+
+    return _KernelFunction.apply(triton_kernel, *_kernel_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights))
+
+
+def _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights) -> tuple[torch.Tensor, ...]:
+    """What both kernels read: contiguous, int64 level layout, float32 locations and
+    weights (value keeps its dtype)."""
+    return (value.contiguous(), spatial_shapes.long().contiguous(),
+            level_start_index.long().contiguous(), sampling_locations.float().contiguous(),
+            attention_weights.float().contiguous())
 
 
 def choose_backend(value: torch.Tensor) -> str:
-    """'cuda' or 'fallback' for this input, honouring ``FROZENSEG_OPS``."""
+    """'cuda', 'triton' or 'fallback' for this input, honouring ``FROZENSEG_OPS``."""
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced not in ("", "cuda", "fallback"):
-        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'cuda' or 'fallback'")
+    if forced not in ("", "cuda", "triton", "fallback"):
+        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'cuda', 'triton' or 'fallback'")
     if forced == "fallback" or (not forced and not value.is_cuda):
         return "fallback"
-    if forced == "cuda" and not value.is_cuda:
-        raise ValueError(f"{BACKEND_ENV}=cuda but value is on {value.device}, not a CUDA device")
+    if forced in ("cuda", "triton") and not value.is_cuda:
+        raise ValueError(f"{BACKEND_ENV}={forced} but value is on {value.device}, "
+                         "not a CUDA device")
+    if forced == "triton":
+        return "triton" if triton_available() else _fall_back("Triton is not installed", forced)
     if not kernel_supports_head_dim(value.shape[-1]):
         return _fall_back(f"head dim {value.shape[-1]} has no kernel", forced)
     if value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -80,8 +103,18 @@ def choose_backend(value: torch.Tensor) -> str:
     try:
         build.load_extension()
     except build.BuildError as err:
+        if not forced and triton_available():
+            return "triton"
         return _fall_back(f"the CUDA op could not be built: {err}", forced)
     return "cuda"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401  (shipped with CUDA builds of torch)
+    except ImportError:
+        return False
+    return True
 
 
 def kernel_supports_head_dim(head_dim: int) -> bool:
@@ -90,8 +123,8 @@ def kernel_supports_head_dim(head_dim: int) -> bool:
 
 
 def _fall_back(reason: str, forced: str) -> str:
-    if forced == "cuda":
-        raise RuntimeError(f"{BACKEND_ENV}=cuda but {reason}")
+    if forced in ("cuda", "triton"):
+        raise RuntimeError(f"{BACKEND_ENV}={forced} but {reason}")
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(
@@ -102,20 +135,23 @@ def _fall_back(reason: str, forced: str) -> str:
 
 
 class _KernelFunction(torch.autograd.Function):
+    """Autograd around a kernel: ``kernel.forward(value, shapes, starts, locations,
+    weights)`` and ``kernel.backward(same, grad_output) -> (grad_value, grad_locations,
+    grad_weights)``, the built CUDA extension or the Triton module."""
+
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, locations, weights):
-        ext = build.load_extension()
+    def forward(ctx, kernel, value, spatial_shapes, level_start_index, locations, weights):
+        ctx.kernel = kernel
         ctx.save_for_backward(value, spatial_shapes, level_start_index, locations, weights)
-        return ext.forward(value, spatial_shapes, level_start_index, locations, weights)
+        return kernel.forward(value, spatial_shapes, level_start_index, locations, weights)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        ext = build.load_extension()
-        grad_value, grad_locations, grad_weights = ext.backward(
+        grad_value, grad_locations, grad_weights = ctx.kernel.backward(
             *ctx.saved_tensors, grad_output.contiguous()
         )
-        return grad_value, None, None, grad_locations, grad_weights
+        return None, grad_value, None, None, grad_locations, grad_weights
 
 
 def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
