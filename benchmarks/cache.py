@@ -194,6 +194,10 @@ def parse_args():
 def measure(args, device, transform) -> tuple[dict, dict, str]:
     """(figures per dtype, step times, a note on the setup), in a temporary folder."""
     detector, _ = make_detector("swinl-4scale", device)
+    # Random weights: unnamed classes, taken in order for the synthetic categories (COCO's
+    # names, the default of 91 classes, share none with them)
+    k = detector.config.num_classes
+    detector.classes = {"names": [None] * k, "category_ids": list(range(k))}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dataset = make_dataset(root / "synth", args.images)

@@ -62,6 +62,7 @@ SHAPES = {  # name: (levels, queries; None = all pixels)
 CASES = {  # name: (FROZENSEG_OPS value, or None for the original op; value dtype)
     "kernel-fp32": ("cuda", torch.float32),
     "kernel-bf16": ("cuda", torch.bfloat16),
+    "triton-fp32": ("triton", torch.float32),
     "fallback-fp32": ("fallback", torch.float32),
     "original-fp32": (None, torch.float32),
 }
@@ -201,7 +202,7 @@ def ratio_rows(results):
     rows = []
     for (shape, case), res in results.items():
         orig = results.get((shape, "original-fp32"), {})
-        if case.startswith("kernel") and "fwd" in res and "fwd" in orig:
+        if case.startswith(("kernel", "triton")) and "fwd" in res and "fwd" in orig:
             rows.append([shape, f"original-fp32 / {case}",
                          f"{orig['fwd'] / res['fwd']:.2f}x", f"{orig['both'] / res['both']:.2f}x"])
     return rows
