@@ -87,12 +87,26 @@ def test_a_folder_with_several_checkpoints_asks_for_one(tmp_path):
     assert "2 checkpoint files" in result.output and "checkpoint0010.pth" in result.output
 
 
-def _broken_files(folder):
-    """Files the bad-input tests break in each way convert can meet."""
-    path = dino_checkpoint(folder).path
+class Evil:
+    """A pickle that would run code when loaded: the safe loader must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.fixture(scope="module")
+def dino_file(tmp_path_factory):
+    return dino_checkpoint(tmp_path_factory.mktemp("dino")).path
+
+
+def _broken_files(path):
+    """``path`` (a DINO checkpoint) broken in each way convert can meet."""
     ckpt = torch.load(path, weights_only=False)
     model = ckpt["model"]
     yield "truncated.pth", path.read_bytes()[: path.stat().st_size // 2], "truncated"
+    yield "empty.pth", b"", "empty"
+    yield "notes.pth", b"these are not weights\n", "text file"
+    yield "evil.pth", {**ckpt, "hook": Evil()}, "refused to load"
     gone = "transformer.encoder.layers.0.linear1.weight"  # the FFN width is read from it
     missing = {k: v for k, v in model.items() if k != gone}
     yield "missing.pth", {**ckpt, "model": missing}, f"no key '{gone}'"
@@ -111,9 +125,10 @@ def _broken_files(folder):
         yield f"heads-{nheads}.pth", {**ckpt, "args": args}, what
 
 
-@pytest.mark.parametrize("index", range(7))
-def test_inspect_and_convert_refuse_a_broken_file_with_the_same_line(index, tmp_path):
-    name, content, mention = list(_broken_files(tmp_path / "source"))[index]
+@pytest.mark.parametrize("index", range(10))
+def test_inspect_and_convert_refuse_a_broken_file_with_the_same_line(index, dino_file,
+                                                                     tmp_path):
+    name, content, mention = list(_broken_files(dino_file))[index]
     path = tmp_path / name
     if isinstance(content, bytes):
         path.write_bytes(content)
