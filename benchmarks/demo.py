@@ -5,8 +5,8 @@ on ground-truth boxes (what better boxes would give).
 1. ``frozenseg demo`` as a user runs it (its defaults) in WORK/demo: seconds per stage,
    the detector's box AP and the head's mask AP.
 2. On that demo's data and feature cache, the demo's head again, its schedule stretched to
-   the last mark at the steps per minute of the demo's timed training (so the lr drops
-   land near it; a reused demo gives the same rate as the run that made it),
+   the last mark at the steps per minute of the demo's training (timed when it ran, so a
+   reused demo gives the rate of the run that made it; the lr drops land near the mark),
    evaluated at every mark on the detector's boxes (evaluation time not counted); after
    the last mark also on the ground-truth boxes.
 3. The training-free head on the detector's boxes and on the ground-truth boxes.
@@ -28,7 +28,15 @@ import torch
 from rich.console import Console
 
 from benchmarks.common import cpu_name, learning_curve, table
-from frozenseg.demo import DEFAULT_IMAGES, DETECTOR, demo_recipe, run_demo, summary_table
+from frozenseg.demo import (
+    DEFAULT_IMAGES,
+    DEFAULT_STEPS,
+    DETECTOR,
+    demo_recipe,
+    finished_run,
+    run_demo,
+    summary_table,
+)
 from frozenseg.engine.inference import evaluate
 from frozenseg.engine.train import Trainer
 from frozenseg.recipe import build_mask_head, load_recipe_detector, recipe_from_dict, recipe_to_dict
@@ -42,11 +50,6 @@ def with_overrides(recipe, *overrides: str):
 
 def segm(metrics: dict) -> list[str]:
     return [f"{metrics['segm'][name]:.1f}" for name in ("AP", "AP50", "AP75")]
-
-
-def trained_step(checkpoint: Path) -> int:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return int(state["position"]["step"])
 
 
 def curve(recipe, out: Path, marks: list[float], steps_per_minute: float):
@@ -95,12 +98,13 @@ def main() -> None:
     print(f"the demo: {time.perf_counter() - started:.0f} s wall", flush=True)
 
     recipe = demo_recipe(demo)
-    steps, minutes = trained_step(summary.stage("train").path), recipe.train.max_minutes
+    run = finished_run(summary.stage("train").path.parent, DEFAULT_STEPS)
+    steps, minutes = run["steps"], run["seconds"] / 60
     rows = curve(recipe, args.work / "curve", [float(m) for m in args.marks.split(",")],
                  steps / minutes)
     free, box_ap = training_free(recipe, args.work)
     print(f"detector box AP on val: {box_ap:.1f}")
-    print(table(COLUMNS, [free, ["demo default", f"{minutes:g}", steps,
+    print(table(COLUMNS, [free, ["demo default", f"{minutes:.1f}", steps,
                                  f"{summary.mask_ap:.1f}", "", "", ""], *rows]))
 
 

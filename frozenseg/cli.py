@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import frozenseg
-from frozenseg.demo import DEFAULT_IMAGES, DEFAULT_MINUTES
+from frozenseg.demo import DEFAULT_IMAGES, DEFAULT_STEPS
 
 app = typer.Typer(
     help="Turn a frozen DETR-family detector into an instance segmenter.",
@@ -880,9 +880,9 @@ def _prediction_table(summaries, threshold: float, rows: int = 20) -> Table:
 def demo(
     out: Path = typer.Option(Path("frozenseg-demo"), "--out", help="The demo's folder: "
                              "dataset, detector, cache, run, results, overlays."),
-    minutes: float = typer.Option(DEFAULT_MINUTES, "--minutes", help="Minutes of head "
-                                  "training (the other stages add about a minute on a 2-core "
-                                  "CPU)."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Steps of head training: the "
+                              "figures depend on them, not on the machine (about 2.5 minutes "
+                              "on 2 CPU cores; the other stages add about a minute)."),
     images: int = typer.Option(DEFAULT_IMAGES, "--images", help="Synthetic images in all, at "
                                "least 10 (20% of them are val)."),
     detector: Path = typer.Option(None, "--detector", help="A checkpoint to convert instead "
@@ -898,7 +898,7 @@ def demo(
     hooks = DemoHooks(images=_image_progress, training=_training_progress,
                       log=_say)
     try:
-        summary = run_demo(out, minutes=minutes, images=images, hooks=hooks,
+        summary = run_demo(out, steps=steps, images=images, hooks=hooks,
                            detector=detector or DETECTOR, trust=trust_checkpoint)
     except (ValueError, FileNotFoundError, TrainingError) as err:
         _fail(_error_line(err))

@@ -7,7 +7,8 @@
 2. ``convert``: ``assets/synth_dino.pth`` (official DINO layout) into ``detector/``;
 3. ``cache``: the frozen detector's features over the train split (``cache/``);
 4. ``train``: the head of ``assets/demo.yaml`` from the detector's own detections, for a
-   few minutes (``run/last.pt``);
+   fixed number of steps (``run/last.pt``): the same figures on any machine, only the
+   time differs;
 5. ``export``: COCO results (RLE masks) for the val split (``results/results.json``);
 6. ``evaluate``: the detector's box AP and the head's mask AP on them
    (``results/metrics.json``);
@@ -38,12 +39,12 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DETECTOR = ASSETS / "synth_dino.pth"
 RECIPE = ASSETS / "demo.yaml"
 DEFAULT_IMAGES = 200        # 160 train, 40 val
-DEFAULT_MINUTES = 2.5       # of head training: the whole demo in about 5 minutes on 2 cores
+DEFAULT_STEPS = 240         # of head training: about 2.5 minutes on 2 idle cores
 MIN_OBJECT = 24             # px, the smallest shape: as the shipped detector's training data
 OVERLAYS = 6                # val images drawn
 OVERLAY_SCORE = 0.2         # drawn from this score: the tiny detector is rarely confident
 RESULTS, OVERLAYS_DIR = "results", "overlays"
-_TRAINED = "demo.json"      # in run/: the step a finished demo run ended at, and its minutes
+_TRAINED = "demo.json"      # in run/: a finished demo run's steps and training seconds
 _MARKER = "frozenseg-demo.json"  # in the demo's folder: it is one (its folders may be replaced)
 
 
@@ -86,27 +87,27 @@ class DemoSummary:
         return next(s for s in self.stages if s.name == name)
 
 
-def run_demo(out: str | Path, *, minutes: float = DEFAULT_MINUTES,
+def run_demo(out: str | Path, *, steps: int = DEFAULT_STEPS,
              images: int = DEFAULT_IMAGES, detector: str | Path = DETECTOR,
              trust: bool = False, hooks: DemoHooks | None = None) -> DemoSummary:
     """Run (or reuse) every stage in ``out`` (module docstring) and say what each did.
 
-    minutes: of head training (``train.max_minutes``); images: synthetic images in all;
+    steps: of head training (``train.iterations``); images: synthetic images in all;
     detector: the checkpoint converted (default the shipped one; any file ``frozenseg
     convert`` reads, for the synthetic shapes' classes); trust: load it as ``frozenseg
     convert --trust-checkpoint`` does (runs the pickle's code). Raises DemoError for bad
     arguments; the stages' own errors (one line) pass through.
     """
     out, hooks, detector = Path(out).resolve(), hooks or DemoHooks(), Path(detector)
-    _check(out, minutes, images, detector)
+    _check(out, steps, images, detector)
     atomic_write_text(out / _MARKER, json.dumps({"made_by": "frozenseg demo"}) + "\n")
-    summary, recipe = DemoSummary(out), demo_recipe(out, minutes)
+    summary, recipe = DemoSummary(out), demo_recipe(out, steps)
     trained = _Trained(recipe, out)
     stages = {
         "synth": lambda: _synth(out / "synth", images, hooks),
         "convert": lambda: _convert(detector, Path(recipe.detector.path), trust, hooks),
         "cache": lambda: _cache(recipe, hooks),
-        "train": lambda: _train(recipe, minutes, hooks),
+        "train": lambda: _train(recipe, steps, hooks),
         "export": lambda: _export(recipe, trained, hooks),
         "evaluate": lambda: _evaluate(recipe, trained, hooks, summary),
         "overlays": lambda: _overlays(recipe, trained, hooks),
@@ -128,14 +129,14 @@ _MADE_FROM = {"synth": (), "convert": (), "cache": ("synth", "convert"), "train"
               "export": ("train",), "evaluate": ("export",), "overlays": ("train",)}
 
 
-def _check(out: Path, minutes: float, images: int, detector: Path) -> None:
+def _check(out: Path, steps: int, images: int, detector: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DemoError(f"{out}: exists and is not a folder (--out names the demo's folder)")
     if out.is_dir() and any(out.iterdir()) and not (out / _MARKER).is_file():
         raise DemoError(f"{out}: not empty and not a frozenseg demo folder; choose a new or "
                         "empty one (the demo replaces what it made there)")
-    if not minutes > 0:
-        raise DemoError(f"--minutes must be positive, got {minutes:g}")
+    if steps < 1:
+        raise DemoError(f"--steps must be at least 1, got {steps}")
     if images < 10:
         raise DemoError(f"--images must be at least 10 (20% of them are val), got {images}")
     if detector == DETECTOR and not detector.is_file():
@@ -145,8 +146,9 @@ def _check(out: Path, minutes: float, images: int, detector: Path) -> None:
         raise DemoError(f"{detector}: no such checkpoint")
 
 
-def demo_recipe(out: str | Path, minutes: float = DEFAULT_MINUTES):
-    """assets/demo.yaml with its paths under ``out`` and ``train.max_minutes``."""
+def demo_recipe(out: str | Path, steps: int = DEFAULT_STEPS):
+    """assets/demo.yaml with its paths under ``out``, ``steps`` iterations and no time limit
+    (the lr drops fall at their fractions of ``steps``)."""
     from frozenseg.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 
     out = Path(out)
@@ -157,7 +159,7 @@ def demo_recipe(out: str | Path, minutes: float = DEFAULT_MINUTES):
             data["data"][split][key] = str(out / data["data"][split][key])
     data["data"]["cache"] = str(out / data["data"]["cache"])
     data["train"]["output_dir"] = str(out / data["train"]["output_dir"])
-    data["train"]["max_minutes"] = minutes
+    data["train"]["iterations"], data["train"]["max_minutes"] = steps, None
     return recipe_from_dict(data, str(RECIPE))
 
 
@@ -234,27 +236,29 @@ def _cache(recipe, hooks: DemoHooks):
     return reused, f"{entries} images", folder
 
 
-def _train(recipe, minutes: float, hooks: DemoHooks):
-    """Skipped when run/ holds a finished demo run of ``minutes``; a run interrupted
-    resumes from its last checkpoint (for up to ``minutes`` more)."""
+def _train(recipe, steps: int, hooks: DemoHooks):
+    """Skipped when run/ holds a finished demo run of ``steps``; a run interrupted
+    resumes from its last checkpoint."""
     from frozenseg.engine.train import LAST, Trainer
 
     folder = Path(recipe.train.output_dir)
-    finished = _finished_step(folder, minutes)
-    if finished is not None:
-        return True, f"{finished} steps", folder / LAST
-    if (folder / _TRAINED).is_file():  # finished with other minutes: train anew
+    if finished_run(folder, steps) is not None:
+        return True, f"{steps} steps", folder / LAST
+    if (folder / _TRAINED).is_file():  # finished with other steps: train anew
         shutil.rmtree(folder)
     trainer = Trainer(recipe, log=hooks.log, evaluate=False)  # evaluate: the export's results
+    started = time.perf_counter()
     with hooks.training(recipe) as update:
         position = trainer.run(resume=True, progress=update)
-    atomic_write_text(folder / _TRAINED, json.dumps({"step": position.step,
-                                                     "minutes": minutes}) + "\n")
+    record = {"step": position.step, "steps": steps,
+              "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_text(folder / _TRAINED, json.dumps(record) + "\n")
     return False, f"{position.step} steps", folder / LAST
 
 
-def _finished_step(folder: Path, minutes: float) -> int | None:
-    """The step of a finished demo run in ``folder`` with these minutes, else None."""
+def finished_run(folder: Path, steps: int) -> dict | None:
+    """The record of a finished demo run of ``steps`` in ``folder`` (its steps and
+    training seconds, as timed when it ran), else None."""
     import torch
 
     from frozenseg.engine.train import LAST
@@ -266,7 +270,7 @@ def _finished_step(folder: Path, minutes: float) -> int | None:
     except (OSError, ValueError, RuntimeError):  # none yet, or not one to trust
         return None
     step = state["position"]["step"]
-    return step if record == {"step": step, "minutes": minutes} else None
+    return record if (record.get("step"), record.get("steps")) == (step, steps) else None
 
 
 class _Trained:

@@ -12,10 +12,10 @@ from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from frozenseg.cli import app
-from frozenseg.demo import DETECTOR, DemoError, run_demo
+from frozenseg.demo import DETECTOR, DemoError, demo_recipe, run_demo
 from frozenseg.engine.evaluate import load_ground_truth
 
-IMAGES, MINUTES = 50, 0.75  # 40 train, 10 val; 45 seconds of head training
+IMAGES, STEPS = 50, 60  # 40 train, 10 val; about 45 seconds of head training
 # The head's mask AP on the shipped detector's detections in this short demo, measured on
 # the 2-core CPU (BENCHMARKS.md, the demo): 19.0 after 60 steps (the detector's box AP on
 # these 10 images: 16.5); the training-free head gets 0.8 on the default demo's 40 val
@@ -29,12 +29,19 @@ runner = CliRunner()
 def first(tmp_path_factory):
     """(folder, summary) of a demo run in a new folder, on the shipped detector."""
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, minutes=MINUTES, images=IMAGES)
+    return out, run_demo(out, steps=STEPS, images=IMAGES)
 
 
 def test_the_shipped_detector_is_a_small_official_dino_checkpoint(first):
     assert DETECTOR.stat().st_size <= 10 * 2**20
     assert first[1].stage("convert").detail.startswith("dino, 8 classes")
+
+
+def test_the_head_trains_a_number_of_steps_never_a_time():
+    """What the demo shows does not depend on the machine's load: no time limit, the lr
+    drops at their fractions of the steps."""
+    recipe = demo_recipe("demo", STEPS)
+    assert recipe.train.max_minutes is None and recipe.train.iterations == STEPS
 
 
 def test_the_trained_head_clears_the_floor(first):
@@ -61,7 +68,7 @@ def test_a_second_run_reuses_every_stage(first):
     last = out / "run" / "last.pt"
     before = last.stat().st_mtime_ns
     result = runner.invoke(app, ["demo", "--out", str(out), "--images", str(IMAGES),
-                                 "--minutes", str(MINUTES)])
+                                 "--steps", str(STEPS)])
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.startswith("│ ")]
     for name in STAGES:
@@ -81,15 +88,15 @@ def test_bad_input_is_one_line_and_exit_code_1(tmp_path):
     (tmp_path / "cache").mkdir()  # someone else's folder: the demo would replace its cache/
     with pytest.raises(DemoError, match="not a frozenseg demo folder"):
         run_demo(tmp_path)
-    with pytest.raises(DemoError, match="--minutes"):
-        run_demo(tmp_path / "demo", minutes=0)
+    with pytest.raises(DemoError, match="--steps"):
+        run_demo(tmp_path / "demo", steps=0)
     with pytest.raises(DemoError, match="no such checkpoint"):
         run_demo(tmp_path / "demo", detector=tmp_path / "missing.pth")
 
 
 def test_help():
     result = runner.invoke(app, ["demo", "--help"])
-    assert result.exit_code == 0 and "--minutes" in result.output
+    assert result.exit_code == 0 and "--steps" in result.output
 
 
 class _Payload:
