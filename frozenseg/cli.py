@@ -198,7 +198,7 @@ def convert(
     weights: str = typer.Option("auto", "--weights", help=WEIGHTS_HELP),
     overwrite: bool = typer.Option(
         False, "--overwrite", metavar=FLAG,
-        help="Flag: replace --out when it holds a detector convert wrote.",
+        help="Flag: replace --out when it holds a detector convert wrote (--to dino: a file).",
     ),
     to: str = typer.Option("frozenseg", "--to", help="frozenseg: a detector folder; dino: "
                            "one .pth file in the official DINO layout (a DINO detector only, "
@@ -249,6 +249,9 @@ def _convert_to_dino(detector: Path, out: Path, options: dict) -> None:
     from frozenseg.detector.frozen import load_detector
     from frozenseg.formats.dino import save_official
 
+    if out.exists() and not (out.is_file() and options["overwrite"]):
+        _fail(f"{out}: exists; pass --overwrite to replace the file" if out.is_file()
+              else f"{out}: exists and is not a file: choose a new --out")
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         folder = Path(tmp) / "detector"
         _convert_to_folder(detector, folder, options)

@@ -301,9 +301,12 @@ def test_a_joint_run_with_dinos_queries_converts_to_the_official_dino_layout(tmp
     trainer.run()
     last = str(tmp_path / "run" / "last.pt")
     runner, official = CliRunner(), tmp_path / "dino.pth"
-    written = runner.invoke(app, ["convert", "--detector", last, "--to", "dino", "--out",
-                                  str(official)])
+    to_dino = ["convert", "--detector", last, "--to", "dino", "--out", str(official)]
+    written = runner.invoke(app, to_dino)
     assert written.exit_code == 0, written.output
+    again = runner.invoke(app, to_dino)  # an existing file is replaced only when asked
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert runner.invoke(app, [*to_dino, "--overwrite"]).exit_code == 0
     names = trainer.task.class_names
     report = frozenseg.convert_checkpoint(official, tmp_path / "det", class_names=names)
     assert report.format == "dino"
