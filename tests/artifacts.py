@@ -105,11 +105,13 @@ def _save(payload: dict, path: Path) -> Path:
 
 
 def dino_checkpoint(folder: Path, *, shared: bool = True, ema: bool = False,
-                    ddp: bool = False, half: bool = False) -> Artifact:
+                    ddp: bool = False, half: bool = False, backbone: dict | None = None
+                    ) -> Artifact:
     """``checkpoint.pth`` as DINO's main.py writes it: {'model', 'optimizer',
     'lr_scheduler', 'epoch', 'args'} (+ 'ema_model' with --use_ema). ``shared``: the
-    default dec_pred_{class,bbox}_embed_share, one head for every layer."""
-    config = DINO_SMALL
+    default dec_pred_{class,bbox}_embed_share, one head for every layer. ``backbone``:
+    another than ResNet-50 (FocalNet-DINO saves in DINO's layout)."""
+    config = dataclasses.replace(DINO_SMALL, backbone=backbone or DINO_SMALL.backbone)
     model = perturb(build_detector(config), seed=1)
     if shared:
         tied_heads(model)
@@ -159,12 +161,12 @@ def deformable_detr_checkpoint(folder: Path, variant: str) -> Artifact:
     return Artifact(path, "deformable_detr", canonical_reference(model), config)
 
 
-def h_deformable_detr_checkpoint(folder: Path) -> Artifact:
+def h_deformable_detr_checkpoint(folder: Path, variant: str = "r50-mixed") -> Artifact:
     """H-Deformable-DETR's main.py checkpoint (two-stage, mixed selection, box refinement,
     one-to-many query rows after the one-to-one ones)."""
     from test_convert_h_deformable_detr import ONE2MANY, args_of, config_of
 
-    config = config_of("r50-mixed")
+    config = config_of(variant)
     model = official_detr.canonical_model(config)
     extra = torch.randn(ONE2MANY, config.hidden_dim, generator=torch.Generator().manual_seed(3))
     layout = share_heads(official_detr.official_layout(model.state_dict(), config, extra),
@@ -252,14 +254,22 @@ def huggingface_v4_hub_file(folder: Path) -> Artifact:
     return Artifact(folder, "huggingface", reference)
 
 
+def _focalnet() -> dict:
+    from test_convert_dino import FOCALNET
+
+    return FOCALNET
+
+
 CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "dino-shared-heads": lambda d: dino_checkpoint(d),
     "dino-separate-heads-ema": lambda d: dino_checkpoint(d, shared=False, ema=True),
     "dino-ddp-float16": lambda d: dino_checkpoint(d, ddp=True, half=True),
+    "focalnet-dino": lambda d: dino_checkpoint(d, backbone=_focalnet()),
     "deformable-detr-single-stage": lambda d: deformable_detr_checkpoint(d, "single-stage"),
     "deformable-detr-box-refine": lambda d: deformable_detr_checkpoint(d, "box-refine"),
     "deformable-detr-two-stage": lambda d: deformable_detr_checkpoint(d, "two-stage"),
     "h-deformable-detr-two-stage-mixed": h_deformable_detr_checkpoint,
+    "h-deformable-detr-swin-t": lambda d: h_deformable_detr_checkpoint(d, "swin-t-mixed"),
     "detrex-trainer": lambda d: detrex_checkpoint(d),
     "detrex-released": lambda d: detrex_checkpoint(d, trainer=False),
     "detrex-ema": lambda d: detrex_checkpoint(d, ema=True),
