@@ -131,11 +131,19 @@ struct Levels {
   int64_t start[kMaxLevels];
 };
 
+// The levels must tile value's S positions, or they are read (and in backward written)
+// out of bounds. The host checks this only for CPU spatial_shapes, which it can read
+// without waiting for the device; here a mismatch is a device-side assert.
 __device__ __forceinline__ void load_levels(Levels& s, const int64_t* __restrict__ shapes,
-                                            const int64_t* __restrict__ starts, int levels) {
+                                            const int64_t* __restrict__ starts, int levels,
+                                            int64_t spatial) {
   for (int l = threadIdx.x; l < levels; l += blockDim.x) {
-    s.h[l] = static_cast<int>(shapes[2 * l]);
-    s.w[l] = static_cast<int>(shapes[2 * l + 1]);
+    const int64_t h = shapes[2 * l], w = shapes[2 * l + 1];
+    const int64_t start = l == 0 ? 0 : starts[l - 1] + shapes[2 * l - 2] * shapes[2 * l - 1];
+    CUDA_KERNEL_ASSERT(h >= 0 && w >= 0 && starts[l] == start);
+    CUDA_KERNEL_ASSERT(l + 1 < levels || start + h * w == spatial);
+    s.h[l] = static_cast<int>(h);
+    s.w[l] = static_cast<int>(w);
     s.start[l] = starts[l];
   }
   __syncthreads();
@@ -147,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
                    const int64_t* __restrict__ starts, const float* __restrict__ locations,
                    const float* __restrict__ weights, scalar_t* __restrict__ output, Geometry g) {
   __shared__ Levels lv;
-  load_levels(lv, shapes, starts, g.levels);
+  load_levels(lv, shapes, starts, g.levels, g.spatial);
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t group = thread / g.lanes;
   const int c0 = static_cast<int>(thread % g.lanes) * VEC;
@@ -207,7 +215,7 @@ __global__ void __launch_bounds__(kThreads)
                     float* __restrict__ grad_value, float* __restrict__ grad_locations,
                     float* __restrict__ grad_weights, Geometry g) {
   __shared__ Levels lv;
-  load_levels(lv, shapes, starts, g.levels);
+  load_levels(lv, shapes, starts, g.levels, g.spatial);
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t group = thread / g.lanes;
   const int lane = static_cast<int>(thread % g.lanes);

@@ -60,7 +60,7 @@ def doctor(
         with console.status("Building the CUDA op (the first build takes a few minutes)..."):
             findings.append(checks.kernel_build(arch))
         if has_gpu and findings[-1].ok:
-            findings.append(checks.kernel_agreement())
+            findings.extend(checks.kernel_agreement())
     else:
         findings.append(checks.Finding(
             "CUDA op build", "skipped: no GPU (frozenseg doctor --build-ops compiles it anyway); "

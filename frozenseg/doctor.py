@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from frozenseg.ops import build
+from frozenseg.ops import build, selfcheck
 
 
 @dataclass(frozen=True)
@@ -73,42 +73,17 @@ def kernel_build(archs: str | None = None) -> Finding:
     return Finding("CUDA op build", f"ok for sm {archs}: {module.__file__}", True)
 
 
-def kernel_agreement(tolerance: float = 1e-5) -> Finding:
-    """Kernel (GPU) and fallback (CPU) on one small float32 case, forward and backward.
-
-    Errors are max |kernel - fallback| / max(1, max |fallback|) per output.
+def kernel_agreement(device: str = "cuda") -> list[Finding]:
+    """The first-use self-check (:mod:`frozenseg.ops.selfcheck`) on ``device``, per dtype:
+    kernel against fallback, forward and backward, errors relative to max(1, max |fallback|).
     """
-    from frozenseg.ops.fallback import ms_deform_attn_fallback
-    from frozenseg.ops.functional import ms_deform_attn_cuda
-
-    case = _small_case()
-    kernel = _forward_backward(ms_deform_attn_cuda, case, "cuda")
-    fallback = _forward_backward(ms_deform_attn_fallback, case, "cpu")
-    names = ("output", "grad value", "grad locations", "grad weights")
-    errors = [
-        (k.cpu() - f).abs().max().item() / max(1.0, f.abs().max().item())
-        for k, f in zip(kernel, fallback, strict=True)
-    ]
-    text = ", ".join(f"{name} {err:.1e}" for name, err in zip(names, errors, strict=True))
-    return Finding("kernel vs fallback", f"relative max diff: {text}", max(errors) <= tolerance)
-
-
-def _small_case():
-    gen = torch.Generator().manual_seed(0)
-    shapes = torch.tensor([[12, 17], [6, 9], [3, 5]])
-    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-    n, q, m, d, p = 2, 50, 4, 32, 4
-    value = torch.randn(n, int(shapes.prod(1).sum()), m, d, generator=gen)
-    loc = torch.rand(n, q, m, len(shapes), p, 2, generator=gen) * 1.2 - 0.1
-    attn = torch.rand(n, q, m, len(shapes), p, generator=gen)
-    grad = torch.randn(n, q, m * d, generator=gen)
-    return value, shapes, starts, loc, attn, grad
-
-
-def _forward_backward(op, case, device):
-    value, shapes, starts, loc, attn, grad = (t.to(device) for t in case)
-    for t in (value, loc, attn):
-        t.requires_grad_()
-    out = op(value, shapes, starts, loc, attn)
-    out.backward(grad)
-    return out.detach(), value.grad, loc.grad, attn.grad
+    findings = []
+    for dtype, tolerance in selfcheck.TOLERANCE.items():
+        errors = selfcheck.kernel_errors(device, dtype)
+        text = ", ".join(f"{name} {err:.1e}" for name, err in errors.items())
+        findings.append(Finding(
+            f"kernel vs fallback ({str(dtype).removeprefix('torch.')})",
+            f"on {selfcheck.describe(device)}, relative max diff: {text}",
+            all(err <= tolerance for err in errors.values()),
+        ))
+    return findings

@@ -9,13 +9,16 @@ import pytest
 import torch
 from reference import random_inputs
 
-from frozenseg.ops import build, choose_backend, ms_deform_attn
+from frozenseg.ops import build, choose_backend, ms_deform_attn, selfcheck
 from frozenseg.ops import functional as op_module
+from frozenseg.ops.fallback import ms_deform_attn_fallback
 
 
 def fake_cuda_value(head_dim=32, dtype=torch.float32):
-    """Stands in for a CUDA tensor: choose_backend only reads is_cuda, shape and dtype."""
-    return types.SimpleNamespace(is_cuda=True, shape=(2, 10, 8, head_dim), dtype=dtype)
+    """Stands in for a CUDA tensor: choose_backend only reads is_cuda, shape, dtype and
+    device (where the self-check runs: the CPU here)."""
+    return types.SimpleNamespace(is_cuda=True, shape=(2, 10, 8, head_dim), dtype=dtype,
+                                 device=torch.device("cpu"))
 
 
 @pytest.fixture
@@ -83,9 +86,28 @@ def test_inputs_the_kernel_cannot_take_fall_back(monkeypatch, head_dim, dtype, r
     monkeypatch.delenv("FROZENSEG_OPS", raising=False)
     monkeypatch.setattr(op_module, "_warned", set())
     monkeypatch.setattr(build, "load_extension", lambda archs=None: object())
+    monkeypatch.setattr(selfcheck, "kernel_disagreement", lambda *args: None)
     with pytest.warns(RuntimeWarning, match=reason):
         assert choose_backend(fake_cuda_value(head_dim, dtype)) == "fallback"
     assert choose_backend(fake_cuda_value(32, torch.bfloat16)) == "cuda"
+
+
+def test_a_kernel_that_disagrees_with_the_fallback_is_dropped_with_one_warning(monkeypatch):
+    """The first-use self-check, on the CPU: a wrong kernel entry point stands in for a GPU
+    that computes wrongly; a right one (the fallback itself) passes."""
+    monkeypatch.delenv("FROZENSEG_OPS", raising=False)
+    monkeypatch.setattr(op_module, "_warned", set())
+    monkeypatch.setattr(build, "load_extension", lambda archs=None: object())
+    for entry_point, backend in ((ms_deform_attn_fallback, "cuda"),
+                                 (lambda *args: 1.01 * ms_deform_attn_fallback(*args), "fallback")):
+        monkeypatch.setattr(selfcheck, "_verdicts", {})
+        monkeypatch.setattr(op_module, "ms_deform_attn_cuda", entry_point)
+        if backend == "fallback":
+            with pytest.warns(RuntimeWarning, match="disagrees with it on cpu .*output off by"):
+                assert choose_backend(fake_cuda_value()) == backend
+        with warnings.catch_warnings():  # no warning for a right kernel, one for a wrong one
+            warnings.simplefilter("error")
+            assert choose_backend(fake_cuda_value()) == backend
 
 
 def test_fallback_keeps_only_its_inputs_for_backward(monkeypatch):

@@ -51,6 +51,23 @@ def test_locations_far_outside_read_zero():
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_locations_read_zero_with_zero_gradients(bad):
+    """As in the kernel: the point contributes nothing (grid_sample alone gives NaN)."""
+    value, shapes, starts, loc, attn = random_inputs([(4, 4), (2, 2)], queries=3)
+    loc[0, 1, 1, 0, 2, 0] = bad
+    for t in (value, loc, attn):
+        t.requires_grad_()
+    out = ms_deform_attn(value, shapes, starts, loc, attn)
+    out.sum().backward()
+    silenced = attn.detach().clone()
+    silenced[0, 1, 1, 0, 2] = 0
+    expected = ms_deform_attn_reference(value, shapes, loc.detach().nan_to_num(0, 0, 0), silenced)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert not loc.grad[0, 1, 1, 0, 2].any() and not attn.grad[0, 1, 1, 0, 2]
+    assert value.grad.isfinite().all() and loc.grad.isfinite().all()
+
+
 def test_empty_query_set_gives_empty_output_and_zero_value_grad():
     value, shapes, starts, loc, attn = random_inputs([(3, 4)], queries=0)
     value.requires_grad_()

@@ -20,6 +20,8 @@ from frozenseg.ops.tracing import tensor_values
 
 # Largest sample tensor (elements) one chunk may create: 32M floats = 128 MB.
 CHUNK_ELEMENTS = 1 << 25
+# A grid coordinate whose bilinear neighbours all lie outside any map (pixel < -1).
+OUTSIDE = -3.0
 
 
 def ms_deform_attn_fallback(
@@ -57,6 +59,9 @@ def _heads_first(locations: torch.Tensor, weights: torch.Tensor):
     """(N, Q, M, L, P, 2) -> grids (N*M, Q, L, P, 2) in [-1, 1]; weights -> (N*M, Q, L, P)."""
     n, q, m, lv, p, _ = locations.shape
     grids = (2 * locations - 1).transpose(1, 2).reshape(n * m, q, lv, p, 2)
+    # A NaN or infinite location reads zero (and has zero gradients), as in the kernel and
+    # Deformable DETR's; grid_sample would make the query's output NaN.
+    grids = torch.where(grids.isfinite(), grids, OUTSIDE)
     weights = weights.transpose(1, 2).reshape(n * m, q, lv, p)
     return grids, weights
 

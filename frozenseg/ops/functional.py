@@ -12,7 +12,8 @@ Shapes (Deformable DETR's)::
 
 Sampling convention: bilinear with ``align_corners=False``. A location x maps to
 the pixel coordinate ``x * W - 0.5``, so pixel i's centre is at (i + 0.5) / W.
-Neighbours outside the map read zero (grid_sample's ``padding_mode="zeros"``).
+Neighbours outside the map read zero (grid_sample's ``padding_mode="zeros"``); so does a
+NaN or infinite location, whose gradients are zero too.
 Sampling locations and attention weights are used in float32 whatever the dtype
 of ``value``; accumulation is float32.
 
@@ -31,7 +32,7 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
-from frozenseg.ops import build
+from frozenseg.ops import build, selfcheck
 from frozenseg.ops.fallback import ms_deform_attn_fallback
 
 BACKEND_ENV = "FROZENSEG_OPS"
@@ -77,11 +78,23 @@ def ms_deform_attn_triton(
 
 def _kernel_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                    attention_weights) -> tuple[torch.Tensor, ...]:
-    """What both kernels read: contiguous, int64 level layout, float32 locations and
-    weights (value keeps its dtype)."""
-    return (value.contiguous(), spatial_shapes.long().contiguous(),
-            level_start_index.long().contiguous(), sampling_locations.float().contiguous(),
-            attention_weights.float().contiguous())
+    """What both kernels read: contiguous and aligned (:func:`kernel_layout`), int64 level
+    layout, float32 locations and weights (value keeps its dtype)."""
+    return (kernel_layout(value), spatial_shapes.long().contiguous(),
+            level_start_index.long().contiguous(), kernel_layout(sampling_locations.float()),
+            kernel_layout(attention_weights.float()))
+
+
+# The kernel reads value and the output's gradient in vectors of up to 32 bytes, and
+# locations as float2 pairs: a contiguous view that starts mid-vector (a slice of a larger
+# tensor) is read misaligned on a GPU, or for some head dims refused.
+KERNEL_ALIGNMENT = 32
+
+
+def kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on a :data:`KERNEL_ALIGNMENT` boundary (a copy if not)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % KERNEL_ALIGNMENT == 0 else t.clone()
 
 
 def choose_backend(value: torch.Tensor) -> str:
@@ -106,6 +119,9 @@ def choose_backend(value: torch.Tensor) -> str:
         if not forced and triton_available():
             return "triton"
         return _fall_back(f"the CUDA op could not be built: {err}", forced)
+    disagreement = selfcheck.kernel_disagreement(value.device, value.dtype, value.shape[-1])
+    if disagreement:
+        return _fall_back(f"the CUDA kernel disagrees with it {disagreement}", forced)
     return "cuda"
 
 
@@ -149,7 +165,7 @@ class _KernelFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         grad_value, grad_locations, grad_weights = ctx.kernel.backward(
-            *ctx.saved_tensors, grad_output.contiguous()
+            *ctx.saved_tensors, kernel_layout(grad_output)
         )
         return None, grad_value, None, None, grad_locations, grad_weights
 
@@ -201,7 +217,8 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, a
         if t.device != value.device:
             raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
     # Checking the level sizes needs their values; only do it when that costs no
-    # device synchronisation (the fallback reads them anyway).
+    # device synchronisation (the fallback reads them anyway). On a CUDA device the
+    # kernel checks them itself (a device-side assert, as torch's indexing does).
     if not spatial_shapes.is_cuda:
         sizes = (spatial_shapes[:, 0] * spatial_shapes[:, 1]).tolist()
         if sum(sizes) != s:
