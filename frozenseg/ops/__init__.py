@@ -1,10 +1,15 @@
-"""Multi-scale deformable attention: one function, one module, two back ends."""
+"""Multi-scale deformable attention: one function, one module, three back ends."""
 
 from frozenseg.ops.fallback import ms_deform_attn_fallback
-from frozenseg.ops.functional import choose_backend, ms_deform_attn, ms_deform_attn_cuda
+from frozenseg.ops.functional import (
+    choose_backend,
+    ms_deform_attn,
+    ms_deform_attn_cpu,
+    ms_deform_attn_cuda,
+)
 from frozenseg.ops.modules import MSDeformAttn
 
 __all__ = [
-    "MSDeformAttn", "choose_backend", "ms_deform_attn", "ms_deform_attn_cuda",
+    "MSDeformAttn", "choose_backend", "ms_deform_attn", "ms_deform_attn_cpu", "ms_deform_attn_cuda",
     "ms_deform_attn_fallback",
 ]

@@ -16,9 +16,10 @@ Neighbours outside the map read zero (grid_sample's ``padding_mode="zeros"``).
 Sampling locations and attention weights are used in float32 whatever the dtype
 of ``value``; accumulation is float32.
 
-Back ends: CUDA tensors use the kernel built from ``cuda/`` (see ``build.py``);
-everything else, and any case the kernel cannot take, uses the grid_sample
-fallback. ``FROZENSEG_OPS=fallback|cuda`` forces one.
+Back ends: CUDA tensors use the CUDA kernel and CPU tensors the CPU kernel, both built
+from ``cuda/`` on first use (see ``build.py``); other devices, and any case a kernel
+cannot build or take, use the grid_sample fallback. ``FROZENSEG_OPS=cpu|cuda|fallback``
+forces one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from frozenseg.ops import build
 from frozenseg.ops.fallback import ms_deform_attn_fallback
 
 BACKEND_ENV = "FROZENSEG_OPS"
+BACKENDS = ("cpu", "cuda", "fallback")
 _warned: set[str] = set()
 
 
@@ -46,8 +48,11 @@ def ms_deform_attn(
     """Multi-scale deformable attention; see the module docstring for the contract."""
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     check_inputs(*args)
-    if choose_backend(value) == "cuda":
+    backend = choose_backend(value)
+    if backend == "cuda":
         return ms_deform_attn_cuda(*args)
+    if backend == "cpu":
+        return ms_deform_attn_cpu(*args)
     return ms_deform_attn_fallback(*args)
 
 
@@ -56,6 +61,7 @@ def ms_deform_attn_cuda(
 ) -> torch.Tensor:
     """The CUDA kernel alone (no checks, no dispatch): CUDA inputs, D supported."""
     return _KernelFunction.apply(
+        build.load_extension(),
         value.contiguous(),
         spatial_shapes.long().contiguous(),
         level_start_index.long().contiguous(),
@@ -64,15 +70,44 @@ def ms_deform_attn_cuda(
     )
 
 
+def ms_deform_attn_cpu(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+) -> torch.Tensor:
+    """The CPU kernel alone (no checks, no dispatch): CPU inputs of any floating dtype.
+
+    Locations and weights are used in the accumulation type: float32, or float64 for a
+    float64 ``value``.
+    """
+    compute_dtype = torch.promote_types(value.dtype, torch.float32)
+    return _KernelFunction.apply(
+        build.load_cpu_extension(),
+        value.contiguous(),
+        spatial_shapes.long().contiguous(),
+        level_start_index.long().contiguous(),
+        sampling_locations.to(compute_dtype).contiguous(),
+        attention_weights.to(compute_dtype).contiguous(),
+    )
+
+
 def choose_backend(value: torch.Tensor) -> str:
-    """'cuda' or 'fallback' for this input, honouring ``FROZENSEG_OPS``."""
+    """'cpu', 'cuda' or 'fallback' for this input, honouring ``FROZENSEG_OPS``."""
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced not in ("", "cuda", "fallback"):
-        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'cuda' or 'fallback'")
-    if forced == "fallback" or (not forced and not value.is_cuda):
+    if forced not in ("", *BACKENDS):
+        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'cpu', 'cuda' or 'fallback'")
+    if forced == "fallback":
         return "fallback"
-    if forced == "cuda" and not value.is_cuda:
-        raise ValueError(f"{BACKEND_ENV}=cuda but value is on {value.device}, not a CUDA device")
+    if value.is_cuda:
+        return _cuda_if_it_can(value, forced)
+    if value.device.type == "cpu":
+        return _cpu_if_it_can(forced)
+    if forced:
+        raise ValueError(f"{BACKEND_ENV}={forced} but value is on {value.device}")
+    return "fallback"
+
+
+def _cuda_if_it_can(value: torch.Tensor, forced: str) -> str:
+    if forced == "cpu":
+        raise ValueError(f"{BACKEND_ENV}=cpu but value is a CUDA tensor, not on the CPU")
     if not kernel_supports_head_dim(value.shape[-1]):
         return _fall_back(f"head dim {value.shape[-1]} has no kernel", forced)
     if value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -84,14 +119,25 @@ def choose_backend(value: torch.Tensor) -> str:
     return "cuda"
 
 
+def _cpu_if_it_can(forced: str) -> str:
+    """The CPU kernel takes every floating dtype and head dim: only its build can fail."""
+    if forced == "cuda":
+        raise ValueError(f"{BACKEND_ENV}=cuda but value is on the CPU, not a CUDA device")
+    try:
+        build.load_cpu_extension()
+    except build.BuildError as err:
+        return _fall_back(f"the CPU op could not be built: {err}", forced)
+    return "cpu"
+
+
 def kernel_supports_head_dim(head_dim: int) -> bool:
     """The kernel gives each thread 1, 2, 4 or 8 channels and a head at most one warp."""
     return any(head_dim % vec == 0 and head_dim // vec <= 32 for vec in (1, 2, 4, 8))
 
 
 def _fall_back(reason: str, forced: str) -> str:
-    if forced == "cuda":
-        raise RuntimeError(f"{BACKEND_ENV}=cuda but {reason}")
+    if forced:
+        raise RuntimeError(f"{BACKEND_ENV}={forced} but {reason}")
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(
@@ -102,20 +148,21 @@ def _fall_back(reason: str, forced: str) -> str:
 
 
 class _KernelFunction(torch.autograd.Function):
+    """Either kernel: ``ext`` is the CUDA extension or the CPU one (same forward/backward)."""
+
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, locations, weights):
-        ext = build.load_extension()
+    def forward(ctx, ext, value, spatial_shapes, level_start_index, locations, weights):
+        ctx.ext = ext
         ctx.save_for_backward(value, spatial_shapes, level_start_index, locations, weights)
         return ext.forward(value, spatial_shapes, level_start_index, locations, weights)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        ext = build.load_extension()
-        grad_value, grad_locations, grad_weights = ext.backward(
+        grad_value, grad_locations, grad_weights = ctx.ext.backward(
             *ctx.saved_tensors, grad_output.contiguous()
         )
-        return grad_value, None, None, grad_locations, grad_weights
+        return None, grad_value, None, None, grad_locations, grad_weights
 
 
 def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
