@@ -5,10 +5,12 @@
 // attention weights come in the accumulation type. The sampling arithmetic is
 // ms_deform_attn_sampling.h's.
 //
-// Work split: the forward runs at::parallel_for over (batch, query, head) groups, each
-// writing its own output row. The backward runs over (batch, head) slices: a thread owns
-// every position of its slice of the value gradient, so it adds to it without atomics,
-// and every result is the same whatever the number of threads. Channels are innermost and
+// Work split: both passes walk (batch, head) slices, queries inner: a slice reads one
+// head's channels of one image (S * D elements, which stay in cache; the whole value
+// would not). The forward runs at::parallel_for over (slice, query) items, each writing
+// its own output row. The backward runs over slices: a thread owns every position of its
+// slice of the value gradient, so it adds to it without atomics, and every result is the
+// same whatever the number of threads. Channels are innermost and
 // contiguous in value, output and gradients, so the compiler vectorises the channel loops.
 // Registered with torch.library as frozenseg_cpu::forward and frozenseg_cpu::backward.
 #include <ATen/Dispatch.h>
@@ -21,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn_sampling.h"
@@ -57,20 +60,55 @@ Geometry geometry(const at::Tensor& value, const at::Tensor& spatial_shapes,
   return g;
 }
 
-// Enough groups per task that a task's set-up is noise next to its sampling.
+// Enough queries per task that a task's set-up is noise next to its sampling.
 int64_t grain(const Geometry& g) {
   return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.points_per_group() * g.channels));
 }
 
-template <typename scalar_t, typename acc_t>
+// One row of a head's channels: on the stack when the head dim is a compile-time
+// constant (kChannels > 0: the loops unroll and the row stays in vector registers), on
+// the heap otherwise.
+template <typename T, int kChannels>
+struct ChannelRow {
+  explicit ChannelRow(int) { clear(); }
+  void clear() { std::fill(v, v + kChannels, T(0)); }
+  T* data() { return v; }
+  const T* data() const { return v; }
+  T v[kChannels];
+};
+
+template <typename T>
+struct ChannelRow<T, 0> {
+  explicit ChannelRow(int channels) : v(channels, T(0)) {}
+  void clear() { std::fill(v.begin(), v.end(), T(0)); }
+  T* data() { return v.data(); }
+  const T* data() const { return v.data(); }
+  std::vector<T> v;
+};
+
+// Calls f with the head dim as a compile-time constant where it is a common one, else 0.
+template <typename F>
+void with_channels(int64_t channels, F&& f) {
+  switch (channels) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+template <int kChannels, typename scalar_t, typename acc_t>
 void forward_groups(const Geometry& g, const scalar_t* value, const acc_t* locations,
                     const acc_t* weights, scalar_t* output, int64_t begin, int64_t end) {
-  const std::vector<scalar_t> zeros(g.channels, scalar_t(0));
-  std::vector<acc_t> acc(g.channels);
-  for (int64_t group = begin; group < end; ++group) {
-    const int64_t head = group % g.heads, batch = group / (g.heads * g.queries);
+  const int channels = kChannels > 0 ? kChannels : static_cast<int>(g.channels);
+  const ChannelRow<scalar_t, kChannels> zeros(channels);
+  ChannelRow<acc_t, kChannels> acc(channels);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t slice = item / g.queries, q = item % g.queries;
+    const int64_t batch = slice / g.heads, head = slice % g.heads;
+    const int64_t group = (batch * g.queries + q) * g.heads + head;
     const scalar_t* value_head = value + batch * g.spatial * g.row() + head * g.channels;
-    std::fill(acc.begin(), acc.end(), acc_t(0));
+    acc.clear();
     int64_t point = group * g.points_per_group();
     for (int64_t l = 0; l < g.levels; ++l) {
       const int h = g.h[l], w = g.w[l];
@@ -81,11 +119,10 @@ void forward_groups(const Geometry& g, const scalar_t* value, const acc_t* locat
         const Bilinear<acc_t> b = sampling::bilinear(x, y, h, w);
         const scalar_t* rows[4];
         sampling::corner_rows(b, value_head + g.start[l] * g.row(), g.row(), zeros.data(), rows);
-        sampling::add_weighted_sample(b, weights[point], rows, static_cast<int>(g.channels),
-                                      acc.data());
+        sampling::add_weighted_sample(b, weights[point], rows, channels, acc.data());
       }
     }
-    std::copy(acc.begin(), acc.end(), output + group * g.channels);
+    std::copy(acc.data(), acc.data() + channels, output + group * g.channels);
   }
 }
 
@@ -130,20 +167,19 @@ void scatter_value_gradient(const Bilinear<acc_t>& b, acc_t attention, const acc
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <int kChannels, typename scalar_t, typename acc_t>
 void backward_slices(const Geometry& g, const scalar_t* value, const acc_t* locations,
                      const acc_t* weights, const scalar_t* grad_output, acc_t* grad_value,
                      acc_t* grad_locations, acc_t* grad_weights, int64_t begin, int64_t end) {
-  const std::vector<scalar_t> zeros(g.channels, scalar_t(0));
-  std::vector<acc_t> go(g.channels);
-  const int channels = static_cast<int>(g.channels);
+  const int channels = kChannels > 0 ? kChannels : static_cast<int>(g.channels);
+  const ChannelRow<scalar_t, kChannels> zeros(channels);
+  ChannelRow<acc_t, kChannels> go(channels);
   for (int64_t slice = begin; slice < end; ++slice) {
     const int64_t batch = slice / g.heads, head = slice % g.heads;
     const int64_t head_offset = batch * g.spatial * g.row() + head * g.channels;
     for (int64_t q = 0; q < g.queries; ++q) {
       const int64_t group = (batch * g.queries + q) * g.heads + head;
-      std::copy(grad_output + group * g.channels, grad_output + (group + 1) * g.channels,
-                go.begin());
+      std::copy(grad_output + group * channels, grad_output + (group + 1) * channels, go.data());
       int64_t point = group * g.points_per_group();
       for (int64_t l = 0; l < g.levels; ++l) {
         const int h = g.h[l], w = g.w[l];
@@ -199,11 +235,12 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
   auto output = at::empty({g.batch, g.queries, g.row()}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, g.batch * g.queries * g.heads, grain(g), [&](int64_t begin, int64_t end) {
-      forward_groups(g, value.const_data_ptr<scalar_t>(),
-                     sampling_locations.const_data_ptr<acc_t>(),
-                     attention_weights.const_data_ptr<acc_t>(), output.data_ptr<scalar_t>(),
-                     begin, end);
+    with_channels(g.channels, [&](auto channels) {
+      at::parallel_for(0, g.batch * g.queries * g.heads, grain(g), [&](int64_t begin, int64_t end) {
+        forward_groups<decltype(channels)::value>(
+            g, value.const_data_ptr<scalar_t>(), sampling_locations.const_data_ptr<acc_t>(),
+            attention_weights.const_data_ptr<acc_t>(), output.data_ptr<scalar_t>(), begin, end);
+      });
     });
   });
   return output;
@@ -227,13 +264,14 @@ std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& spat
   auto grad_weights = at::empty_like(attention_weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
-      backward_slices(g, value.const_data_ptr<scalar_t>(),
-                      sampling_locations.const_data_ptr<acc_t>(),
-                      attention_weights.const_data_ptr<acc_t>(),
-                      grad_output.const_data_ptr<scalar_t>(), grad_value.data_ptr<acc_t>(),
-                      grad_locations.data_ptr<acc_t>(), grad_weights.data_ptr<acc_t>(), begin,
-                      end);
+    with_channels(g.channels, [&](auto channels) {
+      at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+        backward_slices<decltype(channels)::value>(
+            g, value.const_data_ptr<scalar_t>(), sampling_locations.const_data_ptr<acc_t>(),
+            attention_weights.const_data_ptr<acc_t>(), grad_output.const_data_ptr<scalar_t>(),
+            grad_value.data_ptr<acc_t>(), grad_locations.data_ptr<acc_t>(),
+            grad_weights.data_ptr<acc_t>(), begin, end);
+      });
     });
   });
   return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};

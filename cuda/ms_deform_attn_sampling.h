@@ -90,16 +90,22 @@ FROZENSEG_HOST_DEVICE void corner_rows(const Bilinear<acc_t>& b, const scalar_t*
   for (int k = 0; k < 4; ++k) rows[k] = b.offset[k] >= 0 ? level + b.offset[k] * row : outside;
 }
 
-// acc[i] += attention * (bilinear sample of channel i), for i < channels.
+// acc[i] += attention * (bilinear sample of channel i), for i < channels. Channels
+// outermost: the compiler vectorises over them, reading each corner's row contiguously.
 template <typename acc_t, typename Rows>
 FROZENSEG_HOST_DEVICE void add_weighted_sample(const Bilinear<acc_t>& b, acc_t attention,
                                                const Rows& rows, int channels, acc_t* acc) {
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const acc_t cw = attention * b.weight[k];
-    for (int i = 0; i < channels; ++i) {
-      acc[i] = multiply_add(cw, static_cast<acc_t>(rows[k][i]), acc[i]);
-    }
+  const acc_t cw0 = attention * b.weight[0], cw1 = attention * b.weight[1];
+  const acc_t cw2 = attention * b.weight[2], cw3 = attention * b.weight[3];
+  const auto& r0 = rows[0];
+  const auto& r1 = rows[1];
+  const auto& r2 = rows[2];
+  const auto& r3 = rows[3];
+  for (int i = 0; i < channels; ++i) {
+    acc_t sum = multiply_add(cw0, static_cast<acc_t>(r0[i]), acc[i]);
+    sum = multiply_add(cw1, static_cast<acc_t>(r1[i]), sum);
+    sum = multiply_add(cw2, static_cast<acc_t>(r2[i]), sum);
+    acc[i] = multiply_add(cw3, static_cast<acc_t>(r3[i]), sum);
   }
 }
 
