@@ -20,8 +20,9 @@ The cases of a shape run alternately, one repeat of each in turn, so that a shar
 machine's load falls on all of them alike. Per case: median forward, backward (given the
 forward graph) and forward+backward time over ``--repeats`` runs after warm-up; peak memory
 of one forward+backward (CUDA: peak allocated above what was allocated before it, inputs
-included in that base; CPU: in a fresh process, peak resident set above its peak before the
-call, inputs and a small warm-up call included in that base); and effective gathered GB/s
+included in that base; CPU: in a fresh process, peak resident set above the resident set before
+the call, inputs and a small warm-up call included in that base; the thread count is torch's
+default); and effective gathered GB/s
 = bytes the forward gathers (N*Q*M*L*P * 4 corners * D * element size) / forward time.
 
 Run:
@@ -165,18 +166,36 @@ def runner(case, inp: Inputs):
 
 
 def peak_mib(run, device) -> float:
-    """Peak memory of run() above what was in use before it (CUDA allocations, or the
-    process's peak resident set, meaningful in a fresh process)."""
+    """Peak memory of run() above what was in use before it: CUDA allocations, or the
+    resident set (meaningful in a fresh process, where freed memory is not reused)."""
     if device.type != "cuda":
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / MIB
+        return cpu_peak_mib(run)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     run()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / MIB
+
+
+def cpu_peak_mib(run) -> float:
+    """Linux: the resident-set peak is reset through /proc/self/clear_refs and read back as
+    VmHWM; elsewhere the growth of the process's lifetime peak (ru_maxrss)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / MIB
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) * 1024 / MIB
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def one_peak(case, shape, args, device) -> float:
@@ -327,8 +346,7 @@ def main():
     memory_note = (
         "peak MiB = max_memory_allocated of one fwd+bwd minus memory allocated before it"
         if device.type == "cuda" else
-        "peak MiB = one fwd+bwd in a fresh process (last thread count), peak RSS above its "
-        "peak before the call"
+        "peak MiB = one fwd+bwd in a fresh process, peak RSS above the RSS before the call"
     )
     print(device_line(device, args, memory_note) + "\n")
     print(table(["shape", "case", "threads", "levels", "N", "Q", "fwd ms", "bwd ms",
