@@ -42,15 +42,16 @@ def test_float32_matches_float64_loop_within_1e5(head_dim):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gradients_match_the_fallback(dtype):
-    """bfloat16 within its bounds: 8 bits of mantissa in the value and the gradients."""
+    """Half precision within its bounds (bfloat16: 8 bits of mantissa) in the value, the
+    output and the value's gradient; both accumulate in float32."""
     inputs = random_inputs(DINO_LIKE, queries=40, heads=4, head_dim=32, points=4)
     inputs = (inputs[0].to(dtype), inputs[1], inputs[2], inputs[3].float(), inputs[4].float())
     grad = torch.randn(2, 40, 4 * 32, generator=torch.Generator().manual_seed(1))
     kernel = forward_backward(ms_deform_attn_cpu, inputs, grad)
     fallback = forward_backward(ms_deform_attn_fallback, inputs, grad)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for ours, theirs in zip(kernel, fallback, strict=True):
         assert ours.dtype == theirs.dtype
         scale = max(1.0, theirs.abs().max().item())
