@@ -1,4 +1,4 @@
-"""Which back end runs, what happens when the kernel cannot be built, and fallback memory."""
+"""Which back end runs, what happens when a kernel cannot be built, and fallback memory."""
 
 from __future__ import annotations
 
@@ -31,9 +31,42 @@ def failing_build(monkeypatch):
     monkeypatch.delenv("FROZENSEG_OPS", raising=False)
 
 
-def test_cpu_tensors_use_the_fallback(monkeypatch):
+@pytest.fixture
+def failing_cpu_build(monkeypatch):
+    def fail():
+        raise build.BuildError("no C++ compiler: c++ not found (set CXX or install g++)")
+
+    monkeypatch.setattr(build, "load_cpu_extension", fail)
+    monkeypatch.setattr(op_module, "_warned", set())
     monkeypatch.delenv("FROZENSEG_OPS", raising=False)
-    assert choose_backend(torch.zeros(1, 1, 1, 4)) == "fallback"
+
+
+def test_cpu_tensors_use_the_cpu_kernel(monkeypatch):
+    monkeypatch.delenv("FROZENSEG_OPS", raising=False)
+    monkeypatch.setattr(build, "load_cpu_extension", lambda: object())
+    assert choose_backend(torch.zeros(1, 1, 1, 4)) == "cpu"
+    assert choose_backend(torch.zeros(1, 1, 1, 4, device="meta")) == "fallback"
+
+
+def test_cpu_build_failure_warns_once_then_falls_back(failing_cpu_build):
+    with pytest.warns(RuntimeWarning, match="the CPU op could not be built: no C.. compiler"):
+        assert choose_backend(torch.zeros(1, 1, 1, 4)) == "fallback"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ms_deform_attn(*random_inputs([(2, 2)], queries=1))
+    assert out.shape == (2, 1, 8)
+
+
+def test_forcing_cpu_when_it_cannot_build_is_an_error(failing_cpu_build, monkeypatch):
+    monkeypatch.setenv("FROZENSEG_OPS", "cpu")
+    with pytest.raises(RuntimeError, match="FROZENSEG_OPS=cpu but the CPU op could not be built"):
+        choose_backend(torch.zeros(1, 1, 1, 4))
+
+
+def test_forcing_cpu_on_cuda_tensors_is_an_error(monkeypatch):
+    monkeypatch.setenv("FROZENSEG_OPS", "cpu")
+    with pytest.raises(ValueError, match="not on the CPU"):
+        choose_backend(fake_cuda_value())
 
 
 def test_build_failure_takes_triton_where_torch_ships_it(failing_build, monkeypatch):
@@ -74,7 +107,7 @@ def test_forcing_cuda_on_cpu_tensors_is_an_error(monkeypatch):
 
 def test_unknown_backend_name_is_an_error(monkeypatch):
     monkeypatch.setenv("FROZENSEG_OPS", "tpu")
-    with pytest.raises(ValueError, match="expected 'cuda', 'triton' or 'fallback'"):
+    with pytest.raises(ValueError, match="expected one of cpu, cuda, triton, fallback"):
         choose_backend(torch.zeros(1, 1, 1, 4))
 
 

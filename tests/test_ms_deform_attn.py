@@ -1,4 +1,8 @@
-"""The deformable-attention op against a float64 loop, its gradients, and its input checks."""
+"""The deformable-attention op against a float64 loop, its gradients, and its input checks.
+
+Every test runs on the grid_sample fallback and on the CPU kernel (skipped where the
+kernel cannot be built); the CUDA kernel's are in test_ms_deform_attn_cuda.py.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import pytest
 import torch
 from reference import ms_deform_attn_reference, random_inputs
 
+from frozenseg.ops import build, ms_deform_attn
 from frozenseg.ops import fallback as fallback_module
-from frozenseg.ops import ms_deform_attn
 
 SHAPE_CASES = {
     "one-level": [(5, 7)],
@@ -17,14 +21,21 @@ SHAPE_CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _use_fallback(monkeypatch):
-    monkeypatch.setenv("FROZENSEG_OPS", "fallback")
+@pytest.fixture(autouse=True, params=["fallback", "cpu"])
+def backend(request, monkeypatch):
+    """The back end under test, forced with FROZENSEG_OPS."""
+    if request.param == "cpu":
+        try:
+            build.load_cpu_extension()
+        except build.BuildError as err:
+            pytest.skip(f"the CPU kernel cannot be built here: {err}")
+    monkeypatch.setenv("FROZENSEG_OPS", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("shapes", SHAPE_CASES.values(), ids=SHAPE_CASES.keys())
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fallback_matches_float64_loop(shapes, batch):
+def test_op_matches_float64_loop(shapes, batch):
     inputs = random_inputs(shapes, batch=batch, queries=4, points=2, seed=batch)
     value, spatial_shapes, _, loc, attn = inputs
     expected = ms_deform_attn_reference(value, spatial_shapes, loc, attn)
@@ -68,6 +79,20 @@ def test_non_finite_locations_read_zero_with_zero_gradients(bad):
     assert value.grad.isfinite().all() and loc.grad.isfinite().all()
 
 
+def test_edge_locations_match_float64_loop():
+    """Locations on the map's edges, on pixel centres and one pixel outside: exact zeros
+    and exact weights, no neighbour read from the wrong row."""
+    value, shapes, starts, loc, attn = random_inputs([(4, 5), (3, 2)], queries=36, points=1)
+    for level, (h, w) in enumerate(shapes.tolist()):
+        xs = torch.tensor([0.0, 1.0, 0.5 / w, -0.5 / w, 1 + 0.5 / w, (w - 0.5) / w])
+        ys = torch.tensor([0.0, 1.0, 0.5 / h, -0.5 / h, 1 + 0.5 / h, (h - 0.5) / h])
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="ij"), -1).reshape(36, 1, 2)
+        loc[:, :, :, level] = grid[None, :, None].double()
+    expected = ms_deform_attn_reference(value, shapes, loc, attn)
+    torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, attn), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_empty_query_set_gives_empty_output_and_zero_value_grad():
     value, shapes, starts, loc, attn = random_inputs([(3, 4)], queries=0)
     value.requires_grad_()
@@ -88,7 +113,9 @@ def test_empty_batch_gives_empty_output_and_gradients():
     assert value.grad.shape == value.shape and loc.grad.shape == loc.shape
 
 
-def test_chunked_queries_equal_a_single_chunk(monkeypatch):
+def test_chunked_queries_equal_a_single_chunk(monkeypatch, backend):
+    if backend != "fallback":
+        pytest.skip("query chunks are the fallback's")
     inputs = random_inputs([(6, 5), (3, 3)], queries=23, seed=4)
     whole = ms_deform_attn(*inputs)
     # Budget for ~2 queries per chunk: many chunks, including a short last one.

@@ -4,12 +4,13 @@ from frozenseg.ops.fallback import ms_deform_attn_fallback
 from frozenseg.ops.functional import (
     choose_backend,
     ms_deform_attn,
+    ms_deform_attn_cpu,
     ms_deform_attn_cuda,
     ms_deform_attn_triton,
 )
 from frozenseg.ops.modules import MSDeformAttn
 
 __all__ = [
-    "MSDeformAttn", "choose_backend", "ms_deform_attn", "ms_deform_attn_cuda",
-    "ms_deform_attn_fallback", "ms_deform_attn_triton",
+    "MSDeformAttn", "choose_backend", "ms_deform_attn", "ms_deform_attn_cpu",
+    "ms_deform_attn_cuda", "ms_deform_attn_fallback", "ms_deform_attn_triton",
 ]

@@ -1,18 +1,23 @@
-"""Build and load the CUDA kernel of multi-scale deformable attention on first use.
+"""Build and load the kernels of multi-scale deformable attention on first use.
 
 The sources live in the repository's ``cuda/`` folder (installed as
 ``frozenseg/_cuda``). They are compiled with ``torch.utils.cpp_extension`` into
-``$FROZENSEG_CACHE_DIR`` (default ``~/.cache/frozenseg``), once per torch
-version, CUDA version, source hash and architecture list, and reused after.
+``$FROZENSEG_CACHE_DIR`` (default ``~/.cache/frozenseg``) and reused after: one folder
+per build configuration and source hash.
 
-Architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else those of the visible
-GPUs, else (a build-only machine) :data:`BUILD_ONLY_ARCHS`.
+- The CUDA kernel (nvcc): once per torch version, CUDA version, source hash and
+  architecture list. Architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else those of the
+  visible GPUs, else (a build-only machine) :data:`BUILD_ONLY_ARCHS`.
+- The CPU kernel (the C++ compiler alone, ``$CXX`` or ``c++``): once per torch version,
+  compiler flags, the CPU's instruction-set flags (it is built for this CPU,
+  ``-march=native``) and source hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +29,13 @@ HEADERS = ("ms_deform_attn.h",)
 # Ampere (scalar atomics) and Hopper (vector atomics): both code paths compile.
 BUILD_ONLY_ARCHS = "8.0;9.0"
 EXTENSION_NAME = "frozenseg_ms_deform_attn"
+CPU_SOURCES = ("ms_deform_attn_cpu.cpp",)
+CPU_HEADERS = ("ms_deform_attn_sampling.h",)
+CPU_EXTENSION_NAME = "frozenseg_ms_deform_attn_cpu"
+# -ffp-contract=fast: torch compiles with -std=c++20, which turns contraction off; the
+# kernel's multiply-adds should become FMAs. -fopenmp: at::parallel_for is inline and runs
+# serially unless compiled with OpenMP (the extension then shares torch's libgomp).
+CPU_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
 
 
 class BuildError(RuntimeError):
@@ -83,29 +95,63 @@ def gencode_flags(archs: str) -> list[str]:
 
 
 def build_dir(archs: str) -> Path:
+    """The CUDA kernel's cache folder for these architectures."""
+    return cache_dir(f"torch{torch.__version__}-cu{torch.version.cuda}-sm{archs}",
+                     SOURCES + HEADERS)
+
+
+def cpu_build_dir() -> Path:
+    """The CPU kernel's cache folder for this torch, these flags and this CPU."""
+    config = hashlib.sha256(" ".join((*CPU_FLAGS, cpu_features())).encode()).hexdigest()
+    return cache_dir(f"torch{torch.__version__}-cpu-{config[:12]}", CPU_SOURCES + CPU_HEADERS)
+
+
+def cache_dir(config: str, files: tuple[str, ...]) -> Path:
+    """``$FROZENSEG_CACHE_DIR/ops/<config>-<hash of the files>``."""
     root = Path(os.environ.get("FROZENSEG_CACHE_DIR", Path.home() / ".cache" / "frozenseg"))
     digest = hashlib.sha256()
-    for name in SOURCES + HEADERS:
+    for name in files:
         digest.update((source_dir() / name).read_bytes())
-    tag = f"torch{torch.__version__}-cu{torch.version.cuda}-sm{archs}-{digest.hexdigest()[:12]}"
+    tag = f"{config}-{digest.hexdigest()[:12]}"
     return root / "ops" / re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
+
+
+def cpu_features() -> str:
+    """The CPU's model and instruction-set flags: what ``-march=native`` compiles for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.split(":")[0].strip() in ("flags", "Features")]
+    except OSError:
+        lines = []
+    return lines[0].strip() if lines else f"{platform.machine()} {platform.processor()}"
 
 
 _loaded: dict[str | None, object] = {}
 
 
 def load_extension(archs: str | None = None):
-    """Compile (or reuse) and import the kernel; raise BuildError with the reason.
+    """Compile (or reuse) and import the CUDA kernel; raise BuildError with the reason."""
+    return _remembered(archs, lambda: _build(archs or arch_list()))
 
-    The outcome, failure included, is remembered for the process: a failed build
-    is not retried on every call.
+
+def load_cpu_extension():
+    """Compile (or reuse) and load the CPU kernel; raise BuildError with the reason.
+
+    Returns the namespace of its ops, ``torch.ops.frozenseg_cpu`` (``forward``,
+    ``backward``: the CUDA extension's signatures).
     """
-    if archs not in _loaded:
+    return _remembered("cpu", _build_cpu)
+
+
+def _remembered(key: str | None, build):
+    """build()'s outcome, failure included, remembered for the process: a failed build
+    is not retried on every call."""
+    if key not in _loaded:
         try:
-            _loaded[archs] = _build(archs or arch_list())
+            _loaded[key] = build()
         except BuildError as err:
-            _loaded[archs] = err
-    result = _loaded[archs]
+            _loaded[key] = err
+    result = _loaded[key]
     if isinstance(result, BuildError):
         raise result
     return result
@@ -124,16 +170,30 @@ def _build(archs: str):
     from torch.utils import cpp_extension
 
     cpp_extension.CUDA_HOME = str(cuda_home)
-    directory = build_dir(archs)
+    return _compile(
+        EXTENSION_NAME, SOURCES, build_dir(archs),
+        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *gencode_flags(archs)],
+    )
+
+
+def _build_cpu():
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise BuildError(f"no C++ compiler: {compiler} not found (set CXX or install g++)")
+    _compile(CPU_EXTENSION_NAME, CPU_SOURCES, cpu_build_dir(),
+             extra_cflags=list(CPU_FLAGS), extra_ldflags=["-fopenmp"], is_python_module=False)
+    return torch.ops.frozenseg_cpu
+
+
+def _compile(name: str, sources: tuple[str, ...], directory: Path, **flags):
+    """cpp_extension.load of these sources into directory; BuildError with the first error."""
+    from torch.utils import cpp_extension
+
     directory.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=[str(source_dir() / s) for s in SOURCES],
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", *gencode_flags(archs)],
-            build_directory=str(directory),
-            verbose=False,
+            name=name, sources=[str(source_dir() / s) for s in sources],
+            build_directory=str(directory), verbose=False, **flags,
         )
     except (RuntimeError, OSError, ImportError, ValueError) as err:
         raise BuildError(first_error_line(str(err))) from err

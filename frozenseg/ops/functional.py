@@ -17,11 +17,11 @@ NaN or infinite location, whose gradients are zero too.
 Sampling locations and attention weights are used in float32 whatever the dtype
 of ``value``; accumulation is float32.
 
-Back ends: CUDA tensors use the kernel built from ``cuda/`` (see ``build.py``), or,
-where it cannot be built (no nvcc: most pip installs), the Triton kernel
-(``triton_kernel.py``, compiled by the Triton that ships with torch); everything else,
-and any case the kernels cannot take, uses the grid_sample fallback.
-``FROZENSEG_OPS=fallback|cuda|triton`` forces one.
+Back ends: CUDA tensors use the CUDA kernel, or, where it cannot be built (no nvcc: most
+pip installs), the Triton kernel (``triton_kernel.py``, compiled by the Triton that ships
+with torch); CPU tensors use the CPU kernel. Both C++ kernels are built from ``cuda/`` on
+first use (see ``build.py``). Other devices, and any case a kernel cannot build or take,
+use the grid_sample fallback. ``FROZENSEG_OPS=cpu|cuda|triton|fallback`` forces one.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from frozenseg.ops import build, selfcheck
 from frozenseg.ops.fallback import ms_deform_attn_fallback
 
 BACKEND_ENV = "FROZENSEG_OPS"
+BACKENDS = ("cpu", "cuda", "triton", "fallback")
 _warned: set[str] = set()
 
 
@@ -52,6 +53,8 @@ def ms_deform_attn(
     backend = choose_backend(value)
     if backend == "cuda":
         return ms_deform_attn_cuda(*args)
+    if backend == "cpu":
+        return ms_deform_attn_cpu(*args)
     if backend == "triton":
         return ms_deform_attn_triton(*args)
     return ms_deform_attn_fallback(*args)
@@ -97,16 +100,44 @@ def kernel_layout(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % KERNEL_ALIGNMENT == 0 else t.clone()
 
 
+def ms_deform_attn_cpu(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+) -> torch.Tensor:
+    """The CPU kernel alone (no checks, no dispatch): CPU inputs of any floating dtype.
+
+    Locations and weights are used in the accumulation type: float32, or float64 for a
+    float64 ``value``.
+    """
+    compute_dtype = torch.promote_types(value.dtype, torch.float32)
+    return _KernelFunction.apply(
+        build.load_cpu_extension(),
+        value.contiguous(),
+        spatial_shapes.long().contiguous(),
+        level_start_index.long().contiguous(),
+        sampling_locations.to(compute_dtype).contiguous(),
+        attention_weights.to(compute_dtype).contiguous(),
+    )
+
+
 def choose_backend(value: torch.Tensor) -> str:
-    """'cuda', 'triton' or 'fallback' for this input, honouring ``FROZENSEG_OPS``."""
+    """'cpu', 'cuda', 'triton' or 'fallback' for this input, honouring ``FROZENSEG_OPS``."""
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced not in ("", "cuda", "triton", "fallback"):
-        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected 'cuda', 'triton' or 'fallback'")
-    if forced == "fallback" or (not forced and not value.is_cuda):
+    if forced not in ("", *BACKENDS):
+        raise ValueError(f"{BACKEND_ENV}={forced!r}: expected one of {', '.join(BACKENDS)}")
+    if forced == "fallback":
         return "fallback"
-    if forced in ("cuda", "triton") and not value.is_cuda:
-        raise ValueError(f"{BACKEND_ENV}={forced} but value is on {value.device}, "
-                         "not a CUDA device")
+    if value.is_cuda:
+        return _cuda_if_it_can(value, forced)
+    if value.device.type == "cpu":
+        return _cpu_if_it_can(forced)
+    if forced:
+        raise ValueError(f"{BACKEND_ENV}={forced} but value is on {value.device}")
+    return "fallback"
+
+
+def _cuda_if_it_can(value: torch.Tensor, forced: str) -> str:
+    if forced == "cpu":
+        raise ValueError(f"{BACKEND_ENV}=cpu but value is a CUDA tensor, not on the CPU")
     if forced == "triton":
         return "triton" if triton_available() else _fall_back("Triton is not installed", forced)
     if not kernel_supports_head_dim(value.shape[-1]):
@@ -133,13 +164,24 @@ def triton_available() -> bool:
     return True
 
 
+def _cpu_if_it_can(forced: str) -> str:
+    """The CPU kernel takes every floating dtype and head dim: only its build can fail."""
+    if forced in ("cuda", "triton"):
+        raise ValueError(f"{BACKEND_ENV}={forced} but value is on the CPU, not a CUDA device")
+    try:
+        build.load_cpu_extension()
+    except build.BuildError as err:
+        return _fall_back(f"the CPU op could not be built: {err}", forced)
+    return "cpu"
+
+
 def kernel_supports_head_dim(head_dim: int) -> bool:
     """The kernel gives each thread 1, 2, 4 or 8 channels and a head at most one warp."""
     return any(head_dim % vec == 0 and head_dim // vec <= 32 for vec in (1, 2, 4, 8))
 
 
 def _fall_back(reason: str, forced: str) -> str:
-    if forced in ("cuda", "triton"):
+    if forced:
         raise RuntimeError(f"{BACKEND_ENV}={forced} but {reason}")
     if reason not in _warned:
         _warned.add(reason)
@@ -153,7 +195,7 @@ def _fall_back(reason: str, forced: str) -> str:
 class _KernelFunction(torch.autograd.Function):
     """Autograd around a kernel: ``kernel.forward(value, shapes, starts, locations,
     weights)`` and ``kernel.backward(same, grad_output) -> (grad_value, grad_locations,
-    grad_weights)``, the built CUDA extension or the Triton module."""
+    grad_weights)``: the built CUDA or CPU extension, or the Triton module."""
 
     @staticmethod
     def forward(ctx, kernel, value, spatial_shapes, level_start_index, locations, weights):
