@@ -20,11 +20,19 @@
 #include <type_traits>
 
 #include "ms_deform_attn.h"
+#include "ms_deform_attn_sampling.h"
 
 namespace frozenseg {
 namespace {
 
 constexpr int kThreads = 256;
+
+// The sampling arithmetic is the CPU kernel's (ms_deform_attn_sampling.h): the pixel
+// coordinate, the neighbours and their weights, the weighted sum, the point gradients.
+using Bilinear = sampling::Bilinear<float>;
+using sampling::bilinear;
+using sampling::pixel_coordinate;
+using sampling::touches_map;
 
 struct Geometry {
   int64_t groups;  // N * Q * M: one thread group each
@@ -76,39 +84,6 @@ __device__ __forceinline__ void atomic_add_floats(float* dst, const float (&in)[
 #endif
 #pragma unroll
   for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, in[i]);
-}
-
-// The four neighbours of a sampling point, in the order (y0, x0), (y0, x1),
-// (y1, x0), (y1, x1). offset is the position inside the level, -1 outside it.
-struct Bilinear {
-  int offset[4];
-  float weight[4];
-  float fx, fy;  // fractional position between x0 and x1, y0 and y1
-};
-
-// x, y are pixel coordinates with -1 < x < w and -1 < y < h.
-__device__ __forceinline__ Bilinear bilinear(float x, float y, int h, int w) {
-  Bilinear b;
-  const float x0f = floorf(x), y0f = floorf(y);
-  const int x0 = static_cast<int>(x0f), y0 = static_cast<int>(y0f);
-  b.fx = x - x0f;
-  b.fy = y - y0f;
-  const float gx = 1.f - b.fx, gy = 1.f - b.fy;
-  const bool x0_in = x0 >= 0, x1_in = x0 + 1 < w, y0_in = y0 >= 0, y1_in = y0 + 1 < h;
-  b.offset[0] = (y0_in && x0_in) ? y0 * w + x0 : -1;
-  b.offset[1] = (y0_in && x1_in) ? y0 * w + x0 + 1 : -1;
-  b.offset[2] = (y1_in && x0_in) ? (y0 + 1) * w + x0 : -1;
-  b.offset[3] = (y1_in && x1_in) ? (y0 + 1) * w + x0 + 1 : -1;
-  b.weight[0] = gy * gx;
-  b.weight[1] = gy * b.fx;
-  b.weight[2] = b.fy * gx;
-  b.weight[3] = b.fy * b.fx;
-  return b;
-}
-
-__device__ __forceinline__ bool touches_map(float x, float y, int h, int w) {
-  // False for NaN too: the point then reads zero, like grid_sample's padding.
-  return x > -1.f && y > -1.f && x < w && y < h;
 }
 
 // Loads the VEC channels of the four corners (zero where a corner is outside).
@@ -176,18 +151,13 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* level_value = value_head + lv.start[l] * row;
     for (int p = 0; p < g.points; ++p, ++loc, ++wts) {
       const float2 xy = *loc;
-      const float x = xy.x * w - 0.5f, y = xy.y * h - 0.5f;
+      const float x = pixel_coordinate(xy.x, w), y = pixel_coordinate(xy.y, h);
       if (!touches_map(x, y, h, w)) continue;
       const float a = *wts;
       const Bilinear b = bilinear(x, y, h, w);
       float v[4][VEC];
       load_corners<VEC>(level_value, row, b, v);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float cw = a * b.weight[k];
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] = fmaf(cw, v[k][i], acc[i]);
-      }
+      sampling::add_weighted_sample(b, a, v, VEC, acc);
     }
   }
   store_floats<VEC>(output + group * g.channels + c0, acc);
@@ -246,20 +216,15 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t point = first_point + l * g.points + p;
       const float2 xy = reinterpret_cast<const float2*>(locations)[point];
       const float a = weights[point];
-      const float x = xy.x * w - 0.5f, y = xy.y * h - 0.5f;
+      const float x = pixel_coordinate(xy.x, w), y = pixel_coordinate(xy.y, h);
       float grad_a = 0.f, grad_x = 0.f, grad_y = 0.f;  // this thread's channels only
       if (has_channels && touches_map(x, y, h, w)) {
         const Bilinear b = bilinear(x, y, h, w);
         float v[4][VEC];
         load_corners<VEC>(value + level_offset, row, b, v);
-        const float gx = 1.f - b.fx, gy = 1.f - b.fy;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float sample = b.weight[0] * v[0][i] + b.weight[1] * v[1][i] +
-                               b.weight[2] * v[2][i] + b.weight[3] * v[3][i];
-          grad_a = fmaf(go[i], sample, grad_a);
-          grad_x = fmaf(go[i], gy * (v[1][i] - v[0][i]) + b.fy * (v[3][i] - v[2][i]), grad_x);
-          grad_y = fmaf(go[i], gx * (v[2][i] - v[0][i]) + b.fx * (v[3][i] - v[1][i]), grad_y);
+          sampling::add_point_gradients(b, v, i, go[i], grad_a, grad_x, grad_y);
         }
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
@@ -276,8 +241,8 @@ __global__ void __launch_bounds__(kThreads)
       grad_y = group_sum(grad_y, g.lanes, mask);
       if (lane == 0) {
         grad_weights[point] = grad_a;
-        // d(pixel x)/d(location x) = W, and likewise for y.
-        reinterpret_cast<float2*>(grad_locations)[point] = make_float2(a * w * grad_x, a * h * grad_y);
+        reinterpret_cast<float2*>(grad_locations)[point] = make_float2(
+            sampling::location_gradient(a, w, grad_x), sampling::location_gradient(a, h, grad_y));
       }
     }
   }

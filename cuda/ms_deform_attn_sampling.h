@@ -1,5 +1,6 @@
 // The sampling arithmetic of multi-scale deformable attention, written once for every
-// target: the CPU kernel (ms_deform_attn_cpu.cpp) includes it, and the CUDA kernel can.
+// target: the CPU kernel (ms_deform_attn_cpu.cpp) and the CUDA kernel
+// (ms_deform_attn_kernel.cu, and so its CPU emulation in tests/) include it.
 //
 // One sampling point: its pixel coordinate (align_corners=False: pixel = location * size
 // - 0.5), its four bilinear neighbours and their weights (a neighbour outside the map

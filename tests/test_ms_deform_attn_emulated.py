@@ -45,8 +45,8 @@ PLANTED_BUGS = {
     # The right neighbour read one column past the edge: the next row's first pixel.
     "x1_in = x0 + 1 < w,": 'x1_in = x0 + 1 < w + planted("edge"),',
     # fy for fx in the y gradient.
-    "gx * (v[2][i] - v[0][i]) + b.fx * (v[3][i] - v[1][i])":
-        'gx * (v[2][i] - v[0][i]) + (planted("fy-for-fx") ? b.fy : b.fx) * (v[3][i] - v[1][i])',
+    "gx * (v2 - v0) + b.fx * (v3 - v1)":
+        'gx * (v2 - v0) + (planted("fy-for-fx") ? b.fy : b.fx) * (v3 - v1)',
     # Every group's shuffle mask names the warp's first lanes.
     "return ((1u << lanes) - 1u) << first;":
         'return ((1u << lanes) - 1u) << (planted("mask") ? 0 : first);',
@@ -66,8 +66,8 @@ def emulated(emulation_root):
 
 @pytest.fixture(scope="session")
 def mutant(emulation_root):
-    text = cuda_emulation.with_planted_bugs(PLANTED_BUGS)
-    return cuda_emulation.load(emulation_root, text, archs=(800,))[800]
+    texts = cuda_emulation.with_planted_bugs(PLANTED_BUGS)
+    return cuda_emulation.load(emulation_root, texts, archs=(800,))[800]
 
 
 def use_kernel(monkeypatch, ops):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 SOURCES = ("ms_deform_attn.cpp", "ms_deform_attn_kernel.cu")
-HEADERS = ("ms_deform_attn.h",)
+HEADERS = ("ms_deform_attn.h", "ms_deform_attn_sampling.h")
 # Ampere (scalar atomics) and Hopper (vector atomics): both code paths compile.
 BUILD_ONLY_ARCHS = "8.0;9.0"
 EXTENSION_NAME = "frozenseg_ms_deform_attn"

@@ -1,6 +1,7 @@
 """The CUDA kernel of cuda/, compiled by g++ and run on the CPU: a test tool.
 
-The kernel's text is used byte for byte but for two mechanical rewrites: the c10/cuda
+The kernel's text (and that of the sampling header it shares with the CPU kernel) is
+used byte for byte but for two mechanical rewrites: the c10/cuda
 includes become ``shim.h`` (CUDA's built-ins in C++20: threads, barriers, shuffles,
 atomics), and each ``kernel<<<grid, threads, shared, stream>>>(args)`` becomes
 ``emulated_launch(kernel, grid, threads, shared, stream, args)``; its header includes
@@ -27,6 +28,7 @@ from frozenseg.ops import build
 
 SHIM = Path(__file__).with_name("shim.h")
 KERNEL, HEADER = "ms_deform_attn_kernel.cu", "ms_deform_attn.h"
+SAMPLING = "ms_deform_attn_sampling.h"  # the arithmetic the kernel shares with the CPU one
 CFLAGS = ["-std=c++20", "-O1", "-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
 C10_CUDA_INCLUDES = re.compile(r"^#include <c10/cuda/\w+\.h>\n", re.MULTILINE)
 # kernel_name<template args><<<launch config>>>(  -- template args hold no '<' of their own
@@ -61,31 +63,32 @@ def rewrite_header(text: str) -> str:
     return text.replace("#include <torch/extension.h>", "#include <ATen/ATen.h>")
 
 
-def load(root: Path, kernel_text: str | None = None, archs=ARCHS) -> dict[int, object]:
+def load(root: Path, texts: dict[str, str] | None = None, archs=ARCHS) -> dict[int, object]:
     """The emulated op per ``__CUDA_ARCH__`` in ``archs``, of cuda/'s kernel or of
-    ``kernel_text`` (a mutant), built in ``root`` or reused: objects with the extension's
-    ``forward`` and ``backward``.
+    ``texts`` (a mutant: the kernel's and the sampling header's text by file name), built
+    in ``root`` or reused: objects with the extension's ``forward`` and ``backward``.
 
     One library, one translation unit per architecture (ninja compiles them side by side);
     each renames the namespace ``frozenseg`` after its architecture so that they link.
     """
     from torch.utils import cpp_extension
 
-    kernel = rewrite_kernel(kernel_text or kernel_source())
+    texts = texts or sources()
+    kernel = rewrite_kernel(texts[KERNEL])
     header = rewrite_header((build.source_dir() / HEADER).read_text())
-    digest = hashlib.sha256(
-        "\0".join([kernel, header, SHIM.read_text(), *CFLAGS, *map(str, archs)]).encode()
-    ).hexdigest()[:12]
+    digest = hashlib.sha256("\0".join(
+        [kernel, header, texts[SAMPLING], SHIM.read_text(), *CFLAGS, *map(str, archs)]
+    ).encode()).hexdigest()[:12]
     name = f"ms_deform_attn_emulated_{digest}"
     directory = root / name
     directory.mkdir(parents=True, exist_ok=True)
-    sources = {HEADER: header}
+    files = {HEADER: header, SAMPLING: texts[SAMPLING]}
     for arch in archs:
-        sources[f"kernel_sm{arch}.cpp"] = (
+        files[f"kernel_sm{arch}.cpp"] = (
             f"#define EMULATED_CUDA_ARCH {arch}\n#define EMULATED_OPS {name}_sm{arch}\n"
             f"#define frozenseg frozenseg_sm{arch}\n{kernel}"
         )
-    for file_name, text in sources.items():
+    for file_name, text in files.items():
         path = directory / file_name
         if not path.exists() or path.read_text() != text:  # keeps ninja's timestamps
             path.write_text(text)
@@ -103,8 +106,9 @@ def load(root: Path, kernel_text: str | None = None, archs=ARCHS) -> dict[int, o
     return {arch: getattr(torch.ops, f"{name}_sm{arch}") for arch in archs}
 
 
-def kernel_source() -> str:
-    return (build.source_dir() / KERNEL).read_text()
+def sources() -> dict[str, str]:
+    """The kernel's and the sampling header's text, by file name."""
+    return {name: (build.source_dir() / name).read_text() for name in (KERNEL, SAMPLING)}
 
 
 # Defines planted(name): whether the PLANTED_BUG environment variable names this bug, so
@@ -118,12 +122,14 @@ static bool planted(const char* bug) {
 """
 
 
-def with_planted_bugs(replacements: dict[str, str]) -> str:
-    """The kernel's text with each key (found exactly once) replaced by its value, which
-    names its bug with ``planted("...")``."""
-    text = kernel_source()
+def with_planted_bugs(replacements: dict[str, str]) -> dict[str, str]:
+    """The kernel's and the sampling header's texts with each key (found exactly once in
+    the two) replaced by its value, which names its bug with ``planted("...")``."""
+    texts = sources()
     for old, new in replacements.items():
-        if text.count(old) != 1:
-            raise EmulationError(f"{old!r} occurs {text.count(old)} times in {KERNEL}, not once")
-        text = text.replace(old, new)
-    return PLANTED + text
+        found = [name for name, text in texts.items() if text.count(old) == 1]
+        if len(found) != 1 or sum(text.count(old) for text in texts.values()) != 1:
+            raise EmulationError(f"{old!r} is not found exactly once in {KERNEL} and {SAMPLING}")
+        texts[found[0]] = texts[found[0]].replace(old, new)
+    texts[KERNEL] = PLANTED + texts[KERNEL]  # before the header is included: it may call it
+    return texts
