@@ -49,12 +49,14 @@ def doctor(
         "else the visible GPUs, else 8.0;9.0).",
     ),
 ) -> None:
-    """Versions, GPU, and whether the deformable-attention kernel builds and agrees."""
+    """Versions, GPU, and whether the deformable-attention kernels build and agree."""
     import torch
 
     from frozenseg import doctor as checks
 
     findings = checks.environment()
+    with console.status("Building the CPU op (the first build takes about half a minute)..."):
+        findings.extend(checks.cpu_kernel())
     has_gpu = torch.cuda.is_available()
     if build_ops or has_gpu:
         with console.status("Building the CUDA op (the first build takes a few minutes)..."):
@@ -70,7 +72,8 @@ def doctor(
     for finding in findings:
         table.add_row(finding.name, escape(finding.value), marks[finding.ok])
     console.print(table)
-    failures = [f for f in findings if f.ok is False and f.name.startswith(("CUDA op", "kernel"))]
+    failures = [f for f in findings
+                if f.ok is False and f.name.startswith(("CUDA op", "kernel", "CPU"))]
     for failure in failures:  # unwrapped, so the compiler's message can be copied whole
         console.print(f"[red]error:[/] {failure.name}: {escape(failure.value)}", soft_wrap=True)
     if failures:

@@ -1,4 +1,5 @@
-"""``frozenseg doctor``: what this machine has, and whether the CUDA op builds and agrees."""
+"""``frozenseg doctor``: what this machine has, and whether the CUDA and CPU ops build and
+agree with the fallback."""
 
 from __future__ import annotations
 
@@ -73,7 +74,19 @@ def kernel_build(archs: str | None = None) -> Finding:
     return Finding("CUDA op build", f"ok for sm {archs}: {module.__file__}", True)
 
 
-def kernel_agreement(device: str = "cuda") -> list[Finding]:
+def cpu_kernel() -> list[Finding]:
+    """Build (or reuse) the CPU kernel and compare it with the fallback. Without a C++
+    compiler the fallback serves: information, not a failure."""
+    try:
+        module = build.load_cpu_extension()
+    except build.BuildError as err:
+        return [Finding("CPU op build", f"not built ({err}); the PyTorch fallback is used")]
+    name = getattr(module, "name", "frozenseg_cpu")
+    return [Finding("CPU op build", f"ok: torch.ops.{name}", True),
+            *kernel_agreement("cpu", label="CPU kernel")]
+
+
+def kernel_agreement(device: str = "cuda", label: str = "kernel") -> list[Finding]:
     """The first-use self-check (:mod:`frozenseg.ops.selfcheck`) on ``device``, per dtype:
     kernel against fallback, forward and backward, errors relative to max(1, max |fallback|).
     """
@@ -82,7 +95,7 @@ def kernel_agreement(device: str = "cuda") -> list[Finding]:
         errors = selfcheck.kernel_errors(device, dtype)
         text = ", ".join(f"{name} {err:.1e}" for name, err in errors.items())
         findings.append(Finding(
-            f"kernel vs fallback ({str(dtype).removeprefix('torch.')})",
+            f"{label} vs fallback ({str(dtype).removeprefix('torch.')})",
             f"on {selfcheck.describe(device)}, relative max diff: {text}",
             all(err <= tolerance for err in errors.values()),
         ))

@@ -29,6 +29,19 @@ def test_doctor_reports_versions_without_building_on_a_cpu_machine():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     assert torch.__version__ in result.output and "skipped: no GPU" in result.output
+    rows = [line for line in result.output.splitlines() if "CPU kernel vs fallback" in line]
+    assert len(rows) == 3 and all(row.rstrip(" │").endswith("ok") for row in rows), rows
+
+
+def test_doctor_without_a_cpu_build_says_the_fallback_serves(monkeypatch):
+    def fail():
+        raise build.BuildError("no C++ compiler: c++ not found (set CXX or install g++)")
+
+    monkeypatch.setattr(build, "load_cpu_extension", fail)
+    result = runner.invoke(app, ["doctor"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "no C++ compiler" in result.output and "fallback is used" in result.output
+    assert "CPU kernel vs fallback" not in result.output
 
 
 @pytest.mark.build

@@ -46,12 +46,15 @@ def kernel_disagreement(device: torch.device, dtype: torch.dtype, head_dim: int)
 
 
 def kernel_errors(device, dtype: torch.dtype = torch.float32, head_dim: int = 32):
-    """{output name: relative error} of the kernel on ``device`` against the fallback."""
-    from frozenseg.ops.functional import ms_deform_attn_cuda  # functional imports this module
+    """{output name: relative error} of the kernel on ``device`` (the CUDA kernel, or the
+    CPU one for "cpu") against the fallback."""
+    from frozenseg.ops import functional  # functional imports this module
 
+    kernel_op = (functional.ms_deform_attn_cpu if torch.device(device).type == "cpu"
+                 else functional.ms_deform_attn_cuda)
     inputs, grad = small_case(head_dim, dtype)
     with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
-        kernel = forward_backward(ms_deform_attn_cuda, [t.to(device) for t in inputs],
+        kernel = forward_backward(kernel_op, [t.to(device) for t in inputs],
                                   grad.to(device))
         exact = [t.double() if t.is_floating_point() else t for t in inputs]
         fallback = forward_backward(ms_deform_attn_fallback, exact, grad.double())
