@@ -17,8 +17,13 @@ GPU), images/s = batch / median, and peak memory (CUDA: max_memory_allocated of 
 after a reset, weights included; CPU: the process peak RSS so far, ru_maxrss, not a per-case
 figure). The parameter count of each configuration is printed with it.
 
+``--parts B1,B2`` instead times the backbone alone and the backbone + encoder
+(``model.encode``), with the deformable attention on each of the op back ends named
+(``FROZENSEG_OPS`` values), alternating in one process: where the forward's time goes.
+
 Run:
     python benchmarks/detector.py                              # both configurations
+    python benchmarks/detector.py --configs r50-4scale --size 800 1216 --parts cpu,fallback
     python benchmarks/detector.py --configs r50-4scale --batch 2
     python benchmarks/detector.py --full --repeats 1           # 800x1333 on CPU
 
@@ -136,6 +141,35 @@ def run_config(name, args, device) -> list[list]:
 
 
 
+def part_rows(name, backends: list[str], args, device) -> list[list]:
+    """Median ms of the backbone and of backbone + encoder per op back end, alternating."""
+    import os
+
+    detector, _ = make_detector(name, device)
+    model = detector.model
+    images = torch.rand(args.batch, 3, *args.size, generator=torch.Generator().manual_seed(0))
+    batch, padding, _ = detector.preprocess(list(images.to(device)))
+    parts = {"backbone": lambda: model.backbone(batch),
+             "backbone+encoder": lambda: model.encode(batch, padding)}
+    times = {(b, part): [] for b in backends for part in parts}
+    with torch.no_grad():
+        for repeat in range(args.warmup + args.repeats):
+            for backend in backends:
+                os.environ["FROZENSEG_OPS"] = backend
+                for part, fn in parts.items():
+                    seconds = elapsed(fn, device)
+                    if repeat >= args.warmup:
+                        times[backend, part].append(seconds)
+    rows = []
+    for backend in backends:
+        backbone = statistics.median(times[backend, "backbone"])
+        both = statistics.median(times[backend, "backbone+encoder"])
+        rows.append([name, backend, f"{args.batch}x{args.size[0]}x{args.size[1]}",
+                     f"{backbone * 1e3:.0f}", f"{(both - backbone) * 1e3:.0f}",
+                     f"{(both - backbone) / backbone:.2f}"])
+    return rows
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS),
@@ -144,6 +178,8 @@ def parse_args():
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="input size (default 800 1333 on CUDA, 320 533 on CPU)")
     p.add_argument("--full", action="store_true", help="800x1333 on CPU too")
+    p.add_argument("--parts", help="op back ends (FROZENSEG_OPS values) to time the backbone "
+                                   "and the encoder with, e.g. cpu,fallback")
     add_run_arguments(p)
     return p.parse_args()
 
@@ -154,6 +190,13 @@ def main():
     on_gpu = device.type == "cuda"
     args.size = tuple(args.size or (FULL_SIZE if on_gpu or args.full else CPU_SIZE))
     args.cases = list(CASES) if on_gpu else ["fp32"]
+    if args.parts:
+        rows = [row for name in args.configs.split(",")
+                for row in part_rows(name, args.parts.split(","), args, device)]
+        print(device_line(device, args, "encoder = backbone+encoder - backbone") + "\n")
+        print(table(["config", "op back end", "input BxHxW", "backbone ms", "encoder ms",
+                     "encoder / backbone"], rows))
+        return
     rows = [row for name in args.configs.split(",") for row in run_config(name, args, device)]
     memory_note = (
         "peak MiB = max_memory_allocated of one forward after a reset, weights included"
