@@ -254,7 +254,7 @@ def test_given_box_masks_are_the_heads_pasted_masks(data, trained):  # noqa: F81
     pasted = paste_masks(out.mask_logits.float().sigmoid(), boxes.float(), (h, w), 0.5)
     for (rle, quality), reference, iou in zip(masks, pasted, out.iou_logits, strict=True):
         assert np.array_equal(mask_utils.decode(rle).astype(bool), reference.numpy())
-        assert quality == pytest.approx(float(iou.sigmoid()))
+        assert quality == pytest.approx(float(iou.detach().sigmoid()))
 
 
 def test_unknown_image_ids_are_named_and_nothing_is_written(tmp_path, data, trained):  # noqa: F811
