@@ -12,7 +12,8 @@
 5. ``export``: COCO results (RLE masks) for the val split (``results/results.json``);
 6. ``evaluate``: the detector's box AP and the head's mask AP on them
    (``results/metrics.json``);
-7. ``overlays``: PNGs of a few val images (``overlays/``).
+7. ``overlays``: PNGs of a few val images (``overlays/``), drawn from the score
+   threshold with the best F1 on the val split (mask IoU 0.5), which the table shows.
 
 Run again, it reuses what is done: a stage is skipped when its output is complete and
 everything it was made from was itself reused; a stage that does work makes every later
@@ -42,7 +43,7 @@ DEFAULT_IMAGES = 200        # 160 train, 40 val
 DEFAULT_STEPS = 240         # of head training: about 2.5 minutes on 2 idle cores
 MIN_OBJECT = 24             # px, the smallest shape: as the shipped detector's training data
 OVERLAYS = 6                # val images drawn
-OVERLAY_SCORE = 0.2         # drawn from this score: the tiny detector is rarely confident
+OVERLAY_SCORE = 0.2         # drawn from this score when val chose none (nothing matched)
 RESULTS, OVERLAYS_DIR = "results", "overlays"
 _TRAINED = "demo.json"      # in run/: a finished demo run's steps and training seconds
 _MARKER = "frozenseg-demo.json"  # in the demo's folder: it is one (its folders may be replaced)
@@ -82,6 +83,9 @@ class DemoSummary:
     stages: list[Stage] = field(default_factory=list)
     box_ap: float | None = None     # the detector's box AP on val, percent
     mask_ap: float | None = None    # the head's mask AP on val, percent
+    # the score threshold with the best F1 on val (masks, IoU 0.5), and that F1
+    threshold: float | None = None
+    f1: float | None = None
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -110,7 +114,7 @@ def run_demo(out: str | Path, *, steps: int = DEFAULT_STEPS,
         "train": lambda: _train(recipe, steps, hooks),
         "export": lambda: _export(recipe, trained, hooks),
         "evaluate": lambda: _evaluate(recipe, trained, hooks, summary),
-        "overlays": lambda: _overlays(recipe, trained, hooks),
+        "overlays": lambda: _overlays(recipe, trained, hooks, summary.threshold),
     }
     worked = set()
     for name, run in stages.items():
@@ -126,7 +130,7 @@ def run_demo(out: str | Path, *, steps: int = DEFAULT_STEPS,
 
 # What each stage is made from: when one of these does work, the stage starts over.
 _MADE_FROM = {"synth": (), "convert": (), "cache": ("synth", "convert"), "train": ("cache",),
-              "export": ("train",), "evaluate": ("export",), "overlays": ("train",)}
+              "export": ("train",), "evaluate": ("export",), "overlays": ("evaluate",)}
 
 
 def _check(out: Path, steps: int, images: int, detector: Path) -> None:
@@ -336,11 +340,14 @@ def _evaluate(recipe, trained: _Trained, hooks: DemoHooks, summary: DemoSummary)
             if update:
                 update(1, 1)
     summary.box_ap, summary.mask_ap = metrics["bbox"]["AP"], metrics["segm"]["AP"]
+    best = metrics["segm"].get("best_f1", {})
+    summary.threshold, summary.f1 = best.get("score"), best.get("f1")
     return reused, f"box AP {_ap(summary.box_ap)}, mask AP {_ap(summary.mask_ap)}", path
 
 
-def _overlays(recipe, trained: _Trained, hooks: DemoHooks):
-    """Overlay PNGs (and json) of the first val images, as ``frozenseg predict`` draws."""
+def _overlays(recipe, trained: _Trained, hooks: DemoHooks, threshold: float | None):
+    """Overlay PNGs (and json) of the first val images, as ``frozenseg predict`` draws,
+    from ``threshold`` (the val split's best-F1 score) or OVERLAY_SCORE."""
     from frozenseg.data import ImageFolder
     from frozenseg.detector.classes import match_classes
     from frozenseg.engine.data import eval_transform
@@ -357,7 +364,8 @@ def _overlays(recipe, trained: _Trained, hooks: DemoHooks):
     names = dict(zip(val.category_ids, val.category_names, strict=True))
     with hooks.images("Drawing overlays") as update:
         predict_overlays(detector, head, ImageFolder(files, transform=eval_transform(
-            recipe.data.scale)), folder, classes=classes, names=names, threshold=OVERLAY_SCORE,
+            recipe.data.scale)), folder, classes=classes, names=names,
+            threshold=OVERLAY_SCORE if threshold is None else threshold,
             progress=update)
     return False, f"{len(pngs)} images", folder
 
@@ -382,5 +390,8 @@ def summary_table(summary: DemoSummary) -> Table:
     table.add_section()
     table.add_row("[bold]detector box AP", "", f"[bold]{_ap(summary.box_ap)}", "val split")
     table.add_row("[bold]head mask AP", "", f"[bold]{_ap(summary.mask_ap)}", "val split")
+    if summary.threshold is not None:
+        table.add_row("overlay score", "", f"{summary.threshold:.2f} (best F1 {summary.f1:.2f})",
+                      "val split")
     table.caption = f"total {sum(s.seconds for s in summary.stages):.1f} s"
     return table

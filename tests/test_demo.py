@@ -48,6 +48,17 @@ def test_the_trained_head_clears_the_floor(first):
     assert first[1].mask_ap >= MASK_AP_FLOOR
 
 
+def test_overlays_are_drawn_from_the_val_splits_best_f1_score(first):
+    out, summary = first
+    best = json.loads((out / "results" / "metrics.json").read_text())["segm"]["best_f1"]
+    assert (summary.threshold, summary.f1) == (best["score"], best["f1"])
+    assert 0 < summary.threshold <= 1 and 0 < summary.f1 <= 1
+    drawn = [json.loads(f.read_text()) for f in (out / "overlays").glob("*.json")]
+    assert drawn and all(d["threshold"] == summary.threshold for d in drawn)
+    scores = [r["score"] for d in drawn for r in d["instances"]]
+    assert scores and min(scores) >= summary.threshold
+
+
 def test_every_stage_runs_and_writes_its_files(first):
     out, summary = first
     assert [s.name for s in summary.stages] == STAGES
@@ -75,6 +86,7 @@ def test_a_second_run_reuses_every_stage(first):
         row = next(r for r in rows if r.split("│")[1].strip() == name)
         assert "reused" in row, row
     assert "head mask AP" in result.output and "detector box AP" in result.output
+    assert "overlay score" in result.output and "best F1" in result.output
     assert last.stat().st_mtime_ns == before
 
 

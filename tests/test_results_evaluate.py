@@ -225,7 +225,9 @@ def test_empty_results_score_zero(dataset, tmp_path):
     for results in ([], tmp_path / "empty.json"):
         metrics = coco_evaluate(annotations, results)
         for iou_type in ("bbox", "segm"):
-            assert metrics[iou_type] == dict.fromkeys(METRIC_NAMES, 0.0)
+            assert {k: metrics[iou_type][k] for k in METRIC_NAMES} == dict.fromkeys(
+                METRIC_NAMES, 0.0)
+            assert metrics[iou_type]["best_f1"]["score"] is None
             assert all(v == 0 or math.isnan(v) for v in metrics["per_class"][iou_type].values())
 
 
@@ -281,3 +283,32 @@ def test_tables_and_metrics_file(tmp_path):
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["bbox"]["APl"] is None and written["per_class"]["bbox"]["ellipse"] == 40.0
     assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def _boxes_ground_truth(boxes: list[list[float]]) -> dict:
+    """A one-image COCO instances dict with one category, a box annotation per box."""
+    return {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.png"}],
+            "categories": [{"id": 1, "name": "shape"}],
+            "annotations": [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": box,
+                             "area": box[2] * box[3], "iscrowd": 0}
+                            for i, box in enumerate(boxes)]}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_best_f1_threshold_is_counted_by_hand(tmp_path, tied):
+    """Three objects; detections at 0.9 (hit), 0.8 (hit), 0.3 (miss), 0.2 (hit): F1 by
+    threshold is 0.5, 0.8, 0.67, 0.86, so 0.2 wins. Tied at 0.3, the miss and the third
+    hit enter together: 0.3 wins with the same counts."""
+    objects = [[0, 0, 20, 20], [40, 40, 20, 20], [70, 0, 20, 20]]
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(_boxes_ground_truth(objects)))
+    scores = [0.9, 0.8, 0.3, 0.3 if tied else 0.2]
+    boxes = [objects[0], objects[1], [0, 70, 20, 20], objects[2]]
+    results = [{"image_id": 1, "category_id": 1, "bbox": box, "score": score}
+               for box, score in zip(boxes, scores, strict=True)]
+    best = coco_evaluate(path, results, ("bbox",))["bbox"]["best_f1"]
+    assert best["score"] == pytest.approx(scores[3])
+    assert (best["precision"], best["recall"]) == (pytest.approx(3 / 4), 1.0)
+    assert best["f1"] == pytest.approx(2 * 0.75 / 1.75)
+    empty = coco_evaluate(path, [], ("bbox",))["bbox"]["best_f1"]
+    assert empty["score"] is None

@@ -65,6 +65,7 @@ def coco_evaluate(annotations: str | os.PathLike | COCO, results: str | os.PathL
         coco_eval = _run(gt, _detections_object(gt, detections, iou_type), iou_type, ids)
         metrics[iou_type] = {name: _percent(v)
                              for name, v in zip(METRIC_NAMES, coco_eval.stats[:6], strict=True)}
+        metrics[iou_type]["best_f1"] = best_f1(coco_eval)
         metrics["per_class"][iou_type] = _per_class(gt, coco_eval)
     return metrics
 
@@ -133,6 +134,35 @@ def _run(gt: COCO, dt: COCO, iou_type: str, image_ids: list[int]) -> COCOeval:
         coco_eval.accumulate()
         coco_eval.summarize()
     return coco_eval
+
+
+def best_f1(coco_eval: COCOeval) -> dict[str, float | None]:
+    """The score threshold whose detections have the best F1 at IoU 0.5 (all areas, all
+    classes pooled, pycocotools' own matches and crowd handling), with that F1, precision
+    and recall: a threshold for showing results that the data chose, not a guess.
+    {"score": None, ...} when there is nothing to match."""
+    all_areas = coco_eval.params.areaRng[0]
+    matched, scores, targets = [], [], 0
+    for image in coco_eval.evalImgs:
+        if image is None or image["aRng"] != all_areas:
+            continue
+        kept = ~np.asarray(image["dtIgnore"][0], dtype=bool)
+        matched.append(np.asarray(image["dtMatches"][0])[kept] > 0)
+        scores.append(np.asarray(image["dtScores"])[kept])
+        targets += int((np.asarray(image["gtIgnore"]) == 0).sum())
+    scores = np.concatenate(scores) if scores else np.zeros(0)
+    if not (targets and scores.size):
+        return {"score": None, "f1": None, "precision": None, "recall": None}
+    order = np.argsort(-scores, kind="stable")
+    scores, true = scores[order], np.concatenate(matched)[order]
+    last_of_score = np.append(scores[1:] != scores[:-1], True)  # ties enter together
+    tp = np.cumsum(true)[last_of_score]
+    shown = (np.nonzero(last_of_score)[0] + 1)
+    precision, recall = tp / shown, tp / targets
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1))
+    return {"score": float(scores[last_of_score][best]), "f1": float(f1[best]),
+            "precision": float(precision[best]), "recall": float(recall[best])}
 
 
 def _per_class(gt: COCO, coco_eval: COCOeval) -> dict[str, float]:
