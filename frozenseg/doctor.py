@@ -83,16 +83,17 @@ def cpu_kernel() -> list[Finding]:
         return [Finding("CPU op build", f"not built ({err}); the PyTorch fallback is used")]
     name = getattr(module, "name", "frozenseg_cpu")
     return [Finding("CPU op build", f"ok: torch.ops.{name}", True),
-            *kernel_agreement("cpu", label="CPU kernel")]
+            *kernel_agreement("cpu", kernel="cpu", label="CPU kernel")]
 
 
-def kernel_agreement(device: str = "cuda", label: str = "kernel") -> list[Finding]:
+def kernel_agreement(device: str = "cuda", kernel: str = "cuda",
+                     label: str = "kernel") -> list[Finding]:
     """The first-use self-check (:mod:`frozenseg.ops.selfcheck`) on ``device``, per dtype:
     kernel against fallback, forward and backward, errors relative to max(1, max |fallback|).
     """
     findings = []
     for dtype, tolerance in selfcheck.TOLERANCE.items():
-        errors = selfcheck.kernel_errors(device, dtype)
+        errors = selfcheck.kernel_errors(device, dtype, kernel=kernel)
         text = ", ".join(f"{name} {err:.1e}" for name, err in errors.items())
         findings.append(Finding(
             f"{label} vs fallback ({str(dtype).removeprefix('torch.')})",

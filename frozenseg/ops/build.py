@@ -127,6 +127,7 @@ def cpu_features() -> str:
 
 
 _loaded: dict[str | None, object] = {}
+_cpu_loaded: str | None = None  # the CPU library this process loaded (its cache tag)
 
 
 def load_extension(archs: str | None = None):
@@ -177,11 +178,16 @@ def _build(archs: str):
 
 
 def _build_cpu():
+    global _cpu_loaded
+    tag = cpu_build_dir().name  # torch, flags, CPU and sources, not where the cache is
+    if _cpu_loaded == tag:  # already in this process, perhaps from another cache folder:
+        return torch.ops.frozenseg_cpu  # a second library of the same ops would abort it
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise BuildError(f"no C++ compiler: {compiler} not found (set CXX or install g++)")
     _compile(CPU_EXTENSION_NAME, CPU_SOURCES, cpu_build_dir(),
              extra_cflags=list(CPU_FLAGS), extra_ldflags=["-fopenmp"], is_python_module=False)
+    _cpu_loaded = tag
     return torch.ops.frozenseg_cpu
 
 

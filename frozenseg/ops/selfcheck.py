@@ -45,13 +45,13 @@ def kernel_disagreement(device: torch.device, dtype: torch.dtype, head_dim: int)
     return _verdicts[key]
 
 
-def kernel_errors(device, dtype: torch.dtype = torch.float32, head_dim: int = 32):
-    """{output name: relative error} of the kernel on ``device`` (the CUDA kernel, or the
-    CPU one for "cpu") against the fallback."""
+def kernel_errors(device, dtype: torch.dtype = torch.float32, head_dim: int = 32,
+                  kernel: str = "cuda"):
+    """{output name: relative error} of a kernel (``functional.ms_deform_attn_<kernel>``,
+    "cuda" or "cpu") on ``device`` against the fallback."""
     from frozenseg.ops import functional  # functional imports this module
 
-    kernel_op = (functional.ms_deform_attn_cpu if torch.device(device).type == "cpu"
-                 else functional.ms_deform_attn_cuda)
+    kernel_op = getattr(functional, f"ms_deform_attn_{kernel}")
     inputs, grad = small_case(head_dim, dtype)
     with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
         kernel = forward_backward(kernel_op, [t.to(device) for t in inputs],
