@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import resource
 import statistics
 import sys
@@ -143,8 +144,6 @@ def run_config(name, args, device) -> list[list]:
 
 def part_rows(name, backends: list[str], args, device) -> list[list]:
     """Median ms of the backbone and of backbone + encoder per op back end, alternating."""
-    import os
-
     detector, _ = make_detector(name, device)
     model = detector.model
     images = torch.rand(args.batch, 3, *args.size, generator=torch.Generator().manual_seed(0))

@@ -159,6 +159,15 @@ def inspect_checkpoint(
     its format is unknown, or the built detector does not take the weights; key and
     shape mismatches are left in the report.
     """
+    state_dict, report, _ = _inspect(src, format=format, num_classes=num_classes,
+                                     trust=trust, config=config, weights=weights)
+    return state_dict, report
+
+
+def _inspect(src, *, format, num_classes, trust, config, weights
+             ) -> tuple[StateDict, ConversionReport, bytes | None]:
+    """:func:`inspect_checkpoint`, and the weights file's bytes it serialised (None when
+    the report is not ok): what ``convert`` writes, serialised once."""
     from frozenseg.checkpoint import load_checkpoint
 
     src = Path(src)
@@ -177,9 +186,10 @@ def inspect_checkpoint(
     report.source, report.sha256 = ckpt.path.name, ckpt.sha256
     report.class_names = _label_names(args, report.config.num_classes)
     report.notes[:0] = _weights_notes(ckpt)
-    if report.ok:
-        state_dict = _prove(state_dict, report, ckpt.path)
-    return state_dict, report
+    if not report.ok:
+        return state_dict, report, None
+    state_dict, serialised = _prove(state_dict, report, ckpt.path)
+    return state_dict, report, serialised
 
 
 def _label_names(args: dict, num_classes: int) -> list[str | None] | None:
@@ -219,9 +229,10 @@ def _weights_notes(ckpt) -> list[str]:
     return notes
 
 
-def _prove(state_dict: StateDict, report: ConversionReport, path: Path) -> StateDict:
+def _prove(state_dict: StateDict, report: ConversionReport, path: Path
+           ) -> tuple[StateDict, bytes]:
     """Build the detector, load it strictly, run it on a small image and serialise it as
-    ``write_detector`` does; the model's own state dict comes back (what is written)."""
+    ``write_detector`` does: the model's own state dict and its safetensors bytes."""
     from frozenseg.detector.model import build_detector
 
     model = build_detector(report.config).eval()
@@ -237,8 +248,7 @@ def _prove(state_dict: StateDict, report: ConversionReport, path: Path) -> State
         raise ConversionError(f"{path}: the converted detector gives non-finite outputs on "
                               "a test image (are the weights damaged?)")
     state_dict = model.state_dict()
-    _serialise(state_dict, report.config, format=report.format, source=report.source)
-    return state_dict
+    return state_dict, _weights_bytes(state_dict)
 
 
 def convert_checkpoint(
@@ -249,17 +259,17 @@ def convert_checkpoint(
     """What ``frozenseg convert`` does: :func:`inspect_checkpoint`, then write atomically.
     ``out_dir`` must not exist, or be a detector folder frozenseg wrote and ``overwrite``."""
     check_output_folder(Path(out_dir), overwrite=overwrite)
-    state_dict, report = inspect_checkpoint(src, format=format, num_classes=num_classes,
-                                            trust=trust, config=config, weights=weights)
+    _, report, serialised = _inspect(src, format=format, num_classes=num_classes,
+                                     trust=trust, config=config, weights=weights)
     if not report.ok:
         raise ConversionError(f"{src}: {report.problem()}")
     if class_names is not None and len(class_names) != report.config.num_classes:
         raise ConversionError(f"{len(class_names)} class names for a detector with "
                               f"{report.config.num_classes} classes")
     class_names = report.class_names if class_names is None else class_names
-    write_detector(out_dir, state_dict, report.config, format=report.format,
-                   source=report.source, sha256=report.sha256, class_names=class_names,
-                   overwrite=overwrite)
+    meta = _config_json(report.config, format=report.format, source=report.source,
+                        sha256=report.sha256, class_names=class_names)
+    _write_folder(Path(out_dir), serialised, meta, overwrite=overwrite)
     return report
 
 
@@ -312,10 +322,15 @@ def write_detector(out_dir: str | Path, state_dict: StateDict, config: DetectorC
     """The folder ``load_detector`` reads (weights + config.json), written atomically: a
     staging folder renamed into place. Also for detectors frozenseg trains or makes.
     An existing ``out_dir`` is replaced only if frozenseg wrote it and ``overwrite``."""
-    out_dir = Path(out_dir).absolute()
+    meta = _config_json(config, format=format, source=source, sha256=sha256,
+                        class_names=class_names)
+    _write_folder(Path(out_dir), _weights_bytes(state_dict), meta, overwrite=overwrite)
+
+
+def _write_folder(out_dir: Path, weights: bytes, meta: str, *, overwrite: bool) -> None:
+    """A detector folder's two files, staged beside ``out_dir`` and renamed into place."""
+    out_dir = out_dir.absolute()
     check_output_folder(out_dir, overwrite=overwrite)
-    weights, meta = _serialise(state_dict, config, format=format, source=source,
-                               sha256=sha256, class_names=class_names)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -326,14 +341,19 @@ def write_detector(out_dir: str | Path, state_dict: StateDict, config: DetectorC
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _serialise(state_dict: StateDict, config: DetectorConfig, *, format: str, source: str,
-               sha256: str = "", class_names: list[str] | None = None) -> tuple[bytes, str]:
-    """The two files of a detector folder, in memory: safetensors bytes and config.json."""
+def _weights_bytes(state_dict: StateDict) -> bytes:
+    """detector.safetensors in memory (tensors that share storage written once each)."""
     from safetensors.torch import save
 
+    return save(unshared(state_dict))
+
+
+def _config_json(config: DetectorConfig, *, format: str, source: str, sha256: str = "",
+                 class_names: list[str] | None = None) -> str:
+    """config.json of a detector folder: where it came from, its config, its classes."""
     meta = {"format": format, "source": source, "sha256": sha256, "config": config.to_dict(),
             "classes": class_map(config.num_classes, class_names)}
-    return save(unshared(state_dict)), json.dumps(meta, indent=2) + "\n"
+    return json.dumps(meta, indent=2) + "\n"
 
 
 def is_detector_folder(folder: Path) -> bool:
