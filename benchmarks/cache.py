@@ -53,10 +53,10 @@ from frozenseg.data import CocoInstances
 from frozenseg.data.collate import collate
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, live_batch
-from frozenseg.engine.step import head_losses
 from frozenseg.head.config import HeadConfig
 from frozenseg.head.loss import MaskCriterion
 from frozenseg.head.network import build_mask_head
+from frozenseg.head.step import head_losses
 from frozenseg.recipe import stage1_channels
 
 DTYPES = ("fp32", "fp16", "bf16", "int8")

@@ -56,9 +56,10 @@ from frozenseg.data.images import read_image
 from frozenseg.data.transforms import evaluation
 from frozenseg.detector.classes import ClassMapping
 from frozenseg.engine.export import ExportSettings, export_results
-from frozenseg.engine.results import encode_masks, mask_results, view_to_original_scale
+from frozenseg.evaluation.results import encode_masks
 from frozenseg.head.network import build_mask_head
 from frozenseg.head.paste import paste_masks
+from frozenseg.head.results import mask_results, view_to_original_scale
 from frozenseg.recipe import load_recipe, stage1_channels
 
 BACKBONES = {"swin_l": "swinl-4scale", "r50": "r50-4scale"}

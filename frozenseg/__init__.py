@@ -10,7 +10,7 @@ _API = {
     "synth": "frozenseg.data.synth",
     "load_recipe": "frozenseg.recipe",
     "build_mask_head": "frozenseg.recipe",
-    "load_trained": "frozenseg.engine.train",
+    "load_trained": "frozenseg.head.trained",
     "export_results": "frozenseg.engine.export",
 }
 

@@ -228,7 +228,7 @@ def _convert_to_folder(detector: Path, out: Path, options: dict):
     for a joint-mode checkpoint (its detector is written as it is)."""
     from frozenseg.checkpoint import CheckpointError
     from frozenseg.convert import ConversionError, convert_checkpoint
-    from frozenseg.maskdino.task import is_joint_checkpoint
+    from frozenseg.maskdino.checkpoint import is_joint_checkpoint
 
     try:
         if detector.is_file() and is_joint_checkpoint(detector):
@@ -270,7 +270,7 @@ def _convert_to_dino(detector: Path, out: Path, options: dict) -> None:
 def _joint_to_detector(checkpoint: Path, out: Path, overwrite: bool) -> None:
     """A Mask DINO checkpoint of the joint mode -> a detector folder for the head pipeline."""
     from frozenseg.convert import ConversionError
-    from frozenseg.maskdino.task import load_joint, save_as_detector
+    from frozenseg.maskdino.checkpoint import load_joint, save_as_detector
 
     try:
         model, info = load_joint(checkpoint)
@@ -517,7 +517,8 @@ def train(
                                  "FLOPs for one validation image, then exit."),
 ) -> None:
     """Train the mask head a recipe describes (on its cache, or with the detector live)."""
-    from frozenseg.engine.train import Trainer, TrainingError
+    from frozenseg.engine.task import TrainingError
+    from frozenseg.engine.train import Trainer
     from frozenseg.files import FolderInUse
 
     loaded = _load_recipe(recipe, overrides or [])
@@ -526,11 +527,7 @@ def train(
             _dry_run(loaded)
             return
         trainer = Trainer(loaded, log=_say)
-        if loaded.mode == "maskdino":
-            _print_model_size(trainer.task)
-        else:
-            _print_head_size(trainer.accelerator.unwrap_model(trainer.head), trainer.detector,
-                             loaded)
+        _print_lines(trainer.task.describe())
         with _training_progress(loaded) as update:
             position = trainer.run(resume=resume, progress=update)
     except (TrainingError, ValueError, FileNotFoundError, FolderInUse) as err:
@@ -571,51 +568,18 @@ def _training_progress(recipe):
     return context()
 
 
-def _head_and_detector(recipe):
-    from frozenseg.recipe import build_mask_head, load_recipe_detector
-
-    return build_mask_head(recipe), load_recipe_detector(recipe)
-
-
 def _dry_run(recipe) -> None:
-    if recipe.mode == "maskdino":
-        from accelerate import PartialState
+    """What the recipe trains and what it costs, without training."""
+    from accelerate import PartialState
 
-        from frozenseg.maskdino.task import MaskDINOTask
+    from frozenseg.engine.task import build_task
 
-        _print_model_size(MaskDINOTask(recipe, PartialState()), measure=True)
-        return
-    head, detector = _head_and_detector(recipe)
-    _print_head_size(head, detector, recipe)
+    _print_lines(build_task(recipe, PartialState()).describe(measure=True))
 
 
-def _print_model_size(task, measure: bool = False) -> None:
-    """Mask DINO: where its weights came from, parameters, and (measure) the memory of one
-    training step at the recipe's batch size."""
-    from frozenseg.maskdino.memory import training_memory
-
-    for line in task.report:
-        _say(line)
-    params = sum(p.numel() for p in task.model.parameters())
-    console.print(f"Mask DINO: {params / 1e6:.2f} M parameters", highlight=False)
-    if measure:
-        _say(training_memory(task))
-
-
-def _print_head_size(head, detector, recipe) -> None:
-    """Trainable parameters, and FLOPs of one forward on the first validation image."""
-    from frozenseg.data import CocoInstances
-    from frozenseg.engine.data import eval_transform
-    from frozenseg.head.network import count_parameters, estimate_flops
-
-    val = CocoInstances(recipe.data.val.images, recipe.data.val.annotations,
-                        transform=eval_transform(recipe.data.scale))
-    image, _ = next(item for item in (val[i] for i in range(len(val))) if item is not None)
-    output = detector([image])  # the head lives where the detector does
-    flops = estimate_flops(head, output)
-    console.print(f"head: {count_parameters(head) / 1e6:.2f} M trainable parameters, "
-                  f"{flops / 2e9:.2f} GMACs for one {image.shape[1]}x{image.shape[2]} image "
-                  f"with {output.queries.shape[1]} boxes", highlight=False)
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        console.print(escape(line), highlight=False)
 
 
 @app.command("eval")
@@ -630,9 +594,9 @@ def evaluate(
     """COCO box and mask AP of a trained head on the recipe's val split."""
     import torch
 
-    from frozenseg.engine.evaluate import metrics_table, per_class_table
     from frozenseg.engine.inference import evaluate as run_evaluation
-    from frozenseg.engine.train import load_trained
+    from frozenseg.evaluation.coco import metrics_table, per_class_table
+    from frozenseg.head.trained import load_trained
 
     loaded = _load_recipe(recipe, overrides or [])
     if loaded.mode == "maskdino":
@@ -655,9 +619,10 @@ def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
     """frozenseg eval in mode maskdino: AP, PQ and mIoU of a joint checkpoint."""
     import torch
 
-    from frozenseg.engine.evaluate import metrics_table
-    from frozenseg.engine.panoptic_eval import panoptic_table
-    from frozenseg.maskdino.task import evaluate_joint, load_joint
+    from frozenseg.evaluation.coco import metrics_table
+    from frozenseg.evaluation.panoptic import panoptic_table
+    from frozenseg.maskdino.checkpoint import load_joint
+    from frozenseg.maskdino.task import evaluate_joint
 
     if checkpoint is None:
         _fail("--checkpoint is needed (a joint-mode last.pt or best.pt)")
@@ -692,7 +657,7 @@ def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
     one is given; ``--detector`` replaces the recipe's detector path."""
     import torch
 
-    from frozenseg.engine.train import load_trained
+    from frozenseg.head.trained import load_trained
 
     if head is None and recipe is None:
         _fail("--head CKPT is needed (or --recipe for the training-free baseline)")
@@ -899,7 +864,7 @@ def demo(
     """The whole flow on the detector frozenseg ships: synth, convert, cache, train, export,
     evaluate, overlays. Run it again: it reuses what is done."""
     from frozenseg.demo import DETECTOR, DemoHooks, run_demo, summary_table
-    from frozenseg.engine.train import TrainingError
+    from frozenseg.engine.task import TrainingError
 
     hooks = DemoHooks(images=_image_progress, training=_training_progress,
                       log=_say)

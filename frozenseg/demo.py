@@ -288,7 +288,7 @@ class _Trained:
 
     def load(self):
         if self._loaded is None:
-            from frozenseg.engine.train import load_trained
+            from frozenseg.head.trained import load_trained
 
             detector, head, _ = load_trained(self.checkpoint, recipe=self.recipe)
             self._loaded = detector.to(_device()), head.to(_device())
@@ -326,7 +326,7 @@ def _export(recipe, trained: _Trained, hooks: DemoHooks):
 
 def _evaluate(recipe, trained: _Trained, hooks: DemoHooks, summary: DemoSummary):
     """Box AP (the detector's boxes) and mask AP (the head's masks) of the exported results."""
-    from frozenseg.engine.evaluate import coco_evaluate, write_metrics
+    from frozenseg.evaluation.coco import coco_evaluate, write_metrics
 
     results = trained.out / RESULTS / "results.json"
     path = results.with_name("metrics.json")

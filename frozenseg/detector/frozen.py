@@ -24,8 +24,8 @@ from frozenseg.detector.transformer import inverse_sigmoid
 DEFAULT_TOP_K = 100  # detections per image: COCO evaluation's maxDets
 
 
-def _frozen_unless_unfrozen(method):
-    """No autograd graph while the detector is frozen (the usual case); with unfreeze()
+def _no_grad_while_frozen(method):
+    """No autograd graph while the detector is frozen (the usual case); with finetune()
     the method records one, for fine-tuning."""
 
     @functools.wraps(method)
@@ -58,13 +58,17 @@ class FrozenDetector(nn.Module):
         """The detector stays in eval mode (frozen batch norm, no dropout) whatever the caller."""
         return super().train(False)
 
-    def unfreeze(self, part: str) -> list[nn.Parameter]:
-        """Fine-tuning (paper Table 16): "partial" unfreezes the transformer (encoder and
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def finetune(self, part: str) -> list[nn.Parameter]:
+        """Fine-tuning (paper Table 16): "partial" trains the transformer (encoder and
         decoder), "full" the whole detector; returns the parameters that now train. The
         forward methods then keep their graph; batch norm stays frozen (eval mode)."""
         modules = {"partial": [self.model.transformer], "full": [self.model]}
         if part not in modules:
-            raise ValueError(f"unfreeze part is {part!r}; one of partial, full")
+            raise ValueError(f"fine-tuned part is {part!r}; one of partial, full")
         params = [p for m in modules[part] for p in m.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -74,13 +78,13 @@ class FrozenDetector(nn.Module):
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.model.parameters())
 
-    @_frozen_unless_unfrozen
+    @_no_grad_while_frozen
     def forward(self, images: list[torch.Tensor] | torch.Tensor) -> DetectorOutput:
         """Top-K predictions over queries x classes, as the original post-processors rank them."""
         batch, padding, sizes = self.preprocess(images)
         return self._detect(self.model.encode(batch, padding), sizes)
 
-    @_frozen_unless_unfrozen
+    @_no_grad_while_frozen
     def detect_and_embed(self, images, boxes: list[torch.Tensor],
                          labels: list[torch.Tensor] | None = None
                          ) -> tuple[DetectorOutput, DetectorOutput]:
@@ -101,14 +105,14 @@ class FrozenDetector(nn.Module):
         return self._output(raw, sizes, query, scores, index % k,
                             torch.ones_like(scores, dtype=torch.bool))
 
-    @_frozen_unless_unfrozen
+    @_no_grad_while_frozen
     def stage1(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The backbone's stride-4 map alone, (B, C1, H/4, W/4): DetectorOutput.c1 for
         outputs read from the feature cache (the cheap part of the backbone, recomputed)."""
         batch, _, _ = self.preprocess(images)
         return self.model.backbone(batch, stages=1)[0]
 
-    @_frozen_unless_unfrozen
+    @_no_grad_while_frozen
     def embed_boxes(self, images, boxes: list[torch.Tensor],
                     labels: list[torch.Tensor] | None = None) -> DetectorOutput:
         """Queries for given boxes: the decoder runs with them as its reference boxes.
@@ -169,7 +173,7 @@ class FrozenDetector(nn.Module):
         """Normalise and pad: (B, 3, H, W) batch, (B, H, W) padding mask, (B, 2) sizes."""
         if isinstance(images, torch.Tensor):
             images = list(images) if images.dim() == 4 else [images]
-        device = self.mean.device
+        device = self.device
         sizes = torch.tensor([img.shape[-2:] for img in images], device=device)
         h, w = (int(v) for v in sizes.max(0).values) if len(images) else (0, 0)
         batch = torch.zeros(len(images), 3, h, w, device=device)

@@ -84,7 +84,7 @@ def head_losses(batch: TrainingBatch, detector, head, criterion, *, mode: str,
                 assign_iou: float, jitter: float,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The losses of one batch (see :class:`frozenseg.head.loss.MaskCriterion`)."""
-    device = detector.mean.device
+    device = detector.device
     batch = replace(batch, detections=batch.detections.to(device),
                     ground_truth=batch.ground_truth.to(device))
     batch = with_c1(batch, detector)
