@@ -219,23 +219,16 @@ def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
 
 def _cache(recipe, hooks: DemoHooks):
     """Skipped when complete; an interrupted cache resumes."""
-    from frozenseg.cache import write_cache
+    from frozenseg.cache import recipe_cache_job, write_cache
     from frozenseg.cache.store import read_index
-    from frozenseg.data import CocoInstances
-    from frozenseg.engine.data import cache_views
 
     folder = Path(recipe.data.cache)
     index = read_index(folder) if folder.is_dir() else None
     reused = bool(index and index["complete"])
     if not reused:
-        dataset = CocoInstances(recipe.data.train.images, recipe.data.train.annotations)
         with hooks.images("Caching the detector's features") as update:
-            index = write_cache(
-                recipe.detector.path, dataset, folder,
-                transform=cache_views(recipe.data.views, recipe.data.scale),
-                views=recipe.data.views, seed=recipe.train.seed, top_k=recipe.detector.top_k,
-                memory_layer=recipe.detector.memory_layer, device=_device(), resume=True,
-                progress=update, log=hooks.log)
+            index = write_cache(**recipe_cache_job(recipe), device=_device(), resume=True,
+                                progress=update, log=hooks.log)
     entries = sum(len(s["entries"]) for s in index["shards"])
     return reused, f"{entries} images", folder
 
