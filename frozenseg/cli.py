@@ -259,7 +259,9 @@ def convert(
     report = _convert_to_folder(detector, out, options)
     if report is not None:
         _print_report(report)
-        console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}",
+        from frozenseg.detector.folder import CONFIG_FILE, WEIGHTS_FILE
+
+        console.print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}",
                       highlight=False, soft_wrap=True, markup=False)
 
 

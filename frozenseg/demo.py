@@ -198,13 +198,14 @@ def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
     """Skipped when ``folder`` holds a conversion of this very file (its config.json
     records the source's sha256) with the synthetic dataset's class names."""
     from frozenseg.cache.store import sha256_file
-    from frozenseg.convert import CONFIG_FILE, convert_checkpoint
+    from frozenseg.convert import convert_checkpoint
     from frozenseg.data.synth import THINGS
+    from frozenseg.detector.folder import DetectorFolderError, read_meta
 
     names = [c.name for c in THINGS]
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = read_meta(folder)
+    except DetectorFolderError:
         meta = {}
     if (meta.get("sha256") == sha256_file(detector)
             and meta.get("classes", {}).get("names") == names):

@@ -12,8 +12,8 @@ import yaml
 from torchvision.ops import box_convert
 
 import frozenseg
-from frozenseg.convert import write_detector
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.folder import write_detector
 from frozenseg.detector.model import build_detector
 from frozenseg.engine.train import Trainer
 from frozenseg.maskdino.build import DINO_FIXED, build_maskdino

@@ -72,10 +72,10 @@ class CachedTrainingSet(Dataset):
 def check_made_by(cache: FeatureCache, detector_dir: str | Path, detector) -> None:
     """Raise CacheError (naming both) unless ``cache`` was written by the converted detector
     in ``detector_dir`` with ``detector``'s top-K and memory layer."""
-    from frozenseg.convert import CONFIG_FILE
+    from frozenseg.detector.folder import config_path
 
     made = cache.index["recipe"]
-    config = Path(detector_dir) / CONFIG_FILE
+    config = config_path(detector_dir)
     mine = {"config": sha256_file(config), "top_k": detector.top_k,
             "memory_layer": detector.memory_layer}
     theirs = {"config": made["detector"].get("config_sha256", "(a detector object)"),

@@ -168,13 +168,12 @@ def _entries(dataset, transform: Transform, views: int, seed: int) -> list[tuple
 def _detector(detector, top_k: int, memory_layer: int | None):
     """(FrozenDetector, identity dict): a folder's config.json hash, or the weights' hash."""
     if isinstance(detector, (str, os.PathLike)):
-        from frozenseg.convert import CONFIG_FILE
+        from frozenseg.detector.folder import config_path, read_meta
         from frozenseg.detector.frozen import load_detector
 
-        folder = Path(detector)
-        model = load_detector(folder, top_k=top_k, memory_layer=memory_layer)
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-        return model, {"config_sha256": sha256_file(folder / CONFIG_FILE),
+        model = load_detector(detector, top_k=top_k, memory_layer=memory_layer)
+        meta = read_meta(detector)
+        return model, {"config_sha256": sha256_file(config_path(detector)),
                        "source": meta.get("source", ""), "source_sha256": meta.get("sha256", "")}
     return detector, {"weights_sha256": _weights_sha256(detector)}
 

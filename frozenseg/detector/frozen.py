@@ -8,12 +8,12 @@ normalises them with its source's mean and std and pads a batch to a common size
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from frozenseg.detector import folder
 from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetection, build_detector
@@ -61,6 +61,14 @@ class FrozenDetector(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.mean.device
+
+    @property
+    def head_dims(self) -> dict[str, int]:
+        """What a mask head on this detector is sized by (``build_mask_head``'s keywords):
+        the transformer's width, its feature levels, and the channels of C1."""
+        return {"hidden_dim": self.config.hidden_dim,
+                "num_levels": self.config.num_feature_levels,
+                "c1_channels": self.model.backbone.channels[0]}
 
     def finetune(self, part: str) -> list[nn.Parameter]:
         """Fine-tuning (paper Table 16): "partial" trains the transformer (encoder and
@@ -236,17 +244,10 @@ def detector_input_size(height: int, width: int, *, short: int = 800,
 def load_detector(
     path: str | Path, *, top_k: int = DEFAULT_TOP_K, memory_layer: int | None = None
 ) -> FrozenDetector:
-    """A detector written by ``frozenseg convert`` (a folder with config.json and weights)."""
-    from safetensors.torch import load_file
-
-    from frozenseg.convert import CONFIG_FILE, WEIGHTS_FILE
-
-    folder = Path(path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: no {name} (write one with frozenseg convert)")
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    model = build_detector(DetectorConfig.from_dict(meta["config"]))
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
+    """A detector folder (:mod:`frozenseg.detector.folder`: ``frozenseg convert`` writes
+    them), frozen. Raises DetectorFolderError (a ValueError) naming a missing or bad file."""
+    meta = folder.read_meta(path)
+    model = build_detector(folder.read_config(path))
+    model.load_state_dict(folder.read_weights(path), strict=True)
     return FrozenDetector(model, top_k=top_k, memory_layer=memory_layer,
                           classes=meta.get("classes"))

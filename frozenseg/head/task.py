@@ -21,13 +21,20 @@ from frozenseg.data.coco import CocoInstances
 from frozenseg.data.collate import collate
 from frozenseg.data.transforms import Transform
 from frozenseg.detector.classes import ClassMapping, match_classes
+from frozenseg.detector.frozen import FrozenDetector, load_detector
 from frozenseg.detector.output import batch_outputs
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, train_transform
 from frozenseg.engine.task import TrainingError
 from frozenseg.head.loss import MaskCriterion, MaskLossWeights
-from frozenseg.head.network import count_parameters, estimate_flops
+from frozenseg.head.network import build_mask_head, count_parameters, estimate_flops
 from frozenseg.head.step import head_losses
-from frozenseg.recipe import Recipe, build_mask_head, load_recipe_detector
+from frozenseg.recipe import Recipe
+
+
+def recipe_detector(recipe: Recipe) -> FrozenDetector:
+    """The FrozenDetector at ``detector.path``, with the recipe's top-K and memory layer."""
+    return load_detector(recipe.detector.path, top_k=recipe.detector.top_k,
+                         memory_layer=recipe.detector.memory_layer)
 
 
 def build_criterion(recipe: Recipe) -> MaskCriterion:
@@ -48,10 +55,10 @@ class HeadTask:
         if recipe.detector.finetune != "frozen" and recipe.data.cache:
             raise TrainingError(f"detector.finetune: {recipe.detector.finetune} runs the "
                                 "detector live; remove data.cache")
-        self.detector = load_recipe_detector(recipe)
+        self.detector = recipe_detector(recipe)
         self.detector.to(accelerator.device)
         torch.manual_seed(recipe.train.seed)  # the head's initial weights
-        self.model = build_mask_head(recipe)
+        self.model = build_mask_head(recipe.head, **self.detector.head_dims)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise TrainingError("this head has no trainable parameters (head.trainable: false "
                                 "is the training-free baseline: evaluate it, don't train it)")

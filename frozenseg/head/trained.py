@@ -10,13 +10,9 @@ from typing import Any
 from torch import nn
 
 from frozenseg.checkpoint import load_training_checkpoint
-from frozenseg.recipe import (
-    Recipe,
-    build_mask_head,
-    load_recipe_detector,
-    recipe_from_dict,
-    recipe_to_dict,
-)
+from frozenseg.head.network import build_mask_head
+from frozenseg.head.task import recipe_detector
+from frozenseg.recipe import Recipe, recipe_from_dict, recipe_to_dict
 
 
 def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe | None = None,
@@ -37,10 +33,10 @@ def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe 
         recipe = _checkpoint_recipe(Path(checkpoint), state, overrides)
     elif overrides:
         recipe = recipe_from_dict(recipe_to_dict(recipe), "recipe", overrides)
-    head = build_mask_head(recipe)
+    detector = recipe_detector(recipe)
+    head = build_mask_head(recipe.head, **detector.head_dims)
     if checkpoint is None and any(p.requires_grad for p in head.parameters()):
         raise ValueError("this recipe's head has trainable parameters: a checkpoint is needed")
-    detector = load_recipe_detector(recipe)
     where = str(checkpoint)
     if "head" in state:
         _load_weights(head, state["head"], where, "head")

@@ -20,7 +20,7 @@ def save_as_detector(model: MaskDINO, out_dir: str | os.PathLike, class_names: l
     """The joint model's detector (everything but the mask branch) as a folder
     ``frozenseg.load_detector`` reads: the round trip back to the head pipeline.
     An existing folder is replaced only if frozenseg wrote it and ``overwrite``."""
-    from frozenseg.convert import write_detector
+    from frozenseg.detector.folder import write_detector
 
     write_detector(out_dir, model.detector.state_dict(), model.config, format="maskdino",
                    source=source, class_names=class_names, overwrite=overwrite)
