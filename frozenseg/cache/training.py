@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from frozenseg.boxes import to_normalized
 from frozenseg.cache.store import CachedImage, CacheError, FeatureCache, sha256_file
 from frozenseg.data.collate import collate
-from frozenseg.data.transforms import boxes_to_cxcywh_normalized
 from frozenseg.detector.output import DetectorOutput, batch_outputs
 
 
@@ -112,7 +112,7 @@ def _ground_truth(detections: DetectorOutput, cached: list[CachedImage],
     for i, (item, target) in enumerate(zip(cached, targets, strict=True)):
         n = len(target["boxes"])
         queries[i, :n] = item.gt_queries
-        boxes[i, :n] = boxes_to_cxcywh_normalized(target["boxes"], target["size"].tolist())
+        boxes[i, :n] = to_normalized(target["boxes"].float(), target["size"])
         labels[i, :n], mask[i, :n] = target["labels"], True
     return replace(detections, queries=queries, boxes=boxes, scores=mask.float(),
                    labels=labels, query_mask=mask)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from frozenseg.boxes import to_normalized
 from frozenseg.detector import folder
 from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
@@ -147,7 +148,7 @@ class FrozenDetector(nn.Module):
             n = len(image_boxes)
             if n == 0:
                 continue
-            normalised = _xyxy_to_cxcywh(image_boxes.to(memory), sizes[i])
+            normalised = to_normalized(image_boxes.to(memory), sizes[i], clip=True)
             given = labels[i].to(memory.device) if labels is not None else None
             raw = self.model.decode(self._box_queries(normalised, given), _select(encoded, i))
             probs = raw.logits[-1][0].sigmoid()
@@ -217,15 +218,6 @@ def _select(encoded: Encoded, i: int) -> Encoded:
         mask=encoded.mask[i : i + 1], shapes=encoded.shapes, starts=encoded.starts,
         valid_ratios=encoded.valid_ratios[i : i + 1],
     )
-
-
-def _xyxy_to_cxcywh(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """(N, 4) absolute xyxy pixels -> normalised cxcywh, clipped to the image."""
-    h, w = (float(v) for v in size)
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    x0, x1 = x0.clamp(0, w), x1.clamp(0, w)
-    y0, y1 = y0.clamp(0, h), y1.clamp(0, h)
-    return torch.stack([(x0 + x1) / (2 * w), (y0 + y1) / (2 * h), (x1 - x0) / w, (y1 - y0) / h], -1)
 
 
 def detector_input_size(height: int, width: int, *, short: int = 800,

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from frozenseg.boxes import to_pixels
+
 
 @dataclass
 class DetectorOutput:
@@ -44,11 +46,7 @@ class DetectorOutput:
 
     def boxes_xyxy_pixels(self) -> torch.Tensor:
         """(B, K, 4) absolute (x0, y0, x1, y1) in each image's pixels."""
-        cx, cy, w, h = self.boxes.unbind(-1)
-        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-        height, width = self.image_sizes.unbind(-1)
-        scale = torch.stack([width, height, width, height], -1)[:, None].to(xyxy)
-        return xyxy * scale
+        return to_pixels(self.boxes, self.image_sizes[:, None])
 
 
 QUERY_FIELDS = ("queries", "boxes", "scores", "labels", "query_mask")

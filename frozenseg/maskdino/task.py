@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from frozenseg.boxes import to_normalized
 from frozenseg.data import CocoInstances, CocoPanoptic, collate
-from frozenseg.data.transforms import boxes_to_cxcywh_normalized
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, train_transform
 from frozenseg.maskdino.build import build_maskdino
 from frozenseg.maskdino.criterion import LossWeights, MaskDINOCriterion
@@ -89,7 +89,7 @@ class MaskDINOTask:
         grid[:, : masks.shape[1], : masks.shape[2]] = masks
         isthing = target.get("isthing", torch.ones_like(target["iscrowd"]))[keep]
         return {"labels": target["labels"][keep].to(self.device),
-                "boxes": boxes_to_cxcywh_normalized(target["boxes"][keep],
+                "boxes": to_normalized(target["boxes"][keep].float(),
                                                     target["size"].tolist()).to(self.device),
                 "masks": grid, "isthing": isthing.to(self.device)}
 
