@@ -12,6 +12,8 @@ _API = {
     "build_mask_head": "frozenseg.head.network",
     "load_trained": "frozenseg.head.trained",
     "export_results": "frozenseg.engine.export",
+    "MaskFrozenDETR": "frozenseg.segmenter",
+    "Predictor": "frozenseg.predictor",
 }
 
 

@@ -8,6 +8,7 @@ normalises them with its source's mean and std and pads a batch to a common size
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,14 @@ def _no_grad_while_frozen(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+@dataclass
+class Encoding:
+    """A batch through the backbone and encoder, with each image's (H, W)."""
+
+    encoded: Encoded
+    sizes: torch.Tensor
 
 
 class FrozenDetector(nn.Module):
@@ -90,8 +99,25 @@ class FrozenDetector(nn.Module):
     @_no_grad_while_frozen
     def forward(self, images: list[torch.Tensor] | torch.Tensor) -> DetectorOutput:
         """Top-K predictions over queries x classes, as the original post-processors rank them."""
+        return self.detect(self.encode(images))
+
+    @_no_grad_while_frozen
+    def encode(self, images: list[torch.Tensor] | torch.Tensor) -> Encoding:
+        """The backbone and encoder on a batch, once: ``detect`` and ``embed`` then run
+        the decoder on it as often as needed (a Predictor's many box sets per image)."""
         batch, padding, sizes = self.preprocess(images)
-        return self._detect(self.model.encode(batch, padding), sizes)
+        return Encoding(self.model.encode(batch, padding), sizes)
+
+    @_no_grad_while_frozen
+    def detect(self, encoding: Encoding) -> DetectorOutput:
+        """``self(images)`` from their encoding."""
+        return self._detect(encoding.encoded, encoding.sizes)
+
+    @_no_grad_while_frozen
+    def embed(self, encoding: Encoding, boxes: list[torch.Tensor],
+              labels: list[torch.Tensor] | None = None) -> DetectorOutput:
+        """``self.embed_boxes(images, boxes, labels)`` from their encoding."""
+        return self._embed(encoding.encoded, encoding.sizes, boxes, labels)
 
     @_no_grad_while_frozen
     def detect_and_embed(self, images, boxes: list[torch.Tensor],
@@ -99,9 +125,8 @@ class FrozenDetector(nn.Module):
                          ) -> tuple[DetectorOutput, DetectorOutput]:
         """``(self(images), self.embed_boxes(images, boxes, labels))`` from one encoder run:
         the detections and the queries of given (e.g. ground-truth) boxes, sharing memory."""
-        batch, padding, sizes = self.preprocess(images)
-        encoded = self.model.encode(batch, padding)
-        return self._detect(encoded, sizes), self._embed(encoded, sizes, boxes, labels)
+        encoding = self.encode(images)
+        return self.detect(encoding), self.embed(encoding, boxes, labels)
 
     def _detect(self, encoded: Encoded, sizes: torch.Tensor) -> DetectorOutput:
         memory = encoded.encoder_states[-1]
@@ -133,8 +158,7 @@ class FrozenDetector(nn.Module):
         the real ones; boxes are the given ones (normalised), scores and labels predicted
         (labels: the given ones when passed).
         """
-        batch, padding, sizes = self.preprocess(images)
-        return self._embed(self.model.encode(batch, padding), sizes, boxes, labels)
+        return self.embed(self.encode(images), boxes, labels)
 
     def _embed(self, encoded: Encoded, sizes: torch.Tensor, boxes: list[torch.Tensor],
                labels: list[torch.Tensor] | None) -> DetectorOutput:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -43,6 +43,11 @@ class DetectorOutput:
     def to(self, device: torch.device | str) -> DetectorOutput:
         """The same output on another device (dtypes unchanged)."""
         return DetectorOutput(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def given_boxes(self) -> DetectorOutput:
+        """Boxes given from outside (``embed_boxes``) are taken as certain: score 1, so a
+        mask's final score is its predicted quality alone."""
+        return replace(self, scores=self.query_mask.to(self.scores.dtype))
 
     def boxes_xyxy_pixels(self) -> torch.Tensor:
         """(B, K, 4) absolute (x0, y0, x1, y1) in each image's pixels."""

@@ -8,7 +8,6 @@ Results are COCO dicts in the original images' pixels (:mod:`frozenseg.evaluatio
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -70,8 +69,7 @@ def _run(detector, image: torch.Tensor, target: dict, boxes: str, classes: Class
     labels = classes.detector_labels(target["labels"], dataset.category_ids)
     out = detector.embed_boxes([image], [target["boxes"]], None if labels is None else [labels])
     category_ids = torch.tensor(dataset.category_ids, dtype=torch.int64)[target["labels"]]
-    return (replace(out, scores=out.query_mask.to(out.scores.dtype)),
-            category_ids.to(out.labels.device))
+    return out.given_boxes(), category_ids.to(out.labels.device)
 
 
 def evaluate(recipe, detector, head, out_dir: str | Path, *,

@@ -55,8 +55,9 @@ def image_predictions(head_output: HeadOutput, category_ids: Tensor, targets: Se
     for b, target in enumerate(targets):
         index = _selected(head_output, per_query, b, score_threshold, max_per_image)
         rles, quality = mask_results(head_output, index, target, mask_threshold)
-        boxes = _clipped_xywh(_original_boxes(head_output, index, target).cpu(),
-                              _hw(target["orig_size"]))
+        orig = _hw(target["orig_size"])
+        boxes = _clipped_xywh(original_boxes(head_output, index, _hw(target["size"]), orig).cpu(),
+                              orig)
         results.append([  # score = class score x mask quality: 0 for an empty mask
             _result(int(target["image_id"]), c, box, 0.0 if is_empty(rle) else score, rle, q)
             for c, box, score, rle, q in zip(per_query[index].tolist(), boxes,
@@ -87,8 +88,8 @@ def mask_results(head_output: HeadOutput, index: Tensor, target: dict,
     masks ``index`` (indices into the head's N masks, all of the image ``target``)."""
     _check_frame(head_output)
     orig, view = _hw(target["orig_size"]), _hw(target["size"])
-    boxes = _original_boxes(head_output, index, target)
-    masks = _original_masks(head_output, index, boxes, view, orig, mask_threshold)
+    boxes = original_boxes(head_output, index, view, orig)
+    masks = original_masks(head_output, index, boxes, view, orig, mask_threshold)
     rles = [rle for chunk in masks for rle in encode_masks(chunk)]
     if head_output.iou_logits is None:
         return rles, [None] * len(index)
@@ -97,9 +98,10 @@ def mask_results(head_output: HeadOutput, index: Tensor, target: dict,
     return rles, [0.0 if is_empty(rle) else q for rle, q in zip(rles, predicted, strict=True)]
 
 
-def _original_boxes(head_output: HeadOutput, index: Tensor, target: dict) -> Tensor:
+def original_boxes(head_output: HeadOutput, index: Tensor, view: Sequence[int],
+                   orig: Sequence[int]) -> Tensor:
     """(n, 4) xyxy boxes of the masks ``index`` in the original image's pixels."""
-    scale = view_to_original_scale(_hw(target["size"]), _hw(target["orig_size"]))
+    scale = view_to_original_scale(view, orig)
     return head_output.boxes[index].float() * scale.to(head_output.boxes.device)
 
 
@@ -113,8 +115,8 @@ def view_to_original_scale(view: Sequence[int], orig: Sequence[int]) -> Tensor:
     return torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
 
 
-def _original_masks(head_output: HeadOutput, index: Tensor, boxes: Tensor, view: tuple,
-                    orig: tuple, threshold: float) -> Iterator[Tensor]:
+def original_masks(head_output: HeadOutput, index: Tensor, boxes: Tensor, view: Sequence[int],
+                   orig: Sequence[int], threshold: float) -> Iterator[Tensor]:
     """(n, H, W) bool masks at the original size, a bounded number of pixels at a time.
 
     boxes: (len(index), 4) xyxy in original pixels (used by RoI-frame masks only).
