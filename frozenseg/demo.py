@@ -387,5 +387,17 @@ def summary_table(summary: DemoSummary) -> Table:
     if summary.threshold is not None:
         table.add_row("overlay score", "", f"{summary.threshold:.2f} (best F1 {summary.f1:.2f})",
                       "val split")
+    table.add_section()
+    for stage, command in NEXT_STEPS:
+        table.add_row(f"[dim]{stage}", "", escape(command), "")
     table.caption = f"total {sum(s.seconds for s in summary.stages):.1f} s"
     return table
+
+
+# The same stages for a detector and data of one's own: the table's closing rows.
+NEXT_STEPS = (
+    ("next: your detector", "frozenseg convert --detector YOURS.pth --out detectors/mine"),
+    ("next: your data", "frozenseg train recipes/base.yaml detector.path=detectors/mine "
+                        "data.train.images=... (and the other data.* paths)"),
+    ("next: your images", "frozenseg predict photos/ --head runs/base/best.pt --out viz/"),
+)
