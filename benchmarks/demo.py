@@ -42,6 +42,7 @@ from frozenseg.engine.train import Trainer
 from frozenseg.head.network import build_mask_head
 from frozenseg.head.task import recipe_detector
 from frozenseg.recipe import recipe_from_dict, recipe_to_dict
+from frozenseg.segmenter import MaskFrozenDETR
 
 COLUMNS = ["head", "minutes", "step", "mask AP", "AP50", "AP75", "mask AP on GT boxes"]
 
@@ -64,8 +65,8 @@ def curve(recipe, out: Path, marks: list[float], steps_per_minute: float):
     rows = learning_curve(trainer, list(marks), segm, COLUMNS[1:-1])
     rows = [["trained", *r, ""] for r in rows]
     head = trainer.accelerator.unwrap_model(trainer.model)
-    on_gt = evaluate(with_overrides(recipe, "eval.boxes=gt"), trainer.task.detector, head,
-                     out / "eval-gt")
+    on_gt = evaluate(MaskFrozenDETR(trainer.task.detector, head,
+                                    with_overrides(recipe, "eval.boxes=gt")), out / "eval-gt")
     rows[-1][-1] = f"{on_gt['segm']['AP']:.1f}"
     return rows
 
@@ -77,8 +78,9 @@ def training_free(recipe, out: Path) -> tuple[list, float]:
     same_width = detector.model.backbone.channels[0] == detector.config.hidden_dim
     recipe = with_overrides(recipe, "head.trainable=false", f"head.fuse_c1={same_width}")
     head = build_mask_head(recipe.head, **detector.head_dims)
-    on_boxes = evaluate(recipe, detector, head, out / "free")
-    on_gt = evaluate(with_overrides(recipe, "eval.boxes=gt"), detector, head, out / "free-gt")
+    on_boxes = evaluate(MaskFrozenDETR(detector, head, recipe), out / "free")
+    on_gt = evaluate(MaskFrozenDETR(detector, head, with_overrides(recipe, "eval.boxes=gt")),
+                     out / "free-gt")
     row = ["training-free", 0, 0, *segm(on_boxes), f"{on_gt['segm']['AP']:.1f}"]
     return row, on_boxes["bbox"]["AP"]
 

@@ -61,6 +61,7 @@ from frozenseg.head.network import build_mask_head
 from frozenseg.head.paste import paste_masks
 from frozenseg.head.results import mask_results, view_to_original_scale
 from frozenseg.recipe import load_recipe
+from frozenseg.segmenter import MaskFrozenDETR
 
 BACKBONES = {"swin_l": "swinl-4scale", "r50": "r50-4scale"}
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "mask_frozen_dino_swinl_4scale.yaml"
@@ -137,11 +138,11 @@ def export_seconds(detector, head, dataset, out: Path, classes, settings, autoca
                    device) -> tuple[float, int, int]:
     """Seconds of one export_results run over ``dataset``, the bytes of its json and its
     number of results."""
-    done = []
+    done, model = [], MaskFrozenDETR(detector, head, load_recipe(RECIPE)).eval()
 
     def run():
         with autocast():
-            done.append(export_results(detector, head, dataset, out, classes=classes,
+            done.append(export_results(model, dataset, out, classes=classes,
                                        settings=settings))
     seconds = elapsed(run, device)
     return seconds, out.stat().st_size, done[0].results

@@ -34,6 +34,7 @@ from frozenseg.engine.train import Trainer
 from frozenseg.head.network import build_mask_head
 from frozenseg.head.task import recipe_detector
 from frozenseg.recipe import load_recipe
+from frozenseg.segmenter import MaskFrozenDETR
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synth_tiny.yaml"
 DETECTOR = dict(backbone={"name": "resnet50"}, hidden_dim=256, enc_layers=4, dec_layers=2,
@@ -76,7 +77,7 @@ def baseline(r) -> dict:
     """The training-free head (Table 1: RoIAlign + 1/4 features) on the same boxes."""
     r.head.trainable = False
     detector = recipe_detector(r)
-    return evaluate(r, detector, build_mask_head(r.head, **detector.head_dims),
+    return evaluate(MaskFrozenDETR(detector, build_mask_head(r.head, **detector.head_dims), r),
                     Path(r.train.output_dir) / "baseline")
 
 

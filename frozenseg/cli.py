@@ -596,6 +596,7 @@ def evaluate(
     from frozenseg.engine.inference import evaluate as run_evaluation
     from frozenseg.evaluation.coco import metrics_table, per_class_table
     from frozenseg.head.trained import load_trained
+    from frozenseg.segmenter import MaskFrozenDETR
 
     loaded = _load_recipe(recipe, overrides or [])
     if loaded.mode == "maskdino":
@@ -603,9 +604,8 @@ def evaluate(
         return
     detector, head, _ = load_trained(checkpoint, recipe=loaded)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    detector, head = detector.to(device), head.to(device)
     folder = out or Path(loaded.train.output_dir) / "eval"
-    metrics = run_evaluation(loaded, detector, head, folder)
+    metrics = run_evaluation(MaskFrozenDETR(detector, head, loaded).to(device), folder)
     console.print(metrics_table(metrics))
     console.print(per_class_table(metrics, "segm"))
     _say(f"results and metrics: {folder}")
@@ -646,11 +646,12 @@ _RECIPE_OPTION = typer.Option(None, "--recipe", help="Use this recipe instead of
 
 
 def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
-    """(detector, head, recipe) on the best device: the head checkpoint's own recipe unless
-    one is given; ``--detector`` replaces the recipe's detector path."""
+    """The MaskFrozenDETR on the best device: the head checkpoint's own recipe unless one
+    is given; ``--detector`` replaces the recipe's detector path."""
     import torch
 
     from frozenseg.head.trained import load_trained
+    from frozenseg.segmenter import MaskFrozenDETR
 
     if head is None and recipe is None:
         _fail("--head CKPT is needed (or --recipe for the training-free baseline)")
@@ -659,7 +660,7 @@ def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
     found, model, resolved = load_trained(head, recipe=loaded,
                                           overrides=[] if loaded else overrides)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return found.to(device), model.to(device), resolved
+    return MaskFrozenDETR(found, model, resolved).to(device).eval()
 
 
 def _images(paths: list[Path], annotations: Path | None, scale: float):
@@ -727,20 +728,21 @@ def export(
 
     if format not in ("json", "onnx"):
         _fail(f"--format {format}: expected json or onnx")
-    found, model, resolved = _trained(head, recipe, detector)
+    model = _trained(head, recipe, detector)
     if format == "onnx":
-        _export_onnx(found, model, out, height, width, dynamic)
+        _export_onnx(model.detector, model.head, out, height, width, dynamic)
         return
     if not images:
         _fail("--images DIR is needed")
-    dataset = _images(images, annotations, resolved.data.scale)
-    classes, _ = classes_for(found.classes, dataset.category_ids, dataset.category_names)
+    dataset = _images(images, annotations, model.recipe.data.scale)
+    classes, _ = classes_for(model.detector.classes, dataset.category_ids,
+                             dataset.category_names)
     given = read_boxes(boxes, [im["id"] for im in dataset.images]) if boxes else None
-    job = {"detector": str(resolved.detector.path), "head": str(head),
+    job = {"detector": str(model.recipe.detector.path), "head": str(head),
            "images": [str(p) for p in images], "annotations": str(annotations)}
     settings = ExportSettings(score_threshold, max_per_image, mask_threshold, batch_size)
     with _image_progress("Exporting") as update:
-        summary = export_results(found, model, dataset, out, classes=classes,
+        summary = export_results(model, dataset, out, classes=classes,
                                  settings=settings, boxes=given, png_dir=png_dir,
                                  resume=resume, job=job, progress=update)
     _print_export(summary, given, png_dir)
@@ -788,11 +790,12 @@ def predict(
     from frozenseg.detector.classes import classes_for
     from frozenseg.engine.overlay import predict_overlays
 
-    found, model, resolved = _trained(head, recipe, detector)
-    dataset = _images(images, None, resolved.data.scale)
-    classes, names = classes_for(found.classes, dataset.category_ids, dataset.category_names)
+    model = _trained(head, recipe, detector)
+    dataset = _images(images, None, model.recipe.data.scale)
+    classes, names = classes_for(model.detector.classes, dataset.category_ids,
+                                 dataset.category_names)
     with _image_progress("Predicting") as update:
-        summaries = predict_overlays(found, model, dataset, out, classes=classes, names=names,
+        summaries = predict_overlays(model, dataset, out, classes=classes, names=names,
                                      threshold=threshold, max_instances=max_instances,
                                      progress=update)
     console.print(_prediction_table(summaries, threshold))

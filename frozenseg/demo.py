@@ -283,9 +283,10 @@ class _Trained:
     def load(self):
         if self._loaded is None:
             from frozenseg.head.trained import load_trained
+            from frozenseg.segmenter import MaskFrozenDETR
 
             detector, head, _ = load_trained(self.checkpoint, recipe=self.recipe)
-            self._loaded = detector.to(_device()), head.to(_device())
+            self._loaded = MaskFrozenDETR(detector, head, self.recipe).to(_device()).eval()
         return self._loaded
 
     def newer(self, *paths: Path) -> bool:
@@ -307,11 +308,12 @@ def _export(recipe, trained: _Trained, hooks: DemoHooks):
     split, settings = recipe.data.val, recipe.eval
     dataset = ImageFolder.from_coco(split.images, split.annotations,
                                     transform=eval_transform(recipe.data.scale))
-    detector, head = trained.load()
-    classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+    model = trained.load()
+    classes = match_classes(model.detector.classes, dataset.category_ids,
+                            dataset.category_names)
     with hooks.images("Exporting val masks") as update:
         made = export_results(
-            detector, head, dataset, path, classes=classes, resume=True,
+            model, dataset, path, classes=classes, resume=True,
             settings=ExportSettings(settings.score_threshold, settings.max_per_image,
                                     settings.mask_threshold, recipe.train.batch_size),
             job={"head": str(trained.checkpoint), "images": split.images}, progress=update)
@@ -353,11 +355,11 @@ def _overlays(recipe, trained: _Trained, hooks: DemoHooks, threshold: float | No
     pngs = [folder / f.with_suffix(".png").name for f in files]
     if trained.newer(*pngs):
         return True, f"{len(pngs)} images", folder
-    detector, head = trained.load()
-    classes = match_classes(detector.classes, val.category_ids, val.category_names)
+    model = trained.load()
+    classes = match_classes(model.detector.classes, val.category_ids, val.category_names)
     names = dict(zip(val.category_ids, val.category_names, strict=True))
     with hooks.images("Drawing overlays") as update:
-        predict_overlays(detector, head, ImageFolder(files, transform=eval_transform(
+        predict_overlays(model, ImageFolder(files, transform=eval_transform(
             recipe.data.scale)), folder, classes=classes, names=names,
             threshold=OVERLAY_SCORE if threshold is None else threshold,
             progress=update)

@@ -37,7 +37,7 @@ class MaskFrozenDETR(nn.Module):
 
     def __init__(self, detector: FrozenDetector, head: nn.Module, recipe: Recipe) -> None:
         super().__init__()
-        self.detector, self.head, self.recipe = detector, head.eval(), recipe
+        self.detector, self.head, self.recipe = detector, head, recipe
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,7 @@ from frozenseg.engine.export import ExportSettings, export_results, masks_for_bo
 from frozenseg.engine.train import Trainer
 from frozenseg.head.paste import paste_masks
 from frozenseg.head.trained import load_trained
+from frozenseg.segmenter import MaskFrozenDETR
 from tests.test_train import SCALE, data, detector_dir, recipe  # noqa: F401 (fixtures)
 
 runner = CliRunner()
@@ -104,15 +105,16 @@ def test_export_equals_the_evaluation_results(tmp_path, data, detector_dir, trai
 
 
 def test_resume_gives_the_uninterrupted_file(tmp_path, data, trained, monkeypatch):  # noqa: F811
-    detector, head, r = load_trained(trained)
+    model = MaskFrozenDETR.from_pretrained(trained, device="cpu")
     dataset = ImageFolder.from_coco(data / "images" / "val", data / "instances_val.json",
                                     transform=eval_transform(SCALE))
-    classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+    classes = match_classes(model.detector.classes, dataset.category_ids,
+                            dataset.category_names)
     boxes = read_boxes(_given_boxes(data, tmp_path)[0], [im["id"] for im in dataset.images])
     settings = ExportSettings(batch_size=1)
     for given in (None, boxes):
         whole, part = tmp_path / "whole.json", tmp_path / "part.json"
-        export_results(detector, head, dataset, whole, classes=classes, settings=settings,
+        export_results(model, dataset, whole, classes=classes, settings=settings,
                        boxes=given)
 
         def interrupt(done, total):
@@ -120,17 +122,17 @@ def test_resume_gives_the_uninterrupted_file(tmp_path, data, trained, monkeypatc
                 raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):
-            export_results(detector, head, dataset, part, classes=classes, settings=settings,
+            export_results(model, dataset, part, classes=classes, settings=settings,
                            boxes=given, progress=interrupt)
         assert not part.exists()
         with pytest.raises(ValueError, match="--resume"):  # never thrown away silently
-            export_results(detector, head, dataset, part, classes=classes, boxes=given,
+            export_results(model, dataset, part, classes=classes, boxes=given,
                            settings=settings)
         with pytest.raises(ValueError, match="settings"):
-            export_results(detector, head, dataset, part, classes=classes, boxes=given,
+            export_results(model, dataset, part, classes=classes, boxes=given,
                            settings=ExportSettings(batch_size=1, mask_threshold=0.4),
                            resume=True)
-        summary = export_results(detector, head, dataset, part, classes=classes,
+        summary = export_results(model, dataset, part, classes=classes,
                                  settings=settings, boxes=given, resume=True)
         assert summary.resumed == 1
         assert part.read_bytes() == whole.read_bytes()
@@ -235,14 +237,15 @@ def test_an_empty_mask_has_quality_and_score_0(tmp_path, data, trained):  # noqa
 
 
 def test_given_box_masks_are_the_heads_pasted_masks(data, trained):  # noqa: F811
-    detector, head, _ = load_trained(trained)
+    model = MaskFrozenDETR.from_pretrained(trained, device="cpu")
+    detector, head = model.detector, model.head
     dataset = ImageFolder.from_coco(data / "images" / "val", data / "instances_val.json",
                                     transform=eval_transform(SCALE))
     classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
     image, target = dataset[0]
     entries = [{"bbox": [10.0, 12.0, 60.0, 40.0], "category_id": 3},
                {"bbox": [30.5, 5.0, 25.0, 70.0], "category_id": 1}]
-    masks, clipped, degenerate = masks_for_boxes(detector, head, classes, (image, target),
+    masks, clipped, degenerate = masks_for_boxes(model, classes, (image, target),
                                                  entries)
     assert (clipped, degenerate) == (0, 0)
     # The reference, step by step: boxes to the view, embed, head, paste at the original size.

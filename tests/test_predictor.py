@@ -38,7 +38,7 @@ def test_predictor_gives_the_masks_the_export_writes(model, data):  # noqa: F811
     """set_image on a numpy array + predict() equals the dataset path (COCO results, RLE at
     the original size) on the same image, mask for mask."""
     val, info, pixels = _val_image(data)
-    target, results = next(dataset_predict(model.detector, model.head, val, batch_size=1))
+    target, results = next(dataset_predict(model, val, batch_size=1))
     assert int(target["image_id"]) == info["id"]
     predictor = Predictor(model)
     predictor.set_image(pixels)

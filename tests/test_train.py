@@ -235,7 +235,8 @@ def test_cli_names_a_missing_detector_or_cache(tmp_path, data, detector_dir):
     path = str(tmp_path / "recipe.yaml")
     missing = runner.invoke(app, ["train", path, f"detector.path={tmp_path / 'nowhere'}"])
     assert missing.exit_code == 1 and "nowhere" in missing.output
-    assert "config.json" in missing.output and "Traceback" not in missing.output
+    assert "not a detector folder" in missing.output and "frozenseg convert" in missing.output
+    assert "Traceback" not in missing.output
     no_cache = runner.invoke(app, ["train", path, f"data.cache={tmp_path / 'nocache'}"])
     assert no_cache.exit_code == 1 and "nocache" in no_cache.output
     assert "not a feature cache" in no_cache.output

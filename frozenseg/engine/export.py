@@ -126,13 +126,14 @@ def _check_entry(entry, path: Path, i: int) -> None:
 
 
 @torch.no_grad()
-def export_results(detector, head, dataset: ImageFolder, out: str | os.PathLike, *,
+def export_results(model, dataset: ImageFolder, out: str | os.PathLike, *,
                    classes: ClassMapping, settings: ExportSettings = ExportSettings(),
                    boxes: ExternalBoxes | None = None, png_dir: str | os.PathLike | None = None,
                    resume: bool = False, job: dict | None = None,
                    progress: Callable[[int, int], None] | None = None) -> ExportSummary:
-    """Masks for ``dataset``'s images (its transform is the view the head saw in
-    training: ``eval_transform(recipe.data.scale)``) -> COCO results at ``out``.
+    """Masks by ``model`` (a :class:`frozenseg.MaskFrozenDETR`) for ``dataset``'s images
+    (its transform is the view the head saw in training: ``model.view``) -> COCO results
+    at ``out``.
 
     classes: detector class -> category id (``match_classes`` for an annotated dataset,
       ``detector_category_ids`` for plain images).
@@ -144,21 +145,21 @@ def export_results(detector, head, dataset: ImageFolder, out: str | os.PathLike,
     pngs = InstancePngs(png_dir, dataset) if png_dir is not None else None
     key = {**(job or {}), "settings": asdict(settings), "png_dir": str(png_dir),
            "boxes": boxes.sha256 if boxes else None, "images": len(dataset)}
-    head.eval()
+    model.eval()
     with ResultsWriter(out, resume_key=key, resume=resume) as writer:
         if boxes is None:
-            _detections(detector, head, dataset, writer, classes, settings, pngs, summary,
+            _detections(model, dataset, writer, classes, settings, pngs, summary,
                         progress)
         else:
-            _given_boxes(detector, head, dataset, writer, classes, settings, boxes, pngs,
+            _given_boxes(model, dataset, writer, classes, settings, boxes, pngs,
                          summary, progress)
     summary.results = writer.count
     if isinstance(dataset, ImageFolder) and not dataset.category_ids:
-        summary.files.append(write_image_table(dataset, classes, detector.classes, out))
+        summary.files.append(write_image_table(dataset, classes, model.detector.classes, out))
     return summary
 
 
-def _detections(detector, head, dataset, writer, classes, settings, pngs, summary,
+def _detections(model, dataset, writer, classes, settings, pngs, summary,
                 progress) -> None:
     """The detector's own boxes, ``batch_size`` images at a time; a checkpoint per batch."""
     start = (writer.progress or {}).get("done", 0)
@@ -171,7 +172,7 @@ def _detections(detector, head, dataset, writer, classes, settings, pngs, summar
 
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
     for target, results in predict(
-            detector, head, Subset(dataset, range(start, len(dataset))), classes=classes,
+            model, Subset(dataset, range(start, len(dataset))), classes=classes,
             batch_size=settings.batch_size, score_threshold=settings.score_threshold,
             max_per_image=settings.max_per_image, mask_threshold=settings.mask_threshold,
             progress=batch_done):
@@ -183,7 +184,7 @@ def _detections(detector, head, dataset, writer, classes, settings, pngs, summar
     summary.skipped = len(dataset) - start - summary.images
 
 
-def _given_boxes(detector, head, dataset, writer, classes, settings, boxes, pngs, summary,
+def _given_boxes(model, dataset, writer, classes, settings, boxes, pngs, summary,
                  progress) -> None:
     """Another detector's boxes, image by image in the order the images first appear;
     entries are written in their original order (a small buffer holds the entries of an
@@ -194,7 +195,7 @@ def _given_boxes(detector, head, dataset, writer, classes, settings, boxes, pngs
     next_entry, (summary.clipped, summary.degenerate) = state["next"], state["counts"]
     summary.resumed = state["images"]
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
-    device = detector.device
+    device = model.device
     for n in range(state["images"], len(order)):
         index = index_of[order[n]]
         item = dataset[index]
@@ -204,7 +205,7 @@ def _given_boxes(detector, head, dataset, writer, classes, settings, boxes, pngs
                               f"{boxes.path} has {len(entry_ids)} boxes on it")
         entries = [boxes.entries[i] for i in entry_ids]
         masks, clipped, degenerate = masks_for_boxes(
-            detector, head, classes, (item[0].to(device), item[1]), entries,
+            model, classes, (item[0].to(device), item[1]), entries,
             settings.mask_threshold)
         summary.clipped += clipped
         summary.degenerate += degenerate
@@ -224,7 +225,7 @@ def _given_boxes(detector, head, dataset, writer, classes, settings, boxes, pngs
 
 
 @torch.no_grad()
-def masks_for_boxes(detector, head, classes: ClassMapping, item: tuple, entries: list[dict],
+def masks_for_boxes(model, classes: ClassMapping, item: tuple, entries: list[dict],
                     mask_threshold: float = 0.5) -> tuple[list[tuple[dict, float | None]],
                                                           int, int]:
     """([(RLE, mask quality)] per entry, in order; boxes clipped; boxes degenerate).
@@ -250,10 +251,8 @@ def masks_for_boxes(detector, head, classes: ClassMapping, item: tuple, entries:
         view_boxes = (inside[kept] * scale).float().to(image.device)
         categories = [entries[i].get("category_id") for i in kept]
         labels = None if None in categories else classes.to_detector(categories)
-        output = detector.embed_boxes(
-            [image], [view_boxes],
-            None if labels is None else [torch.tensor(labels, device=image.device)])
-        head_output = head(output)
+        head_output = model([image], [view_boxes], None if labels is None
+                            else [torch.tensor(labels, device=image.device)])
         order = head_output.query_index.argsort()  # the masks in the order of the boxes
         rles, quality = mask_results(head_output, order, target, mask_threshold)
         for i, rle, q in zip(kept, rles, quality, strict=True):

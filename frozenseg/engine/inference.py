@@ -24,13 +24,14 @@ from frozenseg.head.results import image_predictions
 
 
 @torch.no_grad()
-def predict(detector, head, dataset: CocoInstances, *, classes: ClassMapping | None = None,
+def predict(model, dataset: CocoInstances, *, classes: ClassMapping | None = None,
             batch_size: int = 2, score_threshold: float = 0.0, max_per_image: int = 100,
             mask_threshold: float = 0.5, boxes: str = "detector", num_workers: int = 0,
             progress: Callable[[int, int], None] | None = None
             ) -> Iterator[tuple[dict, list[dict]]]:
-    """(target, COCO results) of each image of ``dataset`` (its own transform is the view),
-    in order; ``progress(done, total)`` after each batch.
+    """(target, COCO results) of each image of ``dataset`` (its own transform is the view)
+    by ``model`` (a :class:`frozenseg.MaskFrozenDETR`), in order; ``progress(done, total)``
+    after each batch.
 
     classes: detector class -> dataset category id; default: matched from the detector's
       and the dataset's categories (:func:`frozenseg.detector.classes.match_classes`).
@@ -38,10 +39,11 @@ def predict(detector, head, dataset: CocoInstances, *, classes: ClassMapping | N
       detector score of 1, so a mask's score is its predicted IoU).
     An image that cannot be read is skipped (the dataset warns)."""
     if classes is None:
-        classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+        classes = match_classes(model.detector.classes, dataset.category_ids,
+                                dataset.category_names)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                         num_workers=num_workers)
-    device, done = detector.device, 0
+    detector, device, done = model.detector, model.device, 0
     for images, _, targets in loader:
         done += len(targets) if targets else batch_size
         if targets:
@@ -50,7 +52,7 @@ def predict(detector, head, dataset: CocoInstances, *, classes: ClassMapping | N
             found = batch_outputs([output for output, _ in runs])
             category_ids = stack_padded([ids[None] for _, ids in runs])
             yield from zip(targets, image_predictions(
-                head(found), category_ids, targets, score_threshold=score_threshold,
+                model.head(found), category_ids, targets, score_threshold=score_threshold,
                 max_per_image=max_per_image, mask_threshold=mask_threshold), strict=True)
         if progress:
             progress(min(done, len(dataset)), len(dataset))
@@ -72,24 +74,26 @@ def _run(detector, image: torch.Tensor, target: dict, boxes: str, classes: Class
     return out.given_boxes(), category_ids.to(out.labels.device)
 
 
-def evaluate(recipe, detector, head, out_dir: str | Path, *,
+def evaluate(model, out_dir: str | Path, *,
              progress: Callable[[int, int], None] | None = None) -> dict:
-    """Mask and box AP of ``head`` on the recipe's val split: writes ``results.json`` (COCO
-    results, RLE) and ``metrics.json`` in ``out_dir`` and returns the metrics."""
+    """Mask and box AP of ``model`` (a :class:`frozenseg.MaskFrozenDETR`) on its recipe's
+    val split, with its recipe's ``eval`` settings: writes ``results.json`` (COCO results,
+    RLE) and ``metrics.json`` in ``out_dir`` and returns the metrics."""
+    recipe = model.recipe
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     split, settings = recipe.data.val, recipe.eval
     dataset = CocoInstances(split.images, split.annotations,
                             transform=eval_transform(recipe.data.scale))
-    was_training = head.training
-    head.eval()
+    was_training = model.head.training
+    model.eval()
     with ResultsWriter(out / "results.json") as writer:
         for _, image_results in predict(
-                detector, head, dataset, batch_size=recipe.train.batch_size,
+                model, dataset, batch_size=recipe.train.batch_size,
                 score_threshold=settings.score_threshold, max_per_image=settings.max_per_image,
                 mask_threshold=settings.mask_threshold, boxes=settings.boxes, progress=progress):
             writer.write(image_results)
-    head.train(was_training)
+    model.head.train(was_training)
     metrics = coco_evaluate(dataset.annotations_json, out / "results.json")
     write_metrics(metrics, out / "metrics.json")
     return metrics

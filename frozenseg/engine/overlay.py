@@ -73,7 +73,7 @@ class ImageSummary:
     overlay: Path
 
 
-def predict_overlays(detector, head, dataset: ImageFolder, out_dir: str | os.PathLike, *,
+def predict_overlays(model, dataset: ImageFolder, out_dir: str | os.PathLike, *,
                      classes: ClassMapping, names: dict[int, str], threshold: float = 0.5,
                      max_instances: int = 100, mask_threshold: float = 0.5,
                      progress: Callable[[int, int], None] | None = None) -> list[ImageSummary]:
@@ -82,8 +82,8 @@ def predict_overlays(detector, head, dataset: ImageFolder, out_dir: str | os.Pat
     summaries = []
     overlays = per_image_paths(out_dir, dataset, ".png")
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
-    head.eval()
-    for target, results in predict(detector, head, dataset, classes=classes, batch_size=1,
+    model.eval()
+    for target, results in predict(model, dataset, classes=classes, batch_size=1,
                                    max_per_image=max_instances, mask_threshold=mask_threshold,
                                    progress=progress):
         index = index_of[int(target["image_id"])]

@@ -113,8 +113,9 @@ class HeadTask:
 
     def evaluate(self, model, out_dir: Path) -> tuple[dict, float, str]:
         from frozenseg.engine.inference import evaluate
+        from frozenseg.segmenter import MaskFrozenDETR
 
-        metrics = evaluate(self.recipe, self.detector, model, out_dir)
+        metrics = evaluate(MaskFrozenDETR(self.detector, model, self.recipe), out_dir)
         return (metrics, metrics["segm"]["AP"],
                 f"mask AP {metrics['segm']['AP']:.2f}, box AP {metrics['bbox']['AP']:.2f}")
 
