@@ -8,14 +8,33 @@ is saved as ``config.json`` beside the converted weights.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import torch
 
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: torch.Tensor, padding_mask: torch.Tensor | None,
+              mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+              ) -> torch.Tensor:
+    """(B, 3, H, W) float RGB in [0, 1] -> (images - mean) / std per channel, with the
+    padding (``padding_mask`` (B, H, W), True at padding) set to 0 afterwards: normalise,
+    then pad, as DETR and every detector frozenseg loads. Models take their inputs this way
+    (the frozen detector, Mask DINO, the ONNX graph); ``mean``/``std`` are the detector's
+    (``DetectorConfig.image_mean`` / ``image_std``)."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    normalised = (images - mean) / std
+    if padding_mask is None:
+        return normalised
+    return normalised.masked_fill(padding_mask[:, None], 0.0)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch import nn
 from frozenseg.boxes import to_normalized
 from frozenseg.detector import folder
 from frozenseg.detector.classes import class_map
-from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.config import DetectorConfig, normalize
 from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetection, build_detector
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.detector.position import box_position_embedding
@@ -215,9 +215,9 @@ class FrozenDetector(nn.Module):
             if img.dim() != 3 or img.shape[0] != 3:
                 raise ValueError(f"image {i} has shape {tuple(img.shape)}, expected (3, H, W)")
             ih, iw = img.shape[-2:]
-            batch[i, :, :ih, :iw] = (img.to(device).float() - self.mean) / self.std
+            batch[i, :, :ih, :iw] = img.to(device).float()
             padding[i, :ih, :iw] = False
-        return batch, padding, sizes
+        return normalize(batch, padding, self.mean, self.std), padding, sizes
 
     def _output(self, raw: RawDetection, sizes, query, scores, labels, mask) -> DetectorOutput:
         gather = query[..., None]

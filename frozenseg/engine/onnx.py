@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from frozenseg.detector.config import normalize
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.ops.functional import BACKEND_ENV
@@ -89,7 +90,7 @@ class DeployModel(nn.Module):
         if not torch.jit.is_tracing():
             check_image(image)
         det = self.detector
-        batch = (image[:1].float() - det.mean) / det.std
+        batch = normalize(image[:1].float(), None, det.mean, det.std)
         padding = torch.zeros_like(batch[:, 0], dtype=torch.bool)  # one image: no padding
         with torch.set_grad_enabled(torch.is_grad_enabled() and not det.frozen):
             encoded = det.model.encode(batch, padding)

@@ -5,6 +5,7 @@ mIoU (:func:`evaluate_maskdino`)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from frozenseg.data.collate import collate
 from frozenseg.data.images import read_stored
 from frozenseg.data.panoptic import CocoPanoptic, panoptic_to_semantic
 from frozenseg.data.transforms import Transform, evaluation
-from frozenseg.detector.config import IMAGENET_MEAN, IMAGENET_STD
+from frozenseg.detector.config import IMAGENET_MEAN, IMAGENET_STD, normalize
 from frozenseg.evaluation.coco import coco_evaluate, load_ground_truth, write_metrics
 from frozenseg.evaluation.panoptic import PanopticQuality, SemanticIoU
 from frozenseg.evaluation.results import ResultsWriter, encode_masks
@@ -123,23 +124,13 @@ def panoptic_ground_truth(target: dict, category_ids: Sequence[int]) -> tuple[Te
     return ids, segments
 
 
-def imagenet_normalizer(mean: Sequence[float] = IMAGENET_MEAN,
-                        std: Sequence[float] = IMAGENET_STD) -> Callable[[Tensor, Tensor], Tensor]:
-    """preprocess(images (B, 3, H, W) in [0, 1], padding_mask (B, H, W)) -> normalised
-    images, padding set to 0 (normalise, then pad: as DETR and the frozen detector)."""
-    def preprocess(images: Tensor, padding_mask: Tensor) -> Tensor:
-        m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-        return ((images - m) / s).masked_fill(padding_mask[:, None], 0.0)
-    return preprocess
-
-
 def _default_preprocess(model) -> Callable[[Tensor, Tensor], Tensor]:
-    """The model's detector's mean/std (``model.config.image_mean``), else ImageNet's."""
+    """:func:`frozenseg.detector.config.normalize` with the model's detector's mean/std
+    (``model.config.image_mean``), else ImageNet's."""
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "image_mean"):
-        return imagenet_normalizer(config.image_mean, config.image_std)
-    return imagenet_normalizer()
+    mean, std = ((config.image_mean, config.image_std) if hasattr(config, "image_mean")
+                 else (IMAGENET_MEAN, IMAGENET_STD))
+    return functools.partial(normalize, mean=mean, std=std)
 
 
 def _device(model) -> torch.device:
@@ -190,8 +181,8 @@ def evaluate_maskdino(model, split: EvalSplit, out_dir: str | Path, *,
 
     tasks: default, every task ``split`` has files for. transform: the view (default
     :func:`frozenseg.data.transforms.evaluation`, 800 / 1333). preprocess: default, the
-    model's mean/std normalisation (:func:`imagenet_normalizer`). Writes ``results.json``
-    (COCO instance results, the dataset's category ids; instance task only) and
+    model's mean/std normalisation (:func:`frozenseg.detector.config.normalize`). Writes
+    ``results.json`` (COCO instance results, the dataset's category ids; instance task only) and
     ``metrics.json`` in ``out_dir``; returns {"bbox", "segm", "per_class" (coco_evaluate's),
     "panoptic" (PanopticQuality.compute), "semantic" (SemanticIoU.compute)}, each present
     when its task ran.

@@ -14,6 +14,7 @@ import torch
 
 from frozenseg.boxes import to_normalized
 from frozenseg.data import CocoInstances, CocoPanoptic, collate
+from frozenseg.detector.config import normalize
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, train_transform
 from frozenseg.maskdino.build import build_maskdino
 from frozenseg.maskdino.criterion import LossWeights, MaskDINOCriterion
@@ -74,9 +75,7 @@ class MaskDINOTask:
         if not targets:
             return None
         config = self.model.config
-        mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(config.image_std).view(1, 3, 1, 1)
-        normalised = ((images - mean) / std).masked_fill(padding[:, None], 0.0)
+        normalised = normalize(images, padding, config.image_mean, config.image_std)
         size = images.shape[-2:]
         return (normalised.to(self.device), padding.to(self.device),
                 [self._target(t, size) for t in targets])
