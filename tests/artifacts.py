@@ -215,11 +215,12 @@ def detrex_checkpoint(folder: Path, *, trainer: bool = True, ema: bool = False) 
 # --- Hugging Face transformers ---------------------------------------------------------------
 
 
-def huggingface_reference(folder: Path) -> Reference:
+def huggingface_reference(folder: Path, architecture: str = "DeformableDetrForObjectDetection"
+                          ) -> Reference:
     """transformers itself, reading back the folder it wrote."""
     import transformers
 
-    model = transformers.DeformableDetrForObjectDetection.from_pretrained(folder).eval()
+    model = getattr(transformers, architecture).from_pretrained(folder).eval()
 
     def run(images, padding):
         with torch.no_grad():
@@ -254,6 +255,17 @@ def huggingface_v4_hub_file(folder: Path) -> Artifact:
     return Artifact(folder, "huggingface", reference)
 
 
+def rt_detr_folder(folder: Path, variant: str) -> Artifact:
+    """``save_pretrained`` of a transformers RTDetr(V2)ForObjectDetection: model.safetensors
+    (its old key names, v2's tied heads once) + config.json."""
+    from test_convert_rt_detr import VARIANTS, random_hf_model
+
+    model, _ = random_hf_model(**VARIANTS[variant])
+    model.save_pretrained(folder)
+    return Artifact(folder, "huggingface_rt_detr",
+                    huggingface_reference(folder, type(model).__name__))
+
+
 def _focalnet() -> dict:
     from test_convert_dino import FOCALNET
 
@@ -277,4 +289,7 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-box-refine": lambda d: huggingface_folder(d, "box-refine"),
     "huggingface-two-stage-sharded": lambda d: huggingface_folder(d, "two-stage", shards=True),
     "huggingface-v4-hub-file": huggingface_v4_hub_file,
+    "huggingface-rt-detr": lambda d: rt_detr_folder(d, "v1"),
+    "huggingface-rt-detr-basic-blocks": lambda d: rt_detr_folder(d, "v1-basic-expansion"),
+    "huggingface-rt-detr-v2": lambda d: rt_detr_folder(d, "v2"),
 }

@@ -49,3 +49,25 @@ def box_position_embedding(
     index = {"xywh": [0, 1, 2, 3], "yxwh": [1, 0, 2, 3]}[order][: boxes.shape[-1]]
     return torch.cat([_interleave_sin_cos(coords[..., i], num_feats, temperature) for i in index],
                      dim=-1)
+
+
+def grid_position_embedding(height: int, width: int, *, dim: int, temperature: float,
+                            like: torch.Tensor) -> torch.Tensor:
+    """RT-DETR's fixed 2-d sine embedding of a feature grid, for its AIFI layer.
+
+    Returns (height * width, dim) in the row-major order of ``x.flatten(2)``: each position
+    (y, x) gets [sin(y w), cos(y w), sin(x w), cos(x w)] with the dim / 4 frequencies
+    w_i = temperature ** (-i / (dim / 4)), computed in float64 (as transformers 5 does; on a
+    square grid this equals the official code's layout). ``like``: dtype and device.
+    """
+    if dim % 4:
+        raise ValueError(f"the grid position embedding needs a width divisible by 4, not {dim}")
+    quarter = dim // 4
+    omega = temperature ** -(torch.arange(quarter, dtype=torch.float64, device=like.device)
+                             / quarter)
+    ys = torch.arange(height, dtype=torch.float64, device=like.device)
+    xs = torch.arange(width, dtype=torch.float64, device=like.device)
+    y = (ys[:, None, None] * omega).expand(height, width, quarter)
+    x = (xs[None, :, None] * omega).expand(height, width, quarter)
+    embedding = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], -1)
+    return embedding.reshape(height * width, dim).to(like.dtype)
