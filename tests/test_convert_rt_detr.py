@@ -124,3 +124,25 @@ def test_per_level_point_counts_are_refused():
     state_dict[key] = torch.tensor([1 / 2] * 2 + [1 / 4] * 4 + [1 / 6] * 6)
     with pytest.raises(ValueError, match="per-level point counts"):
         convert_state_dict(state_dict, args=args)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_aifi_position_embedding_lays_out_a_non_square_grid_as_its_source(transposed):
+    """transformers 5 embeds row-major (row, column); the official code (and transformers 4)
+    builds a width x height grid, flattens it and uses it on the row-major positions."""
+    from frozenseg.detector.position import grid_position_embedding
+
+    h, w, dim, t = 3, 5, 16, 10000.0
+    omega = 1.0 / t ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    if transposed:
+        first, second = torch.meshgrid(torch.arange(w), torch.arange(h), indexing="ij")
+    else:
+        first, second = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    a, b = first.flatten()[:, None] * omega, second.flatten()[:, None] * omega
+    expected = torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], 1).float()
+    got = grid_position_embedding(h, w, dim=dim, temperature=t, like=torch.zeros(1),
+                                  transposed=transposed)
+    torch.testing.assert_close(got, expected)
+    square = grid_position_embedding(4, 4, dim=dim, temperature=t, like=torch.zeros(1))
+    torch.testing.assert_close(square, grid_position_embedding(
+        4, 4, dim=dim, temperature=t, like=torch.zeros(1), transposed=True))

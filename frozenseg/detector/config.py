@@ -61,6 +61,9 @@ class DetectorConfig:
     # backbone levels), RepVGG blocks per CSP block and the CSP hidden-width ratio.
     encoder_dim: int | None = None
     aifi_levels: tuple[int, ...] = (2,)
+    # AIFI's position embedding on a non-square grid: transformers 5's row-major layout, or
+    # the official code's (and transformers 4's) transposed one (the same on square grids).
+    aifi_transposed_grid: bool = False
     csp_blocks: int = 3
     csp_expansion: float = 1.0
     enc_n_points: int = 4

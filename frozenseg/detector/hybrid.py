@@ -46,15 +46,17 @@ class AttentionEncoderLayer(nn.Module):
 class AIFI(nn.Module):
     """``layers`` over one map: (B, C, H, W) -> (B, C, H, W)."""
 
-    def __init__(self, *, layers: list[AttentionEncoderLayer], temperature: float) -> None:
+    def __init__(self, *, layers: list[AttentionEncoderLayer], temperature: float,
+                 transposed_grid: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.temperature = temperature
+        self.temperature, self.transposed_grid = temperature, transposed_grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         src = x.flatten(2).transpose(1, 2)
-        pos = grid_position_embedding(h, w, dim=c, temperature=self.temperature, like=src)
+        pos = grid_position_embedding(h, w, dim=c, temperature=self.temperature, like=src,
+                                      transposed=self.transposed_grid)
         for layer in self.layers:
             src = layer(src, pos)
         return src.transpose(1, 2).reshape(b, c, h, w)

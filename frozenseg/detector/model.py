@@ -106,7 +106,8 @@ def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
     aifi = {level: AIFI(layers=[AttentionEncoderLayer(dim=dim, ffn_dim=ffn_dim,
                                                       heads=config.nheads)
                                 for _ in range(config.enc_layers)],
-                        temperature=config.pos_temperature)
+                        temperature=config.pos_temperature,
+                        transposed_grid=config.aifi_transposed_grid)
             for level in config.aifi_levels}
     return HybridEncoder(in_channels=[channels[s] for s in config.backbone_levels], dim=dim,
                          aifi=aifi, csp_blocks=config.csp_blocks,

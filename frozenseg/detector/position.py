@@ -52,22 +52,24 @@ def box_position_embedding(
 
 
 def grid_position_embedding(height: int, width: int, *, dim: int, temperature: float,
-                            like: torch.Tensor) -> torch.Tensor:
+                            like: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """RT-DETR's fixed 2-d sine embedding of a feature grid, for its AIFI layer.
 
-    Returns (height * width, dim) in the row-major order of ``x.flatten(2)``: each position
-    (y, x) gets [sin(y w), cos(y w), sin(x w), cos(x w)] with the dim / 4 frequencies
-    w_i = temperature ** (-i / (dim / 4)), computed in float64 (as transformers 5 does; on a
-    square grid this equals the official code's layout). ``like``: dtype and device.
+    Returns (height * width, dim) for the positions k of ``x.flatten(2)`` (row-major): each
+    gets [sin(a w), cos(a w), sin(b w), cos(b w)] with the dim / 4 frequencies
+    w_i = temperature ** (-i / (dim / 4)), computed in float64. transformers 5 takes
+    (a, b) = (row, column) = divmod(k, width); the official code and transformers 4 build the
+    grid as width x height and flatten that, so (a, b) = divmod(k, height) (``transposed``):
+    the same on a square grid, not on others. ``like``: dtype and device.
     """
     if dim % 4:
         raise ValueError(f"the grid position embedding needs a width divisible by 4, not {dim}")
     quarter = dim // 4
-    omega = temperature ** -(torch.arange(quarter, dtype=torch.float64, device=like.device)
-                             / quarter)
-    ys = torch.arange(height, dtype=torch.float64, device=like.device)
-    xs = torch.arange(width, dtype=torch.float64, device=like.device)
-    y = (ys[:, None, None] * omega).expand(height, width, quarter)
-    x = (xs[None, :, None] * omega).expand(height, width, quarter)
-    embedding = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], -1)
-    return embedding.reshape(height * width, dim).to(like.dtype)
+    f64 = {"dtype": torch.float64, "device": like.device}
+    omega = temperature ** -(torch.arange(quarter, **f64) / quarter)
+    k = torch.arange(height * width, **f64)
+    stride = height if transposed else width
+    a = torch.div(k, stride, rounding_mode="floor")
+    b = k - a * stride
+    a, b = a[:, None] * omega, b[:, None] * omega
+    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], -1).to(like.dtype)

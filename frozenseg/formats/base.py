@@ -89,6 +89,14 @@ def substitute_keys(state_dict: StateDict, substitutions: list[tuple[str, str]])
     return out
 
 
+def saved_or_assumed(args: dict, name: str, default, notes: list[str], what: str):
+    """``args[name]``, or ``default`` with a note saying what was assumed."""
+    if name in args:
+        return args[name]
+    notes.append(f"{what}: args.{name} not saved, assumed {default}")
+    return default
+
+
 def positive(name: str, value, kind: type = int):
     """A training argument that must be a positive ``kind`` (int: a whole number), as
     that kind; ValueError naming the argument otherwise (a config of wrong types)."""

@@ -45,6 +45,16 @@ def _cn(m: re.Match, group: int) -> str:
     return "conv." if m[group] == "convolution" else "norm."
 
 
+def query_selection_rules(prefix: str) -> list[tuple[str, str]]:
+    """RT-DETR's query selection (enc_output Linear + LayerNorm, enc_score_head,
+    enc_bbox_head) and denoising label embedding under ``prefix``, both layouts alike."""
+    return [(prefix + r"enc_output\.0\.", "transformer.enc_output."),
+            (prefix + r"enc_output\.1\.", "transformer.enc_output_norm."),
+            (prefix + r"enc_score_head\.", "transformer.enc_out_class_embed."),
+            (prefix + r"enc_bbox_head\.", "transformer.enc_out_bbox_embed."),
+            (prefix + r"denoising_class_embed\.", "label_enc.")]
+
+
 RULES = [
     (BACKBONE + r"embedder\.embedder\.(\d)\." + BN,
      lambda m: f"backbone.conv1.conv1_{int(m[1]) + 1}.{_cn(m, 2)}"),
@@ -75,11 +85,7 @@ RULES = [
     (r"^model\.decoder\.query_pos_head\.", "transformer.decoder.ref_point_head."),
     (r"^model\.decoder\.((class|bbox)_embed\.)", r"\1"),
     (r"^model\.decoder\.", "transformer.decoder."),
-    (r"^model\.enc_output\.0\.", "transformer.enc_output."),
-    (r"^model\.enc_output\.1\.", "transformer.enc_output_norm."),
-    (r"^model\.enc_score_head\.", "transformer.enc_out_class_embed."),
-    (r"^model\.enc_bbox_head\.", "transformer.enc_out_bbox_embed."),
-    (r"^model\.denoising_class_embed\.", "label_enc."),
+    *query_selection_rules(r"^model\."),
     (r"^model\.weight_embedding\.", "transformer.tgt_embed."),
 ]
 QKV = re.compile(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$")
@@ -146,7 +152,7 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     if rest:
         raise ValueError(f"decoder attention weights are not a multiple of {heads} heads x "
                          f"{levels} levels")
-    _check_points(sd, points, levels)
+    check_points_scale(sd, N_POINTS_SCALE, points, levels)
     aifi = tuple(args.get("encode_proj_layers", [levels - 1]))
     if len(aifi) != count_indexed(sd, "model.encoder.encoder."):
         raise ValueError(f"encode_proj_layers {list(aifi)} does not match the "
@@ -192,10 +198,11 @@ def _heads(args: dict, c: int, notes: list[str]) -> int:
     return positive("encoder_attention_heads", encoder)
 
 
-def _check_points(sd: StateDict, points: int, levels: int) -> None:
-    """v2's n_points_scale (1 / points per sampling point) must be the uniform one."""
+def check_points_scale(sd: StateDict, pattern: re.Pattern, points: int, levels: int) -> None:
+    """v2's sampling scales (keys matching ``pattern``: 1 / points per sampling point) must
+    be the uniform ones: per-level point counts do not fit the op's layout."""
     for key, scale in sd.items():
-        if N_POINTS_SCALE.match(key) and not torch.allclose(
+        if pattern.match(key) and not torch.allclose(
                 scale.float(), torch.full((levels * points,), 1.0 / points)):
             raise ValueError(f"{key} is not {points} points on each of {levels} levels: "
                              "RT-DETR v2 with per-level point counts is not supported")
