@@ -46,7 +46,9 @@ class FrozenDetector(nn.Module):
         layers = model.encoder_layers
         memory_layer = memory_layer or min(4, layers)
         if not 1 <= memory_layer <= layers:
-            raise ValueError(f"memory_layer {memory_layer} is not in 1..{layers}")
+            raise ValueError(f"memory_layer {memory_layer} is not in 1..{layers}: this "
+                             f"detector's encoder gives {layers} state(s) (null takes the "
+                             "4th or the last)")
         self.model = model.eval().requires_grad_(False)
         self.config: DetectorConfig = model.config
         self.top_k, self.memory_layer = top_k, memory_layer
