@@ -1,14 +1,16 @@
 """The canonical deformable DETR: backbone, input projections, transformer, heads.
 
 One class covers Deformable DETR (single-stage, two-stage, box refinement),
-H-Deformable-DETR and DINO; :class:`DetectorConfig` says which. Parameter names
+H-Deformable-DETR, DINO and RT-DETR (v1 and v2: a hybrid encoder under
+``transformer.encoder``, whose maps reach the decoder through ``input_proj``, 1x1 conv +
+batch norm); :class:`DetectorConfig` says which. Parameter names
 follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
 and the encoder-proposal heads of two-stage models live in ``transformer.enc_out_*``.
-DINO's denoising label embedding is kept as ``label_enc``: inference does not use it, but
-it embeds class labels as DINO's denoising queries do (content = label_enc(class id),
-reference box = the box itself).
+DINO's (and RT-DETR's) denoising label embedding is kept as ``label_enc``: inference does
+not use it, but it embeds class labels as the denoising queries do (content =
+label_enc(class id), reference box = the box itself).
 """
 
 from __future__ import annotations
