@@ -53,11 +53,10 @@ from frozenseg.data import CocoInstances
 from frozenseg.data.collate import collate
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, live_batch
-from frozenseg.engine.step import head_losses
 from frozenseg.head.config import HeadConfig
 from frozenseg.head.loss import MaskCriterion
 from frozenseg.head.network import build_mask_head
-from frozenseg.recipe import stage1_channels
+from frozenseg.head.step import head_losses
 
 DTYPES = ("fp32", "fp16", "bf16", "int8")
 HEAD = HeadConfig(image_encoder_layers=3, box_encoder_layers=2)  # the Swin-L recipe's head
@@ -105,10 +104,7 @@ def cache_figures(detector, dataset, out: Path, dtype: str, transform, args, dev
 def train_step(detector, proposals: str, device):
     """step(batch): head_losses + backward + AdamW step of a fresh Swin-L-recipe head."""
     torch.manual_seed(0)
-    config = detector.config
-    head = build_mask_head(HEAD, hidden_dim=config.hidden_dim,
-                           c1_channels=stage1_channels(config.backbone),
-                           num_levels=config.num_feature_levels).to(device)
+    head = build_mask_head(HEAD, **detector.head_dims).to(device)
     criterion, generator = MaskCriterion(), torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1.5e-4, weight_decay=5e-5)
 

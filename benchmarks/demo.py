@@ -39,7 +39,9 @@ from frozenseg.demo import (
 )
 from frozenseg.engine.inference import evaluate
 from frozenseg.engine.train import Trainer
-from frozenseg.recipe import build_mask_head, load_recipe_detector, recipe_from_dict, recipe_to_dict
+from frozenseg.head.network import build_mask_head
+from frozenseg.head.task import recipe_detector
+from frozenseg.recipe import recipe_from_dict, recipe_to_dict
 
 COLUMNS = ["head", "minutes", "step", "mask AP", "AP50", "AP75", "mask AP on GT boxes"]
 
@@ -71,10 +73,10 @@ def curve(recipe, out: Path, marks: list[float], steps_per_minute: float):
 def training_free(recipe, out: Path) -> tuple[list, float]:
     """The parameter-free head of Table 1 on the detector's and on the GT boxes (with the
     1/4 backbone map added only where its width is the detector's)."""
-    detector = load_recipe_detector(recipe)
+    detector = recipe_detector(recipe)
     same_width = detector.model.backbone.channels[0] == detector.config.hidden_dim
     recipe = with_overrides(recipe, "head.trainable=false", f"head.fuse_c1={same_width}")
-    head = build_mask_head(recipe)
+    head = build_mask_head(recipe.head, **detector.head_dims)
     on_boxes = evaluate(recipe, detector, head, out / "free")
     on_gt = evaluate(with_overrides(recipe, "eval.boxes=gt"), detector, head, out / "free-gt")
     row = ["training-free", 0, 0, *segm(on_boxes), f"{on_gt['segm']['AP']:.1f}"]

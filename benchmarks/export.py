@@ -56,10 +56,11 @@ from frozenseg.data.images import read_image
 from frozenseg.data.transforms import evaluation
 from frozenseg.detector.classes import ClassMapping
 from frozenseg.engine.export import ExportSettings, export_results
-from frozenseg.engine.results import encode_masks, mask_results, view_to_original_scale
+from frozenseg.evaluation.results import encode_masks
 from frozenseg.head.network import build_mask_head
 from frozenseg.head.paste import paste_masks
-from frozenseg.recipe import load_recipe, stage1_channels
+from frozenseg.head.results import mask_results, view_to_original_scale
+from frozenseg.recipe import load_recipe
 
 BACKBONES = {"swin_l": "swinl-4scale", "r50": "r50-4scale"}
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "mask_frozen_dino_swinl_4scale.yaml"
@@ -83,10 +84,7 @@ def make_images(root: Path, count: int, size: tuple[int, int]) -> Path:
 
 def make_head(recipe_path: Path, detector, device) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = detector.config
-    head = build_mask_head(load_recipe(recipe_path).head, hidden_dim=config.hidden_dim,
-                           c1_channels=stage1_channels(config.backbone),
-                           num_levels=config.num_feature_levels)
+    head = build_mask_head(load_recipe(recipe_path).head, **detector.head_dims)
     return head.to(device).eval()
 
 

@@ -24,14 +24,16 @@ import torch
 import frozenseg
 from benchmarks.common import cpu_name, learning_curve, table
 from frozenseg.cache import write_cache
-from frozenseg.convert import write_detector
 from frozenseg.data import CocoInstances
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.folder import write_detector
 from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.inference import evaluate
 from frozenseg.engine.train import Trainer
-from frozenseg.recipe import build_mask_head, load_recipe, load_recipe_detector
+from frozenseg.head.network import build_mask_head
+from frozenseg.head.task import recipe_detector
+from frozenseg.recipe import load_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synth_tiny.yaml"
 DETECTOR = dict(backbone={"name": "resnet50"}, hidden_dim=256, enc_layers=4, dec_layers=2,
@@ -73,7 +75,8 @@ def mask_ap(metrics: dict) -> list[str]:
 def baseline(r) -> dict:
     """The training-free head (Table 1: RoIAlign + 1/4 features) on the same boxes."""
     r.head.trainable = False
-    return evaluate(r, load_recipe_detector(r), build_mask_head(r),
+    detector = recipe_detector(r)
+    return evaluate(r, detector, build_mask_head(r.head, **detector.head_dims),
                     Path(r.train.output_dir) / "baseline")
 
 

@@ -9,9 +9,11 @@ _API = {
     "load_detector": "frozenseg.detector.frozen",
     "synth": "frozenseg.data.synth",
     "load_recipe": "frozenseg.recipe",
-    "build_mask_head": "frozenseg.recipe",
-    "load_trained": "frozenseg.engine.train",
+    "build_mask_head": "frozenseg.head.network",
+    "load_trained": "frozenseg.head.trained",
     "export_results": "frozenseg.engine.export",
+    "MaskFrozenDETR": "frozenseg.segmenter",
+    "Predictor": "frozenseg.predictor",
 }
 
 

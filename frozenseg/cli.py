@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import typer
@@ -114,6 +115,44 @@ def _naming(path: Path, err: BaseException) -> str:
     return line if str(path) in line else f"{path}: {line}"
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a command reports in one line: bad input, a refused job, or a failed step whose
+    message says why (frozenseg's own errors are ValueErrors, except these two)."""
+    from frozenseg.engine.task import TrainingError
+    from frozenseg.files import FolderInUse
+
+    return ValueError, KeyError, TrainingError, FolderInUse
+
+
+def _one_line_errors(*where: str, naming: bool = False,
+                     also: tuple[type[BaseException], ...] = ()):
+    """Decorate a command: its expected errors (and ``also``) become one line on stderr and
+    exit code 1 (see _fail), not a traceback. ``where``: the parameters holding the path the
+    command works on, the first one given; an OSError without a file name (a full disk, a
+    read-only folder) names it, and with ``naming`` every message is led by it."""
+
+    def decorate(command):
+        @functools.wraps(command)
+        def run(**params):
+            path = next((params[name] for name in where if params.get(name) is not None), None)
+            try:
+                return command(**params)
+            except (typer.Exit, typer.Abort):
+                raise
+            except OSError as err:
+                if isinstance(err, FileNotFoundError) and not err.filename:
+                    _fail(_error_line(err))
+                _fail(f"{err.filename or path}: {err.strerror or err}")
+            except Exception as err:
+                if not isinstance(err, (*_expected_errors(), *also)):
+                    raise
+                _fail(_naming(path, err) if naming and path else _error_line(err))
+
+        return run
+
+    return decorate
+
+
 def _read_class_names(path: Path | None) -> list[str] | None:
     if path is None:
         return None
@@ -185,6 +224,7 @@ TRUST_HELP = ("Flag: allow any pickled Python object. This runs code from the fi
 
 
 @app.command()
+@_one_line_errors("out")
 def convert(
     detector: Path = typer.Option(..., "--detector", help=DETECTOR_HELP),
     out: Path = typer.Option(
@@ -219,29 +259,27 @@ def convert(
     report = _convert_to_folder(detector, out, options)
     if report is not None:
         _print_report(report)
-        console.print(f"wrote {out / 'detector.safetensors'} and {out / 'config.json'}",
+        from frozenseg.detector.folder import CONFIG_FILE, WEIGHTS_FILE
+
+        console.print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}",
                       highlight=False, soft_wrap=True, markup=False)
 
 
 def _convert_to_folder(detector: Path, out: Path, options: dict):
     """Any checkpoint convert reads -> a detector folder: the conversion report, or None
     for a joint-mode checkpoint (its detector is written as it is)."""
-    from frozenseg.checkpoint import CheckpointError
-    from frozenseg.convert import ConversionError, convert_checkpoint
-    from frozenseg.maskdino.task import is_joint_checkpoint
+    from frozenseg.convert import convert_checkpoint
+    from frozenseg.maskdino.checkpoint import is_joint_checkpoint
 
-    try:
-        if detector.is_file() and is_joint_checkpoint(detector):
-            _joint_to_detector(detector, out, options["overwrite"])
-            return None
-        with console.status("Converting ..."):
-            return convert_checkpoint(detector, out, format=options["format"],
-                                      num_classes=options["num_classes"],
-                                      class_names=options["names"], trust=options["trust"],
-                                      config=options["config"], weights=options["weights"],
-                                      overwrite=options["overwrite"])
-    except (CheckpointError, ConversionError) as err:
-        _fail(str(err))
+    if detector.is_file() and is_joint_checkpoint(detector):
+        _joint_to_detector(detector, out, options["overwrite"])
+        return None
+    with console.status("Converting ..."):
+        return convert_checkpoint(detector, out, format=options["format"],
+                                  num_classes=options["num_classes"],
+                                  class_names=options["names"], trust=options["trust"],
+                                  config=options["config"], weights=options["weights"],
+                                  overwrite=options["overwrite"])
 
 
 def _convert_to_dino(detector: Path, out: Path, options: dict) -> None:
@@ -270,7 +308,7 @@ def _convert_to_dino(detector: Path, out: Path, options: dict) -> None:
 def _joint_to_detector(checkpoint: Path, out: Path, overwrite: bool) -> None:
     """A Mask DINO checkpoint of the joint mode -> a detector folder for the head pipeline."""
     from frozenseg.convert import ConversionError
-    from frozenseg.maskdino.task import load_joint, save_as_detector
+    from frozenseg.maskdino.checkpoint import load_joint, save_as_detector
 
     try:
         model, info = load_joint(checkpoint)
@@ -285,6 +323,7 @@ def _joint_to_detector(checkpoint: Path, out: Path, overwrite: bool) -> None:
 
 
 @app.command()
+@_one_line_errors("checkpoint")
 def inspect(
     checkpoint: Path = typer.Argument(..., help=DETECTOR_HELP),
     format: str = typer.Option("auto", "--format", help=FORMAT_HELP),
@@ -295,20 +334,17 @@ def inspect(
 ) -> None:
     """Everything convert does (load, convert, build, load strictly, run, serialise), without
     writing anything: a clean report means convert succeeds."""
-    from frozenseg.checkpoint import CheckpointError
-    from frozenseg.convert import ConversionError, inspect_checkpoint
+    from frozenseg.convert import inspect_checkpoint
 
-    try:
-        _, report = inspect_checkpoint(checkpoint, format=format, trust=trust_checkpoint,
-                                       config=config, weights=weights)
-    except (CheckpointError, ConversionError) as err:
-        _fail(str(err))
+    _, report = inspect_checkpoint(checkpoint, format=format, trust=trust_checkpoint,
+                                   config=config, weights=weights)
     _print_report(report)
     if not report.ok:
         _fail(f"{checkpoint}: {report.problem()}")
 
 
 @app.command()
+@_one_line_errors("out")
 def synth(
     out: Path = typer.Option(..., "--out", help="Folder to write the dataset into."),
     images: int = typer.Option(200, "--images", help="Images in all (20% of them are val)."),
@@ -324,22 +360,15 @@ def synth(
     """Write a deterministic synthetic COCO-format dataset (instances, panoptic, semantic)."""
     from rich.progress import Progress
 
-    from frozenseg.data.synth import SynthError
     from frozenseg.data.synth import synth as make_dataset
 
-    try:
-        with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-            task = bar.add_task("Rendering", total=images)
-            summary = make_dataset(
-                out, images=images, seed=seed, min_size=min_size, max_size=max_size,
-                min_object=min_object,
-                image_format=image_format, overwrite=overwrite,
-                progress=lambda done, total: bar.update(task, completed=done),
-            )
-    except SynthError as err:
-        _fail(str(err))
-    except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
-        _fail(f"{err.filename or out}: {err.strerror or err}")
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("Rendering", total=images)
+        summary = make_dataset(
+            out, images=images, seed=seed, min_size=min_size, max_size=max_size,
+            min_object=min_object, image_format=image_format, overwrite=overwrite,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
     what = "already there, reused" if summary.reused else f"wrote in {summary.seconds:.1f} s"
     _say(f"{summary.images} images ({summary.train} train, {summary.val} val), "
          f"{summary.instances} instances + {summary.crowd} crowd regions, {summary.classes} "
@@ -359,6 +388,7 @@ def _rate_column(unit: str = "img/s"):
 
 
 @app.command()
+@_one_line_errors("out", "recipe")
 def cache(
     recipe: Path = typer.Argument(None, help="A recipe: caches its train split with its "
                                   "detector (path, top_k, memory_layer) into data.cache, "
@@ -390,34 +420,28 @@ def cache(
                                 "sha256 and exit (1 naming a bad shard)."),
 ) -> None:
     """Run the frozen detector once over a dataset into a feature cache (or --verify one)."""
-    from frozenseg.cache import CacheError
-    from frozenseg.files import FolderInUse
+    from frozenseg.data import CocoInstances
+    from frozenseg.data.transforms import evaluation
+    from frozenseg.engine.data import cache_views
 
-    try:
-        if verify is not None:
-            _verify_cache(verify)
-            return
-        if recipe is not None:
-            job = _recipe_cache_job(recipe, overrides or [])
-        else:
-            missing = [name for name, value in (("--detector", detector), ("--images", images),
-                                                ("--annotations", annotations), ("--out", out))
-                       if value is None]
-            if missing:
-                _fail(f"missing {', '.join(missing)} (or pass a RECIPE, or --verify DIR)")
-            job = {"detector": detector, "images": images, "annotations": annotations,
-                   "out": out, "memory_layer": memory_layer, "top_k": top_k, "views": views,
-                   "seed": seed, "transform": _cache_transform(views, short / 800, short,
-                                                               max_size)}
-        out, views = job["out"], job["views"]
-        index = _write_cache(**job, dtype=dtype, shard_size=shard_size, max_gb=max_gb,
-                             resume=resume, store_c1=store_c1)
-    except (CacheError, FolderInUse) as err:
-        _fail(str(err))
-    except (FileNotFoundError, ValueError) as err:
-        _fail(_error_line(err))
-    except OSError as err:
-        _fail(f"{err.filename or out}: {err.strerror or err}")
+    if verify is not None:
+        _verify_cache(verify)
+        return
+    if recipe is not None:
+        job = _recipe_cache_job(recipe, overrides or [])
+    else:
+        missing = [name for name, value in (("--detector", detector), ("--images", images),
+                                            ("--annotations", annotations), ("--out", out))
+                   if value is None]
+        if missing:
+            _fail(f"missing {', '.join(missing)} (or pass a RECIPE, or --verify DIR)")
+        job = {"detector": detector, "dataset": CocoInstances(images, annotations),
+               "out_dir": out, "memory_layer": memory_layer, "top_k": top_k, "views": views,
+               "seed": seed, "transform": evaluation(short, max_size) if views == 1
+               else cache_views(views, short / 800)}
+    out, views = job["out_dir"], job["views"]
+    index = _write_cache(job, dtype=dtype, shard_size=shard_size, max_gb=max_gb,
+                         resume=resume, store_c1=store_c1)
     if index is None:  # another process of a distributed run: process 0 reports
         return
     count = sum(len(s["entries"]) for s in index["shards"])
@@ -436,30 +460,15 @@ def _verify_cache(folder: Path) -> None:
 
 
 def _recipe_cache_job(path: Path, overrides: list[str]) -> dict:
-    """What ``frozenseg cache RECIPE`` caches: the train split, as training will read it."""
-    r = _load_recipe(path, overrides)
-    if not r.data.cache:
-        _fail(f"{path}: data.cache is null: name the cache folder to write (data.cache=DIR)")
-    return {"detector": Path(r.detector.path), "images": Path(r.data.train.images),
-            "annotations": Path(r.data.train.annotations), "out": Path(r.data.cache),
-            "memory_layer": r.detector.memory_layer, "top_k": r.detector.top_k,
-            "views": r.data.views, "seed": r.train.seed,
-            "transform": _cache_transform(r.data.views, r.data.scale)}
+    from frozenseg.cache import CacheError, recipe_cache_job
+
+    try:
+        return recipe_cache_job(_load_recipe(path, overrides))
+    except CacheError as err:
+        _fail(f"{path}: {err}")
 
 
-def _cache_transform(views: int, scale: float, short: int | None = None,
-                     max_size: int | None = None):
-    """One view: the evaluation resize (``short``/``max_size`` when given); several: the
-    augmented views of :func:`frozenseg.engine.data.cache_views`, at ``scale``."""
-    from frozenseg.data.transforms import evaluation
-    from frozenseg.engine.data import cache_views
-
-    if views == 1 and short is not None:
-        return evaluation(short, max_size)
-    return cache_views(views, scale)
-
-
-def _write_cache(detector, images, annotations, out, *, views, transform, **options) -> dict:
+def _write_cache(job: dict, **options) -> dict:
     """Under ``accelerate launch`` (or torchrun) each process takes its share of shards;
     the index comes back to process 0 only (None elsewhere)."""
     import torch
@@ -467,20 +476,15 @@ def _write_cache(detector, images, annotations, out, *, views, transform, **opti
     from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from frozenseg.cache import write_cache
-    from frozenseg.data import CocoInstances
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    dataset = CocoInstances(images, annotations)
     columns = (*Progress.get_default_columns()[:2], MofNCompleteColumn(), _rate_column(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True,
                   disable=not console.is_terminal or not state.is_main_process) as bar:
-        task = bar.add_task("Caching", total=len(dataset) * views)
-        index = write_cache(
-            detector, dataset, out, transform=transform, views=views, device=state.device,
-            state=state, progress=_ProgressUpdate(bar, task),
-            log=_say, **options,
-        )
+        task = bar.add_task("Caching", total=len(job["dataset"]) * job["views"])
+        index = write_cache(**job, device=state.device, state=state,
+                            progress=_ProgressUpdate(bar, task), log=_say, **options)
     return index if state.is_main_process else None
 
 
@@ -509,6 +513,7 @@ def _load_recipe(path: Path, overrides: list[str]):
 
 
 @app.command()
+@_one_line_errors("recipe")
 def train(
     recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/)."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
@@ -517,26 +522,16 @@ def train(
                                  "FLOPs for one validation image, then exit."),
 ) -> None:
     """Train the mask head a recipe describes (on its cache, or with the detector live)."""
-    from frozenseg.engine.train import Trainer, TrainingError
-    from frozenseg.files import FolderInUse
+    from frozenseg.engine.train import Trainer
 
     loaded = _load_recipe(recipe, overrides or [])
-    try:
-        if dry_run:
-            _dry_run(loaded)
-            return
-        trainer = Trainer(loaded, log=_say)
-        if loaded.mode == "maskdino":
-            _print_model_size(trainer.task)
-        else:
-            _print_head_size(trainer.accelerator.unwrap_model(trainer.head), trainer.detector,
-                             loaded)
-        with _training_progress(loaded) as update:
-            position = trainer.run(resume=resume, progress=update)
-    except (TrainingError, ValueError, FileNotFoundError, FolderInUse) as err:
-        _fail(_error_line(err))
-    except OSError as err:  # a full disk under metrics.jsonl, a read-only output folder
-        _fail(f"{err.filename or loaded.train.output_dir}: {err.strerror or err}")
+    if dry_run:
+        _dry_run(loaded)
+        return
+    trainer = Trainer(loaded, log=_say)
+    _print_lines(trainer.task.describe())
+    with _training_progress(loaded) as update:
+        position = trainer.run(resume=resume, progress=update)
     _say(f"trained {position.step} steps: {Path(loaded.train.output_dir) / 'last.pt'}")
 
 
@@ -571,54 +566,22 @@ def _training_progress(recipe):
     return context()
 
 
-def _head_and_detector(recipe):
-    from frozenseg.recipe import build_mask_head, load_recipe_detector
-
-    return build_mask_head(recipe), load_recipe_detector(recipe)
-
-
 def _dry_run(recipe) -> None:
-    if recipe.mode == "maskdino":
-        from accelerate import PartialState
+    """What the recipe trains and what it costs, without training."""
+    from accelerate import PartialState
 
-        from frozenseg.maskdino.task import MaskDINOTask
+    from frozenseg.engine.task import build_task
 
-        _print_model_size(MaskDINOTask(recipe, PartialState()), measure=True)
-        return
-    head, detector = _head_and_detector(recipe)
-    _print_head_size(head, detector, recipe)
+    _print_lines(build_task(recipe, PartialState()).describe(measure=True))
 
 
-def _print_model_size(task, measure: bool = False) -> None:
-    """Mask DINO: where its weights came from, parameters, and (measure) the memory of one
-    training step at the recipe's batch size."""
-    from frozenseg.maskdino.memory import training_memory
-
-    for line in task.report:
-        _say(line)
-    params = sum(p.numel() for p in task.model.parameters())
-    console.print(f"Mask DINO: {params / 1e6:.2f} M parameters", highlight=False)
-    if measure:
-        _say(training_memory(task))
-
-
-def _print_head_size(head, detector, recipe) -> None:
-    """Trainable parameters, and FLOPs of one forward on the first validation image."""
-    from frozenseg.data import CocoInstances
-    from frozenseg.engine.data import eval_transform
-    from frozenseg.head.network import count_parameters, estimate_flops
-
-    val = CocoInstances(recipe.data.val.images, recipe.data.val.annotations,
-                        transform=eval_transform(recipe.data.scale))
-    image, _ = next(item for item in (val[i] for i in range(len(val))) if item is not None)
-    output = detector([image])  # the head lives where the detector does
-    flops = estimate_flops(head, output)
-    console.print(f"head: {count_parameters(head) / 1e6:.2f} M trainable parameters, "
-                  f"{flops / 2e9:.2f} GMACs for one {image.shape[1]}x{image.shape[2]} image "
-                  f"with {output.queries.shape[1]} boxes", highlight=False)
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        console.print(escape(line), highlight=False)
 
 
 @app.command("eval")
+@_one_line_errors("checkpoint", "recipe", naming=True, also=(RuntimeError,))
 def evaluate(
     recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/)."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides"),
@@ -630,22 +593,19 @@ def evaluate(
     """COCO box and mask AP of a trained head on the recipe's val split."""
     import torch
 
-    from frozenseg.engine.evaluate import metrics_table, per_class_table
     from frozenseg.engine.inference import evaluate as run_evaluation
-    from frozenseg.engine.train import load_trained
+    from frozenseg.evaluation.coco import metrics_table, per_class_table
+    from frozenseg.head.trained import load_trained
 
     loaded = _load_recipe(recipe, overrides or [])
     if loaded.mode == "maskdino":
         _evaluate_joint(loaded, checkpoint, out)
         return
-    try:
-        detector, head, _ = load_trained(checkpoint, recipe=loaded)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        detector, head = detector.to(device), head.to(device)
-        folder = out or Path(loaded.train.output_dir) / "eval"
-        metrics = run_evaluation(loaded, detector, head, folder)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        _fail(_naming(checkpoint or recipe, err))
+    detector, head, _ = load_trained(checkpoint, recipe=loaded)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    detector, head = detector.to(device), head.to(device)
+    folder = out or Path(loaded.train.output_dir) / "eval"
+    metrics = run_evaluation(loaded, detector, head, folder)
     console.print(metrics_table(metrics))
     console.print(per_class_table(metrics, "segm"))
     _say(f"results and metrics: {folder}")
@@ -655,19 +615,17 @@ def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
     """frozenseg eval in mode maskdino: AP, PQ and mIoU of a joint checkpoint."""
     import torch
 
-    from frozenseg.engine.evaluate import metrics_table
-    from frozenseg.engine.panoptic_eval import panoptic_table
-    from frozenseg.maskdino.task import evaluate_joint, load_joint
+    from frozenseg.evaluation.coco import metrics_table
+    from frozenseg.evaluation.panoptic import panoptic_table
+    from frozenseg.maskdino.checkpoint import load_joint
+    from frozenseg.maskdino.task import evaluate_joint
 
     if checkpoint is None:
         _fail("--checkpoint is needed (a joint-mode last.pt or best.pt)")
-    try:
-        model, _ = load_joint(checkpoint)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        folder = out or Path(recipe.train.output_dir) / "eval"
-        metrics, _, line = evaluate_joint(model.to(device), recipe, folder)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        _fail(_naming(checkpoint, err))
+    model, _ = load_joint(checkpoint)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = out or Path(recipe.train.output_dir) / "eval"
+    metrics, _, line = evaluate_joint(model.to(device), recipe, folder)
     if "bbox" in metrics:
         console.print(metrics_table(metrics))
     if "panoptic" in metrics:
@@ -692,7 +650,7 @@ def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
     one is given; ``--detector`` replaces the recipe's detector path."""
     import torch
 
-    from frozenseg.engine.train import load_trained
+    from frozenseg.head.trained import load_trained
 
     if head is None and recipe is None:
         _fail("--head CKPT is needed (or --recipe for the training-free baseline)")
@@ -717,18 +675,6 @@ def _images(paths: list[Path], annotations: Path | None, scale: float):
     return ImageFolder(paths, transform=transform)
 
 
-def _classes(detector, dataset):
-    from frozenseg.detector.classes import detector_category_ids, match_classes
-
-    if dataset.category_ids:
-        classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
-        return classes, dict(zip(dataset.category_ids, dataset.category_names, strict=True))
-    classes = detector_category_ids(detector.classes)
-    names = {cid: name for cid, name in zip(classes.category_ids, detector.classes["names"],
-                                            strict=True) if cid is not None and name}
-    return classes, names
-
-
 def _image_progress(description: str):
     """A rich bar over images; yields update(done, total) (see _ProgressUpdate)."""
 
@@ -746,6 +692,7 @@ def _image_progress(description: str):
 
 
 @app.command()
+@_one_line_errors("out")
 def export(
     out: Path = typer.Option(..., "--out", help="The results json to write (--format onnx: "
                              "the .onnx file)."),
@@ -775,31 +722,27 @@ def export(
     recipe: Path = _RECIPE_OPTION,
 ) -> None:
     """Masks for a detector's predictions, or for any detector's boxes, as COCO results."""
+    from frozenseg.detector.classes import classes_for
     from frozenseg.engine.export import ExportSettings, export_results, read_boxes
 
     if format not in ("json", "onnx"):
         _fail(f"--format {format}: expected json or onnx")
-    try:
-        found, model, resolved = _trained(head, recipe, detector)
-        if format == "onnx":
-            _export_onnx(found, model, out, height, width, dynamic)
-            return
-        if not images:
-            _fail("--images DIR is needed")
-        dataset = _images(images, annotations, resolved.data.scale)
-        classes, _ = _classes(found, dataset)
-        given = read_boxes(boxes, [im["id"] for im in dataset.images]) if boxes else None
-        job = {"detector": str(resolved.detector.path), "head": str(head),
-               "images": [str(p) for p in images], "annotations": str(annotations)}
-        settings = ExportSettings(score_threshold, max_per_image, mask_threshold, batch_size)
-        with _image_progress("Exporting") as update:
-            summary = export_results(found, model, dataset, out, classes=classes,
-                                     settings=settings, boxes=given, png_dir=png_dir,
-                                     resume=resume, job=job, progress=update)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(_error_line(err))
-    except OSError as err:
-        _fail(f"{err.filename or out}: {err.strerror or err}")
+    found, model, resolved = _trained(head, recipe, detector)
+    if format == "onnx":
+        _export_onnx(found, model, out, height, width, dynamic)
+        return
+    if not images:
+        _fail("--images DIR is needed")
+    dataset = _images(images, annotations, resolved.data.scale)
+    classes, _ = classes_for(found.classes, dataset.category_ids, dataset.category_names)
+    given = read_boxes(boxes, [im["id"] for im in dataset.images]) if boxes else None
+    job = {"detector": str(resolved.detector.path), "head": str(head),
+           "images": [str(p) for p in images], "annotations": str(annotations)}
+    settings = ExportSettings(score_threshold, max_per_image, mask_threshold, batch_size)
+    with _image_progress("Exporting") as update:
+        summary = export_results(found, model, dataset, out, classes=classes,
+                                 settings=settings, boxes=given, png_dir=png_dir,
+                                 resume=resume, job=job, progress=update)
     _print_export(summary, given, png_dir)
 
 
@@ -829,6 +772,7 @@ def _export_onnx(detector, head, out: Path, height: int | None, width: int | Non
 
 
 @app.command()
+@_one_line_errors("out")
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files or folders."),
     out: Path = typer.Option(..., "--out", help="Where overlays and json go."),
@@ -841,20 +785,16 @@ def predict(
     recipe: Path = _RECIPE_OPTION,
 ) -> None:
     """Overlay PNGs (masks, edges, boxes, labels, scores) and a json per image."""
+    from frozenseg.detector.classes import classes_for
     from frozenseg.engine.overlay import predict_overlays
 
-    try:
-        found, model, resolved = _trained(head, recipe, detector)
-        dataset = _images(images, None, resolved.data.scale)
-        classes, names = _classes(found, dataset)
-        with _image_progress("Predicting") as update:
-            summaries = predict_overlays(found, model, dataset, out, classes=classes,
-                                         names=names, threshold=threshold,
-                                         max_instances=max_instances, progress=update)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        _fail(_error_line(err))
-    except OSError as err:
-        _fail(f"{err.filename or out}: {err.strerror or err}")
+    found, model, resolved = _trained(head, recipe, detector)
+    dataset = _images(images, None, resolved.data.scale)
+    classes, names = classes_for(found.classes, dataset.category_ids, dataset.category_names)
+    with _image_progress("Predicting") as update:
+        summaries = predict_overlays(found, model, dataset, out, classes=classes, names=names,
+                                     threshold=threshold, max_instances=max_instances,
+                                     progress=update)
     console.print(_prediction_table(summaries, threshold))
     _say(f"overlays and json: {out}")
 
@@ -883,6 +823,7 @@ def _prediction_table(summaries, threshold: float, rows: int = 20) -> Table:
 
 
 @app.command()
+@_one_line_errors("out")
 def demo(
     out: Path = typer.Option(Path("frozenseg-demo"), "--out", help="The demo's folder: "
                              "dataset, detector, cache, run, results, overlays."),
@@ -899,15 +840,8 @@ def demo(
     """The whole flow on the detector frozenseg ships: synth, convert, cache, train, export,
     evaluate, overlays. Run it again: it reuses what is done."""
     from frozenseg.demo import DETECTOR, DemoHooks, run_demo, summary_table
-    from frozenseg.engine.train import TrainingError
 
-    hooks = DemoHooks(images=_image_progress, training=_training_progress,
-                      log=_say)
-    try:
-        summary = run_demo(out, steps=steps, images=images, hooks=hooks,
-                           detector=detector or DETECTOR, trust=trust_checkpoint)
-    except (ValueError, FileNotFoundError, TrainingError) as err:
-        _fail(_error_line(err))
-    except OSError as err:
-        _fail(f"{err.filename or out}: {err.strerror or err}")
+    hooks = DemoHooks(images=_image_progress, training=_training_progress, log=_say)
+    summary = run_demo(out, steps=steps, images=images, hooks=hooks,
+                       detector=detector or DETECTOR, trust=trust_checkpoint)
     console.print(summary_table(summary))

@@ -2,29 +2,23 @@
 
 The format module renames keys; then every canonical key and every shape is
 checked against the model the derived config builds, and nothing is written
-unless all match. Output: ``DIR/detector.safetensors`` + ``DIR/config.json``,
+unless all match. Output: a detector folder (:mod:`frozenseg.detector.folder`),
 written to a temporary folder first and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
-from frozenseg.files import unshared
+from frozenseg.detector.folder import check_output_folder, config_json, weights_bytes, write_files
 from frozenseg.formats import FORMATS, detect_format
 from frozenseg.formats.base import Renamed, StateDict
-
-WEIGHTS_FILE, CONFIG_FILE = "detector.safetensors", "config.json"
 
 
 class ConversionError(ValueError):
@@ -248,7 +242,7 @@ def _prove(state_dict: StateDict, report: ConversionReport, path: Path
         raise ConversionError(f"{path}: the converted detector gives non-finite outputs on "
                               "a test image (are the weights damaged?)")
     state_dict = model.state_dict()
-    return state_dict, _weights_bytes(state_dict)
+    return state_dict, weights_bytes(state_dict)
 
 
 def convert_checkpoint(
@@ -258,7 +252,7 @@ def convert_checkpoint(
 ) -> ConversionReport:
     """What ``frozenseg convert`` does: :func:`inspect_checkpoint`, then write atomically.
     ``out_dir`` must not exist, or be a detector folder frozenseg wrote and ``overwrite``."""
-    check_output_folder(Path(out_dir), overwrite=overwrite)
+    check_output_folder(out_dir, overwrite=overwrite)
     _, report, serialised = _inspect(src, format=format, num_classes=num_classes,
                                      trust=trust, config=config, weights=weights)
     if not report.ok:
@@ -267,9 +261,9 @@ def convert_checkpoint(
         raise ConversionError(f"{len(class_names)} class names for a detector with "
                               f"{report.config.num_classes} classes")
     class_names = report.class_names if class_names is None else class_names
-    meta = _config_json(report.config, format=report.format, source=report.source,
-                        sha256=report.sha256, class_names=class_names)
-    _write_folder(Path(out_dir), serialised, meta, overwrite=overwrite)
+    meta = config_json(report.config, format=report.format, source=report.source,
+                       sha256=report.sha256, class_names=class_names)
+    write_files(out_dir, serialised, meta, overwrite=overwrite)
     return report
 
 
@@ -314,78 +308,3 @@ def _sidecar_config(weights: Path) -> dict:
 def _one_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
-
-
-def write_detector(out_dir: str | Path, state_dict: StateDict, config: DetectorConfig, *,
-                   format: str, source: str, sha256: str = "",
-                   class_names: list[str] | None = None, overwrite: bool = False) -> None:
-    """The folder ``load_detector`` reads (weights + config.json), written atomically: a
-    staging folder renamed into place. Also for detectors frozenseg trains or makes.
-    An existing ``out_dir`` is replaced only if frozenseg wrote it and ``overwrite``."""
-    meta = _config_json(config, format=format, source=source, sha256=sha256,
-                        class_names=class_names)
-    _write_folder(Path(out_dir), _weights_bytes(state_dict), meta, overwrite=overwrite)
-
-
-def _write_folder(out_dir: Path, weights: bytes, meta: str, *, overwrite: bool) -> None:
-    """A detector folder's two files, staged beside ``out_dir`` and renamed into place."""
-    out_dir = out_dir.absolute()
-    check_output_folder(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        (staging / WEIGHTS_FILE).write_bytes(weights)
-        (staging / CONFIG_FILE).write_text(meta)
-        _replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _weights_bytes(state_dict: StateDict) -> bytes:
-    """detector.safetensors in memory (tensors that share storage written once each)."""
-    from safetensors.torch import save
-
-    return save(unshared(state_dict))
-
-
-def _config_json(config: DetectorConfig, *, format: str, source: str, sha256: str = "",
-                 class_names: list[str] | None = None) -> str:
-    """config.json of a detector folder: where it came from, its config, its classes."""
-    meta = {"format": format, "source": source, "sha256": sha256, "config": config.to_dict(),
-            "classes": class_map(config.num_classes, class_names)}
-    return json.dumps(meta, indent=2) + "\n"
-
-
-def is_detector_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a detector folder frozenseg wrote: its config.json says so."""
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and {"format", "config"} <= set(meta)
-
-
-def check_output_folder(out_dir: Path, *, overwrite: bool) -> None:
-    """Refuse, in one line, to replace anything but a detector folder frozenseg wrote,
-    and that one only when asked to: convert never deletes a user's files."""
-    out_dir = out_dir.absolute()
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if not out_dir.is_dir() or not is_detector_folder(out_dir):
-        what = "a directory" if out_dir.is_dir() else "a file"
-        raise ConversionError(f"{out_dir}: exists and is {what} frozenseg did not write as a "
-                              "detector folder: choose a new --out folder")
-    if not overwrite:
-        raise ConversionError(f"{out_dir}: already holds a converted detector; pass "
-                              "--overwrite to replace it")
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move staging to out_dir; an existing out_dir is replaced only once staging is complete."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out_dir)

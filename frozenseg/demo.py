@@ -198,13 +198,14 @@ def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
     """Skipped when ``folder`` holds a conversion of this very file (its config.json
     records the source's sha256) with the synthetic dataset's class names."""
     from frozenseg.cache.store import sha256_file
-    from frozenseg.convert import CONFIG_FILE, convert_checkpoint
+    from frozenseg.convert import convert_checkpoint
     from frozenseg.data.synth import THINGS
+    from frozenseg.detector.folder import DetectorFolderError, read_meta
 
     names = [c.name for c in THINGS]
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = read_meta(folder)
+    except DetectorFolderError:
         meta = {}
     if (meta.get("sha256") == sha256_file(detector)
             and meta.get("classes", {}).get("names") == names):
@@ -219,23 +220,16 @@ def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
 
 def _cache(recipe, hooks: DemoHooks):
     """Skipped when complete; an interrupted cache resumes."""
-    from frozenseg.cache import write_cache
+    from frozenseg.cache import recipe_cache_job, write_cache
     from frozenseg.cache.store import read_index
-    from frozenseg.data import CocoInstances
-    from frozenseg.engine.data import cache_views
 
     folder = Path(recipe.data.cache)
     index = read_index(folder) if folder.is_dir() else None
     reused = bool(index and index["complete"])
     if not reused:
-        dataset = CocoInstances(recipe.data.train.images, recipe.data.train.annotations)
         with hooks.images("Caching the detector's features") as update:
-            index = write_cache(
-                recipe.detector.path, dataset, folder,
-                transform=cache_views(recipe.data.views, recipe.data.scale),
-                views=recipe.data.views, seed=recipe.train.seed, top_k=recipe.detector.top_k,
-                memory_layer=recipe.detector.memory_layer, device=_device(), resume=True,
-                progress=update, log=hooks.log)
+            index = write_cache(**recipe_cache_job(recipe), device=_device(), resume=True,
+                                progress=update, log=hooks.log)
     entries = sum(len(s["entries"]) for s in index["shards"])
     return reused, f"{entries} images", folder
 
@@ -288,7 +282,7 @@ class _Trained:
 
     def load(self):
         if self._loaded is None:
-            from frozenseg.engine.train import load_trained
+            from frozenseg.head.trained import load_trained
 
             detector, head, _ = load_trained(self.checkpoint, recipe=self.recipe)
             self._loaded = detector.to(_device()), head.to(_device())
@@ -326,7 +320,7 @@ def _export(recipe, trained: _Trained, hooks: DemoHooks):
 
 def _evaluate(recipe, trained: _Trained, hooks: DemoHooks, summary: DemoSummary):
     """Box AP (the detector's boxes) and mask AP (the head's masks) of the exported results."""
-    from frozenseg.engine.evaluate import coco_evaluate, write_metrics
+    from frozenseg.evaluation.coco import coco_evaluate, write_metrics
 
     results = trained.out / RESULTS / "results.json"
     path = results.with_name("metrics.json")
@@ -393,5 +387,17 @@ def summary_table(summary: DemoSummary) -> Table:
     if summary.threshold is not None:
         table.add_row("overlay score", "", f"{summary.threshold:.2f} (best F1 {summary.f1:.2f})",
                       "val split")
+    table.add_section()
+    for stage, command in NEXT_STEPS:
+        table.add_row(f"[dim]{stage}", "", escape(command), "")
     table.caption = f"total {sum(s.seconds for s in summary.stages):.1f} s"
     return table
+
+
+# The same stages for a detector and data of one's own: the table's closing rows.
+NEXT_STEPS = (
+    ("next: your detector", "frozenseg convert --detector YOURS.pth --out detectors/mine"),
+    ("next: your data", "frozenseg train recipes/base.yaml detector.path=detectors/mine "
+                        "data.train.images=... (and the other data.* paths)"),
+    ("next: your images", "frozenseg predict photos/ --head runs/base/best.pt --out viz/"),
+)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
-import json
 import math
 import os
 import re
@@ -37,9 +35,8 @@ from frozenseg.files import atomic_write_text
 from frozenseg.head.config import HeadConfig
 
 if TYPE_CHECKING:
-    from torch import nn
 
-    from frozenseg.detector.config import DetectorConfig
+    pass
 
 COMMAND_LINE = "command line"
 
@@ -536,67 +533,3 @@ def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "# The resolved recipe: bases and overrides applied.\n"
                       + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-
-
-# ----------------------------------------------------------------------------- the head
-
-
-def build_mask_head(recipe: Recipe) -> nn.Module:
-    """The mask head ``recipe.head`` describes, sized for the detector at ``detector.path``.
-
-    The detector's hidden width, number of feature levels and stage-1 (stride-4) channels
-    come from its config.json; no weights are read.
-    """
-    config = read_detector_config(recipe.detector.path)
-    from frozenseg.head.network import build_mask_head as build
-
-    return build(recipe.head, hidden_dim=config.hidden_dim,
-                 c1_channels=stage1_channels(config.backbone),
-                 num_levels=config.num_feature_levels)
-
-
-def load_recipe_detector(recipe: Recipe):
-    """The FrozenDetector at ``detector.path``, with the recipe's top-K and memory layer."""
-    from frozenseg.detector.frozen import load_detector
-
-    return load_detector(recipe.detector.path, top_k=recipe.detector.top_k,
-                         memory_layer=recipe.detector.memory_layer)
-
-
-def read_detector_config(path: str | os.PathLike) -> DetectorConfig:
-    """The DetectorConfig in a converted detector folder's config.json (weights not read)."""
-    from frozenseg.convert import CONFIG_FILE
-    from frozenseg.detector.config import DetectorConfig
-
-    folder = Path(path)
-    hint = f"(write it with frozenseg convert --detector CHECKPOINT --out {path})"
-    if not folder.is_dir():
-        raise RecipeError(f"detector.path: {path} is not a folder {hint}")
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-        return DetectorConfig.from_dict(meta["config"])
-    except FileNotFoundError:
-        raise RecipeError(f"detector.path: {folder / CONFIG_FILE} is missing {hint}") from None
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise RecipeError(f"detector.path: {folder / CONFIG_FILE}: not a detector config "
-                          f"({type(err).__name__}: {err})") from None
-
-
-def stage1_channels(backbone: dict[str, Any]) -> int:
-    """Channels of a backbone's stride-4 stage (DetectorOutput.c1), from its config alone.
-
-    The backbone is built on the meta device: no memory, no weights, and the same ``channels``
-    list the real one has, whatever its type.
-    """
-    return _stage1_channels(json.dumps(backbone, sort_keys=True))
-
-
-@functools.cache
-def _stage1_channels(backbone_json: str) -> int:
-    import torch
-
-    from frozenseg.detector.backbones import build_backbone
-
-    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(backbone_json).items()}
-    with torch.device("meta"):
-        return int(build_backbone(spec).channels[0])

@@ -144,7 +144,7 @@ def build_official(name: str, args: Namespace, num_classes: int) -> torch.nn.Mod
     model = mods.deformable_detr.DeformableDETR(
         _backbone(mods, args), mods.deformable_transformer.build_deforamble_transformer(args),
         **kwargs)
-    if name == "h_deformable_detr":  # what engine.evaluate does: one-to-one queries only
+    if name == "h_deformable_detr":  # what engine.inference does: one-to-one queries only
         model.num_queries = model.num_queries_one2one
         model.transformer.two_stage_num_proposals = model.num_queries
     return perturb(model.eval())

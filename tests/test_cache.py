@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 import frozenseg
 from frozenseg.cache import CacheError, FeatureCache, write_cache
 from frozenseg.cli import app
-from frozenseg.convert import write_detector
 from frozenseg.data import CocoInstances, evaluation
 from frozenseg.data.transforms import scale_flip
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.folder import write_detector
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.model import build_detector
 

@@ -148,7 +148,7 @@ def test_inspect_and_convert_refuse_a_broken_file_with_the_same_line(index, dino
 
 def test_heads_that_share_storage_are_written_once_each(tmp_path):
     """write_detector takes a state dict whose heads are views of one storage."""
-    from frozenseg.convert import write_detector
+    from frozenseg.detector.folder import write_detector
     from frozenseg.detector.model import build_detector
 
     model = build_detector(DINO_SMALL)

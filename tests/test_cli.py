@@ -89,3 +89,17 @@ def test_bad_arch_list_is_reported(monkeypatch):
         pytest.skip("needs nvcc and a CUDA build of torch")
     result = runner.invoke(app, ["doctor", "--build-ops", "--arch", "sm_eighty"])
     assert result.exit_code == 1 and "unsupported entry" in result.output
+
+
+def test_the_demo_next_steps_name_real_commands_and_options():
+    """The demo's closing rows tell a user what to type next: every command and --option
+    in them exists (they would rot silently otherwise)."""
+    from frozenseg.demo import NEXT_STEPS
+
+    for _, line in NEXT_STEPS:
+        words = line.split()
+        assert words[0] == "frozenseg"
+        result = runner.invoke(app, [words[1], "--help"], terminal_width=200)
+        assert result.exit_code == 0, line
+        for option in (w for w in words if w.startswith("--")):
+            assert option in result.output, (line, option)

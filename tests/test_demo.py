@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from frozenseg.cli import app
 from frozenseg.demo import DETECTOR, DemoError, demo_recipe, run_demo
-from frozenseg.engine.evaluate import load_ground_truth
+from frozenseg.evaluation.coco import load_ground_truth
 
 IMAGES, STEPS = 50, 60  # 40 train, 10 val; about 45 seconds of head training
 # The head's mask AP on the shipped detector's detections in this short demo, measured on

@@ -21,8 +21,9 @@ from frozenseg.data import ImageFolder
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.export import ExportSettings, export_results, masks_for_boxes, read_boxes
-from frozenseg.engine.train import Trainer, load_trained
+from frozenseg.engine.train import Trainer
 from frozenseg.head.paste import paste_masks
+from frozenseg.head.trained import load_trained
 from tests.test_train import SCALE, data, detector_dir, recipe  # noqa: F401 (fixtures)
 
 runner = CliRunner()

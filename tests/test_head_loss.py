@@ -15,13 +15,10 @@ from frozenseg.head.loss import (
     frame_points_to_image,
     jitter_boxes,
     mask_iou,
-    mask_loss,
-    point_sample,
     roi_mask_targets,
-    sample_bitmaps,
-    uncertain_point_coords,
 )
 from frozenseg.head.paste import image_points_to_roi, roi_points_to_image
+from frozenseg.losses import mask_loss, point_sample, sample_bitmaps, uncertain_point_coords
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from frozenseg.head.loss import point_sample, uncertain_point_coords
+from frozenseg.losses import point_sample, uncertain_point_coords
 from frozenseg.maskdino.criterion import LossWeights, MaskDINOCriterion
 from frozenseg.maskdino.denoising import ContrastiveDenoising, DenoisingQueries, attention_mask
 from frozenseg.maskdino.matcher import HybridMatcher

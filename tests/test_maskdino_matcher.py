@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from frozenseg.head.loss import point_sample
+from frozenseg.losses import point_sample
 from frozenseg.maskdino.matcher import HybridMatcher, MatchCostWeights
 from tests.reference import giou_cxcywh
 

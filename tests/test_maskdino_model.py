@@ -12,12 +12,13 @@ import yaml
 from torchvision.ops import box_convert
 
 import frozenseg
-from frozenseg.convert import write_detector
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.folder import write_detector
 from frozenseg.detector.model import build_detector
 from frozenseg.engine.train import Trainer
+from frozenseg.maskdino.build import DINO_FIXED, build_maskdino
+from frozenseg.maskdino.checkpoint import save_as_detector
 from frozenseg.maskdino.model import MaskDINO
-from frozenseg.maskdino.task import DINO_FIXED, build_maskdino, save_as_detector
 from frozenseg.recipe import load_recipe
 from tests.weights import perturb
 

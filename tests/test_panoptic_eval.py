@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from frozenseg.engine.panoptic_eval import (
+from frozenseg.evaluation.panoptic import (
     PanopticQuality,
     SemanticIoU,
     panoptic_table,

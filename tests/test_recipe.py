@@ -10,19 +10,20 @@ import pytest
 import torch
 import yaml
 
-import frozenseg
-from frozenseg.convert import CONFIG_FILE
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.folder import CONFIG_FILE, DetectorFolderError, write_detector
+from frozenseg.detector.frozen import FrozenDetector
+from frozenseg.detector.model import build_detector
 from frozenseg.head.config import HeadConfig
+from frozenseg.head.network import build_mask_head
+from frozenseg.head.task import recipe_detector
 from frozenseg.recipe import (
     Recipe,
     RecipeError,
-    build_mask_head,
     load_recipe,
     parse_override,
     recipe_to_dict,
     save_recipe,
-    stage1_channels,
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -292,40 +293,53 @@ def test_base_is_the_papers_final_model():
 # ----------------------------------------------------------------------------- the head
 
 
-def test_build_mask_head_names_a_missing_detector(tmp_path):
+def test_a_missing_detector_is_named(tmp_path):
     recipe = load_recipe(minimal(tmp_path), [f"detector.path={tmp_path / 'nowhere'}"])
-    with pytest.raises(RecipeError, match=r"^detector\.path: .*nowhere"):
-        build_mask_head(recipe)
+    with pytest.raises(DetectorFolderError, match=r"nowhere: not a detector folder"):
+        recipe_detector(recipe)
     (tmp_path / "empty").mkdir()
     recipe.detector.path = str(tmp_path / "empty")
-    with pytest.raises(RecipeError, match=rf"^detector\.path: .*empty.*{CONFIG_FILE}"):
-        build_mask_head(recipe)
+    with pytest.raises(DetectorFolderError, match=rf"empty/{CONFIG_FILE} is missing"):
+        recipe_detector(recipe)
 
 
-def test_stage1_channels_without_weights():
-    assert stage1_channels({"name": "resnet50"}) == 256
+def meta_detector(**config) -> FrozenDetector:
+    """A detector of real shapes without memory or weights."""
+    with torch.device("meta"):
+        return FrozenDetector(build_detector(DetectorConfig(**config)))
+
+
+def test_head_dims_without_weights():
+    assert meta_detector().head_dims == {"hidden_dim": 256, "num_levels": 4, "c1_channels": 256}
     swin_l = {"name": "swin", "embed_dim": 192, "depths": (2, 2, 18, 2),
               "num_heads": (6, 12, 24, 48), "window_size": 12}
-    assert stage1_channels(swin_l) == 192
+    assert meta_detector(backbone=swin_l).head_dims["c1_channels"] == 192
 
 
 def test_public_api():
-    import frozenseg.recipe as module
+    import frozenseg.head.network
+    import frozenseg.recipe
 
-    assert frozenseg.load_recipe is module.load_recipe
-    assert frozenseg.build_mask_head is module.build_mask_head
+    assert frozenseg.load_recipe is frozenseg.recipe.load_recipe
+    assert frozenseg.build_mask_head is frozenseg.head.network.build_mask_head
 
 
-def test_build_mask_head_on_a_tiny_detector(tmp_path):
-    pytest.importorskip("frozenseg.head.network")
-    config = DetectorConfig(hidden_dim=64, enc_layers=2, dec_layers=2, dim_feedforward=32,
-                            num_queries=10, num_classes=5)
-    folder = tmp_path / "det"
-    folder.mkdir()
-    (folder / CONFIG_FILE).write_text(json.dumps({"format": "test", "config": config.to_dict()}))
-    recipe = load_recipe(RECIPES / "synth_tiny.yaml", [f"detector.path={folder}"])
-    head = build_mask_head(recipe)
+def test_the_recipe_head_on_a_converted_detector(tmp_path):
+    """A detector folder as convert writes it, loaded through the recipe; the head is sized
+    by the loaded detector."""
+    swin = {"name": "swin", "embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8),
+            "window_size": 7}
+    config = DetectorConfig(backbone=swin, hidden_dim=64, nheads=4, enc_layers=2,
+                            dec_layers=2, dim_feedforward=32, num_queries=10, num_classes=5)
+    model = build_detector(config)
+    write_detector(tmp_path / "det", model.state_dict(), config, format="test", source="x")
+    recipe = load_recipe(RECIPES / "synth_tiny.yaml", [f"detector.path={tmp_path / 'det'}"])
+    detector = recipe_detector(recipe)
+    assert (detector.top_k, detector.memory_layer) == (recipe.detector.top_k,
+                                                        recipe.detector.memory_layer or 2)
+    head = build_mask_head(recipe.head, **detector.head_dims)
     assert sum(p.numel() for p in head.parameters() if p.requires_grad) > 0
+    assert head(detector([torch.rand(3, 64, 96)])).mask_logits.isfinite().all()
 
 
 def readme_rows() -> list[list[str]]:
@@ -342,23 +356,14 @@ def test_readme_covers_every_table():
     assert len(readme_rows()) >= 70
 
 
-@pytest.fixture(scope="module")
-def hdetr_r50_folder(tmp_path_factory):
-    """config.json of an H-DETR + ResNet-50 (no weights: build_mask_head reads none)."""
-    pytest.importorskip("frozenseg.head.network")
-    folder = tmp_path_factory.mktemp("hdetr_r50")
-    config = DetectorConfig(variant="h_deformable_detr", query_init="mixed", box_refine=True)
-    (folder / CONFIG_FILE).write_text(json.dumps({"format": "test", "config": config.to_dict()}))
-    return folder
-
-
 @pytest.mark.filterwarnings("ignore:MSDeformAttn head dim")   # Table 4's 96 channels
-def test_every_readme_row_loads_and_builds(hdetr_r50_folder):
+def test_every_readme_row_loads_and_builds():
+    hdetr_r50 = meta_detector(variant="h_deformable_detr", query_init="mixed", box_refine=True)
     for path, *overrides in readme_rows():
-        recipe = load_recipe(RECIPES.parent / path,
-                             [*overrides, f"detector.path={hdetr_r50_folder}"])
+        recipe = load_recipe(RECIPES.parent / path, overrides)
         with torch.device("meta"):  # the full-size heads, without their memory
-            assert build_mask_head(recipe) is not None, (path, overrides)
+            assert build_mask_head(recipe.head, **hdetr_r50.head_dims) is not None, (path,
+                                                                                    overrides)
 
 
 def test_the_ablation_chain_ends_at_the_final_model():

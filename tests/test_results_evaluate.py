@@ -20,10 +20,17 @@ from torchvision.ops import roi_align
 import frozenseg
 from frozenseg.data import CocoInstances, evaluation
 from frozenseg.data.transforms import output_size
-from frozenseg.engine import ResultsWriter, coco_evaluate, image_predictions, write_metrics
-from frozenseg.engine.evaluate import METRIC_NAMES, metrics_table, per_class_table
+from frozenseg.evaluation.coco import (
+    METRIC_NAMES,
+    coco_evaluate,
+    metrics_table,
+    per_class_table,
+    write_metrics,
+)
+from frozenseg.evaluation.results import ResultsWriter
 from frozenseg.head.network import HeadOutput
 from frozenseg.head.paste import paste_image_frame_masks, paste_masks
+from frozenseg.head.results import image_predictions
 
 ROI = 28
 

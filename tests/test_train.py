@@ -20,7 +20,8 @@ from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
-from frozenseg.engine.train import LAST, Trainer, TrainingError
+from frozenseg.engine.task import TrainingError
+from frozenseg.engine.train import LAST, Trainer
 from frozenseg.formats import rt_detr
 from frozenseg.recipe import load_recipe
 from tests.test_cache import save_detector, tiny_detector
@@ -64,7 +65,7 @@ def recipe(tmp_path, data, detector_dir, *overrides, **sections):
 
 
 def weights(trainer):
-    return {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.head)
+    return {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model)
             .state_dict().items()}
 
 
@@ -121,7 +122,7 @@ def test_a_second_run_in_the_same_folder_needs_resume(tmp_path, data, detector_d
 
 def test_a_nan_loss_stops_with_the_step_and_terms(tmp_path, data, detector_dir, monkeypatch):
     trainer = Trainer(recipe(tmp_path, data, detector_dir), log=lambda _: None, evaluate=False)
-    head = trainer.accelerator.unwrap_model(trainer.head)
+    head = trainer.accelerator.unwrap_model(trainer.model)
     with torch.no_grad():
         next(p for p in head.parameters() if p.requires_grad).fill_(float("nan"))
     # The step the loss turns NaN depends on where the parameter sits: NaN sampling
@@ -140,7 +141,7 @@ def test_exploded_weights_are_never_checkpointed(tmp_path, data, detector_dir):
     def explode(record):  # after step 2's optimizer step, before its checkpoint
         if record["step"] == 2:
             with torch.no_grad():
-                next(trainer.head.parameters()).fill_(float("inf"))
+                next(trainer.model.parameters()).fill_(float("inf"))
 
     with pytest.raises(TrainingError, match=r"non-finite weights after step 2; the newest "
                                             r"checkpoint with finite weights is .*last.pt "
@@ -210,7 +211,7 @@ def test_finetuning_trains_the_detector_at_a_tenth_of_the_lr(tmp_path, data, det
     trainer = Trainer(recipe(tmp_path, data, detector_dir, f"detector.finetune={mode}",
                              "train.iterations=1", "loss.proposals=both"),
                       log=lambda _: None, evaluate=False)
-    model = trainer.detector.model
+    model = trainer.task.detector.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     head_group, detector_group = trainer.optimizer.param_groups
     assert detector_group["lr"] == pytest.approx(head_group["lr"] / 10)
@@ -414,3 +415,14 @@ def test_the_head_caches_trains_and_exports_on_an_rt_detr_detector(tmp_path, dat
     results = json.loads(out.read_text())
     assert results and all("segmentation" in r and 0 <= r["mask_quality"] <= 1
                            for r in results)
+    # The one object users hold: a Predictor on the trained RT-DETR segmenter.
+    from frozenseg.predictor import Predictor
+    from frozenseg.segmenter import MaskFrozenDETR
+
+    predictor = Predictor(MaskFrozenDETR.from_pretrained(tmp_path / "run" / LAST, device="cpu"))
+    image = torch.rand(3, 90, 120)
+    predictor.set_image(image)
+    found = predictor.predict(max_instances=5)
+    assert len(found.masks) == 5 and found.masks[0].shape == (90, 120)
+    given = predictor.predict(boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]))
+    assert given.masks.shape == (1, 90, 120)

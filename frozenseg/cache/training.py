@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from frozenseg.boxes import to_normalized
 from frozenseg.cache.store import CachedImage, CacheError, FeatureCache, sha256_file
 from frozenseg.data.collate import collate
-from frozenseg.data.transforms import boxes_to_cxcywh_normalized
 from frozenseg.detector.output import DetectorOutput, batch_outputs
 
 
@@ -72,10 +72,10 @@ class CachedTrainingSet(Dataset):
 def check_made_by(cache: FeatureCache, detector_dir: str | Path, detector) -> None:
     """Raise CacheError (naming both) unless ``cache`` was written by the converted detector
     in ``detector_dir`` with ``detector``'s top-K and memory layer."""
-    from frozenseg.convert import CONFIG_FILE
+    from frozenseg.detector.folder import config_path
 
     made = cache.index["recipe"]
-    config = Path(detector_dir) / CONFIG_FILE
+    config = config_path(detector_dir)
     mine = {"config": sha256_file(config), "top_k": detector.top_k,
             "memory_layer": detector.memory_layer}
     theirs = {"config": made["detector"].get("config_sha256", "(a detector object)"),
@@ -112,7 +112,7 @@ def _ground_truth(detections: DetectorOutput, cached: list[CachedImage],
     for i, (item, target) in enumerate(zip(cached, targets, strict=True)):
         n = len(target["boxes"])
         queries[i, :n] = item.gt_queries
-        boxes[i, :n] = boxes_to_cxcywh_normalized(target["boxes"], target["size"].tolist())
+        boxes[i, :n] = to_normalized(target["boxes"].float(), target["size"])
         labels[i, :n], mask[i, :n] = target["labels"], True
     return replace(detections, queries=queries, boxes=boxes, scores=mask.float(),
                    labels=labels, query_mask=mask)

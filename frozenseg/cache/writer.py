@@ -57,6 +57,23 @@ _ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 _QUERY_EXTRA_BYTES = 4 * 4 + 4 + 8
 
 
+def recipe_cache_job(recipe) -> dict:
+    """``write_cache``'s arguments for what a recipe trains on: its train split, through
+    its detector (top-K, memory layer), in ``data.views`` views at ``data.scale``, into
+    ``data.cache``. ``frozenseg cache RECIPE`` and the demo both write this."""
+    from frozenseg.data.coco import CocoInstances
+    from frozenseg.engine.data import cache_views
+
+    if not recipe.data.cache:
+        raise CacheError("data.cache is null: name the cache folder to write (data.cache=DIR)")
+    split = recipe.data.train
+    return {"detector": recipe.detector.path, "out_dir": recipe.data.cache,
+            "dataset": CocoInstances(split.images, split.annotations),
+            "transform": cache_views(recipe.data.views, recipe.data.scale),
+            "views": recipe.data.views, "seed": recipe.train.seed,
+            "top_k": recipe.detector.top_k, "memory_layer": recipe.detector.memory_layer}
+
+
 def write_cache(
     detector, dataset, out_dir: str | Path, *, dtype: str = "fp16", shard_size: int = 256,
     max_gb: float | None = None, resume: bool = False, transform: Transform | None = None,
@@ -151,13 +168,12 @@ def _entries(dataset, transform: Transform, views: int, seed: int) -> list[tuple
 def _detector(detector, top_k: int, memory_layer: int | None):
     """(FrozenDetector, identity dict): a folder's config.json hash, or the weights' hash."""
     if isinstance(detector, (str, os.PathLike)):
-        from frozenseg.convert import CONFIG_FILE
+        from frozenseg.detector.folder import config_path, read_meta
         from frozenseg.detector.frozen import load_detector
 
-        folder = Path(detector)
-        model = load_detector(folder, top_k=top_k, memory_layer=memory_layer)
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-        return model, {"config_sha256": sha256_file(folder / CONFIG_FILE),
+        model = load_detector(detector, top_k=top_k, memory_layer=memory_layer)
+        meta = read_meta(detector)
+        return model, {"config_sha256": sha256_file(config_path(detector)),
                        "source": meta.get("source", ""), "source_sha256": meta.get("sha256", "")}
     return detector, {"weights_sha256": _weights_sha256(detector)}
 

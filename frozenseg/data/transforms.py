@@ -29,7 +29,7 @@ empty box or no mask pixels are removed (with every field of INSTANCE_FIELDS);
 ``size`` becomes the output (H, W). A semantic label map ``sem_seg`` (H, W) int64 is
 resampled the same way, and the pixels a view pads get ``target["ignore_value"]``
 (default 255). Boxes stay xyxy absolute pixels here; DETR's normalised cxcywh form is
-:func:`boxes_to_cxcywh_normalized`, for losses.
+:func:`frozenseg.boxes.to_normalized`, for losses.
 """
 
 from __future__ import annotations
@@ -255,14 +255,6 @@ def content_size(view: dict) -> Size:
     while steps and steps[-1]["op"] == "pad":
         steps.pop()
     return output_size(steps, view["input_size"])
-
-
-def boxes_to_cxcywh_normalized(boxes: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """xyxy absolute pixels -> cx, cy, w, h normalised by the image ``size`` (H, W), DETR's form."""
-    height, width = float(size[0]), float(size[1])
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-    return cxcywh / torch.tensor([width, height, width, height], dtype=cxcywh.dtype)
 
 
 # ---------------------------------------------------------------------------- SAMPLE

@@ -116,6 +116,20 @@ def detector_category_ids(detector_classes: dict) -> ClassMapping:
     return ClassMapping(detector_classes["category_ids"])
 
 
+def classes_for(detector_classes: dict, category_ids: Sequence[int],
+                category_names: Sequence[str]) -> tuple[ClassMapping, dict[int, str]]:
+    """(mapping, category id -> name) for results on a dataset: its categories when it has
+    some (:func:`match_classes`), else the detector's own ids and names (a folder of
+    images)."""
+    if category_ids:
+        classes = match_classes(detector_classes, category_ids, category_names)
+        return classes, dict(zip(category_ids, category_names, strict=True))
+    classes = detector_category_ids(detector_classes)
+    names = {cid: name for cid, name in zip(classes.category_ids, detector_classes["names"],
+                                            strict=True) if cid is not None and name}
+    return classes, names
+
+
 def _first(names: Sequence[str | None], n: int = 5) -> str:
     shown = ", ".join(str(name) for name in names[:n])
     return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")

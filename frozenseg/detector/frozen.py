@@ -8,12 +8,14 @@ normalises them with its source's mean and std and pads a batch to a common size
 from __future__ import annotations
 
 import functools
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from frozenseg.boxes import to_normalized
+from frozenseg.detector import folder
 from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetection, build_detector
@@ -24,8 +26,8 @@ from frozenseg.detector.transformer import inverse_sigmoid
 DEFAULT_TOP_K = 100  # detections per image: COCO evaluation's maxDets
 
 
-def _frozen_unless_unfrozen(method):
-    """No autograd graph while the detector is frozen (the usual case); with unfreeze()
+def _no_grad_while_frozen(method):
+    """No autograd graph while the detector is frozen (the usual case); with finetune()
     the method records one, for fine-tuning."""
 
     @functools.wraps(method)
@@ -34,6 +36,14 @@ def _frozen_unless_unfrozen(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+@dataclass
+class Encoding:
+    """A batch through the backbone and encoder, with each image's (H, W)."""
+
+    encoded: Encoded
+    sizes: torch.Tensor
 
 
 class FrozenDetector(nn.Module):
@@ -61,13 +71,25 @@ class FrozenDetector(nn.Module):
         """The detector stays in eval mode (frozen batch norm, no dropout) whatever the caller."""
         return super().train(False)
 
-    def unfreeze(self, part: str) -> list[nn.Parameter]:
-        """Fine-tuning (paper Table 16): "partial" unfreezes the transformer (encoder and
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def head_dims(self) -> dict[str, int]:
+        """What a mask head on this detector is sized by (``build_mask_head``'s keywords):
+        the transformer's width, its feature levels, and the channels of C1."""
+        return {"hidden_dim": self.config.hidden_dim,
+                "num_levels": self.config.num_feature_levels,
+                "c1_channels": self.model.backbone.channels[0]}
+
+    def finetune(self, part: str) -> list[nn.Parameter]:
+        """Fine-tuning (paper Table 16): "partial" trains the transformer (encoder and
         decoder), "full" the whole detector; returns the parameters that now train. The
         forward methods then keep their graph; batch norm stays frozen (eval mode)."""
         modules = {"partial": [self.model.transformer], "full": [self.model]}
         if part not in modules:
-            raise ValueError(f"unfreeze part is {part!r}; one of partial, full")
+            raise ValueError(f"fine-tuned part is {part!r}; one of partial, full")
         params = [p for m in modules[part] for p in m.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -77,21 +99,37 @@ class FrozenDetector(nn.Module):
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.model.parameters())
 
-    @_frozen_unless_unfrozen
+    @_no_grad_while_frozen
     def forward(self, images: list[torch.Tensor] | torch.Tensor) -> DetectorOutput:
         """Top-K predictions over queries x classes, as the original post-processors rank them."""
-        batch, padding, sizes = self.preprocess(images)
-        return self._detect(self.model.encode(batch, padding), sizes)
+        return self.detect(self.encode(images))
 
-    @_frozen_unless_unfrozen
+    @_no_grad_while_frozen
+    def encode(self, images: list[torch.Tensor] | torch.Tensor) -> Encoding:
+        """The backbone and encoder on a batch, once: ``detect`` and ``embed`` then run
+        the decoder on it as often as needed (a Predictor's many box sets per image)."""
+        batch, padding, sizes = self.preprocess(images)
+        return Encoding(self.model.encode(batch, padding), sizes)
+
+    @_no_grad_while_frozen
+    def detect(self, encoding: Encoding) -> DetectorOutput:
+        """``self(images)`` from their encoding."""
+        return self._detect(encoding.encoded, encoding.sizes)
+
+    @_no_grad_while_frozen
+    def embed(self, encoding: Encoding, boxes: list[torch.Tensor],
+              labels: list[torch.Tensor] | None = None) -> DetectorOutput:
+        """``self.embed_boxes(images, boxes, labels)`` from their encoding."""
+        return self._embed(encoding.encoded, encoding.sizes, boxes, labels)
+
+    @_no_grad_while_frozen
     def detect_and_embed(self, images, boxes: list[torch.Tensor],
                          labels: list[torch.Tensor] | None = None
                          ) -> tuple[DetectorOutput, DetectorOutput]:
         """``(self(images), self.embed_boxes(images, boxes, labels))`` from one encoder run:
         the detections and the queries of given (e.g. ground-truth) boxes, sharing memory."""
-        batch, padding, sizes = self.preprocess(images)
-        encoded = self.model.encode(batch, padding)
-        return self._detect(encoded, sizes), self._embed(encoded, sizes, boxes, labels)
+        encoding = self.encode(images)
+        return self.detect(encoding), self.embed(encoding, boxes, labels)
 
     def _detect(self, encoded: Encoded, sizes: torch.Tensor) -> DetectorOutput:
         memory = encoded.encoder_states[-1]
@@ -104,14 +142,14 @@ class FrozenDetector(nn.Module):
         return self._output(raw, sizes, query, scores, index % k,
                             torch.ones_like(scores, dtype=torch.bool))
 
-    @_frozen_unless_unfrozen
+    @_no_grad_while_frozen
     def stage1(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """The backbone's stride-4 map alone, (B, C1, H/4, W/4): DetectorOutput.c1 for
         outputs read from the feature cache (the cheap part of the backbone, recomputed)."""
         batch, _, _ = self.preprocess(images)
         return self.model.backbone(batch, stages=1)[0]
 
-    @_frozen_unless_unfrozen
+    @_no_grad_while_frozen
     def embed_boxes(self, images, boxes: list[torch.Tensor],
                     labels: list[torch.Tensor] | None = None) -> DetectorOutput:
         """Queries for given boxes: the decoder runs with them as its reference boxes.
@@ -123,8 +161,7 @@ class FrozenDetector(nn.Module):
         the real ones; boxes are the given ones (normalised), scores and labels predicted
         (labels: the given ones when passed).
         """
-        batch, padding, sizes = self.preprocess(images)
-        return self._embed(self.model.encode(batch, padding), sizes, boxes, labels)
+        return self.embed(self.encode(images), boxes, labels)
 
     def _embed(self, encoded: Encoded, sizes: torch.Tensor, boxes: list[torch.Tensor],
                labels: list[torch.Tensor] | None) -> DetectorOutput:
@@ -138,7 +175,7 @@ class FrozenDetector(nn.Module):
             n = len(image_boxes)
             if n == 0:
                 continue
-            normalised = _xyxy_to_cxcywh(image_boxes.to(memory), sizes[i])
+            normalised = to_normalized(image_boxes.to(memory), sizes[i], clip=True)
             given = labels[i].to(memory.device) if labels is not None else None
             anchors = normalised * self._canvas_scale(sizes)[i].to(normalised)
             raw = self.model.decode(self._box_queries(anchors, given), _select(encoded, i))
@@ -175,7 +212,7 @@ class FrozenDetector(nn.Module):
         """Normalise and pad: (B, 3, H, W) batch, (B, H, W) padding mask, (B, 2) sizes."""
         if isinstance(images, torch.Tensor):
             images = list(images) if images.dim() == 4 else [images]
-        device = self.mean.device
+        device = self.device
         sizes = torch.tensor([img.shape[-2:] for img in images], device=device)
         h, w = (int(v) for v in sizes.max(0).values) if len(images) else (0, 0)
         batch = torch.zeros(len(images), 3, h, w, device=device)
@@ -223,15 +260,6 @@ def _select(encoded: Encoded, i: int) -> Encoded:
     )
 
 
-def _xyxy_to_cxcywh(boxes: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """(N, 4) absolute xyxy pixels -> normalised cxcywh, clipped to the image."""
-    h, w = (float(v) for v in size)
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    x0, x1 = x0.clamp(0, w), x1.clamp(0, w)
-    y0, y1 = y0.clamp(0, h), y1.clamp(0, h)
-    return torch.stack([(x0 + x1) / (2 * w), (y0 + y1) / (2 * h), (x1 - x0) / w, (y1 - y0) / h], -1)
-
-
 def detector_input_size(height: int, width: int, *, short: int = 800,
                         max_size: int = 1333) -> tuple[int, int]:
     """(H, W) the originals resize an image to: shorter side ``short``, longer <= max_size."""
@@ -248,17 +276,10 @@ def detector_input_size(height: int, width: int, *, short: int = 800,
 def load_detector(
     path: str | Path, *, top_k: int = DEFAULT_TOP_K, memory_layer: int | None = None
 ) -> FrozenDetector:
-    """A detector written by ``frozenseg convert`` (a folder with config.json and weights)."""
-    from safetensors.torch import load_file
-
-    from frozenseg.convert import CONFIG_FILE, WEIGHTS_FILE
-
-    folder = Path(path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: no {name} (write one with frozenseg convert)")
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    model = build_detector(DetectorConfig.from_dict(meta["config"]))
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
+    """A detector folder (:mod:`frozenseg.detector.folder`: ``frozenseg convert`` writes
+    them), frozen. Raises DetectorFolderError (a ValueError) naming a missing or bad file."""
+    meta = folder.read_meta(path)
+    model = build_detector(folder.read_config(path))
+    model.load_state_dict(folder.read_weights(path), strict=True)
     return FrozenDetector(model, top_k=top_k, memory_layer=memory_layer,
                           classes=meta.get("classes"))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
+
+from frozenseg.boxes import to_pixels
 
 
 @dataclass
@@ -43,13 +45,14 @@ class DetectorOutput:
         """The same output on another device (dtypes unchanged)."""
         return DetectorOutput(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def given_boxes(self) -> DetectorOutput:
+        """Boxes given from outside (``embed_boxes``) are taken as certain: score 1, so a
+        mask's final score is its predicted quality alone."""
+        return replace(self, scores=self.query_mask.to(self.scores.dtype))
+
     def boxes_xyxy_pixels(self) -> torch.Tensor:
         """(B, K, 4) absolute (x0, y0, x1, y1) in each image's pixels."""
-        cx, cy, w, h = self.boxes.unbind(-1)
-        xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-        height, width = self.image_sizes.unbind(-1)
-        scale = torch.stack([width, height, width, height], -1)[:, None].to(xyxy)
-        return xyxy * scale
+        return to_pixels(self.boxes, self.image_sizes[:, None])
 
 
 QUERY_FIELDS = ("queries", "boxes", "scores", "labels", "query_mask")

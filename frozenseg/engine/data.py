@@ -14,9 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from frozenseg.cache.training import CachedTrainingSet, TrainingBatch, collate_cached
 from frozenseg.data.coco import CocoInstances
-from frozenseg.data.collate import collate
 from frozenseg.data.transforms import (
     MAX_SIZE,
     TRAIN_SCALES,
@@ -26,8 +24,6 @@ from frozenseg.data.transforms import (
     large_scale_jitter,
     scale_flip,
 )
-from frozenseg.detector.classes import ClassMapping
-from frozenseg.detector.output import batch_outputs
 
 
 def _scaled(sizes, scale: float):
@@ -105,35 +101,3 @@ class EpochBatches(Sampler[list[int]]):
         for b in range(self.start, self.batches_per_epoch):
             batch = order[b * width : (b + 1) * width]
             yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-
-
-def live_batch(detector, classes: ClassMapping, dataset: CocoInstances,
-               items: tuple) -> TrainingBatch | None:
-    """A collated live batch ((images, padding, targets) from ``collate``) -> TrainingBatch.
-
-    classes: the detector's classes on ``dataset``'s categories, for the targets' labels.
-    The detector runs on each image alone, as the cache does (no padding from a batch-mate
-    enters the features), for its detections and the targets' boxes at once; the outputs
-    are then padded into one batch: training live and from the cache see the same inputs.
-    """
-    images, padding_mask, targets = items
-    if not targets:
-        return None
-    device = detector.mean.device
-    found, truth = [], []
-    for image, t in zip(images, targets, strict=True):
-        labels = classes.detector_labels(t["labels"], dataset.category_ids)
-        out, gt = detector.detect_and_embed(
-            [image[:, : int(t["size"][0]), : int(t["size"][1])].to(device)], [t["boxes"]],
-            None if labels is None else [labels])
-        found.append(out)
-        truth.append(gt)
-    return TrainingBatch(images, padding_mask, targets, batch_outputs(found),
-                         batch_outputs(truth))
-
-
-def training_set(dataset: CocoInstances, *, cache: str | None, transform: Transform, seed: int):
-    """(dataset, collate_fn): over the cache when one is given, else live."""
-    if cache:
-        return CachedTrainingSet(cache, dataset, seed=seed), collate_cached
-    return LiveTrainingSet(dataset, transform, seed=seed), collate

@@ -2,7 +2,7 @@
 
 :func:`export_results` runs the frozen detector and the head over a folder of images
 (:class:`frozenseg.data.ImageFolder`, from files or from a COCO json's image table) and
-streams COCO results (:mod:`frozenseg.engine.results`) to a file:
+streams COCO results (:mod:`frozenseg.evaluation.results`) to a file:
 
 * without ``boxes``: the detector's own top-K detections; ``score`` is the class score
   times the predicted mask IoU, ``mask_quality`` the predicted IoU;
@@ -39,8 +39,9 @@ from frozenseg.data.common import parse_json
 from frozenseg.data.folder import ImageFolder
 from frozenseg.detector.classes import ClassMapping
 from frozenseg.engine.inference import predict
-from frozenseg.engine.results import ResultsWriter, encode_masks, mask_results
+from frozenseg.evaluation.results import ResultsWriter, encode_masks
 from frozenseg.files import atomic_path, atomic_write_text, inside
+from frozenseg.head.results import mask_results
 
 
 class ExportError(ValueError):
@@ -193,7 +194,7 @@ def _given_boxes(detector, head, dataset, writer, classes, settings, boxes, pngs
     next_entry, (summary.clipped, summary.degenerate) = state["next"], state["counts"]
     summary.resumed = state["images"]
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
-    device = detector.mean.device
+    device = detector.device
     for n in range(state["images"], len(order)):
         index = index_of[order[n]]
         item = dataset[index]

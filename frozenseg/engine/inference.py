@@ -2,13 +2,12 @@
 
 Images get the evaluation view (a plain resize); the detector runs on each image alone
 (as in training and in the cache) and the head on the padded batch of its outputs.
-Results are COCO dicts in the original images' pixels (:mod:`frozenseg.engine.results`).
+Results are COCO dicts in the original images' pixels (:mod:`frozenseg.evaluation.results`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,8 +18,9 @@ from frozenseg.data.collate import collate
 from frozenseg.detector.classes import ClassMapping, match_classes
 from frozenseg.detector.output import DetectorOutput, batch_outputs, stack_padded
 from frozenseg.engine.data import eval_transform
-from frozenseg.engine.evaluate import coco_evaluate, write_metrics
-from frozenseg.engine.results import ResultsWriter, image_predictions
+from frozenseg.evaluation.coco import coco_evaluate, write_metrics
+from frozenseg.evaluation.results import ResultsWriter
+from frozenseg.head.results import image_predictions
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def predict(detector, head, dataset: CocoInstances, *, classes: ClassMapping | N
         classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                         num_workers=num_workers)
-    device, done = detector.mean.device, 0
+    device, done = detector.device, 0
     for images, _, targets in loader:
         done += len(targets) if targets else batch_size
         if targets:
@@ -69,8 +69,7 @@ def _run(detector, image: torch.Tensor, target: dict, boxes: str, classes: Class
     labels = classes.detector_labels(target["labels"], dataset.category_ids)
     out = detector.embed_boxes([image], [target["boxes"]], None if labels is None else [labels])
     category_ids = torch.tensor(dataset.category_ids, dtype=torch.int64)[target["labels"]]
-    return (replace(out, scores=out.query_mask.to(out.scores.dtype)),
-            category_ids.to(out.labels.device))
+    return out.given_boxes(), category_ids.to(out.labels.device)
 
 
 def evaluate(recipe, detector, head, out_dir: str | Path, *,

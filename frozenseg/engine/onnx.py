@@ -143,7 +143,7 @@ def _eval_mode(model: nn.Module):
 
 def _example_image(detector: FrozenDetector, image: Tensor | None, height: int | None,
                    width: int | None) -> Tensor:
-    device = detector.mean.device
+    device = detector.device
     if image is not None:
         image = image[None] if image.dim() == 3 else image
         check_image(image)
@@ -311,7 +311,7 @@ def torch_outputs(detector: FrozenDetector, head: nn.Module,
     names as :func:`run_onnx`."""
     image = image[None] if image.dim() == 3 else image
     with _eval_mode(DeployModel(detector, head)) as model, torch.no_grad():
-        outputs = model(image.to(detector.mean.device))
+        outputs = model(image.to(detector.device))
     return {name: out.cpu().numpy() for name, out in zip(model.output_names, outputs,
                                                          strict=True)}
 

@@ -2,53 +2,33 @@
 gradient accumulation), exact resume, checkpoints, progress and metrics.
 
 Checkpoints (``last.pt`` every ``train.checkpoint_every`` steps and at the end, ``best.pt``
-by mask AP) are written to a temporary name and renamed, and hold everything a resume
-needs: head, optimizer, scheduler, step / epoch / position in the epoch, and the RNG
+by the task's score) are written to a temporary name and renamed, and hold everything a
+resume needs: the model, optimizer, scheduler, step / epoch / position in the epoch, and the RNG
 states. The data side is a function of (seed, epoch, image) (:mod:`frozenseg.engine.data`),
 so ``resume=True`` continues exactly where the run stopped: a resumed run ends with the
-same weights as an uninterrupted one. They also carry the resolved recipe, so
-:func:`load_trained` rebuilds the head (and finds its detector) from the file alone.
+same weights as an uninterrupted one. They also carry the resolved recipe, so the model
+can be rebuilt from the file alone (:func:`frozenseg.head.trained.load_trained`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from frozenseg.cache.training import check_made_by
 from frozenseg.checkpoint import CheckpointError, load_training_checkpoint
-from frozenseg.data.coco import CocoInstances
-from frozenseg.detector.classes import match_classes
-from frozenseg.engine.data import EpochBatches, live_batch, train_transform, training_set
-from frozenseg.engine.step import head_losses
+from frozenseg.engine.data import EpochBatches
+from frozenseg.engine.task import TrainingError, build_task
 from frozenseg.files import atomic_path, atomic_write_text, folder_lock
-from frozenseg.head.loss import MaskCriterion, MaskLossWeights
-from frozenseg.recipe import (
-    Recipe,
-    build_mask_head,
-    load_recipe,
-    load_recipe_detector,
-    recipe_differences,
-    recipe_from_dict,
-    recipe_to_dict,
-    save_recipe,
-)
+from frozenseg.recipe import Recipe, recipe_differences, recipe_to_dict, save_recipe
 
 LAST, BEST = "last.pt", "best.pt"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says at which step and why."""
 
 
 @dataclass
@@ -56,14 +36,7 @@ class Position:
     step: int = 0       # optimizer steps done
     epoch: int = 0
     batch: int = 0      # batches of this epoch done
-    best_ap: float = -1.0
-
-
-def build_criterion(recipe: Recipe) -> MaskCriterion:
-    loss = recipe.loss
-    weights = MaskLossWeights(bce=loss.bce_weight, dice=loss.dice_weight, iou=loss.iou_weight)
-    return MaskCriterion(weights=weights, point_fraction=loss.points_fraction,
-                         oversample=loss.oversample, importance=loss.importance)
+    best_score: float = -1.0  # the task's evaluation score (mask AP, or PQ) of best.pt
 
 
 def lr_factor(step: int, iterations: int, drops: tuple[float, ...]) -> float:
@@ -71,95 +44,9 @@ def lr_factor(step: int, iterations: int, drops: tuple[float, ...]) -> float:
     return 0.1 ** sum(step >= round(d * iterations) for d in drops)
 
 
-class HeadTask:
-    """Training the mask head (recipe mode "head") on the frozen detector's outputs.
-
-    What the loop asks of a task: ``model`` (the module trained), ``parameter_groups()``,
-    ``dataset`` / ``collate`` (items of one image, ``set_epoch``), ``batch(items)``,
-    ``losses(model, batch, generator)``, ``evaluate(model, out_dir)`` -> (metrics, the
-    metric that picks best.pt, a log line), ``weights_key`` and ``extra_state()`` /
-    ``load_extra_state()`` for what else a checkpoint holds.
-    """
-
-    weights_key = "head"
-
-    def __init__(self, recipe: Recipe, accelerator) -> None:
-        self.recipe, self.accelerator = recipe, accelerator
-        if recipe.detector.finetune != "frozen" and recipe.data.cache:
-            raise TrainingError(f"detector.finetune: {recipe.detector.finetune} runs the "
-                                "detector live; remove data.cache")
-        self.detector = load_recipe_detector(recipe)
-        self.detector.to(accelerator.device)
-        torch.manual_seed(recipe.train.seed)  # the head's initial weights
-        self.model = build_mask_head(recipe)
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise TrainingError("this head has no trainable parameters (head.trainable: false "
-                                "is the training-free baseline: evaluate it, don't train it)")
-        self.criterion = build_criterion(recipe)
-        self.data = data = CocoInstances(recipe.data.train.images, recipe.data.train.annotations)
-        if len(data) == 0:
-            raise TrainingError(f"{data.annotations_json}: no images to train on")
-        self.classes = match_classes(self.detector.classes, data.category_ids,
-                                     data.category_names)
-        self.dataset, self.collate = training_set(
-            data, cache=recipe.data.cache, transform=train_transform(
-                recipe.data.transform, recipe.data.scale), seed=recipe.train.seed)
-        if recipe.data.cache:
-            check_made_by(self.dataset.cache, recipe.detector.path, self.detector)
-
-    def parameter_groups(self) -> list[dict]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return [{"params": params, "lr": self.recipe.train.lr}] + self._finetuned()
-
-    def _finetuned(self) -> list[dict]:
-        """The detector's optimizer group when the recipe fine-tunes it (Table 16)."""
-        recipe, mode = self.recipe, self.recipe.detector.finetune
-        if mode == "frozen":
-            return []
-        if self.accelerator.num_processes > 1:
-            raise TrainingError("detector.finetune runs on one process only")
-        params = self.detector.unfreeze(mode)
-        return [{"params": params, "lr": recipe.train.lr * recipe.detector.finetune_lr_factor}]
-
-    def batch(self, items):
-        if self.recipe.data.cache:
-            return items
-        return live_batch(self.detector, self.classes, self.data, items)
-
-    def losses(self, model, batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        loss = self.recipe.loss
-        return head_losses(batch, self.detector, model, self.criterion, mode=loss.proposals,
-                           assign_iou=loss.assign_iou, jitter=loss.gt_jitter,
-                           generator=generator)
-
-    def evaluate(self, model, out_dir: Path) -> tuple[dict, float, str]:
-        from frozenseg.engine.inference import evaluate
-
-        metrics = evaluate(self.recipe, self.detector, model, out_dir)
-        return (metrics, metrics["segm"]["AP"],
-                f"mask AP {metrics['segm']['AP']:.2f}, box AP {metrics['bbox']['AP']:.2f}")
-
-    def extra_state(self) -> dict:
-        # Fine-tuning: the detector's weights are trained too.
-        return {} if self.detector.frozen else {"detector": self.detector.model.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "detector" in state:
-            self.detector.model.load_state_dict(state["detector"])
-
-
-def build_task(recipe: Recipe, accelerator):
-    """The task a recipe's mode names."""
-    if recipe.mode == "maskdino":
-        from frozenseg.maskdino.task import MaskDINOTask
-
-        return MaskDINOTask(recipe, accelerator)
-    return HeadTask(recipe, accelerator)
-
-
 class Trainer:
-    """Wires a recipe's task (the head on a frozen detector, or Mask DINO), optimizer and
-    schedule; ``run()`` trains."""
+    """Wires a recipe's task (:mod:`frozenseg.engine.task`: the head on a frozen detector,
+    Mask DINO, ...), optimizer and schedule; ``run()`` trains."""
 
     def __init__(self, recipe: Recipe, *, log: Callable[[str], None] = print,
                  evaluate: bool = True) -> None:
@@ -184,15 +71,6 @@ class Trainer:
         self.good_checkpoint: tuple[Path, int] | None = None  # newest with finite weights
         self._tensorboard = None  # opened on first use; False when not installed
         self.generator = torch.Generator().manual_seed(train.seed)
-
-    @property
-    def head(self):
-        """The trained module as prepared by accelerate (the head, or Mask DINO)."""
-        return self.model
-
-    @property
-    def detector(self):
-        return self.task.detector
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -365,8 +243,8 @@ class Trainer:
         metrics, score, line = self.task.evaluate(self.accelerator.unwrap_model(self.model),
                                                   self.out / "eval")
         self.log(f"step {self.position.step}: {line}")
-        if score > self.position.best_ap:
-            self.position.best_ap = score
+        if score > self.position.best_score:
+            self.position.best_score = score
             self.save(BEST)
         return metrics
 
@@ -398,63 +276,3 @@ def truncate_metrics(path: Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", step + 1) <= step:
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
-
-
-# ---------------------------------------------------------------------- trained heads
-
-
-def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe | None = None,
-                 overrides: Sequence[str] = ()) -> tuple[Any, nn.Module, Recipe]:
-    """(detector, head, recipe) of a trained head, ready for inference (eval mode).
-
-    checkpoint: a ``last.pt`` / ``best.pt`` the trainer wrote; it carries its recipe (an
-      older one without it: the ``recipe.yaml`` beside it). None with a ``recipe`` whose
-      head has no parameters: the training-free baseline.
-    recipe: use this recipe instead of the checkpoint's. overrides: ``key=value`` applied
-      to the recipe, e.g. ``detector.path=DIR`` for the detector folder on this machine.
-    A detector the run fine-tuned gets its trained weights from the checkpoint.
-    Raises ValueError (one line, naming the file) for anything that does not fit.
-    """
-    state = _read_checkpoint(Path(checkpoint)) if checkpoint is not None else {}
-    if recipe is None:
-        if checkpoint is None:
-            raise ValueError("a head checkpoint or a recipe is needed")
-        recipe = _checkpoint_recipe(Path(checkpoint), state, overrides)
-    elif overrides:
-        recipe = recipe_from_dict(recipe_to_dict(recipe), "recipe", overrides)
-    head = build_mask_head(recipe)
-    if checkpoint is None and any(p.requires_grad for p in head.parameters()):
-        raise ValueError("this recipe's head has trainable parameters: a checkpoint is needed")
-    detector = load_recipe_detector(recipe)
-    where = str(checkpoint)
-    if "head" in state:
-        _load_weights(head, state["head"], where, "head")
-    if "detector" in state:
-        _load_weights(detector.model, state["detector"], where, "fine-tuned detector")
-    return detector, head.eval(), recipe
-
-
-def _read_checkpoint(path: Path) -> dict:
-    state = load_training_checkpoint(path)  # one-line CheckpointError (a ValueError)
-    if "head" not in state:
-        raise ValueError(f"{path}: not a frozenseg head checkpoint (no 'head' weights)")
-    return state
-
-
-def _checkpoint_recipe(path: Path, state: dict, overrides: Sequence[str]) -> Recipe:
-    if "recipe" in state:
-        return recipe_from_dict(state["recipe"], str(path), overrides)
-    beside = path.parent / "recipe.yaml"
-    if not beside.is_file():
-        raise ValueError(f"{path}: carries no recipe and there is no recipe.yaml beside it; "
-                         "pass the recipe it was trained with")
-    return load_recipe(beside, overrides)
-
-
-def _load_weights(module: nn.Module, weights: dict, where: str, what: str) -> None:
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise ValueError(f"{where}: the {what} weights do not fit the recipe's model "
-                         f"({detail})") from None

@@ -5,7 +5,7 @@ The layout is Deformable DETR's (see :mod:`frozenseg.formats.deformable_detr`), 
 * ``query_embed``: (num_queries_one2one + num_queries_one2many) rows. With
   ``--mixed_selection`` (two-stage) they are C-wide content queries (-> canonical
   ``transformer.tgt_embed``), single-stage they are 2C-wide (query_pos, content) pairs.
-  Inference uses only the first ``num_queries_one2one`` rows (engine.evaluate); that number
+  Inference uses only the first ``num_queries_one2one`` rows (its engine.evaluate); that number
   lives only in ``ckpt['args']`` (default 300), and the one-to-many rows are dropped.
 * Swin backbones (``backbone.0.body.patch_embed.*``, ``layers.*``, ``norm1..3``) as well as
   ResNet. ``--look_forward_twice`` changes only training gradients.

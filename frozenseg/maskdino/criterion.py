@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-from frozenseg.head.loss import mask_loss, point_sample, sample_bitmaps, uncertain_point_coords
+from frozenseg.losses import mask_loss, point_sample, sample_bitmaps, uncertain_point_coords
 from frozenseg.maskdino.matcher import HybridMatcher, Indices, MatchCostWeights
 from frozenseg.maskdino.outputs import MaskDINOOutput, Predictions
 

@@ -21,9 +21,9 @@ from frozenseg.data.images import read_stored
 from frozenseg.data.panoptic import CocoPanoptic, panoptic_to_semantic
 from frozenseg.data.transforms import Transform, evaluation
 from frozenseg.detector.config import IMAGENET_MEAN, IMAGENET_STD
-from frozenseg.engine.evaluate import coco_evaluate, load_ground_truth, write_metrics
-from frozenseg.engine.panoptic_eval import PanopticQuality, SemanticIoU
-from frozenseg.engine.results import ResultsWriter, encode_masks
+from frozenseg.evaluation.coco import coco_evaluate, load_ground_truth, write_metrics
+from frozenseg.evaluation.panoptic import PanopticQuality, SemanticIoU
+from frozenseg.evaluation.results import ResultsWriter, encode_masks
 from frozenseg.maskdino.postprocess import (
     TASKS,
     InferenceSettings,

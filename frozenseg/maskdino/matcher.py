@@ -20,7 +20,7 @@ and ``scipy.optimize.linear_sum_assignment`` picks the cheapest one-to-one assig
 * Masks: Mask2Former's point costs. One set of ``num_points`` uniform random points per
   image is shared by every prediction and every target, so the BCE and dice of each
   pair are measured on the same pixels. A point is (x, y) normalised over a map
-  (:mod:`frozenseg.head.loss` convention): the predicted mask logits (h x w, e.g. the
+  (:mod:`frozenseg.losses` convention): the predicted mask logits (h x w, e.g. the
   1/4 map) and the target masks (H x W) must span the same image extent (both over the
   padded batch, say) and are read at the same normalised points, bilinearly.
 
@@ -42,7 +42,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-from frozenseg.head.loss import point_sample
+from frozenseg.losses import point_sample
 
 # Matching result for one image: (prediction indices, target indices), int64, same length.
 Indices = tuple[torch.Tensor, torch.Tensor]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import masks_to_boxes
+from torchvision.ops import box_convert, masks_to_boxes
 
 from frozenseg.detector.model import DeformableDETR, Encoded
 from frozenseg.detector.output import stack_padded
@@ -172,9 +172,7 @@ class MaskDINO(nn.Module):
         xyxy[..., 2:] += 1  # a grid cell x spans [x, x + 1)
         cells = (sizes.flip(-1).to(xyxy) / 4).repeat(1, 2)[:, None]  # (B, 1, 4) w, h, w, h
         xyxy = (xyxy / cells).clamp(0, 1)
-        cxcywh = torch.cat([(xyxy[..., :2] + xyxy[..., 2:]) / 2, xyxy[..., 2:] - xyxy[..., :2]],
-                           -1)
-        return cxcywh.clamp(1e-4, 1 - 1e-4)
+        return box_convert(xyxy, "xyxy", "cxcywh").clamp(1e-4, 1 - 1e-4)
 
     def _dn_content(self, dn: DenoisingQueries) -> torch.Tensor:
         """Label embeddings of the denoising queries; zero at padding (label -1)."""

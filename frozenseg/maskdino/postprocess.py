@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from frozenseg.boxes import to_pixels
+
 TASKS = ("instance", "panoptic", "semantic")
 _CHUNK_ELEMENTS = 1 << 24  # upsampled mask elements at once; bounds the transient memory
 
@@ -120,7 +122,7 @@ def instance_inference(logits: Tensor, boxes: Tensor, mask_logits: Tensor, *,
     if box_source == "mask":
         pixel_boxes = mask_boxes(binary)
     else:
-        pixel_boxes = cxcywh_to_pixels(boxes[queries].float(), mask_logits.shape[-2:])
+        pixel_boxes = to_pixels(boxes[queries].float(), mask_logits.shape[-2:])
     order = scores.argsort(descending=True, stable=True)
     return {"scores": scores[order], "labels": labels[order], "masks": binary[order],
             "boxes": pixel_boxes[order]}
@@ -130,14 +132,6 @@ def _mean_inside(probs: Tensor, binary: Tensor) -> Tensor:
     """(N,) mean of (N, H, W) ``probs`` over each mask (0 for an empty mask), as official."""
     inside = binary.flatten(1).float()
     return (probs.flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
-
-
-def cxcywh_to_pixels(boxes: Tensor, size: Sequence[int]) -> Tensor:
-    """(N, 4) normalised cxcywh -> xyxy pixels of an image of ``size`` (H, W)."""
-    cx, cy, w, h = boxes.unbind(-1)
-    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
-    return xyxy * torch.tensor([size[1], size[0], size[1], size[0]], dtype=boxes.dtype,
-                               device=boxes.device)
 
 
 def mask_boxes(masks: Tensor) -> Tensor:

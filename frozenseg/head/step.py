@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from frozenseg.boxes import to_normalized
 from frozenseg.cache.training import TrainingBatch
-from frozenseg.data.transforms import boxes_to_cxcywh_normalized
 from frozenseg.detector.output import DetectorOutput, append_queries, stack_padded
 from frozenseg.head.loss import assign_proposals, jitter_boxes
 
@@ -49,7 +49,7 @@ def ground_truth_proposals(output: DetectorOutput, targets: list[dict], jitter: 
         n, size = len(t["boxes"]), t["size"].tolist()
         if n and jitter > 0:
             moved = jitter_boxes(t["boxes"].float(), size, scale=jitter, generator=generator)
-            boxes[b, :n] = boxes_to_cxcywh_normalized(moved, size).to(boxes)
+            boxes[b, :n] = to_normalized(moved, size).to(boxes)
         keep[b, :n] &= ~t["iscrowd"].to(keep.device).bool()
     gt_index = torch.arange(boxes.shape[1], device=boxes.device).expand(len(targets), -1)
     return Proposals(replace(output, boxes=boxes), keep, gt_index.clone())
@@ -84,7 +84,7 @@ def head_losses(batch: TrainingBatch, detector, head, criterion, *, mode: str,
                 assign_iou: float, jitter: float,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The losses of one batch (see :class:`frozenseg.head.loss.MaskCriterion`)."""
-    device = detector.mean.device
+    device = detector.device
     batch = replace(batch, detections=batch.detections.to(device),
                     ground_truth=batch.ground_truth.to(device))
     batch = with_c1(batch, detector)

@@ -30,7 +30,7 @@ Semantic IoU: a confusion matrix over K classes, pixels whose GT is ``ignore_ind
 counted. IoU_k = TP / (TP + FP + FN); mIoU over classes present in the GT or the
 prediction; pixel accuracy = correct / counted pixels; mean accuracy over GT classes.
 
-Every figure is in percent (as :mod:`frozenseg.engine.evaluate`'s AP), NaN where
+Every figure is in percent (as :mod:`frozenseg.evaluation.coco`'s AP), NaN where
 undefined (``write_metrics`` writes NaN as null).
 """
 
@@ -44,7 +44,7 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from frozenseg.engine.evaluate import metric_cell
+from frozenseg.evaluation.coco import metric_cell
 
 OFFSET = 256**3  # > every segment id (three 8-bit channels), so gt * OFFSET + pred is a pair
 PQ_GROUPS = ("all", "things", "stuff")
