@@ -22,7 +22,7 @@ from weights import perturb
 
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.model import build_detector
-from frozenseg.formats import dino
+from frozenseg.formats import dino, rt_detr
 
 # (images, padding True on padding) -> last decoder layer's (logits, normalised cxcywh boxes)
 Reference = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -215,11 +215,12 @@ def detrex_checkpoint(folder: Path, *, trainer: bool = True, ema: bool = False) 
 # --- Hugging Face transformers ---------------------------------------------------------------
 
 
-def huggingface_reference(folder: Path) -> Reference:
+def huggingface_reference(folder: Path, architecture: str = "DeformableDetrForObjectDetection"
+                          ) -> Reference:
     """transformers itself, reading back the folder it wrote."""
     import transformers
 
-    model = transformers.DeformableDetrForObjectDetection.from_pretrained(folder).eval()
+    model = getattr(transformers, architecture).from_pretrained(folder).eval()
 
     def run(images, padding):
         with torch.no_grad():
@@ -254,6 +255,99 @@ def huggingface_v4_hub_file(folder: Path) -> Artifact:
     return Artifact(folder, "huggingface", reference)
 
 
+def rt_detr_folder(folder: Path, variant: str) -> Artifact:
+    """``save_pretrained`` of a transformers RTDetr(V2)ForObjectDetection: model.safetensors
+    (its old key names, v2's tied heads once) + config.json."""
+    from test_convert_rt_detr import VARIANTS, random_hf_model
+
+    model, _ = random_hf_model(**VARIANTS[variant])
+    model.save_pretrained(folder)
+    return Artifact(folder, "huggingface_rt_detr",
+                    huggingface_reference(folder, type(model).__name__))
+
+
+# --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
+
+RT_DETR_SMALL = DetectorConfig(
+    **rt_detr.FIXED, backbone={"name": "resnet_vd", "block": "bottleneck", "depths": (1, 2, 1, 1),
+                               "widths": (32, 64, 128, 256), "stem": 16},
+    hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64, encoder_ffn_dim=48,
+    num_queries=20, num_classes=5, num_feature_levels=3, dn_labelbook_size=5,
+    aifi_transposed_grid=True,
+)
+
+
+def rt_detr_official_layout(state_dict: dict, version: str) -> dict:
+    """Canonical keys -> the official code's (v1 or v2 spellings), with what its modules
+    also save: the encoder's and decoder's batch-norm counters (only the backbone's norms
+    are frozen), v2's per-layer ``num_points_scale`` and the anchors of eval_spatial_size."""
+    conv, norm, proj = ("conv", "norm", "proj") if version == "v2" else ("0", "1", "0")
+    rules = [
+        (r"^transformer\.encoder\.input_proj\.(\d+)\.0\.", rf"encoder.input_proj.\1.{conv}."),
+        (r"^transformer\.encoder\.input_proj\.(\d+)\.1\.", rf"encoder.input_proj.\1.{norm}."),
+        (r"^transformer\.encoder\.", "encoder."),
+        (r"^input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
+        (r"^input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.norm."),
+        (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"decoder.decoder.layers.\1.norm2."),
+        (r"^transformer\.decoder\.layers\.(\d+)\.norm2\.", r"decoder.decoder.layers.\1.norm1."),
+        (r"^transformer\.decoder\.layers\.", "decoder.decoder.layers."),
+        (r"^transformer\.decoder\.ref_point_head\.", "decoder.query_pos_head."),
+        (r"^transformer\.enc_output\.", f"decoder.enc_output.{proj}."),
+        (r"^transformer\.enc_output_norm\.", f"decoder.enc_output.{norm}."),
+        (r"^transformer\.enc_out_class_embed\.", "decoder.enc_score_head."),
+        (r"^transformer\.enc_out_bbox_embed\.", "decoder.enc_bbox_head."),
+        (r"^class_embed\.", "decoder.dec_score_head."),
+        (r"^bbox_embed\.", "decoder.dec_bbox_head."),
+        (r"^label_enc\.", "decoder.denoising_class_embed."),
+    ]
+    out = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in rules:
+            if re.match(pattern, key):
+                key = re.sub(pattern, replacement, key, count=1)
+                break
+        out[key] = tensor
+        if key.endswith("running_var") and not key.startswith("backbone."):
+            out[key.replace("running_var", "num_batches_tracked")] = torch.tensor(1000)
+    if version == "v2":
+        points = RT_DETR_SMALL.dec_n_points
+        for layer in range(RT_DETR_SMALL.dec_layers):
+            out[f"decoder.decoder.layers.{layer}.cross_attn.num_points_scale"] = torch.full(
+                (RT_DETR_SMALL.num_feature_levels * points,), 1 / points)
+    out["decoder.anchors"], out["decoder.valid_mask"] = torch.zeros(1, 8400, 4), torch.ones(
+        1, 8400, 1, dtype=torch.bool)
+    return out
+
+
+def rt_detr_official_checkpoint(folder: Path, version: str, *, released: bool = False
+                                ) -> Artifact:
+    """What RT-DETR's solver saves (``{'date', 'last_epoch', 'model', 'ema': {'module',
+    'updates'}, 'optimizer', 'lr_scheduler'}``), or a released file (``{'ema'}`` only), with
+    its YAML config beside it (``--config`` otherwise)."""
+    from test_convert_rt_detr import lively
+
+    ema = perturb(lively(build_detector(RT_DETR_SMALL), seed=6), seed=6)
+    payload = {"ema": {"module": rt_detr_official_layout(ema.state_dict(), version),
+                       "updates": 5000}}
+    if not released:
+        model = perturb(lively(build_detector(RT_DETR_SMALL), seed=7), seed=7)
+        optimizer, scheduler = training_state(build_detector(RT_DETR_SMALL))
+        payload.update(date="2024-07-24T12:00:00", last_epoch=71, optimizer=optimizer,
+                       lr_scheduler=scheduler,
+                       model=rt_detr_official_layout(model.state_dict(), version))
+    name = f"rtdetr{'v2' if version == 'v2' else ''}_r50vd_coco.pth" if released else "last.pth"
+    path = _save(payload, folder / name)
+    decoder = "RTDETRTransformerv2" if version == "v2" else "RTDETRTransformer"
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "HybridEncoder": {"hidden_dim": 32, "nhead": 2, "use_encoder_idx": [2],
+                          "pe_temperature": 10000, "enc_act": "gelu", "act": "silu"},
+        decoder: {"hidden_dim": 32, "nhead": 2, "num_queries": 20, "num_points": 4,
+                  **({"cross_attn_method": "default", "query_select_method": "default"}
+                     if version == "v2" else {})},
+        "PResNet": {"variant": "d", "freeze_norm": True}}))
+    return Artifact(path, "rt_detr", canonical_reference(ema), RT_DETR_SMALL)
+
+
 def _focalnet() -> dict:
     from test_convert_dino import FOCALNET
 
@@ -277,4 +371,9 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-box-refine": lambda d: huggingface_folder(d, "box-refine"),
     "huggingface-two-stage-sharded": lambda d: huggingface_folder(d, "two-stage", shards=True),
     "huggingface-v4-hub-file": huggingface_v4_hub_file,
+    "huggingface-rt-detr": lambda d: rt_detr_folder(d, "v1"),
+    "huggingface-rt-detr-basic-blocks": lambda d: rt_detr_folder(d, "v1-basic-expansion"),
+    "huggingface-rt-detr-v2": lambda d: rt_detr_folder(d, "v2"),
+    "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
+    "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),
 }

@@ -176,3 +176,21 @@ def test_a_hugging_face_config_names_the_classes(tmp_path):
     (artifact.path / "config.json").write_text(json.dumps(config))
     convert_checkpoint(artifact.path, tmp_path / "named")
     assert load_detector(tmp_path / "named").classes["names"] == ["a", "b", None, "d", "e"]
+
+
+@pytest.mark.parametrize(("setting", "value"), [("decoder_method", "discrete"),
+                                                ("decoder_offset_scale", 1.0)])
+def test_an_rt_detr_v2_setting_the_op_does_not_take_is_one_line(tmp_path, setting, value):
+    """RT-DETR v2's discrete sampling (or another offset scale): refused, naming it."""
+    artifact = CORPUS["huggingface-rt-detr-v2"](tmp_path / "v2")
+    config = json.loads((artifact.path / "config.json").read_text())
+    (artifact.path / "config.json").write_text(json.dumps({**config, setting: value}))
+    inspected = runner.invoke(app, ["inspect", str(artifact.path)])
+    converted = runner.invoke(app, ["convert", "--detector", str(artifact.path), "--out",
+                                    str(tmp_path / "out")])
+    assert inspected.exit_code == converted.exit_code == 1
+    errors = [[line for line in r.output.splitlines() if line.startswith("error:")]
+              for r in (inspected, converted)]
+    assert errors[0] == errors[1] and len(errors[0]) == 1, (inspected.output, converted.output)
+    assert "model.safetensors" in errors[0][0] and f"{setting}={value!r}" in errors[0][0]
+    assert not (tmp_path / "out").exists()

@@ -8,12 +8,15 @@ import torch
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector, detector_input_size
 from frozenseg.detector.model import build_detector
+from frozenseg.formats import rt_detr
 
 VARIANTS = {
     "deformable-single-stage": dict(query_init="learned", box_refine=False),
     "deformable-box-refine": dict(query_init="learned", box_refine=True),
     "deformable-two-stage": dict(query_init="proposals", box_refine=True),
     "h-deformable-detr": dict(variant="h_deformable_detr", query_init="mixed", box_refine=True),
+    "rt-detr": dict(rt_detr.FIXED, backbone={"name": "resnet_vd"}, num_feature_levels=3,
+                    dn_labelbook_size=5),
 }
 
 
@@ -42,7 +45,10 @@ def test_output_contract(detector):
     assert out.c1.shape == (2, 256, 16, 24)
     assert out.memory.shape == (2, int(out.spatial_shapes.prod(1).sum()), 64)
     assert out.memory_mask.shape == out.memory.shape[:2]
-    assert ((out.boxes >= 0) & (out.boxes <= 1)).all() and out.query_mask.all()
+    # A model that sees the padded canvas (RT-DETR) may put a padded image's boxes in the
+    # border: beyond that image's own [0, 1].
+    boxes = out.boxes if detector.config.mask_padding else out.boxes[:1]
+    assert ((boxes >= 0) & (boxes <= 1)).all() and out.query_mask.all()
     assert (out.scores[:, :-1] >= out.scores[:, 1:]).all()  # ranked
 
 
@@ -188,3 +194,22 @@ def test_last_layer_box_loss_reaches_the_previous_box_head_only_in_dino(variant,
     with torch.no_grad():
         again = model(image, torch.zeros(1, 64, 96, dtype=torch.bool))
     torch.testing.assert_close(again.boxes[-1], raw.boxes[-1].detach())
+
+
+def test_a_model_that_sees_the_padded_canvas_gives_boxes_in_each_images_frame():
+    """RT-DETR does not mask padding: it predicts relative to the padded batch, and
+    DetectorOutput's boxes are converted to each image's own size."""
+    det = tiny_detector(**VARIANTS["rt-detr"])
+    batch = images((64, 96), (48, 80), seed=8)
+    out = det(batch)
+    padded, padding, _ = det.preprocess(batch)
+    with torch.no_grad():
+        raw = det.model(padded, padding)
+    scores, index = raw.logits[-1][1].sigmoid().flatten().topk(7)
+    canvas = raw.boxes[-1][1, index // 5] * torch.tensor([96.0, 64.0, 96.0, 64.0])
+    torch.testing.assert_close(out.scores[1], scores)
+    own = out.boxes[1] * torch.tensor([80.0, 48.0, 80.0, 48.0])
+    torch.testing.assert_close(own, canvas)
+    boxes = [torch.zeros(0, 4), torch.tensor([[8.0, 4.0, 40.0, 30.0]])]
+    embedded = det.embed_boxes(batch, boxes)
+    torch.testing.assert_close(embedded.boxes_xyxy_pixels()[1, 0], boxes[1][0])

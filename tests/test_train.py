@@ -16,9 +16,13 @@ import yaml
 import frozenseg
 from frozenseg.cache import write_cache
 from frozenseg.data import CocoInstances
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.frozen import FrozenDetector
+from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.task import TrainingError
 from frozenseg.engine.train import LAST, Trainer
+from frozenseg.formats import rt_detr
 from frozenseg.recipe import load_recipe
 from tests.test_cache import save_detector, tiny_detector
 
@@ -375,3 +379,51 @@ def test_a_second_run_on_the_folder_refuses_naming_the_holder(tmp_path, data, de
     trainer = Trainer(recipe(tmp_path, data, detector_dir, "train.iterations=1"),
                       log=lambda _: None, evaluate=False)
     assert trainer.run().step == 1 and not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def tiny_rt_detr() -> FrozenDetector:
+    """A small random RT-DETR: ResNet-vd, hybrid encoder, 3 levels, selected queries."""
+    torch.manual_seed(0)
+    config = DetectorConfig(**rt_detr.FIXED, backbone={
+        "name": "resnet_vd", "depths": (1, 1, 1, 1), "widths": (32, 64, 128, 256), "stem": 16},
+        hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64,
+        num_queries=10, num_classes=5, num_feature_levels=3, dn_labelbook_size=5)
+    return FrozenDetector(build_detector(config), top_k=7)
+
+
+def test_the_head_caches_trains_and_exports_on_an_rt_detr_detector(tmp_path, data):
+    """A family without a stride-4 encoder map: the head reads the hybrid encoder's three
+    maps (the decoder's memory) and ResNet-vd's stage-1 map as C1."""
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    detector = save_detector(tiny_rt_detr(), tmp_path / "rt_detr", "rt_detr")
+    run = recipe(tmp_path, data, detector, "data.transform=evaluation", "train.iterations=2",
+                 f"data.cache={tmp_path / 'cache'}")
+    dataset = CocoInstances(run.data.train.images, run.data.train.annotations)
+    write_cache(str(detector), dataset, tmp_path / "cache", dtype="fp16", top_k=7,
+                memory_layer=1, transform=eval_transform(SCALE))
+    trainer = Trainer(run, log=lambda _: None, evaluate=False)
+    trainer.run()
+    assert trainer.position.step == 2
+    out = tmp_path / "results.json"
+    exported = CliRunner().invoke(app, [
+        "export", "--head", str(tmp_path / "run" / LAST), "--images",
+        str(data / "images" / "val"), "--annotations", str(data / "instances_val.json"),
+        "--out", str(out)])
+    assert exported.exit_code == 0, exported.output
+    results = json.loads(out.read_text())
+    assert results and all("segmentation" in r and 0 <= r["mask_quality"] <= 1
+                           for r in results)
+    # The one object users hold: a Predictor on the trained RT-DETR segmenter.
+    from frozenseg.predictor import Predictor
+    from frozenseg.segmenter import MaskFrozenDETR
+
+    predictor = Predictor(MaskFrozenDETR.from_pretrained(tmp_path / "run" / LAST, device="cpu"))
+    image = torch.rand(3, 90, 120)
+    predictor.set_image(image)
+    found = predictor.predict(max_instances=5)
+    assert len(found.masks) == 5 and found.masks[0].shape == (90, 120)
+    given = predictor.predict(boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]))
+    assert given.masks.shape == (1, 90, 120)

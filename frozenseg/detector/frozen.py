@@ -53,9 +53,12 @@ class FrozenDetector(nn.Module):
         default layer 4 (the paper's choice for a 6-layer encoder), or the last if fewer.
         classes: {"names", "category_ids"} per classifier index (see detector.classes)."""
         super().__init__()
-        memory_layer = memory_layer or min(4, model.config.enc_layers)
-        if not 1 <= memory_layer <= model.config.enc_layers:
-            raise ValueError(f"memory_layer {memory_layer} is not in 1..{model.config.enc_layers}")
+        layers = model.encoder_layers
+        memory_layer = memory_layer or min(4, layers)
+        if not 1 <= memory_layer <= layers:
+            raise ValueError(f"memory_layer {memory_layer} is not in 1..{layers}: this "
+                             f"detector's encoder gives {layers} state(s) (null takes the "
+                             "4th or the last)")
         self.model = model.eval().requires_grad_(False)
         self.config: DetectorConfig = model.config
         self.top_k, self.memory_layer = top_k, memory_layer
@@ -174,7 +177,8 @@ class FrozenDetector(nn.Module):
                 continue
             normalised = to_normalized(image_boxes.to(memory), sizes[i], clip=True)
             given = labels[i].to(memory.device) if labels is not None else None
-            raw = self.model.decode(self._box_queries(normalised, given), _select(encoded, i))
+            anchors = normalised * self._canvas_scale(sizes)[i].to(normalised)
+            raw = self.model.decode(self._box_queries(anchors, given), _select(encoded, i))
             probs = raw.logits[-1][0].sigmoid()
             states[i, :n], out_boxes[i, :n] = raw.decoder_states[-1][0], normalised
             scores[i, :n], predicted = probs.max(-1)
@@ -195,6 +199,8 @@ class FrozenDetector(nn.Module):
             query_pos = query_pos.expand(len(boxes), -1)
         if self.config.query_init == "mixed":
             content = t.tgt_embed.weight.mean(0)
+        if content is None:  # selected tokens as content (RT-DETR): the mean label embedding
+            content = model.label_enc.weight[: self.config.num_classes].mean(0)
         if labels is not None and hasattr(model, "label_enc"):
             content = model.label_enc(labels)
         content = content.expand(len(boxes), -1)
@@ -223,7 +229,17 @@ class FrozenDetector(nn.Module):
         gather = query[..., None]
         states = raw.decoder_states[-1].gather(1, gather.expand(-1, -1, self.config.hidden_dim))
         boxes = raw.boxes[-1].gather(1, gather.expand(-1, -1, 4))
+        boxes = boxes / self._canvas_scale(sizes)[:, None].to(boxes)
         return self._assemble(raw.encoded, sizes, states, boxes, scores, labels, mask)
+
+    def _canvas_scale(self, sizes: torch.Tensor) -> torch.Tensor:
+        """(B, 4): each image's box frame in the model's, (cx, cy, w, h) factors. A model
+        that masks padding predicts in each image's own frame (ones); one that does not
+        (RT-DETR) in the padded batch's, whose size is the largest image's."""
+        if self.config.mask_padding:
+            return torch.ones(len(sizes), 4, device=sizes.device)
+        fraction = (sizes / sizes.amax(0)).flip(-1).float()  # (w, h) of the canvas
+        return torch.cat([fraction, fraction], -1)
 
     def _assemble(self, encoded: Encoded, sizes, states, boxes, scores, labels, mask):
         return DetectorOutput(

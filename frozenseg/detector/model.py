@@ -1,14 +1,16 @@
 """The canonical deformable DETR: backbone, input projections, transformer, heads.
 
 One class covers Deformable DETR (single-stage, two-stage, box refinement),
-H-Deformable-DETR and DINO; :class:`DetectorConfig` says which. Parameter names
+H-Deformable-DETR, DINO and RT-DETR (v1 and v2: a hybrid encoder under
+``transformer.encoder``, whose maps reach the decoder through ``input_proj``, 1x1 conv +
+batch norm); :class:`DetectorConfig` says which. Parameter names
 follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
 and the encoder-proposal heads of two-stage models live in ``transformer.enc_out_*``.
-DINO's denoising label embedding is kept as ``label_enc``: inference does not use it, but
-it embeds class labels as DINO's denoising queries do (content = label_enc(class id),
-reference box = the box itself).
+DINO's (and RT-DETR's) denoising label embedding is kept as ``label_enc``: inference does
+not use it, but it embeds class labels as the denoising queries do (content =
+label_enc(class id), reference box = the box itself).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.hybrid import AIFI, AttentionEncoderLayer, HybridEncoder
 from frozenseg.detector.position import box_position_embedding, feature_position_embedding
 from frozenseg.detector.transformer import (
     MLP,
@@ -90,25 +94,46 @@ class Queries:
     query_pos: torch.Tensor | None
 
 
+def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
+    """The encoder the config names: deformable (over the projected levels) or hybrid (over
+    the backbone's maps, ``channels`` wide each)."""
+    ffn_dim = config.encoder_ffn_dim or config.dim_feedforward
+    if config.encoder == "deformable":
+        return Encoder(layers=[
+            EncoderLayer(dim=config.hidden_dim, ffn_dim=ffn_dim, levels=config.num_feature_levels,
+                         heads=config.nheads, points=config.enc_n_points)
+            for _ in range(config.enc_layers)
+        ])
+    dim = config.encoder_width
+    aifi = {level: AIFI(layers=[AttentionEncoderLayer(dim=dim, ffn_dim=ffn_dim,
+                                                      heads=config.nheads)
+                                for _ in range(config.enc_layers)],
+                        temperature=config.pos_temperature,
+                        transposed_grid=config.aifi_transposed_grid)
+            for level in config.aifi_levels}
+    return HybridEncoder(in_channels=[channels[s] for s in config.backbone_levels], dim=dim,
+                         aifi=aifi, csp_blocks=config.csp_blocks,
+                         csp_expansion=config.csp_expansion)
+
+
 class DeformableTransformer(nn.Module):
     """Level embeddings, encoder, decoder, and the parts that initialise the queries."""
 
-    def __init__(self, config: DetectorConfig) -> None:
+    def __init__(self, config: DetectorConfig, channels: list[int]) -> None:
         super().__init__()
-        c, layer_args = config.hidden_dim, {
-            "dim": config.hidden_dim, "ffn_dim": config.dim_feedforward,
-            "levels": config.num_feature_levels, "heads": config.nheads,
-        }
-        self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, c))
-        self.encoder = Encoder(layers=[
-            EncoderLayer(**layer_args, points=config.enc_n_points) for _ in range(config.enc_layers)
-        ])
+        c = config.hidden_dim
+        if config.encoder == "deformable":
+            self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, c))
+        self.encoder = build_encoder(config, channels)
         self.decoder = Decoder(
-            layers=[DecoderLayer(**layer_args, points=config.dec_n_points)
+            layers=[DecoderLayer(dim=c, ffn_dim=config.dim_feedforward,
+                                 levels=config.num_feature_levels, heads=config.nheads,
+                                 points=config.dec_n_points)
                     for _ in range(config.dec_layers)],
             dim=c, norm=config.decoder_norm, ref_point_head=config.ref_point_head,
             inverse_sigmoid_eps=config.inverse_sigmoid_eps,
             look_forward_twice=config.look_forward_twice,
+            ref_point_input=config.ref_point_input,
         )
         if not config.two_stage:
             self.reference_points = nn.Linear(c, 2)
@@ -131,10 +156,10 @@ class DeformableDETR(nn.Module):
         c = config.hidden_dim
         self.backbone = backbone
         self.input_proj = nn.ModuleList(self._input_projections(config, backbone.channels))
-        self.transformer = DeformableTransformer(config)
+        self.transformer = DeformableTransformer(config, backbone.channels)
         if config.query_init == "learned":
             self.query_embed = nn.Embedding(config.num_queries, 2 * c)
-        if config.variant == "dino":  # row = class id (DINO's training never reads the last)
+        if config.has_label_enc:  # row = class id (DINO's training never reads the last)
             self.label_enc = nn.Embedding(config.dn_labelbook_size + 1, c)
         self.class_embed = nn.ModuleList(
             nn.Linear(c, config.num_classes) for _ in range(config.dec_layers)
@@ -142,6 +167,12 @@ class DeformableDETR(nn.Module):
         self.bbox_embed = nn.ModuleList(
             MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3) for _ in range(config.dec_layers)
         )
+
+    @property
+    def encoder_layers(self) -> int:
+        """How many encoder states ``encode`` returns: one per deformable encoder layer, or
+        one for the hybrid encoder (its fused maps)."""
+        return self.config.enc_layers if self.config.encoder == "deformable" else 1
 
     def init_for_training(self, prior_prob: float = 0.01) -> None:
         """Deformable DETR's and DINO's initialisation, for training from random weights.
@@ -159,7 +190,8 @@ class DeformableDETR(nn.Module):
         for module in self.transformer.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
-        nn.init.normal_(self.transformer.level_embed)
+        if self.config.encoder == "deformable":
+            nn.init.normal_(self.transformer.level_embed)
         classifiers, box_heads = list(self.class_embed), list(self.bbox_embed)
         if self.config.two_stage:
             classifiers.append(self.transformer.enc_out_class_embed)
@@ -171,11 +203,16 @@ class DeformableDETR(nn.Module):
             nn.init.zeros_(head.layers[-1].bias)
         for projection in self.input_proj:
             nn.init.xavier_uniform_(projection[0].weight)
-            nn.init.zeros_(projection[0].bias)
+            if projection[0].bias is not None:
+                nn.init.zeros_(projection[0].bias)
 
     @staticmethod
     def _input_projections(config: DetectorConfig, channels: list[int]) -> list[nn.Module]:
         c = config.hidden_dim
+        if config.encoder == "hybrid":  # the decoder's: 1x1 conv + batch norm per encoder map
+            return [nn.Sequential(nn.Conv2d(config.encoder_width, c, kernel_size=1, bias=False),
+                                  FrozenBatchNorm2d(c))
+                    for _ in config.backbone_levels]
         projections = [
             nn.Sequential(nn.Conv2d(channels[i], c, kernel_size=1), nn.GroupNorm(32, c))
             for i in config.backbone_levels
@@ -199,21 +236,44 @@ class DeformableDETR(nn.Module):
         """Backbone, input projections and encoder: everything before the queries.
         ``features``: the backbone's maps when already computed (activation checkpointing)."""
         features = self.backbone(images) if features is None else features
+        if self.config.encoder == "hybrid":
+            return self._encode_hybrid(features, padding_mask)
         srcs, masks = self._levels(features, padding_mask)
         flat = self._flatten(srcs, masks)
+        pos = self._positions(masks, flat["src"].dtype)
         encoder_states = self.transformer.encoder(
-            flat["src"], flat["pos"], flat["shapes"], flat["starts"], flat["valid_ratios"],
+            flat["src"], pos, flat["shapes"], flat["starts"], flat["valid_ratios"],
             flat["mask"],
         )
         return Encoded(features=features, encoder_states=encoder_states, mask=flat["mask"],
                        shapes=flat["shapes"], starts=flat["starts"],
                        valid_ratios=flat["valid_ratios"])
 
+    def _encode_hybrid(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
+        """RT-DETR: the hybrid encoder fuses the backbone maps; the decoder's projections of
+        its maps, flattened, are the memory (one state: there are no per-layer outputs)."""
+        maps = self.transformer.encoder([features[s] for s in self.config.backbone_levels])
+        srcs = [proj(m) for proj, m in zip(self.input_proj, maps, strict=True)]
+        masks = [F.interpolate(padding_mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+                 for src in srcs]
+        flat = self._flatten(srcs, masks)
+        return Encoded(features=features, encoder_states=[flat["src"]], mask=flat["mask"],
+                       shapes=flat["shapes"], starts=flat["starts"],
+                       valid_ratios=flat["valid_ratios"])
+
+    def decoder_view(self, encoded: Encoded) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The memory mask and valid ratios the decoder attends with: the padding's, or for
+        a model that does not mask padding (RT-DETR) none and ones (the whole canvas)."""
+        if self.config.mask_padding:
+            return encoded.mask, encoded.valid_ratios
+        return None, torch.ones_like(encoded.valid_ratios)
+
     def decode(self, queries: Queries, encoded: Encoded) -> RawDetection:
         """Run the decoder from given queries and apply the heads to every layer."""
+        memory_mask, valid_ratios = self.decoder_view(encoded)
         states, references = self.transformer.decoder(
-            queries.content, queries.reference, encoded.encoder_states[-1], encoded.mask,
-            encoded.shapes, encoded.starts, encoded.valid_ratios, query_pos=queries.query_pos,
+            queries.content, queries.reference, encoded.encoder_states[-1], memory_mask,
+            encoded.shapes, encoded.starts, valid_ratios, query_pos=queries.query_pos,
             bbox_embed=self.bbox_embed if self.config.box_refine else None,
         )
         logits = [head(s) for head, s in zip(self.class_embed, states, strict=True)]
@@ -241,25 +301,26 @@ class DeformableDETR(nn.Module):
         return srcs, masks
 
     def _flatten(self, srcs, masks) -> dict[str, torch.Tensor]:
-        """Concatenate the levels: src, pos (+ level embedding), mask over S positions."""
-        cfg = self.config
-        flat_src, flat_pos, flat_mask = [], [], []
-        for level, (src, mask) in enumerate(zip(srcs, masks, strict=True)):
-            pos = feature_position_embedding(
-                ~mask, num_feats=cfg.hidden_dim // 2, temperature=cfg.pos_temperature,
-                offset=cfg.pos_offset,
-            ).to(src.dtype)
-            flat_src.append(src.flatten(2).transpose(1, 2))
-            flat_pos.append(pos.flatten(2).transpose(1, 2) + self.transformer.level_embed[level])
-            flat_mask.append(mask.flatten(1))
+        """Concatenate the levels: src and mask over S positions, and the level layout."""
         shapes = spatial_shapes(srcs)
         starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self._valid_ratio(m) for m in masks], 1).to(srcs[0].dtype)
         return {
-            "src": torch.cat(flat_src, 1), "pos": torch.cat(flat_pos, 1),
-            "mask": torch.cat(flat_mask, 1), "shapes": shapes, "starts": starts,
-            "valid_ratios": valid_ratios,
+            "src": torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1),
+            "mask": torch.cat([mask.flatten(1) for mask in masks], 1), "shapes": shapes,
+            "starts": starts, "valid_ratios": valid_ratios,
         }
+
+    def _positions(self, masks, dtype: torch.dtype) -> torch.Tensor:
+        """(B, S, C) sine position of every pixel in its level's valid area + level embedding."""
+        cfg, flat_pos = self.config, []
+        for level, mask in enumerate(masks):
+            pos = feature_position_embedding(
+                ~mask, num_feats=cfg.hidden_dim // 2, temperature=cfg.pos_temperature,
+                offset=cfg.pos_offset,
+            ).to(dtype)
+            flat_pos.append(pos.flatten(2).transpose(1, 2) + self.transformer.level_embed[level])
+        return torch.cat(flat_pos, 1)
 
     @staticmethod
     def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
@@ -301,6 +362,8 @@ class DeformableDETR(nn.Module):
         """Two-stage: score every encoder position as a proposal, keep the top num_queries
         (by class 0 or the best class, as the variant ranks them)."""
         cfg, t = self.config, self.transformer
+        if not cfg.mask_padding:  # RT-DETR: every position of the canvas may propose
+            memory_mask = torch.zeros_like(memory_mask)
         proposal_logits, valid = encoder_proposals(
             memory, memory_mask, [tuple(s) for s in tensor_values(shapes)]
         )

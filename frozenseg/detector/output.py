@@ -19,7 +19,8 @@ class DetectorOutput:
     scores          (B, K)     class probability of the prediction (sigmoid)
     labels          (B, K)     class index (contiguous, as the detector's classifier)
     query_mask      (B, K)     True for real predictions (False pads ragged batches)
-    memory          (B, S, C)  output of the chosen encoder layer, all levels flattened
+    memory          (B, S, C)  output of the chosen encoder layer, all levels flattened (a
+                               hybrid encoder, RT-DETR's: the maps its decoder reads)
     memory_mask     (B, S)     True at padding positions of the memory
     spatial_shapes  (L, 2)     (H, W) of each level; level_start_index (L,); valid_ratios
                                (B, L, 2) the unpadded fraction (w, h) of each level

@@ -49,3 +49,27 @@ def box_position_embedding(
     index = {"xywh": [0, 1, 2, 3], "yxwh": [1, 0, 2, 3]}[order][: boxes.shape[-1]]
     return torch.cat([_interleave_sin_cos(coords[..., i], num_feats, temperature) for i in index],
                      dim=-1)
+
+
+def grid_position_embedding(height: int, width: int, *, dim: int, temperature: float,
+                            like: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """RT-DETR's fixed 2-d sine embedding of a feature grid, for its AIFI layer.
+
+    Returns (height * width, dim) for the positions k of ``x.flatten(2)`` (row-major): each
+    gets [sin(a w), cos(a w), sin(b w), cos(b w)] with the dim / 4 frequencies
+    w_i = temperature ** (-i / (dim / 4)), computed in float64. transformers 5 takes
+    (a, b) = (row, column) = divmod(k, width); the official code and transformers 4 build the
+    grid as width x height and flatten that, so (a, b) = divmod(k, height) (``transposed``):
+    the same on a square grid, not on others. ``like``: dtype and device.
+    """
+    if dim % 4:
+        raise ValueError(f"the grid position embedding needs a width divisible by 4, not {dim}")
+    quarter = dim // 4
+    f64 = {"dtype": torch.float64, "device": like.device}
+    omega = temperature ** -(torch.arange(quarter, **f64) / quarter)
+    k = torch.arange(height * width, **f64)
+    stride = height if transposed else width
+    a = torch.div(k, stride, rounding_mode="floor")
+    b = k - a * stride
+    a, b = a[:, None] * omega, b[:, None] * omega
+    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], -1).to(like.dtype)

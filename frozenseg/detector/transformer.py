@@ -144,6 +144,7 @@ class Decoder(nn.Module):
 
     With ``ref_point_head`` (DINO) each layer's query_pos is an MLP of the sine
     embedding of its current reference box; otherwise query_pos is given and fixed.
+    With ``ref_point_input="box"`` (RT-DETR) the MLP reads the normalised box itself.
     With ``norm`` (DINO) the outputs that feed the heads are layer-normed; the
     refinement itself uses the raw output, as DINO does. Each layer attends from its
     reference without gradient; with ``look_forward_twice`` (DINO) the reference its head
@@ -160,16 +161,18 @@ class Decoder(nn.Module):
         ref_point_head: bool,
         inverse_sigmoid_eps: float,
         look_forward_twice: bool = False,
+        ref_point_input: str = "sine",
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.look_forward_twice = look_forward_twice
         self.norm = nn.LayerNorm(dim) if norm else None
-        self.ref_point_head = (
-            MLP(in_dim=2 * dim, hidden_dim=dim, out_dim=dim, num_layers=2)
-            if ref_point_head
-            else None
-        )
+        self.ref_point_input = ref_point_input
+        self.ref_point_head = None
+        if ref_point_head and ref_point_input == "box":
+            self.ref_point_head = MLP(in_dim=4, hidden_dim=2 * dim, out_dim=dim, num_layers=2)
+        elif ref_point_head:
+            self.ref_point_head = MLP(in_dim=2 * dim, hidden_dim=dim, out_dim=dim, num_layers=2)
         self.eps = inverse_sigmoid_eps
         self.dim = dim
 
@@ -202,10 +205,8 @@ class Decoder(nn.Module):
             scale = valid_ratios if reference.shape[-1] == 2 else torch.cat([valid_ratios] * 2, -1)
             reference_input = reference[:, :, None] * scale[:, None]
             if self.ref_point_head is not None:
-                sine = box_position_embedding(
-                    reference_input[:, :, 0], num_feats=self.dim // 2, order="yxwh"
-                )
-                query_pos = self.ref_point_head(sine.to(tgt.dtype))
+                query_pos = self.ref_point_head(self._ref_point_features(reference_input[:, :, 0])
+                                                .to(tgt.dtype))
             tgt = run_layer(self, layer, tgt, query_pos, reference_input, memory, shapes, starts,
                             memory_mask, self_attn_mask)
             states.append(self.norm(tgt) if self.norm is not None else tgt)
@@ -215,6 +216,12 @@ class Decoder(nn.Module):
                 reference = refined.detach()
                 head_reference = refined if self.look_forward_twice else reference
         return states, references
+
+    def _ref_point_features(self, reference: torch.Tensor) -> torch.Tensor:
+        """What the reference-point head reads: the box, or its sine embedding (y first)."""
+        if self.ref_point_input == "box":
+            return reference
+        return box_position_embedding(reference, num_feats=self.dim // 2, order="yxwh")
 
     def refine(self, reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Apply a box head's delta in logit space (the gradient flows into the delta)."""

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from frozenseg.formats import deformable_detr, detrex, dino, h_deformable_detr, huggingface
+from frozenseg.formats import (
+    deformable_detr,
+    detrex,
+    dino,
+    h_deformable_detr,
+    huggingface,
+    rt_detr,
+    rt_detr_official,
+)
 from frozenseg.formats.base import CheckpointFormat, Renamed, StateDict
 
 FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
-                detrex.FORMAT)
+                detrex.FORMAT, rt_detr.FORMAT,
+                rt_detr_official.FORMAT)
 }
 
 

@@ -78,6 +78,25 @@ def apply_rules(source: StateDict, rules: list[Rule], out: Renamed) -> list[str]
     return unmatched
 
 
+def substitute_keys(state_dict: StateDict, substitutions: list[tuple[str, str]]) -> StateDict:
+    """Every key with every (regex, template) substitution applied, in order: one naming
+    of a project's keys mapped onto another (e.g. transformers' old and new names)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in substitutions:
+            key = re.sub(pattern, replacement, key)
+        out[key] = tensor
+    return out
+
+
+def saved_or_assumed(args: dict, name: str, default, notes: list[str], what: str):
+    """``args[name]``, or ``default`` with a note saying what was assumed."""
+    if name in args:
+        return args[name]
+    notes.append(f"{what}: args.{name} not saved, assumed {default}")
+    return default
+
+
 def positive(name: str, value, kind: type = int):
     """A training argument that must be a positive ``kind`` (int: a whole number), as
     that kind; ValueError naming the argument otherwise (a config of wrong types)."""

@@ -28,6 +28,7 @@ from frozenseg.formats.base import (
     count_indexed,
     positive,
     sampling_points,
+    saved_or_assumed,
 )
 
 RULES = [(r"^backbone\.0\.(body\.)?", "backbone.")]
@@ -56,7 +57,7 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     _check_args(args)
     notes: list[str] = []
     c = state_dict["transformer.level_embed"].shape[1]
-    heads = positive("nheads", _from_args(args, "nheads", c // 32, notes,
+    heads = positive("nheads", saved_or_assumed(args, "nheads", c // 32, notes,
                                           "attention heads (head dim 32)"))
     backbone, channels = _backbone(state_dict)
     stages, levels = backbone_levels(state_dict, "input_proj.", channels)
@@ -74,7 +75,7 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
         query_init="mixed", box_refine=True, proposal_score="max_class", decoder_norm=True,
         ref_point_head=True, pos_offset=0.0, inverse_sigmoid_eps=1e-3,
         pos_temperature=_temperature(args, notes),
-        num_select=positive("num_select", _from_args(args, "num_select", 300, notes,
+        num_select=positive("num_select", saved_or_assumed(args, "num_select", 300, notes,
                                                      "post-processing top-k")),
         dn_labelbook_size=state_dict["label_enc.weight"].shape[0] - 1,
     )
@@ -88,17 +89,10 @@ def _check_args(args: dict) -> None:
                              f"(supported: {', '.join(map(repr, accepted))})")
 
 
-def _from_args(args: dict, name: str, default, notes: list[str], what: str):
-    if name in args:
-        return args[name]
-    notes.append(f"{what}: args.{name} not saved, assumed {default}")
-    return default
-
-
 def _temperature(args: dict, notes: list[str]) -> float:
     """The feature-map sine temperature; DINO has one per axis, frozenseg one for both."""
-    h = positive("pe_temperatureH",
-                 _from_args(args, "pe_temperatureH", 20, notes, "position temperature"), float)
+    h = saved_or_assumed(args, "pe_temperatureH", 20, notes, "position temperature")
+    h = positive("pe_temperatureH", h, float)
     w = positive("pe_temperatureW", args.get("pe_temperatureW", h), float)
     if h != w:
         raise ValueError(f"different position temperatures for H ({h}) and W ({w})")

@@ -21,6 +21,7 @@ from frozenseg.formats.base import (
     backbone_levels,
     count_indexed,
     positive,
+    substitute_keys,
 )
 
 # transformers' own v4 -> v5 renames (its conversion_mapping for deformable_detr).
@@ -102,12 +103,7 @@ DECODER_HEADS = re.compile(r"^model\.decoder\.(class_embed|bbox_embed)\.(\d+)\.(
 
 
 def to_v5(state_dict: StateDict) -> StateDict:
-    out = {}
-    for key, tensor in state_dict.items():
-        for pattern, replacement in V4_TO_V5:
-            key = re.sub(pattern, replacement, key)
-        out[key] = tensor
-    return out
+    return substitute_keys(state_dict, V4_TO_V5)
 
 
 def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:

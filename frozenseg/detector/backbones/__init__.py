@@ -14,12 +14,14 @@ from torch import nn
 
 from frozenseg.detector.backbones.focalnet import build_focalnet
 from frozenseg.detector.backbones.resnet import ResNet
+from frozenseg.detector.backbones.resnet_vd import ResNetVd
 from frozenseg.detector.backbones.swin import build_swin
 
 # Swin and FocalNet take the keyword arguments their ``*_config_from_state_dict`` derive.
 BUILDERS = {
     "resnet50": lambda: ResNet(depth=50),
     "resnet101": lambda: ResNet(depth=101),
+    "resnet_vd": ResNetVd,  # RT-DETR's PResNet: block, depths, widths, stem
     "swin": build_swin,
     "focalnet": build_focalnet,
 }

@@ -1,0 +1,139 @@
+"""RT-DETR's hybrid encoder: AIFI on the coarsest level, then CCFM cross-scale fusion.
+
+AIFI (attention-based intra-scale feature interaction) is a plain post-norm transformer
+encoder (multi-head self-attention, GELU FFN) over one level's positions, with a fixed 2-d
+sine position embedding added to queries and keys. CCFM (CNN-based cross-scale feature
+fusion) is an FPN top-down pass (1x1 lateral conv, nearest 2x upsampling, concatenation,
+CSP block) followed by a PAN bottom-up pass (3x3 stride-2 conv, concatenation, CSP block);
+a CSP block is two 1x1 ConvNorm branches, one through RepVGG blocks (3x3 + 1x1 ConvNorm,
+summed, SiLU), added. Parameter names follow lyuwenyu/RT-DETR's ``HybridEncoder``
+(``input_proj``, ``encoder.i.layers.j``, ``lateral_convs``, ``fpn_blocks``,
+``downsample_convs``, ``pan_blocks``).
+
+Maps are (B, C, H, W); levels run from fine (stride 8) to coarse (stride 32). The encoder
+has no padding mask: as in RT-DETR, a padded batch is one canvas.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from frozenseg.detector.conv import ConvNorm
+from frozenseg.detector.position import grid_position_embedding
+
+
+class AttentionEncoderLayer(nn.Module):
+    """Self-attention (position on queries and keys) -> add & norm1 -> FFN -> add & norm2."""
+
+    def __init__(self, *, dim: int, ffn_dim: int, heads: int) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """src: (B, S, C); pos: (S, C)."""
+        q = k = src + pos
+        src = self.norm1(src + self.self_attn(q, k, src, need_weights=False)[0])
+        return self.norm2(src + self.linear2(F.gelu(self.linear1(src))))
+
+
+class AIFI(nn.Module):
+    """``layers`` over one map: (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, *, layers: list[AttentionEncoderLayer], temperature: float,
+                 transposed_grid: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.temperature, self.transposed_grid = temperature, transposed_grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        src = x.flatten(2).transpose(1, 2)
+        pos = grid_position_embedding(h, w, dim=c, temperature=self.temperature, like=src,
+                                      transposed=self.transposed_grid)
+        for layer in self.layers:
+            src = layer(src, pos)
+        return src.transpose(1, 2).reshape(b, c, h, w)
+
+
+class RepVggBlock(nn.Module):
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(in_dim=dim, out_dim=dim, kernel=3)
+        self.conv2 = ConvNorm(in_dim=dim, out_dim=dim, kernel=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.conv1(x) + self.conv2(x))
+
+
+class CSPRepLayer(nn.Module):
+    """(B, in_dim, H, W) -> (B, out_dim, H, W): conv3(bottlenecks(conv1(x)) + conv2(x))."""
+
+    def __init__(self, *, in_dim: int, out_dim: int, blocks: int, expansion: float) -> None:
+        super().__init__()
+        hidden = int(out_dim * expansion)
+        self.conv1 = ConvNorm(in_dim=in_dim, out_dim=hidden, kernel=1, activation="silu")
+        self.conv2 = ConvNorm(in_dim=in_dim, out_dim=hidden, kernel=1, activation="silu")
+        self.bottlenecks = nn.Sequential(*[RepVggBlock(dim=hidden) for _ in range(blocks)])
+        self.conv3 = (ConvNorm(in_dim=hidden, out_dim=out_dim, kernel=1, activation="silu")
+                      if hidden != out_dim else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
+
+
+class HybridEncoder(nn.Module):
+    """Backbone maps (fine to coarse) -> as many fused maps of width ``dim``."""
+
+    def __init__(self, *, in_channels: list[int], dim: int, aifi: dict[int, AIFI],
+                 csp_blocks: int, csp_expansion: float) -> None:
+        super().__init__()
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, dim, kernel_size=1, bias=False), FrozenBatchNorm2d(dim))
+            for c in in_channels
+        )
+        self.aifi_levels = list(aifi)
+        self.encoder = nn.ModuleList(aifi.values())
+        n = len(in_channels) - 1
+
+        def csp() -> CSPRepLayer:
+            return CSPRepLayer(in_dim=2 * dim, out_dim=dim, blocks=csp_blocks,
+                               expansion=csp_expansion)
+
+        self.lateral_convs = nn.ModuleList(
+            ConvNorm(in_dim=dim, out_dim=dim, kernel=1, activation="silu") for _ in range(n))
+        self.fpn_blocks = nn.ModuleList(csp() for _ in range(n))
+        self.downsample_convs = nn.ModuleList(
+            ConvNorm(in_dim=dim, out_dim=dim, kernel=3, stride=2, activation="silu")
+            for _ in range(n))
+        self.pan_blocks = nn.ModuleList(csp() for _ in range(n))
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        maps = [proj(f) for proj, f in zip(self.input_proj, features, strict=True)]
+        for level, aifi in zip(self.aifi_levels, self.encoder, strict=True):
+            maps[level] = aifi(maps[level])
+        # Top-down (FPN): inner[0] is the coarsest; each lateral conv replaces its input.
+        inner = [maps[-1]]
+        for i, (lateral, block) in enumerate(zip(self.lateral_convs, self.fpn_blocks,
+                                                 strict=True)):
+            inner[-1] = lateral(inner[-1])
+            finer = maps[-2 - i]
+            upsampled = F.interpolate(inner[-1], scale_factor=2.0, mode="nearest")
+            # An odd finer map (an image side not a multiple of 32) is one short of twice
+            # the coarser one: the extra row or column is cropped (RT-DETR's own 640 x 640
+            # inputs never meet it).
+            upsampled = upsampled[..., : finer.shape[-2], : finer.shape[-1]]
+            inner.append(block(torch.cat([upsampled, finer], 1)))
+        inner.reverse()  # fine to coarse
+        # Bottom-up (PAN).
+        outs = [inner[0]]
+        for i, (down, block) in enumerate(zip(self.downsample_convs, self.pan_blocks,
+                                              strict=True)):
+            outs.append(block(torch.cat([down(outs[-1]), inner[i + 1]], 1)))
+        return outs
