@@ -616,7 +616,11 @@ def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
     import torch
 
     from frozenseg.evaluation.coco import metrics_table
-    from frozenseg.evaluation.panoptic import panoptic_table
+    from frozenseg.evaluation.panoptic import (
+        panoptic_table,
+        per_class_panoptic_table,
+        semantic_table,
+    )
     from frozenseg.maskdino.checkpoint import load_joint
     from frozenseg.maskdino.task import evaluate_joint
 
@@ -630,6 +634,9 @@ def _evaluate_joint(recipe, checkpoint: Path | None, out: Path | None) -> None:
         console.print(metrics_table(metrics))
     if "panoptic" in metrics:
         console.print(panoptic_table(metrics["panoptic"]))
+        console.print(per_class_panoptic_table(metrics["panoptic"]))
+    if "semantic" in metrics:
+        console.print(semantic_table(metrics["semantic"], per_class=True))
     _say(f"{line}; results and metrics: {folder}")
 
 

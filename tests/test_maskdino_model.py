@@ -91,6 +91,8 @@ def test_a_run_trains_evaluates_and_saves(tmp_path, data):
     again = runner.invoke(app, ["eval", str(tmp_path / "recipe.yaml"), "--checkpoint", last,
                                 "--out", str(tmp_path / "again")])
     assert again.exit_code == 0 and "PQ" in again.output, again.output
+    for title in ("Panoptic quality per category", "Semantic segmentation", "mIoU"):
+        assert title in again.output
     assert (json.loads((tmp_path / "again" / "metrics.json").read_text())["panoptic"]
             == json.loads(metrics)["panoptic"])
     converted = runner.invoke(app, ["convert", "--detector", last, "--out",

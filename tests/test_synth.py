@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import frozenseg
 from frozenseg.cli import app
-from frozenseg.data.synth import IGNORE, SynthError, synth
+from frozenseg.data.synth import IGNORE, MIN_OBJECT, SynthError, synth
 
 N_IMAGES = 20
 # pycocotools 2.0 with numpy 2 warns inside its own decode; nothing to act on here.
@@ -198,7 +198,7 @@ def test_min_object_sets_the_smallest_shape(dataset, tmp_path):
     assert np.median(large) > 1.5 * np.median(default)
     assert np.mean(np.array(large) >= 30) > 0.8 > np.mean(np.array(default) >= 30)
     assert json.loads((big / "synth.json").read_text())["params"]["min_object"] == 40
-    assert "min_object" not in json.loads((dataset / "synth.json").read_text())["params"]
+    assert json.loads((dataset / "synth.json").read_text())["params"]["min_object"] == MIN_OBJECT
     assert synth(dataset, images=N_IMAGES, seed=0, min_object=8).reused
 
 

@@ -194,9 +194,7 @@ def _params(images, seed, min_size, max_size, min_object, val_fraction, image_fo
     val = min(images - 1, max(1, round(images * val_fraction)))
     params = {"version": SYNTH_VERSION, "seed": seed, "images": images, "train": images - val,
               "val": val, "min_size": min_size, "max_size": max_size,
-              "image_format": image_format}
-    if min_object != MIN_OBJECT:  # recorded only when set: older datasets stay reusable
-        params["min_object"] = min_object
+              "image_format": image_format, "min_object": min_object}
     return params
 
 
