@@ -10,8 +10,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import frozenseg
-from frozenseg.data import CocoInstances
+from frozenseg.data import CocoInstances, ImageFolder
+from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import eval_transform
+from frozenseg.engine.export import masks_for_boxes
 from frozenseg.engine.inference import predict as dataset_predict
 from frozenseg.predictor import Predictor
 from frozenseg.segmenter import MaskFrozenDETR
@@ -77,6 +79,28 @@ def test_given_boxes_reuse_the_encoding(model, data, monkeypatch):  # noqa: F811
     scale = torch.tensor([view.shape[2] / w, view.shape[1] / h] * 2)
     direct = model([view], [boxes * scale], [torch.tensor([0, 1])])
     torch.testing.assert_close(direct.scores.sort(descending=True).values, first.scores)
+
+
+def test_given_boxes_give_the_masks_export_boxes_writes(model, data):  # noqa: F811
+    """predict(boxes) equals ``frozenseg export --boxes`` (masks_for_boxes) for the same
+    boxes and classes, mask for mask and quality for quality."""
+    _, _, pixels = _val_image(data, 1)
+    dataset = ImageFolder.from_coco(data / "images" / "val", data / "instances_val.json",
+                                    transform=eval_transform(SCALE))
+    classes = match_classes(model.detector.classes, dataset.category_ids,
+                            dataset.category_names)
+    h, w = pixels.shape[:2]
+    entries = [{"bbox": [3.0, 4.5, w / 2, h / 3], "category_id": dataset.category_ids[0]},
+               {"bbox": [w / 4, h / 5, w / 2, h / 2], "category_id": dataset.category_ids[-1]}]
+    exported, _, _ = masks_for_boxes(model, classes, dataset[1], entries)
+    predictor = Predictor(model)
+    predictor.set_image(pixels)
+    xyxy = [[x, y, x + bw, y + bh] for x, y, bw, bh in (e["bbox"] for e in entries)]
+    found = predictor.predict(xyxy, classes.to_detector([e["category_id"] for e in entries]))
+    for (rle, quality), box in zip(exported, xyxy, strict=True):
+        i = int(torch.isclose(found.boxes, torch.tensor(box)).all(1).nonzero())
+        assert np.array_equal(found.masks[i].numpy(), mask_utils.decode(rle).astype(bool))
+        assert found.mask_quality[i].item() == pytest.approx(quality, abs=1e-6)
 
 
 def test_image_formats_people_hold(model, data):  # noqa: F811
