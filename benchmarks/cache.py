@@ -53,10 +53,10 @@ from frozenseg.data import CocoInstances
 from frozenseg.data.collate import collate
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, live_batch
-from frozenseg.head.config import HeadConfig
 from frozenseg.head.loss import MaskCriterion
 from frozenseg.head.network import build_mask_head
 from frozenseg.head.step import head_losses
+from frozenseg.recipe.head import HeadConfig
 
 DTYPES = ("fp32", "fp16", "bf16", "int8")
 HEAD = HeadConfig(image_encoder_layers=3, box_encoder_layers=2)  # the Swin-L recipe's head

@@ -37,12 +37,12 @@ from frozenseg.demo import (
     run_demo,
     summary_table,
 )
-from frozenseg.engine.inference import evaluate
 from frozenseg.engine.train import Trainer
+from frozenseg.head.inference import evaluate
 from frozenseg.head.network import build_mask_head
+from frozenseg.head.segmenter import MaskFrozenDETR
 from frozenseg.head.task import recipe_detector
 from frozenseg.recipe import recipe_from_dict, recipe_to_dict
-from frozenseg.segmenter import MaskFrozenDETR
 
 COLUMNS = ["head", "minutes", "step", "mask AP", "AP50", "AP75", "mask AP on GT boxes"]
 

@@ -55,13 +55,13 @@ from frozenseg.data import ImageFolder
 from frozenseg.data.images import read_image
 from frozenseg.data.transforms import evaluation
 from frozenseg.detector.classes import ClassMapping
-from frozenseg.engine.export import ExportSettings, export_results
 from frozenseg.evaluation.results import encode_masks
+from frozenseg.head.export import ExportSettings, export_results
 from frozenseg.head.network import build_mask_head
 from frozenseg.head.paste import paste_masks
 from frozenseg.head.results import mask_results, view_to_original_scale
+from frozenseg.head.segmenter import MaskFrozenDETR
 from frozenseg.recipe import load_recipe
-from frozenseg.segmenter import MaskFrozenDETR
 
 BACKBONES = {"swin_l": "swinl-4scale", "r50": "r50-4scale"}
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "mask_frozen_dino_swinl_4scale.yaml"

@@ -29,12 +29,12 @@ from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.folder import write_detector
 from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
-from frozenseg.engine.inference import evaluate
 from frozenseg.engine.train import Trainer
+from frozenseg.head.inference import evaluate
 from frozenseg.head.network import build_mask_head
+from frozenseg.head.segmenter import MaskFrozenDETR
 from frozenseg.head.task import recipe_detector
 from frozenseg.recipe import load_recipe
-from frozenseg.segmenter import MaskFrozenDETR
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synth_tiny.yaml"
 DETECTOR = dict(backbone={"name": "resnet50"}, hidden_dim=256, enc_layers=4, dec_layers=2,

@@ -11,9 +11,9 @@ _API = {
     "load_recipe": "frozenseg.recipe",
     "build_mask_head": "frozenseg.head.network",
     "load_trained": "frozenseg.head.trained",
-    "export_results": "frozenseg.engine.export",
-    "MaskFrozenDETR": "frozenseg.segmenter",
-    "Predictor": "frozenseg.predictor",
+    "export_results": "frozenseg.head.export",
+    "MaskFrozenDETR": "frozenseg.head.segmenter",
+    "Predictor": "frozenseg.head.predictor",
 }
 
 

@@ -593,10 +593,10 @@ def evaluate(
     """COCO box and mask AP of a trained head on the recipe's val split."""
     import torch
 
-    from frozenseg.engine.inference import evaluate as run_evaluation
     from frozenseg.evaluation.coco import metrics_table, per_class_table
+    from frozenseg.head.inference import evaluate as run_evaluation
+    from frozenseg.head.segmenter import MaskFrozenDETR
     from frozenseg.head.trained import load_trained
-    from frozenseg.segmenter import MaskFrozenDETR
 
     loaded = _load_recipe(recipe, overrides or [])
     if loaded.mode == "maskdino":
@@ -657,8 +657,8 @@ def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
     is given; ``--detector`` replaces the recipe's detector path."""
     import torch
 
+    from frozenseg.head.segmenter import MaskFrozenDETR
     from frozenseg.head.trained import load_trained
-    from frozenseg.segmenter import MaskFrozenDETR
 
     if head is None and recipe is None:
         _fail("--head CKPT is needed (or --recipe for the training-free baseline)")
@@ -731,7 +731,7 @@ def export(
 ) -> None:
     """Masks for a detector's predictions, or for any detector's boxes, as COCO results."""
     from frozenseg.detector.classes import classes_for
-    from frozenseg.engine.export import ExportSettings, export_results, read_boxes
+    from frozenseg.head.export import ExportSettings, export_results, read_boxes
 
     if format not in ("json", "onnx"):
         _fail(f"--format {format}: expected json or onnx")
@@ -773,7 +773,7 @@ def _print_export(summary, boxes, png_dir) -> None:
 
 def _export_onnx(detector, head, out: Path, height: int | None, width: int | None,
                  dynamic: bool) -> None:
-    from frozenseg.engine.onnx import export_onnx
+    from frozenseg.head.onnx import export_onnx
 
     path = export_onnx(detector.cpu(), head.cpu(), out, height=height, width=width,
                        dynamic=dynamic)
@@ -795,7 +795,7 @@ def predict(
 ) -> None:
     """Overlay PNGs (masks, edges, boxes, labels, scores) and a json per image."""
     from frozenseg.detector.classes import classes_for
-    from frozenseg.engine.overlay import predict_overlays
+    from frozenseg.head.overlay import predict_overlays
 
     model = _trained(head, recipe, detector)
     dataset = _images(images, None, model.recipe.data.scale)

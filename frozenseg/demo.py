@@ -282,8 +282,8 @@ class _Trained:
 
     def load(self):
         if self._loaded is None:
+            from frozenseg.head.segmenter import MaskFrozenDETR
             from frozenseg.head.trained import load_trained
-            from frozenseg.segmenter import MaskFrozenDETR
 
             detector, head, _ = load_trained(self.checkpoint, recipe=self.recipe)
             self._loaded = MaskFrozenDETR(detector, head, self.recipe).to(_device()).eval()
@@ -300,7 +300,7 @@ def _export(recipe, trained: _Trained, hooks: DemoHooks):
     from frozenseg.data import ImageFolder
     from frozenseg.detector.classes import match_classes
     from frozenseg.engine.data import eval_transform
-    from frozenseg.engine.export import ExportSettings, export_results
+    from frozenseg.head.export import ExportSettings, export_results
 
     path = trained.out / RESULTS / "results.json"
     if trained.newer(path):
@@ -347,7 +347,7 @@ def _overlays(recipe, trained: _Trained, hooks: DemoHooks, threshold: float | No
     from frozenseg.data import ImageFolder
     from frozenseg.detector.classes import match_classes
     from frozenseg.engine.data import eval_transform
-    from frozenseg.engine.overlay import predict_overlays
+    from frozenseg.head.overlay import predict_overlays
 
     folder = trained.out / OVERLAYS_DIR
     val = ImageFolder.from_coco(recipe.data.val.images, recipe.data.val.annotations)

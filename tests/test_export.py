@@ -20,11 +20,11 @@ from frozenseg.cli import app
 from frozenseg.data import ImageFolder
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import eval_transform
-from frozenseg.engine.export import ExportSettings, export_results, masks_for_boxes, read_boxes
 from frozenseg.engine.train import Trainer
+from frozenseg.head.export import ExportSettings, export_results, masks_for_boxes, read_boxes
 from frozenseg.head.paste import paste_masks
+from frozenseg.head.segmenter import MaskFrozenDETR
 from frozenseg.head.trained import load_trained
-from frozenseg.segmenter import MaskFrozenDETR
 from tests.test_train import SCALE, data, detector_dir, recipe  # noqa: F401 (fixtures)
 
 runner = CliRunner()
@@ -394,7 +394,7 @@ def test_predict_draws_over_a_16_bit_png_as_it_looks(tmp_path, trained):
 
 def test_export_onnx_from_the_command_line(tmp_path, trained):
     pytest.importorskip("onnxruntime")
-    from frozenseg.engine.onnx import check_onnx
+    from frozenseg.head.onnx import check_onnx
 
     out = tmp_path / "model.onnx"
     result = _export("--head", trained, "--format", "onnx", "--out", out, "--height", 64,

@@ -13,10 +13,10 @@ import frozenseg
 from frozenseg.data import CocoInstances, ImageFolder
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import eval_transform
-from frozenseg.engine.export import masks_for_boxes
-from frozenseg.engine.inference import predict as dataset_predict
-from frozenseg.predictor import Predictor
-from frozenseg.segmenter import MaskFrozenDETR
+from frozenseg.head.export import masks_for_boxes
+from frozenseg.head.inference import predict as dataset_predict
+from frozenseg.head.predictor import Predictor
+from frozenseg.head.segmenter import MaskFrozenDETR
 from tests.test_export import trained  # noqa: F401 (fixture)
 from tests.test_train import SCALE, data, detector_dir  # noqa: F401 (fixtures)
 

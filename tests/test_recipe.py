@@ -14,7 +14,6 @@ from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.folder import CONFIG_FILE, DetectorFolderError, write_detector
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.model import build_detector
-from frozenseg.head.config import HeadConfig
 from frozenseg.head.network import build_mask_head
 from frozenseg.head.task import recipe_detector
 from frozenseg.recipe import (
@@ -25,6 +24,7 @@ from frozenseg.recipe import (
     recipe_to_dict,
     save_recipe,
 )
+from frozenseg.recipe.head import HeadConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MINIMAL = {

@@ -417,8 +417,8 @@ def test_the_head_caches_trains_and_exports_on_an_rt_detr_detector(tmp_path, dat
     assert results and all("segmentation" in r and 0 <= r["mask_quality"] <= 1
                            for r in results)
     # The one object users hold: a Predictor on the trained RT-DETR segmenter.
-    from frozenseg.predictor import Predictor
-    from frozenseg.segmenter import MaskFrozenDETR
+    from frozenseg.head.predictor import Predictor
+    from frozenseg.head.segmenter import MaskFrozenDETR
 
     predictor = Predictor(MaskFrozenDETR.from_pretrained(tmp_path / "run" / LAST, device="cpu"))
     image = torch.rand(3, 90, 120)

@@ -1,6 +1,5 @@
 """The Mask Frozen-DETR head: a light mask network on a frozen detector's outputs."""
 
-from frozenseg.head.config import HeadConfig
 from frozenseg.head.network import (
     HeadOutput,
     MaskHead,
@@ -10,6 +9,7 @@ from frozenseg.head.network import (
     estimate_flops,
 )
 from frozenseg.head.scoring import mask_confidence
+from frozenseg.recipe.head import HeadConfig
 
 __all__ = [
     "HeadConfig", "HeadOutput", "MaskHead", "TrainingFreeHead", "build_mask_head",

@@ -15,7 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.head.blocks import build_stack
-from frozenseg.head.config import HeadConfig
 from frozenseg.head.encoders import (
     BoxFeatureEncoder,
     FeatureFusion,
@@ -27,6 +26,7 @@ from frozenseg.head.encoders import (
     roi_features,
 )
 from frozenseg.head.scoring import DotProductMask, MaskScoring, SegmenterMask, mask_confidence
+from frozenseg.recipe.head import HeadConfig
 
 # Image-frame masks (roi_align=False) outside an image's valid area: probability ~0, and
 # finite so a loss on them stays finite.

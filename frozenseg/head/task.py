@@ -112,8 +112,8 @@ class HeadTask:
                 f"with {output.queries.shape[1]} boxes"]
 
     def evaluate(self, model, out_dir: Path) -> tuple[dict, float, str]:
-        from frozenseg.engine.inference import evaluate
-        from frozenseg.segmenter import MaskFrozenDETR
+        from frozenseg.head.inference import evaluate
+        from frozenseg.head.segmenter import MaskFrozenDETR
 
         metrics = evaluate(MaskFrozenDETR(self.detector, model, self.recipe), out_dir)
         return (metrics, metrics["segm"]["AP"],

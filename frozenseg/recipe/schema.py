@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from frozenseg.head.config import HeadConfig
+from frozenseg.recipe.head import HeadConfig
 
 
 class RecipeError(ValueError):

@@ -22,9 +22,9 @@ from pycocotools import mask as mask_utils
 from frozenseg.data.folder import ImageFolder
 from frozenseg.data.images import read_image
 from frozenseg.detector.classes import ClassMapping
-from frozenseg.engine.export import per_image_paths
-from frozenseg.engine.inference import predict
 from frozenseg.files import atomic_path, atomic_write_text
+from frozenseg.head.export import per_image_paths
+from frozenseg.head.inference import predict
 
 
 def instance_colours(n: int) -> list[tuple[int, int, int]]:

@@ -23,7 +23,7 @@ from torch import Tensor
 from frozenseg.data.common import image_to_tensor
 from frozenseg.data.images import to_rgb
 from frozenseg.head.results import original_boxes, original_masks
-from frozenseg.segmenter import MaskFrozenDETR
+from frozenseg.head.segmenter import MaskFrozenDETR
 
 
 @dataclass

@@ -38,9 +38,9 @@ from torch.utils.data import Subset
 from frozenseg.data.common import parse_json
 from frozenseg.data.folder import ImageFolder
 from frozenseg.detector.classes import ClassMapping
-from frozenseg.engine.inference import predict
 from frozenseg.evaluation.results import ResultsWriter, encode_masks
 from frozenseg.files import atomic_path, atomic_write_text, inside
+from frozenseg.head.inference import predict
 from frozenseg.head.results import mask_results
 
 
