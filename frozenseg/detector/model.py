@@ -32,7 +32,6 @@ from frozenseg.detector.transformer import (
     inverse_sigmoid,
 )
 from frozenseg.ops import MSDeformAttn
-from frozenseg.ops.tracing import spatial_shapes, tensor_values
 
 
 @dataclass
@@ -40,14 +39,15 @@ class Encoded:
     """The encoder's side of a forward: stage maps, encoder outputs and the level layout.
 
     encoder_states: one (B, S, C) per encoder layer; mask: (B, S), True at padding;
-    shapes (L, 2), starts (L,), valid_ratios (B, L, 2) as Deformable DETR.
+    shapes: the (H, W) of each level, int pairs read off the maps (traced sizes under the
+    TorchScript tracer, symbolic ones under torch.compile); valid_ratios (B, L, 2) as
+    Deformable DETR.
     """
 
     features: list[torch.Tensor]
     encoder_states: list[torch.Tensor]
     mask: torch.Tensor
-    shapes: torch.Tensor
-    starts: torch.Tensor
+    shapes: list[tuple[int, int]]
     valid_ratios: torch.Tensor
 
 
@@ -202,18 +202,16 @@ class DeformableDETR(nn.Module):
         srcs, masks = self._levels(features, padding_mask)
         flat = self._flatten(srcs, masks)
         encoder_states = self.transformer.encoder(
-            flat["src"], flat["pos"], flat["shapes"], flat["starts"], flat["valid_ratios"],
-            flat["mask"],
+            flat["src"], flat["pos"], flat["shapes"], flat["valid_ratios"], flat["mask"],
         )
         return Encoded(features=features, encoder_states=encoder_states, mask=flat["mask"],
-                       shapes=flat["shapes"], starts=flat["starts"],
-                       valid_ratios=flat["valid_ratios"])
+                       shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
 
     def decode(self, queries: Queries, encoded: Encoded) -> RawDetection:
         """Run the decoder from given queries and apply the heads to every layer."""
         states, references = self.transformer.decoder(
             queries.content, queries.reference, encoded.encoder_states[-1], encoded.mask,
-            encoded.shapes, encoded.starts, encoded.valid_ratios, query_pos=queries.query_pos,
+            encoded.shapes, encoded.valid_ratios, query_pos=queries.query_pos,
             bbox_embed=self.bbox_embed if self.config.box_refine else None,
         )
         logits = [head(s) for head, s in zip(self.class_embed, states, strict=True)]
@@ -240,7 +238,7 @@ class DeformableDETR(nn.Module):
         ]
         return srcs, masks
 
-    def _flatten(self, srcs, masks) -> dict[str, torch.Tensor]:
+    def _flatten(self, srcs, masks) -> dict:
         """Concatenate the levels: src, pos (+ level embedding), mask over S positions."""
         cfg = self.config
         flat_src, flat_pos, flat_mask = [], [], []
@@ -252,12 +250,11 @@ class DeformableDETR(nn.Module):
             flat_src.append(src.flatten(2).transpose(1, 2))
             flat_pos.append(pos.flatten(2).transpose(1, 2) + self.transformer.level_embed[level])
             flat_mask.append(mask.flatten(1))
-        shapes = spatial_shapes(srcs)
-        starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+        shapes = [tuple(src.shape[-2:]) for src in srcs]
         valid_ratios = torch.stack([self._valid_ratio(m) for m in masks], 1).to(srcs[0].dtype)
         return {
             "src": torch.cat(flat_src, 1), "pos": torch.cat(flat_pos, 1),
-            "mask": torch.cat(flat_mask, 1), "shapes": shapes, "starts": starts,
+            "mask": torch.cat(flat_mask, 1), "shapes": shapes,
             "valid_ratios": valid_ratios,
         }
 
@@ -301,9 +298,7 @@ class DeformableDETR(nn.Module):
         """Two-stage: score every encoder position as a proposal, keep the top num_queries
         (by class 0 or the best class, as the variant ranks them)."""
         cfg, t = self.config, self.transformer
-        proposal_logits, valid = encoder_proposals(
-            memory, memory_mask, [tuple(s) for s in tensor_values(shapes)]
-        )
+        proposal_logits, valid = encoder_proposals(memory, memory_mask, shapes)
         tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
         class_logits = t.enc_out_class_embed(tokens)
         scores = (class_logits[..., 0] if cfg.proposal_score == "first_class"

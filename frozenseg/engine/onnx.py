@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.ops.functional import BACKEND_ENV
-from frozenseg.ops.tracing import spatial_shapes
+from frozenseg.ops.levels import shapes_tensor
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("boxes", "scores", "labels", "mask_logits", "iou")
@@ -93,7 +93,7 @@ class DeployModel(nn.Module):
         padding = torch.zeros_like(batch[:, 0], dtype=torch.bool)  # one image: no padding
         with torch.set_grad_enabled(torch.is_grad_enabled() and not det.frozen):
             encoded = det.model.encode(batch, padding)
-            return det._detect(encoded, spatial_shapes([image]))
+            return det._detect(encoded, shapes_tensor([image.shape[-2:]], device=image.device))
 
 
 def check_image(image: Tensor) -> None:

@@ -31,6 +31,11 @@ def level_starts(shapes: Sequence[tuple]) -> list:
     return starts
 
 
+def start_index(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """(L,) level_start_index of an (L, 2) spatial_shapes tensor."""
+    return torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+
+
 def flat_shapes(shapes: Sequence[tuple]) -> list:
     """[H_0, W_0, H_1, W_1, ...]: the op's ``SymInt[]``."""
     return [size for pair in shapes for size in pair]
