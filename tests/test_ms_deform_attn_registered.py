@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import ms_deform_attn_reference, random_inputs
+from test_frozen_detector import images, tiny_detector
 
 from frozenseg.ops import MSDeformAttn, build, ms_deform_attn
 from frozenseg.ops.levels import flat_shapes
@@ -114,3 +115,17 @@ def test_exported_module_holds_the_op_as_one_node():
     torch.testing.assert_close(exported.module()(*args), Attend()(*args), rtol=0, atol=0)
     wider = (args[0], args[1], torch.randn(1, 16, 8, 5), torch.randn(1, 16, 4, 3))
     torch.testing.assert_close(exported.module()(*wider), Attend()(*wider), rtol=0, atol=0)
+
+
+def test_compiled_frozen_detector_has_no_graph_break_and_equals_eager():
+    """Two-stage (proposal top-k) with box refinement: every deformable attention of the
+    encoder and decoder is the op, with level shapes as ints."""
+    detector = tiny_detector(query_init="proposals", box_refine=True)
+    batch = images((64, 96), (48, 80))
+    eager = detector(batch)
+    compiled = torch.compile(detector, fullgraph=True, backend="aot_eager")(batch)
+    for name in ("queries", "boxes", "scores", "memory", "spatial_shapes"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(eager, name),
+                                   rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(compiled.labels, eager.labels)
+    assert compiled.level_shapes == eager.level_shapes == [(8, 12), (4, 6), (2, 3), (1, 2)]

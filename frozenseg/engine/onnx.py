@@ -11,11 +11,14 @@ already resized as for the detector, and returns the head's detections:
   iou          (K,)       float, sigmoid of the predicted mask IoU (heads with mask scoring)
 
 Exporter: the TorchScript tracer (``torch.onnx.export(..., dynamo=False)``), present from
-torch 2.3 on. torch.export (the dynamo exporter) stops at the first tensor read back as a
-Python int, and level shapes and top-k selections are read back throughout the detector;
-the tracer records them as shape arithmetic instead (see ``frozenseg.ops.tracing``).
-The deformable attention is the grid_sample fallback (``FROZENSEG_OPS=fallback`` for the
-duration), RoIAlign is ONNX ``RoiAlign`` with half-pixel coordinates: both need opset 16.
+torch 2.3 on. torch.export (the dynamo exporter) now takes the detector (level shapes are
+ints read off the maps, the deformable attention one registered op), but stops in the head:
+each image's valid size and the number of kept detections are read back from tensors
+(data-dependent sizes: the first is ``encoders.upsample_to``'s crop). The tracer records
+those as computed values (``frozenseg.ops.tracing``) and level shapes as shape arithmetic.
+Under the tracer the deformable attention is the grid_sample fallback's PyTorch ops (the
+registered op has no ONNX translation there; ``FROZENSEG_OPS=fallback`` for the duration),
+RoIAlign is ONNX ``RoiAlign`` with half-pixel coordinates: both need opset 16.
 
 K is fixed: the detector's top_k (at most queries x classes). With ``dynamic=True`` H and W
 are free, except that a two-stage detector needs at least ``num_queries`` encoder positions

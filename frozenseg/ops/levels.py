@@ -55,7 +55,8 @@ def shapes_tensor(shapes: Sequence[tuple], *, dtype: torch.dtype = torch.long,
     tensor, kept per shapes, dtype and device (on a GPU, no copy from the host per call):
     read it, never write to it.
     """
-    if all(isinstance(size, int) for pair in shapes for size in pair):
+    constant = all(isinstance(size, int) for pair in shapes for size in pair)
+    if constant and not torch.compiler.is_compiling():  # a compiled graph holds its own
         key = tuple(tuple(pair) for pair in shapes)
         return _constant(key, dtype, torch.device(device or "cpu"))
     one = torch.ones((), dtype=dtype, device=device)
