@@ -204,8 +204,7 @@ def test_the_decoder_learns_to_denoise_boxes_the_memory_shows():
     reference scaling, refinement or gradient) stays at the noise level."""
     torch.manual_seed(0)
     dim, levels, batch, objects = 32, [(32, 32), (16, 16)], 8, 2
-    shapes = torch.tensor(levels)
-    starts = torch.tensor([0, 32 * 32])
+    shapes = levels
     decoder = Decoder(layers=[DecoderLayer(dim=dim, ffn_dim=64, levels=2, heads=4, points=4)
                               for _ in range(2)],
                       dim=dim, norm=True, ref_point_head=True, inverse_sigmoid_eps=1e-3,
@@ -230,7 +229,7 @@ def test_the_decoder_learns_to_denoise_boxes_the_memory_shows():
         memory = embed(_inside_boxes(boxes, levels))
         states, references = decoder(
             content.expand(batch, dn.pad_size, -1) * dn.valid[..., None], dn.boxes, memory,
-            torch.zeros(memory.shape[:2], dtype=torch.bool), shapes, starts,
+            torch.zeros(memory.shape[:2], dtype=torch.bool), shapes,
             torch.ones(batch, 2, 2), bbox_embed=box_heads, self_attn_mask=dn.attn_mask)
         wanted = boxes.gather(1, dn.target_index.clamp(min=0)[..., None].expand(-1, -1, 4))
         positive = dn.positive

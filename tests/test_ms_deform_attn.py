@@ -180,7 +180,11 @@ BAD_INPUTS = {
     "int-value": (lambda v, s, i, lc, a: (v.long(), s, i, lc, a), "value must be a floating"),
     "float-shapes": (lambda v, s, i, lc, a: (v, s.float(), i, lc, a), "spatial_shapes must be"),
     "int-locations": (lambda v, s, i, lc, a: (v, s, i, lc.long(), a), "sampling_locations must"),
-    "not-a-tensor": (lambda v, s, i, lc, a: (v, s.tolist(), i, lc, a), "torch.Tensor"),
+    "not-a-tensor": (lambda v, s, i, lc, a: (v, s, i, lc.tolist(), a), "torch.Tensor"),
+    "not-pairs": (lambda v, s, i, lc, a: (v, s.flatten().tolist(), i, lc, a),
+                  r"spatial_shapes must be a torch.Tensor or a sequence of \(H, W\) pairs"),
+    "pairs-value-size": (lambda v, s, i, lc, a: (v[:, 1:], s.tolist(), None, lc, a),
+                         "positions"),
     "device-mix": (lambda v, s, i, lc, a: (v, s, i, lc.to("meta"), a), "is on meta"),
 }
 

@@ -22,6 +22,7 @@ from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetect
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.detector.position import box_position_embedding
 from frozenseg.detector.transformer import inverse_sigmoid
+from frozenseg.ops.levels import shapes_tensor, start_index
 
 DEFAULT_TOP_K = 100  # detections per image: COCO evaluation's maxDets
 
@@ -214,7 +215,7 @@ class FrozenDetector(nn.Module):
             images = list(images) if images.dim() == 4 else [images]
         device = self.device
         sizes = torch.tensor([img.shape[-2:] for img in images], device=device)
-        h, w = (int(v) for v in sizes.max(0).values) if len(images) else (0, 0)
+        h, w = (max(img.shape[d] for img in images) for d in (-2, -1)) if images else (0, 0)
         batch = torch.zeros(len(images), 3, h, w, device=device)
         padding = torch.ones(len(images), h, w, dtype=torch.bool, device=device)
         for i, img in enumerate(images):
@@ -242,11 +243,13 @@ class FrozenDetector(nn.Module):
         return torch.cat([fraction, fraction], -1)
 
     def _assemble(self, encoded: Encoded, sizes, states, boxes, scores, labels, mask):
+        spatial_shapes = shapes_tensor(encoded.shapes, device=sizes.device)
         return DetectorOutput(
             queries=states, boxes=boxes, scores=scores, labels=labels, query_mask=mask,
             memory=encoded.encoder_states[self.memory_layer - 1], memory_mask=encoded.mask,
-            spatial_shapes=encoded.shapes, level_start_index=encoded.starts,
+            spatial_shapes=spatial_shapes, level_start_index=start_index(spatial_shapes),
             valid_ratios=encoded.valid_ratios, c1=encoded.features[0], image_sizes=sizes,
+            level_shapes=encoded.shapes,
         )
 
 
@@ -255,7 +258,7 @@ def _select(encoded: Encoded, i: int) -> Encoded:
     return Encoded(
         features=[f[i : i + 1] for f in encoded.features],
         encoder_states=[s[i : i + 1] for s in encoded.encoder_states],
-        mask=encoded.mask[i : i + 1], shapes=encoded.shapes, starts=encoded.starts,
+        mask=encoded.mask[i : i + 1], shapes=encoded.shapes,
         valid_ratios=encoded.valid_ratios[i : i + 1],
     )
 

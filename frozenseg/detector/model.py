@@ -36,7 +36,6 @@ from frozenseg.detector.transformer import (
     inverse_sigmoid,
 )
 from frozenseg.ops import MSDeformAttn
-from frozenseg.ops.tracing import spatial_shapes, tensor_values
 
 
 @dataclass
@@ -44,14 +43,15 @@ class Encoded:
     """The encoder's side of a forward: stage maps, encoder outputs and the level layout.
 
     encoder_states: one (B, S, C) per encoder layer; mask: (B, S), True at padding;
-    shapes (L, 2), starts (L,), valid_ratios (B, L, 2) as Deformable DETR.
+    shapes: the (H, W) of each level, int pairs read off the maps (traced sizes under the
+    TorchScript tracer, symbolic ones under torch.compile); valid_ratios (B, L, 2) as
+    Deformable DETR.
     """
 
     features: list[torch.Tensor]
     encoder_states: list[torch.Tensor]
     mask: torch.Tensor
-    shapes: torch.Tensor
-    starts: torch.Tensor
+    shapes: list[tuple[int, int]]
     valid_ratios: torch.Tensor
 
 
@@ -242,12 +242,10 @@ class DeformableDETR(nn.Module):
         flat = self._flatten(srcs, masks)
         pos = self._positions(masks, flat["src"].dtype)
         encoder_states = self.transformer.encoder(
-            flat["src"], pos, flat["shapes"], flat["starts"], flat["valid_ratios"],
-            flat["mask"],
+            flat["src"], pos, flat["shapes"], flat["valid_ratios"], flat["mask"],
         )
         return Encoded(features=features, encoder_states=encoder_states, mask=flat["mask"],
-                       shapes=flat["shapes"], starts=flat["starts"],
-                       valid_ratios=flat["valid_ratios"])
+                       shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
 
     def _encode_hybrid(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
         """RT-DETR: the hybrid encoder fuses the backbone maps; the decoder's projections of
@@ -258,8 +256,7 @@ class DeformableDETR(nn.Module):
                  for src in srcs]
         flat = self._flatten(srcs, masks)
         return Encoded(features=features, encoder_states=[flat["src"]], mask=flat["mask"],
-                       shapes=flat["shapes"], starts=flat["starts"],
-                       valid_ratios=flat["valid_ratios"])
+                       shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
 
     def decoder_view(self, encoded: Encoded) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The memory mask and valid ratios the decoder attends with: the padding's, or for
@@ -273,7 +270,7 @@ class DeformableDETR(nn.Module):
         memory_mask, valid_ratios = self.decoder_view(encoded)
         states, references = self.transformer.decoder(
             queries.content, queries.reference, encoded.encoder_states[-1], memory_mask,
-            encoded.shapes, encoded.starts, valid_ratios, query_pos=queries.query_pos,
+            encoded.shapes, valid_ratios, query_pos=queries.query_pos,
             bbox_embed=self.bbox_embed if self.config.box_refine else None,
         )
         logits = [head(s) for head, s in zip(self.class_embed, states, strict=True)]
@@ -300,15 +297,14 @@ class DeformableDETR(nn.Module):
         ]
         return srcs, masks
 
-    def _flatten(self, srcs, masks) -> dict[str, torch.Tensor]:
+    def _flatten(self, srcs, masks) -> dict:
         """Concatenate the levels: src and mask over S positions, and the level layout."""
-        shapes = spatial_shapes(srcs)
-        starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+        shapes = [tuple(src.shape[-2:]) for src in srcs]
         valid_ratios = torch.stack([self._valid_ratio(m) for m in masks], 1).to(srcs[0].dtype)
         return {
             "src": torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1),
             "mask": torch.cat([mask.flatten(1) for mask in masks], 1), "shapes": shapes,
-            "starts": starts, "valid_ratios": valid_ratios,
+            "valid_ratios": valid_ratios,
         }
 
     def _positions(self, masks, dtype: torch.dtype) -> torch.Tensor:
@@ -364,9 +360,7 @@ class DeformableDETR(nn.Module):
         cfg, t = self.config, self.transformer
         if not cfg.mask_padding:  # RT-DETR: every position of the canvas may propose
             memory_mask = torch.zeros_like(memory_mask)
-        proposal_logits, valid = encoder_proposals(
-            memory, memory_mask, [tuple(s) for s in tensor_values(shapes)]
-        )
+        proposal_logits, valid = encoder_proposals(memory, memory_mask, shapes)
         tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
         class_logits = t.enc_out_class_embed(tokens)
         scores = (class_logits[..., 0] if cfg.proposal_score == "first_class"

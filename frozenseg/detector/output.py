@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
 
 from frozenseg.boxes import to_pixels
+from frozenseg.ops.levels import level_shapes as read_level_shapes
 
 
 @dataclass
@@ -26,6 +28,10 @@ class DetectorOutput:
                                (B, L, 2) the unpadded fraction (w, h) of each level
     c1              (B, C1, H/4, W/4) the backbone's stride-4 map
     image_sizes     (B, 2)     unpadded (H, W) of each input image, in pixels
+    level_shapes    spatial_shapes as (H, W) pairs of Python ints, where the producer has
+                    them (the detector, batch_outputs); None: read from spatial_shapes.
+                    Deformable attention takes these (:meth:`shapes`), so nothing is read
+                    back from a device and compiled or traced graphs keep sizes free.
     """
 
     queries: torch.Tensor
@@ -40,10 +46,21 @@ class DetectorOutput:
     valid_ratios: torch.Tensor
     c1: torch.Tensor
     image_sizes: torch.Tensor
+    level_shapes: list[tuple[int, int]] | None = None
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """The (H, W) of each level as int pairs: level_shapes, or spatial_shapes read back."""
+        if self.level_shapes is not None:
+            return self.level_shapes
+        return read_level_shapes(self.spatial_shapes)
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DetectorOutput:
+        """The same output with ``fn`` applied to every tensor field."""
+        return DetectorOutput(**{f.name: _apply(fn, getattr(self, f.name)) for f in fields(self)})
 
     def to(self, device: torch.device | str) -> DetectorOutput:
         """The same output on another device (dtypes unchanged)."""
-        return DetectorOutput(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return self.map_tensors(lambda t: t.to(device))
 
     def given_boxes(self) -> DetectorOutput:
         """Boxes given from outside (``embed_boxes``) are taken as certain: score 1, so a
@@ -100,7 +117,12 @@ def batch_outputs(outputs: list[DetectorOutput]) -> DetectorOutput:
         level_start_index=starts, valid_ratios=valid_ratios,
         c1=stack_padded([o.c1 for o in outputs]),
         image_sizes=torch.cat([o.image_sizes for o in outputs]),
+        level_shapes=[(h, w) for h, w in padded.tolist()],
     )
+
+
+def _apply(fn, value):
+    return fn(value) if isinstance(value, torch.Tensor) else value
 
 
 def stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:

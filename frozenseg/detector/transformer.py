@@ -18,7 +18,6 @@ from torch.utils.checkpoint import checkpoint
 
 from frozenseg.detector.position import box_position_embedding
 from frozenseg.ops import MSDeformAttn
-from frozenseg.ops.tracing import tensor_values, unit_steps
 
 
 class MLP(nn.Module):
@@ -76,9 +75,10 @@ class EncoderLayer(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, src, pos, reference_points, shapes, starts, padding_mask):
-        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) True at pad."""
-        attended = self.self_attn(src + pos, reference_points, src, shapes, starts, padding_mask)
+    def forward(self, src, pos, reference_points, shapes, padding_mask):
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2); shapes: (H, W) int pairs;
+        padding_mask: (B, S) True at pad."""
+        attended = self.self_attn(src + pos, reference_points, src, shapes, None, padding_mask)
         src = self.norm1(src + attended)
         return self.norm2(src + self.linear2(self.activation(self.linear1(src))))
 
@@ -94,7 +94,7 @@ class DecoderLayer(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, tgt, query_pos, reference_points, memory, shapes, starts, memory_mask,
+    def forward(self, tgt, query_pos, reference_points, memory, shapes, memory_mask,
                 self_attn_mask=None):
         """tgt, query_pos: (B, Q, C); reference_points: (B, Q, L, 2 or 4); memory: (B, S, C);
         self_attn_mask: (Q, Q) bool, True where query i may not see query j (denoising)."""
@@ -102,7 +102,7 @@ class DecoderLayer(nn.Module):
         tgt = self.norm2(tgt + self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
                                               need_weights=False)[0])
         attended = self.cross_attn(
-            tgt + query_pos, reference_points, memory, shapes, starts, memory_mask
+            tgt + query_pos, reference_points, memory, shapes, None, memory_mask
         )
         tgt = self.norm1(tgt + attended)
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
@@ -127,14 +127,12 @@ class Encoder(nn.Module):
             points.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, shapes, starts, valid_ratios, padding_mask) -> list[torch.Tensor]:
-        """Returns the output of every layer, each (B, S, C)."""
-        reference_points = self.reference_points([tuple(s) for s in tensor_values(shapes)],
-                                                 valid_ratios)
+    def forward(self, src, pos, shapes, valid_ratios, padding_mask) -> list[torch.Tensor]:
+        """shapes: the (H, W) int pairs of the levels. Returns every layer's output (B, S, C)."""
+        reference_points = self.reference_points(shapes, valid_ratios)
         outputs = []
         for layer in self.layers:
-            src = run_layer(self, layer, src, pos, reference_points, shapes, starts,
-                            padding_mask)
+            src = run_layer(self, layer, src, pos, reference_points, shapes, padding_mask)
             outputs.append(src)
         return outputs
 
@@ -183,7 +181,6 @@ class Decoder(nn.Module):
         memory,
         memory_mask,
         shapes,
-        starts,
         valid_ratios,
         *,
         query_pos=None,
@@ -207,7 +204,7 @@ class Decoder(nn.Module):
             if self.ref_point_head is not None:
                 query_pos = self.ref_point_head(self._ref_point_features(reference_input[:, :, 0])
                                                 .to(tgt.dtype))
-            tgt = run_layer(self, layer, tgt, query_pos, reference_input, memory, shapes, starts,
+            tgt = run_layer(self, layer, tgt, query_pos, reference_input, memory, shapes,
                             memory_mask, self_attn_mask)
             states.append(self.norm(tgt) if self.norm is not None else tgt)
             references.append(head_reference)
@@ -229,6 +226,12 @@ class Decoder(nn.Module):
         logits = delta.clone()
         logits[..., : reference.shape[-1]] += inverse_sigmoid(reference, self.eps)
         return logits.sigmoid()
+
+
+def unit_steps(start: float, count, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """``count`` values one apart from ``start``, from ``arange`` (exact in float32): ONNX
+    has no linspace, and ``count`` may be a traced size."""
+    return torch.arange(count, dtype=dtype, device=device) + start
 
 
 def encoder_proposals(memory, padding_mask, shapes: list[tuple[int, int]]):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from frozenseg.detector.backbones.swin import SwinStage
 from frozenseg.detector.transformer import Encoder, EncoderLayer
+from frozenseg.ops.levels import level_starts
 from frozenseg.ops.tracing import tensor_values
 
 
@@ -31,14 +32,13 @@ from frozenseg.ops.tracing import tensor_values
 class TokenLayout:
     """How a (B, S, C) token tensor is laid out.
 
-    shapes        (L, 2) long   (H, W) of each level; starts (L,) its first token
+    shapes        (H, W) of each level, int pairs (:meth:`starts`: its first token)
     valid_ratios  (B, L, 2)     unpadded fraction (w, h) of each level
     padding_mask  (B, S) bool   True at padding, or None when nothing is padded
     pos           (B or 1, S, C) positional embedding added to attention queries, or None
     """
 
-    shapes: Tensor
-    starts: Tensor
+    shapes: list[tuple[int, int]]
     valid_ratios: Tensor
     padding_mask: Tensor | None = None
     pos: Tensor | None = None
@@ -47,18 +47,20 @@ class TokenLayout:
     def single_map(cls, batch: int, height: int, width: int, *, like: Tensor,
                    pos: Tensor | None = None) -> TokenLayout:
         """One unpadded H x W level (a RoI), for ``batch`` maps."""
-        shapes = torch.tensor([[height, width]], device=like.device)
-        starts = torch.zeros(1, dtype=torch.long, device=like.device)
         ratios = torch.ones(batch, 1, 2, dtype=like.dtype, device=like.device)
-        return cls(shapes=shapes, starts=starts, valid_ratios=ratios, pos=pos)
+        return cls(shapes=[(height, width)], valid_ratios=ratios, pos=pos)
+
+    def starts(self) -> list[int]:
+        """The first token of each level."""
+        return level_starts(self.shapes)
 
     def valid_sizes(self, level: int = 0) -> list[tuple[int, int]]:
         """Unpadded (h, w) of ``level`` for each map, counted from the padding mask."""
-        h, w = tensor_values(self.shapes[level])
+        h, w = self.shapes[level]
         batch = self.valid_ratios.shape[0]
         if self.padding_mask is None:
             return [(h, w)] * batch
-        start = tensor_values(self.starts[level])
+        start = self.starts()[level]
         valid = ~self.padding_mask[:, start : start + h * w].view(-1, h, w)
         return list(zip(tensor_values(valid[:, :, 0].sum(1)),
                         tensor_values(valid[:, 0, :].sum(1)), strict=True))
@@ -76,7 +78,7 @@ class DeformableStack(nn.Module):
 
     def forward(self, tokens: Tensor, layout: TokenLayout) -> Tensor:
         pos = layout.pos if layout.pos is not None else torch.zeros_like(tokens[:1])
-        outputs = self.encoder(tokens, pos.to(tokens.dtype), layout.shapes, layout.starts,
+        outputs = self.encoder(tokens, pos.to(tokens.dtype), layout.shapes,
                                layout.valid_ratios.to(tokens.dtype), layout.padding_mask)
         return outputs[-1]
 
@@ -89,8 +91,7 @@ class MapStack(nn.Module):
         self.blocks = blocks
 
     def forward(self, tokens: Tensor, layout: TokenLayout) -> Tensor:
-        h, w = tensor_values(layout.shapes[0])
-        start = tensor_values(layout.starts[0])
+        (h, w), start = layout.shapes[0], layout.starts()[0]
         level0 = tokens[:, start : start + h * w].view(-1, h, w, tokens.shape[-1])
         sizes = layout.valid_sizes(0)
         if all(size == (h, w) for size in sizes):

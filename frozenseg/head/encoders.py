@@ -20,6 +20,7 @@ from torchvision.ops import roi_align
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.detector.position import feature_position_embedding
 from frozenseg.head.blocks import TokenLayout
+from frozenseg.ops.levels import level_starts
 from frozenseg.ops.tracing import smaller, tensor_values
 
 C1_STRIDE = 4
@@ -30,9 +31,8 @@ ROI_SAMPLING_RATIO = 2
 
 def memory_layout(output: DetectorOutput, pos: Tensor | None = None) -> TokenLayout:
     """The detector memory's multi-scale layout, padding mask included."""
-    return TokenLayout(shapes=output.spatial_shapes, starts=output.level_start_index,
-                       valid_ratios=output.valid_ratios, padding_mask=output.memory_mask,
-                       pos=pos)
+    return TokenLayout(shapes=output.shapes(), valid_ratios=output.valid_ratios,
+                       padding_mask=output.memory_mask, pos=pos)
 
 
 class ImageFeatureEncoder(nn.Module):
@@ -57,8 +57,7 @@ class ImageFeatureEncoder(nn.Module):
         if self.stack is not None:
             layout = memory_layout(output, self.position(output))
             tokens = self.stack(tokens, layout)
-        h, w = tensor_values(output.spatial_shapes[0])
-        start = tensor_values(output.level_start_index[0])
+        (h, w), start = output.shapes()[0], 0
         return tokens[:, start : start + h * w].transpose(1, 2).unflatten(2, (h, w))
 
     def position(self, output: DetectorOutput) -> Tensor | None:
@@ -67,8 +66,8 @@ class ImageFeatureEncoder(nn.Module):
             return None
         b, dim = output.memory.shape[0], self.level_embed.shape[1]
         pos = []
-        for level, (h, w) in enumerate(tensor_values(output.spatial_shapes)):
-            start = tensor_values(output.level_start_index[level])
+        shapes = output.shapes()
+        for level, ((h, w), start) in enumerate(zip(shapes, level_starts(shapes), strict=True)):
             valid = ~output.memory_mask[:, start : start + h * w].view(b, h, w)
             sine = feature_position_embedding(valid, num_feats=dim // 2, temperature=10000.0,
                                               offset=-0.5)

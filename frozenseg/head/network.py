@@ -7,7 +7,7 @@ Table 1 (eq. 1-4). Only :func:`build_mask_head` reads a :class:`HeadConfig`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -81,8 +81,7 @@ def select_queries(output: DetectorOutput, keep: Tensor | None) -> Selection:
 def floats_to(output: DetectorOutput, dtype: torch.dtype) -> DetectorOutput:
     """``output`` with its floating tensors in ``dtype`` (a feature cache may hold float16;
     the head computes in its parameters' dtype, and autocast lowers it where asked)."""
-    return DetectorOutput(**{f.name: _float_to(getattr(output, f.name), dtype)
-                             for f in fields(output)})
+    return output.map_tensors(lambda x: _float_to(x, dtype))
 
 
 def _float_to(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -11,11 +11,14 @@ already resized as for the detector, and returns the head's detections:
   iou          (K,)       float, sigmoid of the predicted mask IoU (heads with mask scoring)
 
 Exporter: the TorchScript tracer (``torch.onnx.export(..., dynamo=False)``), present from
-torch 2.3 on. torch.export (the dynamo exporter) stops at the first tensor read back as a
-Python int, and level shapes and top-k selections are read back throughout the detector;
-the tracer records them as shape arithmetic instead (see ``frozenseg.ops.tracing``).
-The deformable attention is the grid_sample fallback (``FROZENSEG_OPS=fallback`` for the
-duration), RoIAlign is ONNX ``RoiAlign`` with half-pixel coordinates: both need opset 16.
+torch 2.3 on. torch.export (the dynamo exporter) now takes the detector (level shapes are
+ints read off the maps, the deformable attention one registered op), but stops in the head:
+each image's valid size and the number of kept detections are read back from tensors
+(data-dependent sizes: the first is ``encoders.upsample_to``'s crop). The tracer records
+those as computed values (``frozenseg.ops.tracing``) and level shapes as shape arithmetic.
+Under the tracer the deformable attention is the grid_sample fallback's PyTorch ops (the
+registered op has no ONNX translation there; ``FROZENSEG_OPS=fallback`` for the duration),
+RoIAlign is ONNX ``RoiAlign`` with half-pixel coordinates: both need opset 16.
 
 K is fixed: the detector's top_k (at most queries x classes). With ``dynamic=True`` H and W
 are free, except that a two-stage detector needs at least ``num_queries`` encoder positions
@@ -42,7 +45,7 @@ from frozenseg.detector.config import normalize
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.output import DetectorOutput
 from frozenseg.ops.functional import BACKEND_ENV
-from frozenseg.ops.tracing import spatial_shapes
+from frozenseg.ops.levels import shapes_tensor
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("boxes", "scores", "labels", "mask_logits", "iou")
@@ -94,7 +97,7 @@ class DeployModel(nn.Module):
         padding = torch.zeros_like(batch[:, 0], dtype=torch.bool)  # one image: no padding
         with torch.set_grad_enabled(torch.is_grad_enabled() and not det.frozen):
             encoded = det.model.encode(batch, padding)
-            return det._detect(encoded, spatial_shapes([image]))
+            return det._detect(encoded, shapes_tensor([image.shape[-2:]], device=image.device))
 
 
 def check_image(image: Tensor) -> None:

@@ -132,10 +132,9 @@ class MaskDINO(nn.Module):
     def pixel_map(self, encoded: Encoded) -> torch.Tensor:
         """(B, mask_dim, H/4, W/4): lateral(C1) + up2(encoder level at stride 8), convs."""
         c1 = encoded.features[0]
-        h, w = (int(v) for v in encoded.shapes[0])
+        h, w = encoded.shapes[0]
         memory = encoded.encoder_states[-1]
-        start = int(encoded.starts[0])
-        level = memory[:, start:start + h * w].transpose(1, 2).unflatten(2, (h, w))
+        level = memory[:, :h * w].transpose(1, 2).unflatten(2, (h, w))
         up = F.interpolate(level, size=c1.shape[-2:], mode="bilinear", align_corners=False)
         return self.mask_features(self.pixel_output(self.pixel_lateral(c1) + up))
 
@@ -185,7 +184,7 @@ class MaskDINO(nn.Module):
         det = self.detector
         states, references = det.transformer.decoder(
             content, reference, encoded.encoder_states[-1], encoded.mask, encoded.shapes,
-            encoded.starts, encoded.valid_ratios, bbox_embed=det.bbox_embed,
+            encoded.valid_ratios, bbox_embed=det.bbox_embed,
             self_attn_mask=attn_mask)
         predictions = []
         for i, (state, ref) in enumerate(zip(states, references, strict=True)):

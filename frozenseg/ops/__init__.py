@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention: one function, one module, three back ends."""
+"""Multi-scale deformable attention: one function (a registered op), one module, four back ends."""
 
 from frozenseg.ops.fallback import ms_deform_attn_fallback
 from frozenseg.ops.functional import (

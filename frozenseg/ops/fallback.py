@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from frozenseg.ops.tracing import tensor_values
+from frozenseg.ops.levels import level_shapes
 
 # Largest sample tensor (elements) one chunk may create: 32M floats = 128 MB.
 CHUNK_ELEMENTS = 1 << 25
@@ -33,15 +33,17 @@ def ms_deform_attn_fallback(
 ) -> torch.Tensor:
     """Same contract as :func:`frozenseg.ops.ms_deform_attn`, inputs already validated.
 
-    ``level_start_index`` is implied by ``spatial_shapes`` here and not read.
+    ``level_start_index`` is implied by ``spatial_shapes`` here and not read. This is plain
+    PyTorch (what the TorchScript tracer records for ONNX); the registered op runs
+    :func:`sample` and :func:`sample_backward` as its ``fallback`` back end.
     """
-    shapes = [(h, w) for h, w in tensor_values(spatial_shapes)]
+    shapes = level_shapes(spatial_shapes)
     compute_dtype = torch.promote_types(value.dtype, torch.float32)
     inputs = [t.to(compute_dtype) for t in (value, sampling_locations, attention_weights)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         out = _RecomputedSampling.apply(*inputs, shapes)
     else:
-        out = _sample_all(*inputs, shapes)
+        out = sample(*inputs, shapes)
     return out.to(value.dtype)
 
 
@@ -96,7 +98,9 @@ def _merge_heads(out: torch.Tensor, batch: int) -> torch.Tensor:
     return out.view(batch, bm // batch, d, q).permute(0, 3, 1, 2).reshape(batch, q, -1)
 
 
-def _sample_all(value, locations, weights, shapes) -> torch.Tensor:
+def sample(value, locations, weights, shapes) -> torch.Tensor:
+    """The forward, no autograd of its own: every input in the compute dtype, ``shapes``
+    the (H, W) pairs of the levels."""
     n, q, _, _, p, _ = locations.shape
     if q == 0 or n == 0:
         return value.new_zeros(n, q, value.shape[2] * value.shape[3])
@@ -126,47 +130,55 @@ class _RecomputedSampling(torch.autograd.Function):
     def forward(ctx, value, locations, weights, shapes):
         ctx.shapes = shapes
         ctx.save_for_backward(value, locations, weights)
-        return _sample_all(value, locations, weights, shapes)
+        return sample(value, locations, weights, shapes)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         value, locations, weights = ctx.saved_tensors
-        need_value, need_locations, need_weights = ctx.needs_input_grad[:3]
-        n, q, m, levels, p, _ = locations.shape
-        d = value.shape[3]
-        maps = _level_maps(value, ctx.shapes)
-        grids, heads_weights = _heads_first(locations, weights)
-        # (N, Q, M*D) -> (N*M, D, Q), the layout _sample_chunk produces.
-        grad_heads = grad_out.reshape(n, q, m, d).permute(0, 2, 3, 1).reshape(n * m, d, q)
-        grad_maps = [torch.zeros_like(t) for t in maps] if need_value else []
-        grad_grids = torch.zeros_like(grids) if need_locations else None
-        grad_heads_weights = torch.zeros_like(heads_weights) if need_weights else None
-        # grid_sampler_2d_backward's codes for _bilinear's settings: bilinear (0), zeros (0).
-        wanted = [bool(need_value), bool(need_locations)]
-        for q0, q1 in _query_chunks(q, maps, p) if n and q else []:
-            grad = grad_heads[:, :, q0:q1, None]  # (N*M, D, q, 1)
-            for level, level_map in enumerate(maps):
-                grid = grids[:, q0:q1, level]
-                if need_weights:
-                    sampled = _bilinear(level_map, grid)
-                    grad_heads_weights[:, q0:q1, level] = (sampled * grad).sum(1)
-                if any(wanted):
-                    grad_sampled = grad * heads_weights[:, None, q0:q1, level]
-                    grad_map, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-                        grad_sampled, level_map, grid, 0, 0, False, wanted)
-                    if need_value:
-                        grad_maps[level] += grad_map
-                    if need_locations:
-                        grad_grids[:, q0:q1, level] = grad_grid
-        grad_value = grad_locations = grad_weights = None
-        if need_value:
-            grad_value = torch.cat(  # sizes spelled out: -1 is ambiguous when n is 0
-                [g.reshape(n, m, d, g.shape[2] * g.shape[3]).permute(0, 3, 1, 2)
-                 for g in grad_maps], dim=1
-            )
-        if need_locations:  # grids are 2 * locations - 1, heads first
-            grad_locations = 2 * grad_grids.view(n, m, q, levels, p, 2).transpose(1, 2)
-        if need_weights:
-            grad_weights = grad_heads_weights.view(n, m, q, levels, p).transpose(1, 2)
-        return grad_value, grad_locations, grad_weights, None
+        grads = sample_backward(grad_out, value, locations, weights, ctx.shapes,
+                                ctx.needs_input_grad[:3])
+        return (*grads, None)
+
+
+def sample_backward(grad_out, value, locations, weights, shapes, needs=(True, True, True)):
+    """(grad value, grad locations, grad weights) of :func:`sample` for ``grad_out``
+    (None for each gradient ``needs`` leaves out); every input in the compute dtype."""
+    need_value, need_locations, need_weights = needs
+    n, q, m, levels, p, _ = locations.shape
+    d = value.shape[3]
+    maps = _level_maps(value, shapes)
+    grids, heads_weights = _heads_first(locations, weights)
+    # (N, Q, M*D) -> (N*M, D, Q), the layout _sample_chunk produces.
+    grad_heads = grad_out.reshape(n, q, m, d).permute(0, 2, 3, 1).reshape(n * m, d, q)
+    grad_maps = [torch.zeros_like(t) for t in maps] if need_value else []
+    grad_grids = torch.zeros_like(grids) if need_locations else None
+    grad_heads_weights = torch.zeros_like(heads_weights) if need_weights else None
+    # grid_sampler_2d_backward's codes for _bilinear's settings: bilinear (0), zeros (0).
+    wanted = [bool(need_value), bool(need_locations)]
+    for q0, q1 in _query_chunks(q, maps, p) if n and q else []:
+        grad = grad_heads[:, :, q0:q1, None]  # (N*M, D, q, 1)
+        for level, level_map in enumerate(maps):
+            grid = grids[:, q0:q1, level]
+            if need_weights:
+                sampled = _bilinear(level_map, grid)
+                grad_heads_weights[:, q0:q1, level] = (sampled * grad).sum(1)
+            if any(wanted):
+                grad_sampled = grad * heads_weights[:, None, q0:q1, level]
+                grad_map, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+                    grad_sampled, level_map, grid, 0, 0, False, wanted)
+                if need_value:
+                    grad_maps[level] += grad_map
+                if need_locations:
+                    grad_grids[:, q0:q1, level] = grad_grid
+    grad_value = grad_locations = grad_weights = None
+    if need_value:
+        grad_value = torch.cat(  # sizes spelled out: -1 is ambiguous when n is 0
+            [g.reshape(n, m, d, g.shape[2] * g.shape[3]).permute(0, 3, 1, 2)
+             for g in grad_maps], dim=1
+        )
+    if need_locations:  # grids are 2 * locations - 1, heads first
+        grad_locations = 2 * grad_grids.view(n, m, q, levels, p, 2).transpose(1, 2)
+    if need_weights:
+        grad_weights = grad_heads_weights.view(n, m, q, levels, p).transpose(1, 2)
+    return grad_value, grad_locations, grad_weights

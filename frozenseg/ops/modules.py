@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from frozenseg.ops.functional import ms_deform_attn
+from frozenseg.ops.levels import level_shapes, shapes_tensor
 
 
 class MSDeformAttn(nn.Module):
@@ -58,8 +60,8 @@ class MSDeformAttn(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         input_flatten: torch.Tensor,
-        input_spatial_shapes: torch.Tensor,
-        input_level_start_index: torch.Tensor,
+        input_spatial_shapes: Sequence[tuple[int, int]] | torch.Tensor,
+        input_level_start_index: torch.Tensor | None = None,
         input_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from each query to P points per head and level around its reference.
@@ -67,12 +69,15 @@ class MSDeformAttn(nn.Module):
         query: (N, Q, C). reference_points: (N, Q, L, 2) normalised (x, y) points,
         or (N, Q, L, 4) normalised (cx, cy, w, h) boxes, in which case offsets are
         scaled by half the box size per point. input_flatten: (N, S, C), the levels
-        flattened and concatenated. input_padding_mask: (N, S), True at padding.
-        Returns (N, Q, C).
+        flattened and concatenated. input_spatial_shapes: the (H, W) of each level, as
+        Python int pairs (or Deformable DETR's (L, 2) tensor, read back); its
+        input_level_start_index (L,) may be None. input_padding_mask: (N, S), True at
+        padding. Returns (N, Q, C).
         """
         n, q, _ = query.shape
         _, s, _ = input_flatten.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
+        shapes = level_shapes(input_spatial_shapes)
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
@@ -80,20 +85,21 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, q, m, lv, p, 2)
         weights = self.attention_weights(query).view(n, q, m, lv * p)
         weights = weights.float().softmax(-1).view(n, q, m, lv, p)
-        locations = self.sampling_locations(reference_points, offsets, input_spatial_shapes)
-        out = ms_deform_attn(
-            value, input_spatial_shapes, input_level_start_index, locations, weights
-        )
+        locations = self.sampling_locations(reference_points, offsets, shapes)
+        out = ms_deform_attn(value, shapes, input_level_start_index, locations, weights)
         return self.output_proj(out)
 
     def sampling_locations(
-        self, reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor
+        self, reference_points: torch.Tensor, offsets: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
     ) -> torch.Tensor:
         """Normalised sampling locations (N, Q, M, L, P, 2), always in float32."""
         reference_points, offsets = reference_points.float(), offsets.float()
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: normalise by its (W, H).
-            normalizer = spatial_shapes.flip(-1).to(offsets)[None, None, None, :, None, :]
+            normalizer = shapes_tensor(spatial_shapes, dtype=offsets.dtype,
+                                       device=offsets.device).flip(-1)
+            normalizer = normalizer[None, None, None, :, None, :]
             return reference_points[:, :, None, :, None, :] + offsets / normalizer
         if reference_points.shape[-1] == 4:
             centre = reference_points[:, :, None, :, None, :2]
