@@ -513,9 +513,26 @@ def _load_recipe(path: Path, overrides: list[str]):
 
 
 @app.command()
+def recipes() -> None:
+    """The recipes frozenseg ships: pass a name to train, cache or eval instead of a path."""
+    from frozenseg.recipe.packaged import describe, packaged_dir, packaged_recipes
+
+    found = packaged_recipes()
+    if not found:
+        _fail("no packaged recipes found (a broken install?)")
+    table = Table(title=f"recipes in {escape(str(packaged_dir()))}")
+    table.add_column("name")
+    table.add_column("what")
+    for name, path in found.items():
+        table.add_row(escape(name), escape(describe(path)))
+    console.print(table)
+
+
+@app.command()
 @_one_line_errors("recipe")
 def train(
-    recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/)."),
+    recipe: Path = typer.Argument(..., help="A recipe YAML, or the name of a packaged one "
+                                  "(frozenseg recipes)."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in train.output_dir."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the head's parameters and "

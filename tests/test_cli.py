@@ -103,3 +103,14 @@ def test_the_demo_next_steps_name_real_commands_and_options():
         assert result.exit_code == 0, line
         for option in (w for w in words if w.startswith("--")):
             assert option in result.output, (line, option)
+
+
+def test_recipes_are_listed_and_found_by_name():
+    listed = runner.invoke(app, ["recipes"], terminal_width=200)
+    assert listed.exit_code == 0
+    for name in ("mask_frozen_hdetr_r50", "ablations/table1_training_free"):
+        assert name in listed.output
+    typo = runner.invoke(app, ["train", "mask_frozen_hdetr_r5", "--dry-run"])
+    assert typo.exit_code == 1 and "did you mean mask_frozen_hdetr_r50" in typo.output
+    found = runner.invoke(app, ["train", "mask_frozen_hdetr_r50", "--dry-run"])
+    assert found.exit_code == 1 and "detectors/hdetr_r50: not a detector folder" in found.output

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from frozenseg.files import atomic_write_text
+from frozenseg.recipe.packaged import resolve_recipe
 from frozenseg.recipe.schema import Recipe, RecipeError
 
 COMMAND_LINE = "command line"
@@ -55,9 +56,15 @@ _Loader.add_implicit_resolver(_FLOAT, _EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
-    """The recipe at ``path`` with its bases merged in, then ``key.sub=value`` overrides."""
+    """The recipe at ``path`` (a file, or the name of a packaged recipe:
+    :mod:`frozenseg.recipe.packaged`) with its bases merged in, then ``key.sub=value``
+    overrides."""
+    try:
+        path = resolve_recipe(path)
+    except FileNotFoundError as err:
+        raise RecipeError(str(err)) from None
     origins: dict[str, str] = {}
-    data = _load_file(Path(path), origins, chain=())
+    data = _load_file(path, origins, chain=())
     return _validated(data, origins, str(path), overrides)
 
 
