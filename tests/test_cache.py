@@ -14,29 +14,12 @@ from frozenseg.cache import CacheError, FeatureCache, write_cache
 from frozenseg.cli import app
 from frozenseg.data import CocoInstances, evaluation
 from frozenseg.data.transforms import scale_flip
-from frozenseg.detector.config import DetectorConfig
-from frozenseg.detector.folder import write_detector
-from frozenseg.detector.frozen import FrozenDetector
-from frozenseg.detector.model import build_detector
+from tests.tiny import save_detector, tiny_detector
 
 runner = CliRunner()
 # A small evaluation resize keeps the tiny detector fast on the CPU (the default is 800/1333).
 SHORT, MAX_SIZE = 64, 128
 TRANSFORM = evaluation(SHORT, MAX_SIZE)
-
-
-def tiny_detector(seed: int = 0) -> FrozenDetector:
-    torch.manual_seed(seed)
-    config = DetectorConfig(hidden_dim=64, enc_layers=2, dec_layers=2, dim_feedforward=32,
-                            num_queries=10, num_classes=5)
-    return FrozenDetector(build_detector(config), top_k=7, memory_layer=1)
-
-
-def save_detector(det: FrozenDetector, folder, source: str):
-    """The two files ``frozenseg convert`` writes."""
-    write_detector(folder, det.model.state_dict(), det.config, format="test", source=source,
-                   sha256="0" * 64)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -20,26 +20,16 @@ from frozenseg.cli import app
 from frozenseg.data import ImageFolder
 from frozenseg.detector.classes import match_classes
 from frozenseg.engine.data import eval_transform
-from frozenseg.engine.train import Trainer
 from frozenseg.head.export import ExportSettings, export_results, masks_for_boxes, read_boxes
 from frozenseg.head.paste import paste_masks
 from frozenseg.head.segmenter import MaskFrozenDETR
 from frozenseg.head.trained import load_trained
-from tests.test_train import SCALE, data, detector_dir, recipe  # noqa: F401 (fixtures)
+from tests.tiny import SCALE, recipe
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data, detector_dir):  # noqa: F811
-    """A head trained for 2 steps: its last.pt (which carries the recipe)."""
-    folder = tmp_path_factory.mktemp("head")
-    Trainer(recipe(folder, data, detector_dir, "train.iterations=2"), log=lambda _: None,
-            evaluate=False).run()
-    return folder / "run" / "last.pt"
-
-
-def _val(data):  # noqa: F811
+def _val(data):
     return ["--images", str(data / "images" / "val"),
             "--annotations", str(data / "instances_val.json")]
 
@@ -49,7 +39,7 @@ def _export(*args):
     return result
 
 
-def _given_boxes(data, tmp_path):  # noqa: F811
+def _given_boxes(data, tmp_path):
     """Another detector's results: the val boxes jittered, with odd fields and float
     scores, shuffled across images, one reaching outside its image, one outside it."""
     coco = json.loads((data / "instances_val.json").read_text())
@@ -71,7 +61,7 @@ def _given_boxes(data, tmp_path):  # noqa: F811
 # ------------------------------------------------------------------------- detector boxes
 
 
-def test_export_is_coco_results_that_pycocotools_scores(tmp_path, data, trained):  # noqa: F811
+def test_export_is_coco_results_that_pycocotools_scores(tmp_path, data, trained):
     out = tmp_path / "results.json"
     result = _export("--head", trained, *_val(data), "--out", out)
     assert result.exit_code == 0, result.output
@@ -91,7 +81,7 @@ def test_export_is_coco_results_that_pycocotools_scores(tmp_path, data, trained)
         assert evaluator.stats[0] >= 0  # -1 would mean nothing was evaluated
 
 
-def test_export_equals_the_evaluation_results(tmp_path, data, detector_dir, trained):  # noqa: F811
+def test_export_equals_the_evaluation_results(tmp_path, data, detector_dir, trained):
     """The same head on the same images gives the same entries as `frozenseg eval`."""
     r = recipe(tmp_path / "r", data, detector_dir)
     evaluated = runner.invoke(app, ["eval", str(tmp_path / "r" / "recipe.yaml"),
@@ -104,7 +94,7 @@ def test_export_equals_the_evaluation_results(tmp_path, data, detector_dir, trai
                                                      .read_text())
 
 
-def test_resume_gives_the_uninterrupted_file(tmp_path, data, trained, monkeypatch):  # noqa: F811
+def test_resume_gives_the_uninterrupted_file(tmp_path, data, trained, monkeypatch):
     model = MaskFrozenDETR.from_pretrained(trained, device="cpu")
     dataset = ImageFolder.from_coco(data / "images" / "val", data / "instances_val.json",
                                     transform=eval_transform(SCALE))
@@ -140,7 +130,7 @@ def test_resume_gives_the_uninterrupted_file(tmp_path, data, trained, monkeypatc
         part.unlink()
 
 
-def test_instance_pngs_hold_the_results_masks(tmp_path, data, trained):  # noqa: F811
+def test_instance_pngs_hold_the_results_masks(tmp_path, data, trained):
     out, pngs = tmp_path / "results.json", tmp_path / "png"
     assert _export("--head", trained, *_val(data), "--out", out, "--png-dir", pngs,
                    "--score-threshold", 0.01).exit_code == 0
@@ -158,7 +148,7 @@ def test_instance_pngs_hold_the_results_masks(tmp_path, data, trained):  # noqa:
         assert (ids[~covered] == 0).all()
 
 
-def test_file_names_from_the_json_never_reach_outside_their_folder(tmp_path, data, trained):  # noqa: F811
+def test_file_names_from_the_json_never_reach_outside_their_folder(tmp_path, data, trained):
     """An absolute file_name or one with '..' is refused before anything is written: the
     instance PNG of a json naming the user's own photo used to overwrite that photo."""
     coco = json.loads((data / "instances_val.json").read_text())
@@ -182,7 +172,7 @@ def test_file_names_from_the_json_never_reach_outside_their_folder(tmp_path, dat
         assert photo.read_bytes() == before and not (tmp_path / "r.json").exists()
 
 
-def test_results_never_overwrite_the_input_images(tmp_path, data, trained):  # noqa: F811
+def test_results_never_overwrite_the_input_images(tmp_path, data, trained):
     """PNG images with --png-dir (or predict's --out) set to their own folder: refused."""
     folder = tmp_path / "pngs"
     folder.mkdir()
@@ -201,7 +191,7 @@ def test_results_never_overwrite_the_input_images(tmp_path, data, trained):  # n
 # ------------------------------------------------------------------------- given boxes
 
 
-def test_given_boxes_come_back_unchanged_with_masks(tmp_path, data, trained):  # noqa: F811
+def test_given_boxes_come_back_unchanged_with_masks(tmp_path, data, trained):
     path, entries = _given_boxes(data, tmp_path)
     out = tmp_path / "masked.json"
     result = _export("--head", trained, *_val(data), "--boxes", path, "--out", out)
@@ -219,7 +209,7 @@ def test_given_boxes_come_back_unchanged_with_masks(tmp_path, data, trained):  #
     assert mask_utils.decode(masked[2]["segmentation"]).any()
 
 
-def test_an_empty_mask_has_quality_and_score_0(tmp_path, data, trained):  # noqa: F811
+def test_an_empty_mask_has_quality_and_score_0(tmp_path, data, trained):
     """A 5x5 px box's empty mask had mask_quality 0.74. At --mask-threshold 1.01 no pixel
     passes: every mask is empty, for the detector's boxes and for given ones."""
     path, _ = _given_boxes(data, tmp_path)
@@ -236,7 +226,7 @@ def test_an_empty_mask_has_quality_and_score_0(tmp_path, data, trained):  # noqa
         out.unlink()
 
 
-def test_given_box_masks_are_the_heads_pasted_masks(data, trained):  # noqa: F811
+def test_given_box_masks_are_the_heads_pasted_masks(data, trained):
     model = MaskFrozenDETR.from_pretrained(trained, device="cpu")
     detector, head = model.detector, model.head
     dataset = ImageFolder.from_coco(data / "images" / "val", data / "instances_val.json",
@@ -261,7 +251,7 @@ def test_given_box_masks_are_the_heads_pasted_masks(data, trained):  # noqa: F81
         assert quality == pytest.approx(float(iou.detach().sigmoid()))
 
 
-def test_unknown_image_ids_are_named_and_nothing_is_written(tmp_path, data, trained):  # noqa: F811
+def test_unknown_image_ids_are_named_and_nothing_is_written(tmp_path, data, trained):
     path = tmp_path / "detections.json"
     path.write_text(json.dumps([{"image_id": 424242, "bbox": [0, 0, 5, 5], "score": 1}]))
     out = tmp_path / "masked.json"
@@ -273,7 +263,7 @@ def test_unknown_image_ids_are_named_and_nothing_is_written(tmp_path, data, trai
     assert bad.exit_code == 1 and "entry 0" in bad.output and "bbox" in bad.output
 
 
-def test_deeply_nested_json_is_one_line(tmp_path, data, trained):  # noqa: F811
+def test_deeply_nested_json_is_one_line(tmp_path, data, trained):
     """100,000 nested '[' were a RecursionError traceback (--boxes, --annotations)."""
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000)
@@ -285,7 +275,7 @@ def test_deeply_nested_json_is_one_line(tmp_path, data, trained):  # noqa: F811
         assert len(result.stderr.strip().splitlines()) == 1, result.output
 
 
-def test_brackets_in_paths_and_messages_are_printed_as_they_are(tmp_path, data, trained):  # noqa: F811
+def test_brackets_in_paths_and_messages_are_printed_as_they_are(tmp_path, data, trained):
     """rich took them for markup: '[/]' was a MarkupError traceback, '[bold]x.pth' printed
     as 'x.pth', "'bbox' must be [x, y, w, h]" without its brackets."""
     for name in ("a[/]b.pt", "[bold]x.pth"):
@@ -309,7 +299,7 @@ def test_brackets_in_paths_and_messages_are_printed_as_they_are(tmp_path, data, 
 # ------------------------------------------------------------------------- plain images
 
 
-def test_plain_images_get_an_image_table(tmp_path, data, trained):  # noqa: F811
+def test_plain_images_get_an_image_table(tmp_path, data, trained):
     out = tmp_path / "results.json"
     result = _export("--head", trained, "--images", data / "images" / "val", "--out", out)
     assert result.exit_code == 0, result.output
@@ -329,7 +319,7 @@ class _Payload:
         return (os.system, ("echo pwned",))
 
 
-def _bad_checkpoint(folder, kind, trained):  # noqa: F811
+def _bad_checkpoint(folder, kind, trained):
     path = folder / f"{kind}.pt"
     if kind == "malicious":
         torch.save({"head": _Payload()}, path)
@@ -341,7 +331,7 @@ def _bad_checkpoint(folder, kind, trained):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind", ["garbage", "empty", "text", "truncated", "malicious"])
-def test_a_bad_head_checkpoint_is_one_line(tmp_path, data, detector_dir, trained, kind):  # noqa: F811
+def test_a_bad_head_checkpoint_is_one_line(tmp_path, data, detector_dir, trained, kind):
     """export --head and eval --checkpoint: an empty file was an IndexError, a text file
     "KeyError: 101", a malicious pickle torch's long text with ANSI codes."""
     bad = _bad_checkpoint(tmp_path, kind, trained)
@@ -361,7 +351,7 @@ def test_a_bad_head_checkpoint_is_one_line(tmp_path, data, detector_dir, trained
 # ------------------------------------------------------------------------- predict
 
 
-def test_predict_draws_overlays_and_counts_instances(tmp_path, data, trained):  # noqa: F811
+def test_predict_draws_overlays_and_counts_instances(tmp_path, data, trained):
     folder = data / "images" / "val"
     result = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
                                  str(tmp_path / "viz"), "--threshold", "0.05"])

@@ -19,7 +19,7 @@ from frozenseg.head import HeadConfig, build_mask_head
 from frozenseg.head import onnx as onnx_export
 from frozenseg.head.onnx import OnnxExportError, check_onnx, export_onnx, run_onnx
 from frozenseg.head.scoring import DotProductMask
-from tests.test_cache import save_detector, tiny_detector
+from tests.tiny import save_detector, tiny_detector
 from tests.weights import perturb
 
 pytest.importorskip("onnx")

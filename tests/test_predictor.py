@@ -17,18 +17,17 @@ from frozenseg.head.export import masks_for_boxes
 from frozenseg.head.inference import predict as dataset_predict
 from frozenseg.head.predictor import Predictor
 from frozenseg.head.segmenter import MaskFrozenDETR
-from tests.test_export import trained  # noqa: F401 (fixture)
-from tests.test_train import SCALE, data, detector_dir  # noqa: F401 (fixtures)
+from tests.tiny import SCALE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model(trained):  # noqa: F811
+def model(trained):
     return MaskFrozenDETR.from_pretrained(trained, device="cpu")
 
 
-def _val_image(data, index: int = 0):  # noqa: F811
+def _val_image(data, index: int = 0):
     val = CocoInstances(data / "images" / "val", data / "instances_val.json",
                         transform=eval_transform(SCALE))
     info = val.images[index]
@@ -36,7 +35,7 @@ def _val_image(data, index: int = 0):  # noqa: F811
                                  .convert("RGB"))
 
 
-def test_predictor_gives_the_masks_the_export_writes(model, data):  # noqa: F811
+def test_predictor_gives_the_masks_the_export_writes(model, data):
     """set_image on a numpy array + predict() equals the dataset path (COCO results, RLE at
     the original size) on the same image, mask for mask."""
     val, info, pixels = _val_image(data)
@@ -58,7 +57,7 @@ def test_predictor_gives_the_masks_the_export_writes(model, data):  # noqa: F811
     assert torch.equal(found.scores, found.scores.sort(descending=True).values)
 
 
-def test_given_boxes_reuse_the_encoding(model, data, monkeypatch):  # noqa: F811
+def test_given_boxes_reuse_the_encoding(model, data, monkeypatch):
     """Box sets on one image run the encoder once and give what the model gives on the
     resized image from scratch; for given boxes the score is the mask quality."""
     _, _, pixels = _val_image(data, 1)
@@ -81,7 +80,7 @@ def test_given_boxes_reuse_the_encoding(model, data, monkeypatch):  # noqa: F811
     torch.testing.assert_close(direct.scores.sort(descending=True).values, first.scores)
 
 
-def test_given_boxes_give_the_masks_export_boxes_writes(model, data):  # noqa: F811
+def test_given_boxes_give_the_masks_export_boxes_writes(model, data):
     """predict(boxes) equals ``frozenseg export --boxes`` (masks_for_boxes) for the same
     boxes and classes, mask for mask and quality for quality."""
     _, _, pixels = _val_image(data, 1)
@@ -103,7 +102,7 @@ def test_given_boxes_give_the_masks_export_boxes_writes(model, data):  # noqa: F
         assert found.mask_quality[i].item() == pytest.approx(quality, abs=1e-6)
 
 
-def test_image_formats_people_hold(model, data):  # noqa: F811
+def test_image_formats_people_hold(model, data):
     """numpy uint8, PIL and float tensors give the same prediction."""
     _, info, pixels = _val_image(data)
     predictor = Predictor(model)
@@ -117,7 +116,7 @@ def test_image_formats_people_hold(model, data):  # noqa: F811
         torch.testing.assert_close(other.scores, outputs[0].scores)
 
 
-def test_save_pretrained_loads_back_equal(model, data, tmp_path):  # noqa: F811
+def test_save_pretrained_loads_back_equal(model, data, tmp_path):
     folder = model.save_pretrained(tmp_path / "model")
     assert {p.name for p in folder.iterdir()} == {"head.safetensors", "config.json",
                                                    "detector", "README.md"}

@@ -7,13 +7,10 @@ import os
 import resource
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-import frozenseg
 from frozenseg.cache import write_cache
 from frozenseg.data import CocoInstances
 from frozenseg.detector.config import DetectorConfig
@@ -23,45 +20,7 @@ from frozenseg.engine.data import eval_transform
 from frozenseg.engine.task import TrainingError
 from frozenseg.engine.train import LAST, Trainer
 from frozenseg.formats import rt_detr
-from frozenseg.recipe import load_recipe
-from tests.test_cache import save_detector, tiny_detector
-
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-SCALE = 0.25  # synthetic images of 160-320 px -> 120-200 px views: fast on a CPU
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    frozenseg.synth(root, images=10, seed=2)
-    return root
-
-
-@pytest.fixture(scope="module")
-def detector_dir(tmp_path_factory):
-    return save_detector(tiny_detector(), tmp_path_factory.mktemp("det") / "d", "tiny.pth")
-
-
-def recipe(tmp_path, data, detector_dir, *overrides, **sections):
-    body = {
-        "base": str(REPO_RECIPES / "synth_tiny.yaml"),
-        "detector": {"path": str(detector_dir), "top_k": 7, "memory_layer": 1},
-        "data": {"train": {"images": str(data / "images" / "train"),
-                           "annotations": str(data / "instances_train.json")},
-                 "val": {"images": str(data / "images" / "val"),
-                         "annotations": str(data / "instances_val.json")},
-                 "scale": SCALE, "num_workers": 0},
-        "head": {"image_encoder_layers": 1, "box_encoder_layers": 1, "roi_size": 8,
-                 "mapper_dim": 32, "ffn_dim": 64, "num_heads": 2},
-        "train": {"output_dir": str(tmp_path / "run"), "batch_size": 2, "iterations": 4,
-                  "checkpoint_every": 2, "log_every": 1, "max_minutes": None},
-    }
-    for key, value in sections.items():
-        body[key].update(value)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(body))
-    return load_recipe(path, overrides)
+from tests.tiny import SCALE, recipe, save_detector, tiny_detector
 
 
 def weights(trainer):
