@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import signal
+from collections import Counter
 
 import pytest
 import torch
@@ -20,7 +21,12 @@ from frozenseg.engine.data import eval_transform
 from frozenseg.engine.task import TrainingError
 from frozenseg.engine.train import LAST, Trainer
 from frozenseg.formats import rt_detr
+from frozenseg.recipe import load_recipe
 from tests.tiny import SCALE, recipe, save_detector, tiny_detector
+
+
+def _key(result: dict) -> tuple:
+    return result["image_id"], result["bbox"], result["category_id"]
 
 
 def weights(trainer):
@@ -141,6 +147,15 @@ def test_cli_train_eval_and_dry_run(tmp_path, data, detector_dir):
                                    "--out",
                                    str(tmp_path / "free")])
     assert baseline.exit_code == 0, baseline.output
+    # The training-free head masks the same detections as the trained one (top-K <= the
+    # per-image cap: every box stays), with masks of its own.
+    free = json.loads((tmp_path / "free" / "results.json").read_text())
+    trained = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert (sorted((r["image_id"], r["bbox"], r["category_id"]) for r in free)
+            == sorted((r["image_id"], r["bbox"], r["category_id"]) for r in trained))
+    assert any(r["segmentation"]["counts"] != e["segmentation"]["counts"]
+               for r, e in zip(sorted(free, key=_key), sorted(trained, key=_key), strict=True))
+    assert "segm" in json.loads((tmp_path / "free" / "metrics.json").read_text())
     typo = runner.invoke(app, ["train", path, "head.image_encodr=swin"])
     assert typo.exit_code == 1 and "did you mean head.image_encoder" in typo.output
     boxed = runner.invoke(app, ["eval", path, "eval.boxes=gt", "--checkpoint",
@@ -148,7 +163,14 @@ def test_cli_train_eval_and_dry_run(tmp_path, data, detector_dir):
     assert boxed.exit_code == 0, boxed.output
     gt_results = json.loads((tmp_path / "gt" / "results.json").read_text())
     val = json.loads((data / "instances_val.json").read_text())["annotations"]
-    assert len(gt_results) == sum(not a["iscrowd"] for a in val) or len(gt_results) == len(val)
+    # One result per ground-truth box (crowd regions too: they are boxes of the image, and
+    # COCOeval ignores what matches them), at most eval.max_per_image per image.
+    per_image = Counter(a["image_id"] for a in val)
+    cap = load_recipe(path).eval.max_per_image
+    assert Counter(r["image_id"] for r in gt_results) == {
+        image: min(n, cap) for image, n in per_image.items()}
+    assert max(per_image.values()) <= cap  # the data is small enough for every box to stay
+    assert sorted(r["category_id"] for r in gt_results) == sorted(a["category_id"] for a in val)
     needs = runner.invoke(app, ["eval", path])
     assert needs.exit_code == 1 and "checkpoint is needed" in needs.output
 
