@@ -3,15 +3,16 @@ import os
 import pytest
 import torch
 
-import frozenseg
-from tests.tiny import recipe, save_detector, tiny_detector
-
 # Tests never reach a model hub: everything they load, they make.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without a GPU, Triton kernels run in Triton's interpreter, which executes every line of
 # them on the CPU. Triton reads the switch when it is imported: set it before anything is.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# frozenseg (and what it imports) only now, below the switches above.
+import frozenseg  # noqa: E402
+from tests.tiny import recipe, save_detector, tiny_detector  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ from frozenseg.detector.backbones.swin import (
     swin_tiny,
 )
 
+pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
+
 # Small variants with the official naming: depths 2-2-2-2, embed 32.
 SMALL_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
                   out_indices=(1, 2, 3))

@@ -16,6 +16,8 @@ from frozenseg.data import CocoInstances, evaluation
 from frozenseg.data.transforms import scale_flip
 from tests.tiny import save_detector, tiny_detector
 
+pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
+
 runner = CliRunner()
 # A small evaluation resize keeps the tiny detector fast on the CPU (the default is 800/1333).
 SHORT, MAX_SIZE = 64, 128

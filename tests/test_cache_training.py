@@ -14,6 +14,8 @@ from frozenseg.detector.output import append_queries, batch_outputs
 from tests import test_cache
 from tests.test_cache import MAX_SIZE
 
+pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
+
 # The cache tests' fixtures: their synthetic data, its train split, the tiny detector.
 data, dataset, detector = test_cache.data, test_cache.dataset, test_cache.detector
 VIEWS = scale_flip(scales=(48, 64, 80), max_size=MAX_SIZE)

@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 runner = CliRunner()
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def images_and_padding() -> tuple[torch.Tensor, torch.Tensor]:

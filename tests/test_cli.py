@@ -45,6 +45,7 @@ def test_doctor_without_a_cpu_build_says_the_fallback_serves(monkeypatch):
 
 
 @pytest.mark.build
+@pytest.mark.slow
 @needs_nvcc
 def test_build_ops_compiles_the_cuda_source(tmp_path, monkeypatch):
     """The kernel in cuda/ compiles (sm_80 and sm_90 code paths), so a compile error can't land."""
@@ -59,6 +60,7 @@ def test_build_ops_compiles_the_cuda_source(tmp_path, monkeypatch):
 
 
 @pytest.mark.build
+@pytest.mark.slow
 @needs_nvcc
 def test_a_compile_error_fails_build_ops_with_the_compilers_first_error(tmp_path, monkeypatch):
     sources = tmp_path / "cuda"
@@ -74,6 +76,7 @@ def test_a_compile_error_fails_build_ops_with_the_compilers_first_error(tmp_path
 
 
 @pytest.mark.build
+@pytest.mark.slow
 @needs_nvcc
 def test_an_architecture_nvcc_does_not_know_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("FROZENSEG_CACHE_DIR", str(tmp_path))

@@ -15,6 +15,8 @@ from frozenseg.cli import app
 from frozenseg.demo import DETECTOR, DemoError, demo_recipe, run_demo
 from frozenseg.evaluation.coco import load_ground_truth
 
+pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
+
 IMAGES, STEPS = 50, 60  # 40 train, 10 val; about 45 seconds of head training
 # The head's mask AP on the shipped detector's detections in this short demo, measured on
 # the 2-core CPU (BENCHMARKS.md, the demo): 19.0 after 60 steps (the detector's box AP on

@@ -26,6 +26,8 @@ from frozenseg.head.segmenter import MaskFrozenDETR
 from frozenseg.head.trained import load_trained
 from tests.tiny import SCALE, recipe
 
+pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
+
 runner = CliRunner()
 
 

@@ -22,6 +22,8 @@ from frozenseg.maskdino.model import MaskDINO
 from frozenseg.recipe import load_recipe
 from tests.weights import perturb
 
+pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
+
 TINY = {"backbone": {"name": "swin", "embed_dim": 32, "depths": [1, 1, 1, 1],
                      "num_heads": [1, 2, 4, 8], "window_size": 7},
         "hidden_dim": 64, "nheads": 4, "enc_layers": 2, "dim_feedforward": 64}

@@ -28,6 +28,7 @@ from frozenseg.ops import functional as op_module
 from frozenseg.ops.fallback import ms_deform_attn_fallback
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(cuda_emulation.compiler_missing() is not None,
                        reason=str(cuda_emulation.compiler_missing())),
     pytest.mark.usefixtures("one_thread"),

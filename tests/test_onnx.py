@@ -22,6 +22,8 @@ from frozenseg.head.scoring import DotProductMask
 from tests.tiny import save_detector, tiny_detector
 from tests.weights import perturb
 
+pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
+
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 

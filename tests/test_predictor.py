@@ -19,7 +19,7 @@ from frozenseg.head.predictor import Predictor
 from frozenseg.head.segmenter import MaskFrozenDETR
 from tests.tiny import SCALE
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

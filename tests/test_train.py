@@ -24,6 +24,8 @@ from frozenseg.formats import rt_detr
 from frozenseg.recipe import load_recipe
 from tests.tiny import SCALE, recipe, save_detector, tiny_detector
 
+pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
+
 
 def _key(result: dict) -> tuple:
     return result["image_id"], result["bbox"], result["category_id"]
