@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig
-from frozenseg.files import unshared
+from frozenseg.files import atomic_folder, unshared
 
 WEIGHTS_FILE, CONFIG_FILE = "detector.safetensors", "config.json"
 
@@ -118,16 +116,10 @@ def config_json(config: DetectorConfig, *, format: str, source: str, sha256: str
 def write_files(out_dir: str | os.PathLike, weights: bytes, meta: str, *,
                 overwrite: bool) -> None:
     """The folder's two files, already serialised, staged and renamed into place."""
-    out_dir = Path(out_dir).absolute()
     check_output_folder(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         (staging / WEIGHTS_FILE).write_bytes(weights)
         (staging / CONFIG_FILE).write_text(meta)
-        _replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
@@ -144,13 +136,3 @@ def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
         raise DetectorFolderError(f"{out_dir}: already holds a converted detector; pass "
                                   "--overwrite to replace it")
 
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move staging to out_dir; an existing out_dir is replaced only once staging is complete."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out_dir)

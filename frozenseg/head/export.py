@@ -41,7 +41,7 @@ from frozenseg.detector.classes import ClassMapping
 from frozenseg.evaluation.results import ResultsWriter, encode_masks
 from frozenseg.files import atomic_path, atomic_write_text, inside
 from frozenseg.head.inference import predict
-from frozenseg.head.results import mask_results
+from frozenseg.head.results import mask_results, original_to_view_scale
 
 
 class ExportError(ValueError):
@@ -246,8 +246,7 @@ def masks_for_boxes(model, classes: ClassMapping, item: tuple, entries: list[dic
     masks: list[tuple[dict, float | None]] = [(empty, 0.0)] * len(entries)
     kept = valid.nonzero().flatten().tolist()
     if kept:
-        view_h, view_w = (int(v) for v in target["size"])
-        scale = torch.tensor([view_w / width, view_h / height] * 2, dtype=torch.float64)
+        scale = original_to_view_scale([int(v) for v in target["size"]], (height, width))
         view_boxes = (inside[kept] * scale).float().to(image.device)
         categories = [entries[i].get("category_id") for i in kept]
         labels = None if None in categories else classes.to_detector(categories)

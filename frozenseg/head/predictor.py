@@ -22,7 +22,7 @@ from torch import Tensor
 
 from frozenseg.data.common import image_to_tensor
 from frozenseg.data.images import to_rgb
-from frozenseg.head.results import original_boxes, original_masks
+from frozenseg.head.results import original_boxes, original_masks, original_to_view_scale
 from frozenseg.head.segmenter import MaskFrozenDETR
 
 
@@ -96,10 +96,8 @@ class Predictor:
 
     def _embedded(self, boxes, labels):
         device = self.model.device
-        # In float64, as the export scales its boxes: the same boxes give the same masks.
         boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-        (view_h, view_w), (height, width) = self._view_size, self._image_size
-        to_view = torch.tensor([view_w / width, view_h / height] * 2, dtype=torch.float64)
+        to_view = original_to_view_scale(self._view_size, self._image_size)
         given = None if labels is None else [torch.as_tensor(labels, dtype=torch.long,
                                                              device=device).reshape(-1)]
         if given is not None and len(given[0]) != len(boxes):

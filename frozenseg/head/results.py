@@ -109,6 +109,14 @@ def _hw(size) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def original_to_view_scale(view: Sequence[int], orig: Sequence[int]) -> Tensor:
+    """(4,) float64 (sx, sy, sx, sy), sx = W_view / W_orig: xyxy original pixels -> the
+    view's. In float64, so that boxes given in the original's pixels reach the head the
+    same way from the export and from the Predictor."""
+    sx, sy = view[1] / orig[1], view[0] / orig[0]
+    return torch.tensor([sx, sy, sx, sy], dtype=torch.float64)
+
+
 def view_to_original_scale(view: Sequence[int], orig: Sequence[int]) -> Tensor:
     """(4,) float32 (sx, sy, sx, sy), sx = W_orig / W_view: xyxy view pixels -> original."""
     sx, sy = orig[1] / view[1], orig[0] / view[0]

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 from frozenseg.data.transforms import Transform
 from frozenseg.detector.folder import write_detector
 from frozenseg.detector.frozen import FrozenDetector, load_detector
+from frozenseg.files import atomic_folder
 from frozenseg.head.network import HeadOutput, build_mask_head
 from frozenseg.recipe import Recipe, recipe_from_dict, recipe_to_dict
 
@@ -116,10 +115,8 @@ class MaskFrozenDETR(nn.Module):
 
         folder = Path(folder).absolute()
         _check_replaceable(folder, overwrite)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            det = self.detector
+        det = self.detector
+        with atomic_folder(folder) as staging:
             write_detector(staging / DETECTOR_DIR, det.model.state_dict(), det.config,
                            format="frozenseg", source=str(self.recipe.detector.path),
                            class_names=det.classes["names"])
@@ -129,11 +126,6 @@ class MaskFrozenDETR(nn.Module):
             config = {"recipe": recipe_to_dict(self.recipe), "detector": DETECTOR_DIR}
             (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             (staging / CARD_FILE).write_text(model_card(self))
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return folder
 
 
