@@ -21,6 +21,7 @@ from frozenseg.recipe import (
     RecipeError,
     load_recipe,
     parse_override,
+    recipe_from_dict,
     recipe_to_dict,
     save_recipe,
 )
@@ -242,8 +243,35 @@ def test_range_checks(tmp_path):
     assert error(path, ["detector.top_k=0"]).startswith("command line: detector.top_k")
 
 
+def joint_minimal(tmp_path: Path, **sections) -> Path:
+    plain = {key: value for key, value in MINIMAL.items() if key != "detector"}
+    return write(tmp_path, "recipe.yaml", {**plain, "mode": "maskdino", **sections})
+
+
+def test_a_recipe_holds_its_modes_sections_and_no_other(tmp_path):
+    head = load_recipe(minimal(tmp_path))
+    assert head.maskdino is None and head.loss is not None and head.eval is not None
+    joint = load_recipe(joint_minimal(tmp_path), ["maskdino.task=instance"])
+    assert (joint.detector, joint.head, joint.loss, joint.eval) == (None, None, None, None)
+    assert "maskdino" in recipe_to_dict(joint) and "head" not in recipe_to_dict(joint)
+    assert "maskdino" not in recipe_to_dict(head)
+    message = error(minimal(tmp_path, mode="maskdino"))
+    assert message.endswith("recipe.yaml: detector is a section of mode head, not of mode "
+                            "maskdino: leave it out")
+    assert error(minimal(tmp_path), ["maskdino.num_queries=10"]).startswith(
+        "command line: maskdino is a section of mode maskdino, not of mode head")
+
+
+def test_a_checkpoints_older_recipe_with_every_section_still_loads(tmp_path):
+    everything = {**recipe_to_dict(load_recipe(minimal(tmp_path))),
+                  "maskdino": {"num_queries": 10}}
+    assert recipe_from_dict(everything, "old.pt").maskdino is None
+    joint = {**everything, "mode": "maskdino", "data": {**everything["data"]}}
+    assert recipe_from_dict(joint, "old.pt", ["maskdino.task=instance"]).head is None
+
+
 def test_maskdino_mode_needs_panoptic_data_for_the_panoptic_task(tmp_path):
-    path = minimal(tmp_path, mode="maskdino")
+    path = joint_minimal(tmp_path)
     assert "data.train.panoptic must be a COCO panoptic json" in error(path)
     recipe = load_recipe(path, ["maskdino.task=instance"])
     assert recipe.maskdino.dec_layers == 9 and recipe.maskdino.num_queries == 300
@@ -273,7 +301,8 @@ def test_save_then_load_gives_an_equal_recipe(tmp_path):
                          ids=lambda p: str(p.relative_to(RECIPES)))
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
-    assert isinstance(recipe, Recipe) and recipe.detector.path and recipe.train.output_dir
+    assert isinstance(recipe, Recipe) and recipe.train.output_dir
+    assert recipe.detector.path if recipe.mode == "head" else recipe.maskdino.model
 
 
 def test_base_is_the_papers_final_model():

@@ -32,7 +32,7 @@ import yaml
 
 from frozenseg.files import atomic_write_text
 from frozenseg.recipe.packaged import resolve_recipe
-from frozenseg.recipe.schema import Recipe, RecipeError
+from frozenseg.recipe.schema import MODE_SECTIONS, Recipe, RecipeError
 
 COMMAND_LINE = "command line"
 
@@ -74,6 +74,11 @@ def recipe_from_dict(data: dict, source: str, overrides: Iterable[str] = ()) -> 
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of keys, not a {type(data).__name__}")
     data, origins = copy.deepcopy(data), {}
+    # Checkpoints written before recipes were a union by mode carry every mode's sections.
+    mode = data.get("mode", "head")
+    for other, sections in MODE_SECTIONS.items():
+        for name in sections if other != mode else ():
+            data.pop(name, None)
     _record(data, source, origins)
     return _validated(data, origins, source, overrides)
 
@@ -283,7 +288,8 @@ def _describe(hint: Any) -> str:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The recipe as plain YAML-safe data (tuples become lists)."""
-    return _plain(dataclasses.asdict(recipe))
+    return _plain({key: value for key, value in dataclasses.asdict(recipe).items()
+                   if value is not None})
 
 
 def recipe_differences(before: dict, after: dict, sections: Iterable[str]) -> list[tuple]:

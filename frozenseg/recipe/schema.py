@@ -207,18 +207,35 @@ class MaskDINOSection:
                self.box_noise_scale)
 
 
+# The sections each mode reads besides the shared ``data`` and ``train``; a recipe holds
+# its own mode's (defaults where it leaves one out) and no other mode's.
+MODE_SECTIONS = {"head": ("detector", "head", "loss", "eval"), "maskdino": ("maskdino",)}
+_SECTION_TYPES = {"detector": DetectorSection, "head": HeadConfig, "loss": LossSection,
+                  "eval": EvalSection, "maskdino": MaskDINOSection}
+
+
 @dataclass(kw_only=True)
 class Recipe:
+    """A union by mode: ``data`` and ``train`` always, then the sections of ``mode``
+    (:data:`MODE_SECTIONS`); the other mode's sections are ``None``."""
+
     mode: Literal["head", "maskdino"] = "head"
-    detector: DetectorSection = field(default_factory=DetectorSection)
     data: DataSection
-    head: HeadConfig = field(default_factory=HeadConfig)
-    loss: LossSection = field(default_factory=LossSection)
     train: TrainSection
-    eval: EvalSection = field(default_factory=EvalSection)
-    maskdino: MaskDINOSection = field(default_factory=MaskDINOSection)
+    detector: DetectorSection | None = None
+    head: HeadConfig | None = None
+    loss: LossSection | None = None
+    eval: EvalSection | None = None
+    maskdino: MaskDINOSection | None = None
 
     def __post_init__(self) -> None:
+        for mode, sections in MODE_SECTIONS.items():
+            for name in sections:
+                if mode == self.mode and getattr(self, name) is None:
+                    setattr(self, name, _SECTION_TYPES[name]())
+                if mode != self.mode and getattr(self, name) is not None:
+                    raise ValueError(f"{name} is a section of mode {mode}, not of mode "
+                                     f"{self.mode}: leave it out")
         if self.mode == "head":
             _check(self.detector.path is not None, "detector.path",
                    "a converted detector folder (mode head trains on its outputs)", None)
