@@ -808,6 +808,9 @@ def predict(
                                     "least this (score = class score x predicted mask IoU)."),
     max_instances: int = typer.Option(100, "--max-instances", help="At most this many per "
                                       "image, best first."),
+    min_side: int = typer.Option(480, "--min-side", help="Draw images whose shorter side is "
+                                 "under this up to 4x larger (0: at their own size); the json "
+                                 "keeps the image's pixels."),
     recipe: Path = _RECIPE_OPTION,
 ) -> None:
     """Overlay PNGs (masks, edges, boxes, labels, scores) and a json per image."""
@@ -821,7 +824,7 @@ def predict(
     with _image_progress("Predicting") as update:
         summaries = predict_overlays(model, dataset, out, classes=classes, names=names,
                                      threshold=threshold, max_instances=max_instances,
-                                     progress=update)
+                                     min_side=min_side, progress=update)
     console.print(_prediction_table(summaries, threshold))
     _say(f"overlays and json: {out}")
 

@@ -4,6 +4,7 @@ boxes, resume, instance PNGs, overlays."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 
@@ -361,14 +362,39 @@ def test_predict_draws_overlays_and_counts_instances(tmp_path, data, trained):
     assert "instances with score >= 0.05" in result.output
     for image in sorted(folder.iterdir()):
         overlay = Image.open(tmp_path / "viz" / image.with_suffix(".png").name)
-        assert overlay.size == Image.open(image).size and overlay.mode == "RGB"
+        width, height = Image.open(image).size
+        factor = min(4, math.ceil(480 / min(width, height)))   # small ones drawn larger
+        assert overlay.size == (width * factor, height * factor) and overlay.mode == "RGB"
         record = json.loads((tmp_path / "viz" / image.with_suffix(".json").name).read_text())
+        assert (record["width"], record["height"]) == (width, height)   # the image's pixels
         assert all(i["score"] >= 0.05 for i in record["instances"])
         if record["instances"]:  # something was drawn over the picture
-            assert not np.array_equal(np.asarray(overlay), np.asarray(Image.open(image)))
+            plain = Image.open(image).convert("RGB").resize(overlay.size, Image.BICUBIC)
+            assert not np.array_equal(np.asarray(overlay), np.asarray(plain))
     none = runner.invoke(app, ["predict", str(folder), "--head", str(trained), "--out",
                                str(tmp_path / "none"), "--threshold", "1.5"])
     assert none.exit_code == 0 and "lower --threshold" in none.output
+
+
+def test_a_small_image_is_drawn_larger_with_its_mask_in_place():
+    from frozenseg.head.overlay import draw_instances
+
+    grey = Image.fromarray(np.full((40, 60, 3), 128, np.uint8))
+    mask = np.zeros((40, 60), np.uint8)
+    mask[20:36, 10:40] = 1
+    result = {"segmentation": mask_utils.encode(np.asfortranarray(mask)), "bbox": [10, 20, 30, 16],
+              "score": 0.9, "category_id": 1}
+    assert draw_instances(grey, [result], {1: "disc"}).size == (60, 40)   # min_side 0: as is
+    canvas = np.asarray(draw_instances(grey, [result], {1: "disc"}, min_side=100))
+    assert canvas.shape == (120, 180, 3)                                  # 3x: 40 -> 120
+    changed = (canvas != 128).any(-1)
+    inside = np.kron(mask, np.ones((3, 3), np.uint8)).astype(bool)
+    assert changed[inside].all()                          # the whole mask, scaled, is coloured
+    label_rows = slice(0, 60)                             # the label sits above the box
+    outside = ~inside
+    outside[label_rows] = False
+    assert not changed[outside].any()                     # and nothing else below the label
+    assert changed[30:60, 30:].any()                      # a label of legible size was drawn
 
 
 def test_predict_draws_over_a_16_bit_png_as_it_looks(tmp_path, trained):
@@ -378,7 +404,7 @@ def test_predict_draws_over_a_16_bit_png_as_it_looks(tmp_path, trained):
     gradient = np.linspace(0, 65535, 96 * 128).reshape(96, 128).astype(np.uint16)
     Image.fromarray(gradient).save(deep)
     result = runner.invoke(app, ["predict", str(deep), "--head", str(trained), "--out",
-                                 str(tmp_path / "viz"), "--threshold", "1.5"])
+                                 str(tmp_path / "viz"), "--threshold", "1.5", "--min-side", "0"])
     assert result.exit_code == 0, result.output
     overlay = np.asarray(Image.open(tmp_path / "viz" / "deep.png"))
     np.testing.assert_array_equal(overlay[..., 1], np.round(gradient / 257).astype(np.uint8))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,28 +34,59 @@ def instance_colours(n: int) -> list[tuple[int, int, int]]:
     return [tuple(round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.75, 0.95)) for h in hues]
 
 
+def display_factor(width: int, height: int, min_side: int) -> int:
+    """The whole factor that brings the shorter side to at least ``min_side`` (at most 4x;
+    1 for images already that large, or ``min_side`` 0): small images are drawn larger so
+    that their masks and labels can be seen."""
+    short = min(width, height)
+    if min_side <= 0 or short >= min_side:
+        return 1
+    return min(4, math.ceil(min_side / short))
+
+
 def draw_instances(image: Image.Image, results: list[dict], names: dict[int, str], *,
-                   alpha: float = 0.45) -> Image.Image:
+                   alpha: float = 0.45, min_side: int = 0) -> Image.Image:
     """``image`` with ``results`` (COCO results on it, best first) drawn: masks blended
     at ``alpha`` with a solid edge, then each box with "name score" above it. The best
-    result is drawn last, so it is on top where masks overlap."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    result is drawn last, so it is on top where masks overlap. An image whose shorter side
+    is under ``min_side`` is drawn :func:`display_factor` times larger (the image bicubic,
+    the masks bilinear at 0.5); the label font and line width follow the drawn size."""
+    factor = display_factor(*image.size, min_side)
+    image = image.convert("RGB")
+    size = (image.width * factor, image.height * factor)
+    if factor > 1:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float32).copy()
     colours = instance_colours(len(results))
     for result, colour in reversed(list(zip(results, colours, strict=True))):
-        mask = mask_utils.decode(result["segmentation"]).astype(bool)
+        mask = _scaled_mask(mask_utils.decode(result["segmentation"]), size)
         pixels[mask] = pixels[mask] * (1 - alpha) + np.array(colour) * alpha
         pixels[mask & ~_eroded(mask)] = colour
     canvas = Image.fromarray(pixels.round().astype(np.uint8))
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    short = min(size)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(11, round(short / 32)))
+    line = max(2, round(short / 240))
     for result, colour in reversed(list(zip(results, colours, strict=True))):
-        x, y, w, h = result["bbox"]
-        draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
+        x, y, w, h = (v * factor for v in result["bbox"])
+        # COCO's x + w is the edge past the last pixel; PIL's corners are both inside.
+        draw.rectangle([x, y, x + w - 1, y + h - 1], outline=colour, width=line)
         label = f"{names.get(result['category_id'], result['category_id'])} {result['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x, y), label, font=font)
-        lift = min(bottom - top + 2, y)  # above the box, unless the box touches the top
-        draw.rectangle([left, top - lift, right + 2, bottom - lift], fill=colour)
-        draw.text((x + 1, y - lift), label, fill=(0, 0, 0), font=font)
+        left, top, right, bottom = draw.textbbox((x, y), label, font=font, anchor="ld")
+        lift = max(0, -top)  # above the box, unless the box touches the top
+        shift = min(0, canvas.width - right - 2 * line)  # inside the picture on the right
+        draw.rectangle([left + shift, top + lift, right + 2 * line + shift, bottom + lift],
+                       fill=colour)
+        draw.text((x + line + shift, y + lift), label, fill=(0, 0, 0), font=font, anchor="ld")
     return canvas
+
+
+def _scaled_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A (H, W) 0/1 mask at ``size`` (width, height): bilinear, then 0.5, for smooth edges."""
+    if mask.shape[::-1] == size:
+        return mask.astype(bool)
+    scaled = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(scaled) >= 128
 
 
 def _eroded(mask: np.ndarray) -> np.ndarray:
@@ -76,9 +108,12 @@ class ImageSummary:
 def predict_overlays(model, dataset: ImageFolder, out_dir: str | os.PathLike, *,
                      classes: ClassMapping, names: dict[int, str], threshold: float = 0.5,
                      max_instances: int = 100, mask_threshold: float = 0.5,
-                     progress: Callable[[int, int], None] | None = None) -> list[ImageSummary]:
+                     min_side: int = 480, progress: Callable[[int, int], None] | None = None
+                     ) -> list[ImageSummary]:
     """Overlay PNG and json per image of ``dataset`` (its transform: the view the head was
-    trained on) in ``out_dir``, named after the image (``a/b.jpg`` -> ``a/b.png``)."""
+    trained on) in ``out_dir``, named after the image (``a/b.jpg`` -> ``a/b.png``); images
+    with a shorter side under ``min_side`` are drawn larger (:func:`draw_instances`), the
+    json keeps the image's own pixels."""
     summaries = []
     overlays = per_image_paths(out_dir, dataset, ".png")
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
@@ -90,8 +125,8 @@ def predict_overlays(model, dataset: ImageFolder, out_dir: str | os.PathLike, *,
         info, kept = dataset.images[index], [r for r in results if r["score"] >= threshold]
         overlay = overlays[index]
         with atomic_path(overlay) as tmp:
-            draw_instances(read_image(dataset.image_path(index)), kept, names).save(
-                tmp, format="PNG")
+            draw_instances(read_image(dataset.image_path(index)), kept, names,
+                           min_side=min_side).save(tmp, format="PNG")
         atomic_write_text(overlay.with_suffix(".json"), json.dumps({
             "file_name": info["file_name"], "image_id": info["id"],
             "height": int(target["orig_size"][0]), "width": int(target["orig_size"][1]),
