@@ -266,6 +266,17 @@ def rt_detr_folder(folder: Path, variant: str) -> Artifact:
                     huggingface_reference(folder, type(model).__name__))
 
 
+def detr_folder(folder: Path, variant: str) -> Artifact:
+    """``save_pretrained`` of a transformers Detr-, ConditionalDetr- or DabDetrForObjectDetection:
+    model.safetensors (its old key names; DAB-DETR's tied refinement head once) + config.json."""
+    from test_convert_detr import VARIANTS, random_hf_model
+
+    model, _ = random_hf_model(**VARIANTS[variant])
+    model.save_pretrained(folder)
+    return Artifact(folder, f"huggingface_{VARIANTS[variant]['variant']}",
+                    huggingface_reference(folder, type(model).__name__))
+
+
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
 
 RT_DETR_SMALL = DetectorConfig(
@@ -374,6 +385,10 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-rt-detr": lambda d: rt_detr_folder(d, "v1"),
     "huggingface-rt-detr-basic-blocks": lambda d: rt_detr_folder(d, "v1-basic-expansion"),
     "huggingface-rt-detr-v2": lambda d: rt_detr_folder(d, "v2"),
+    "huggingface-detr": lambda d: detr_folder(d, "detr"),
+    "huggingface-conditional-detr": lambda d: detr_folder(d, "conditional-detr"),
+    "huggingface-dab-detr": lambda d: detr_folder(d, "dab-detr"),
+    "huggingface-dab-detr-patterns": lambda d: detr_folder(d, "dab-detr-patterns-keep-query-pos"),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
     "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),
 }

@@ -84,6 +84,21 @@ ACTIVATIONS = {"detr": ("relu",), "conditional_detr": ("relu",), "dab_detr": ("p
 NAMES = {"detr": "DETR", "conditional_detr": "Conditional DETR", "dab_detr": "DAB-DETR"}
 
 
+# Fixed in each family's code: one stride-32 level of the plain encoder, the decoder kind,
+# the final decoder norm, positions counted from 1 (no offset), the post-processing.
+FIXED = {
+    variant: {"variant": variant, "encoder": "plain", "backbone_levels": (3,),
+              "num_feature_levels": 1, "decoder_norm": True, "pos_offset": 0.0,
+              "num_select": 100, **extra}
+    for variant, extra in (
+        ("detr", {"decoder": "plain", "no_object_class": True}),
+        ("conditional_detr", {"decoder": "conditional"}),
+        ("dab_detr", {"decoder": "anchor", "box_refine": True, "encoder_pos_scale": True,
+                      "activation": "prelu", "pos_temperature": 20.0}),
+    )
+}
+
+
 def _check_args(variant: str, args: dict) -> None:
     backbone = args.get("backbone_config") or {}
     for table, settings, what in ((SUPPORTED, args, "config"),
@@ -143,26 +158,22 @@ def derive_config_for(variant: str):
         dec_layers = count_indexed(sd, "model.decoder.layers.")
         encoder_ffn = sd["model.encoder.layers.0.fc1.weight"].shape[0]
         decoder_ffn = sd["model.decoder.layers.0.fc1.weight"].shape[0]
+        settings = {}
+        if anchors:
+            settings = {
+                "pos_temperature": positive("temperature_height",
+                                            args.get("temperature_height", 20), float),
+                "keep_query_pos": dec_layers > 1 and (
+                    "model.decoder.layers.1.ca_qpos_proj.weight" in sd),
+                "num_patterns": len(sd.get("model.patterns.weight", ())),
+                "activation": ("prelu" if "model.encoder.layers.0.activation_fn.weight" in sd
+                               else "relu")}
         config = DetectorConfig(
-            variant=variant, backbone={"name": f"resnet{depth}"}, hidden_dim=c,
-            backbone_levels=(3,), num_feature_levels=1, nheads=heads,
-            enc_layers=count_indexed(sd, "model.encoder.layers."), dec_layers=dec_layers,
-            dim_feedforward=decoder_ffn,
+            **{**FIXED[variant], **settings}, backbone={"name": f"resnet{depth}"},
+            hidden_dim=c, nheads=heads, enc_layers=count_indexed(sd, "model.encoder.layers."),
+            dec_layers=dec_layers, dim_feedforward=decoder_ffn,
             encoder_ffn_dim=None if encoder_ffn == decoder_ffn else encoder_ffn,
-            encoder="plain",
-            decoder={"detr": "plain", "conditional_detr": "conditional"}.get(variant, "anchor"),
-            encoder_pos_scale=anchors,
-            activation="prelu" if "model.encoder.layers.0.activation_fn.weight" in sd else "relu",
-            keep_query_pos=anchors and (dec_layers > 1 and
-                                        "model.decoder.layers.1.ca_qpos_proj.weight" in sd),
-            num_patterns=sd["model.patterns.weight"].shape[0] if "model.patterns.weight" in sd
-            else 0,
-            no_object_class=variant == "detr",
-            num_queries=queries,
-            num_classes=classifier.shape[0] - int(variant == "detr"),
-            box_refine=anchors, decoder_norm=True,
-            pos_temperature=float(args.get("temperature_height", 20)) if anchors else 10000.0,
-            pos_offset=0.0, num_select=100,
+            num_queries=queries, num_classes=classifier.shape[0] - int(variant == "detr"),
         )
         return config, notes
 
