@@ -176,3 +176,36 @@ def test_unsupported_settings_are_refused_in_one_line(variant, setting, value):
     with pytest.raises(ValueError, match="not supported") as err:
         convert_state_dict(hf.state_dict(), args={**args, setting: value})
     assert f"{setting}={value!r}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_official_detr_checkpoint_matches_transformers(tmp_path):
+    """facebookresearch/detr's layout (nn.MultiheadAttention's stacked in_proj, the cross-
+    attention as multihead_attn, backbone.0.body.) converts to what transformers computes."""
+    from artifacts import detr_official_checkpoint
+
+    from frozenseg.convert import convert_checkpoint
+    from frozenseg.detector.frozen import load_detector
+
+    artifact = detr_official_checkpoint(tmp_path / "detr")
+    report = convert_checkpoint(artifact.path, tmp_path / "converted")
+    assert report.format == "detr" and report.config == artifact.config and not report.notes
+    images, valid = images_and_masks()
+    with torch.no_grad():
+        got = load_detector(tmp_path / "converted").model(images, valid == 0)
+    logits, boxes = artifact.reference(images, valid == 0)
+    torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("setting", "value"), [("pre_norm", True),
+                                                ("position_embedding", "learned")])
+def test_an_official_detr_setting_frozenseg_does_not_compute_is_refused(tmp_path, setting,
+                                                                          value):
+    from artifacts import detr_official_checkpoint
+
+    artifact = detr_official_checkpoint(tmp_path / "detr")
+    ckpt = torch.load(artifact.path, weights_only=False)
+    setattr(ckpt["args"], setting, value)
+    with pytest.raises(ValueError, match="not supported") as err:
+        convert_state_dict(ckpt["model"], args=vars(ckpt["args"]))
+    assert f"{setting}={value!r}" in str(err.value) and "\n" not in str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from frozenseg.formats import (
     deformable_detr,
+    detr,
     detrex,
     dino,
     h_deformable_detr,
@@ -18,7 +19,7 @@ FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, rt_detr.FORMAT,
-                rt_detr_official.FORMAT, *huggingface_detr.FORMATS)
+                rt_detr_official.FORMAT, *huggingface_detr.FORMATS, detr.FORMAT)
 }
 
 
