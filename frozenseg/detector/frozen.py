@@ -172,7 +172,9 @@ class FrozenDetector(nn.Module):
         boxes: per image (N_i, 4) absolute (x0, y0, x1, y1) pixels of that image; labels:
         per image (N_i,) class indices, used as content queries where the detector has a
         label embedding (DINO builds its denoising queries this way); otherwise the mean
-        learned content query. Output K = max N_i, in the given order; query_mask marks
+        learned content query; the plain DETRs take boxes as ``PlainDETR.decode_boxes``
+        says (DAB-DETR: as anchors; DETR, Conditional DETR: the best-overlapping query).
+        Output K = max N_i, in the given order; query_mask marks
         the real ones; boxes are the given ones (normalised), scores and labels predicted
         (labels: the given ones when passed).
         """
