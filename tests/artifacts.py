@@ -434,6 +434,7 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-conditional-detr": lambda d: detr_folder(d, "conditional-detr"),
     "huggingface-dab-detr": lambda d: detr_folder(d, "dab-detr"),
     "huggingface-dab-detr-patterns": lambda d: detr_folder(d, "dab-detr-patterns-keep-query-pos"),
+    "huggingface-dab-detr-timm": lambda d: detr_folder(d, "dab-detr-timm"),
     "detr-main": detr_official_checkpoint,
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
     "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),

@@ -27,16 +27,22 @@ VARIANTS = {
                                              keep_query_pos=True),
     "dab-detr-relu-3-layers": dict(variant="dab_detr", activation_function="relu",
                                    decoder_layers=3),
+    # the hub's released folders: timm's ResNet-50 (DAB-DETR's under its own _backbone)
+    "detr-timm": dict(variant="detr", timm=True),
+    "dab-detr-timm": dict(variant="dab_detr", timm=True),
 }
 
 
-def random_hf_model(variant: str = "detr", **settings):
-    """A small random model (ResNet-50 trunk, 64 wide, 2 + 2 layers) and its config.json."""
+def random_hf_model(variant: str = "detr", timm: bool = False, **settings):
+    """A small random model (ResNet-50 trunk, Hugging Face's or ``timm``'s; 64 wide, 2 + 2
+    layers) and its config.json."""
     torch.manual_seed(0)
     config_name, model_name, width = ARCHITECTURES[variant]
-    backbone = transformers.ResNetConfig(depths=[3, 4, 6, 3], out_features=["stage4"])
+    backbone = ({"use_timm_backbone": True, "backbone": "resnet50"} if timm else
+                {"use_timm_backbone": False, "backbone_config": transformers.ResNetConfig(
+                    depths=[3, 4, 6, 3], out_features=["stage4"])})
     config = getattr(transformers, config_name)(
-        use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+        **backbone, use_pretrained_backbone=False,
         **{width: 64}, encoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
         encoder_ffn_dim=32, decoder_ffn_dim=48, num_queries=12, num_labels=5,
         **{"decoder_layers": 2, **settings})

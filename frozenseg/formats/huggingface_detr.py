@@ -29,6 +29,7 @@ from frozenseg.formats.base import (
 # In-memory names -> save_pretrained's (DAB-DETR's nested names flattened like them).
 SAVED_NAMES = [
     (r"^model\.backbone\.conv_encoder\.", "model.backbone."),
+    (r"^model\.backbone\.model\._backbone\.", "model.backbone.model."),  # DAB's timm ResNet
     (r"\.o_proj\.", ".out_proj."),
     (r"\.mlp\.", "."),
     # DAB-DETR
