@@ -184,17 +184,19 @@ def test_unsupported_settings_are_refused_in_one_line(variant, setting, value):
     assert f"{setting}={value!r}" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_an_official_detr_checkpoint_matches_transformers(tmp_path):
-    """facebookresearch/detr's layout (nn.MultiheadAttention's stacked in_proj, the cross-
-    attention as multihead_attn, backbone.0.body.) converts to what transformers computes."""
+@pytest.mark.parametrize("variant", ["detr", "conditional_detr"])
+def test_an_official_checkpoint_matches_transformers(tmp_path, variant):
+    """facebookresearch/detr's and Atten4Vis/ConditionalDETR's layouts (nn.MultiheadAttention's
+    stacked in_proj, backbone.0.body., DETR's multihead_attn) convert to what transformers
+    computes for the same weights."""
     from artifacts import detr_official_checkpoint
 
     from frozenseg.convert import convert_checkpoint
     from frozenseg.detector.frozen import load_detector
 
-    artifact = detr_official_checkpoint(tmp_path / "detr")
+    artifact = detr_official_checkpoint(tmp_path / "detr", variant)
     report = convert_checkpoint(artifact.path, tmp_path / "converted")
-    assert report.format == "detr" and report.config == artifact.config and not report.notes
+    assert report.format == variant and report.config == artifact.config and not report.notes
     images, valid = images_and_masks()
     with torch.no_grad():
         got = load_detector(tmp_path / "converted").model(images, valid == 0)
