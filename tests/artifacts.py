@@ -266,6 +266,65 @@ def rt_detr_folder(folder: Path, variant: str) -> Artifact:
                     huggingface_reference(folder, type(model).__name__))
 
 
+def detr_folder(folder: Path, variant: str) -> Artifact:
+    """``save_pretrained`` of a transformers Detr-, ConditionalDetr- or DabDetrForObjectDetection:
+    model.safetensors (its old key names; DAB-DETR's tied refinement head once) + config.json."""
+    from test_convert_detr import VARIANTS, random_hf_model
+
+    model, _ = random_hf_model(**VARIANTS[variant])
+    model.save_pretrained(folder)
+    return Artifact(folder, f"huggingface_{VARIANTS[variant]['variant']}",
+                    huggingface_reference(folder, type(model).__name__))
+
+
+# --- official DETR (facebookresearch/detr main.py) ------------------------------------------
+
+ATTENTION = re.compile(r"^(transformer\.(?:encoder|decoder)\.layers\.\d+\.)(self_attn|cross_attn)"
+                       r"\.([qkv])_proj\.(weight|bias)$")
+
+
+def detr_official_layout(state_dict: dict, variant: str = "detr") -> dict:
+    """A converted plain DETR's state dict in the official names: torchvision's ResNet under
+    ``backbone.0.body.``, nn.MultiheadAttention's stacked ``in_proj``; DETR's cross-attention
+    ``multihead_attn`` (Conditional DETR's decoder has the plain model's names already)."""
+    out, stacks = {}, {}
+    cross = "multihead_attn" if variant == "detr" else "cross_attn"
+    for key, tensor in state_dict.items():
+        if m := ATTENTION.match(key):
+            name = m[1] + (cross if m[2] == "cross_attn" else m[2])
+            stacks.setdefault(f"{name}.in_proj_{m[4]}", {})[m[3]] = tensor
+        else:
+            out[re.sub(r"^backbone\.", "backbone.0.body.", key)] = tensor
+    for key, parts in stacks.items():
+        out[key] = torch.cat([parts[p] for p in "qkv"])
+    return {k.replace(".cross_attn.", f".{cross}."): v for k, v in out.items()}
+
+
+def detr_official_checkpoint(folder: Path, variant: str = "detr") -> Artifact:
+    """``checkpoint.pth`` of DETR's (or Conditional DETR's) main.py: {model, optimizer,
+    lr_scheduler, epoch, args}, from a random transformers model (the reference:
+    transformers running it)."""
+    from test_convert_detr import random_hf_model
+
+    from frozenseg.convert import convert_state_dict
+
+    hf, config_json = random_hf_model(variant)
+    canonical, report = convert_state_dict(hf.state_dict(), args=config_json)
+    optimizer, scheduler = training_state(build_detector(report.config))
+    args = argparse.Namespace(hidden_dim=64, nheads=2, enc_layers=2, dec_layers=2,
+                              dim_feedforward=48, num_queries=12, position_embedding="sine",
+                              dilation=False, pre_norm=False, masks=False, lr=1e-4)
+    path = _save({"model": detr_official_layout(canonical, variant), "optimizer": optimizer,
+                  "lr_scheduler": scheduler, "epoch": 49, "args": args},
+                 folder / "checkpoint.pth")
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = hf(pixel_values=images, pixel_mask=(~padding).long())
+        return out.logits, out.pred_boxes
+    return Artifact(path, variant, run, report.config)
+
+
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
 
 RT_DETR_SMALL = DetectorConfig(
@@ -374,6 +433,13 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-rt-detr": lambda d: rt_detr_folder(d, "v1"),
     "huggingface-rt-detr-basic-blocks": lambda d: rt_detr_folder(d, "v1-basic-expansion"),
     "huggingface-rt-detr-v2": lambda d: rt_detr_folder(d, "v2"),
+    "huggingface-detr": lambda d: detr_folder(d, "detr"),
+    "huggingface-conditional-detr": lambda d: detr_folder(d, "conditional-detr"),
+    "huggingface-dab-detr": lambda d: detr_folder(d, "dab-detr"),
+    "huggingface-dab-detr-patterns": lambda d: detr_folder(d, "dab-detr-patterns-keep-query-pos"),
+    "huggingface-dab-detr-timm": lambda d: detr_folder(d, "dab-detr-timm"),
+    "detr-main": detr_official_checkpoint,
+    "conditional-detr-main": lambda d: detr_official_checkpoint(d, "conditional_detr"),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
     "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),
 }

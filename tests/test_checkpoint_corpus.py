@@ -194,3 +194,23 @@ def test_an_rt_detr_v2_setting_the_op_does_not_take_is_one_line(tmp_path, settin
     assert errors[0] == errors[1] and len(errors[0]) == 1, (inspected.output, converted.output)
     assert "model.safetensors" in errors[0][0] and f"{setting}={value!r}" in errors[0][0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("name", "setting", "value"), [
+    ("huggingface-detr", "position_embedding_type", "learned"),
+    ("huggingface-dab-detr", "temperature_height", 10000),
+])
+def test_a_plain_detr_setting_frozenseg_does_not_compute_is_one_line(tmp_path, name, setting,
+                                                                     value):
+    """DETR's learned positions, DAB-DETR's unequal temperatures: refused, naming the file
+    and the setting, and nothing is written."""
+    artifact = CORPUS[name](tmp_path / "source")
+    config = json.loads((artifact.path / "config.json").read_text())
+    (artifact.path / "config.json").write_text(json.dumps({**config, setting: value}))
+    converted = runner.invoke(app, ["convert", "--detector", str(artifact.path), "--out",
+                                    str(tmp_path / "out")])
+    assert converted.exit_code == 1
+    errors = [line for line in converted.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.safetensors" in errors[0], converted.output
+    assert f"{setting}={value!r}" in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -339,7 +339,8 @@ def meta_detector(**config) -> FrozenDetector:
 
 
 def test_head_dims_without_weights():
-    assert meta_detector().head_dims == {"hidden_dim": 256, "num_levels": 4, "c1_channels": 256}
+    assert meta_detector().head_dims == {"hidden_dim": 256, "num_levels": 4, "c1_channels": 256,
+                                        "memory_stride": 8}
     swin_l = {"name": "swin", "embed_dim": 192, "depths": (2, 2, 18, 2),
               "num_heads": (6, 12, 24, 48), "window_size": 12}
     assert meta_detector(backbone=swin_l).head_dims["c1_channels"] == 192

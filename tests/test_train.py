@@ -20,7 +20,7 @@ from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.task import TrainingError
 from frozenseg.engine.train import LAST, Trainer
-from frozenseg.formats import rt_detr
+from frozenseg.formats import huggingface_detr, rt_detr
 from frozenseg.recipe import load_recipe
 from tests.tiny import SCALE, recipe, save_detector, tiny_detector
 
@@ -377,11 +377,33 @@ def tiny_rt_detr() -> FrozenDetector:
 def test_the_head_caches_trains_and_exports_on_an_rt_detr_detector(tmp_path, data):
     """A family without a stride-4 encoder map: the head reads the hybrid encoder's three
     maps (the decoder's memory) and ResNet-vd's stage-1 map as C1."""
+    caches_trains_exports_and_predicts(tmp_path, data, tiny_rt_detr(), "rt_detr")
+
+
+def tiny_plain_detr(variant: str) -> FrozenDetector:
+    """A small random DETR, Conditional DETR or DAB-DETR (ResNet-50, 32 wide, 1 + 2 layers)."""
+    torch.manual_seed(0)
+    config = DetectorConfig(**huggingface_detr.FIXED[variant], hidden_dim=32, nheads=2,
+                            enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=10,
+                            num_classes=5, num_patterns=2 if variant == "dab_detr" else 0)
+    return FrozenDetector(build_detector(config), top_k=7)
+
+
+@pytest.mark.parametrize("variant", ["detr", "conditional_detr", "dab_detr"])
+def test_the_head_caches_trains_and_exports_on_a_plain_detr(tmp_path, data, variant):
+    """One stride-32 level: the head's image encoder reads it, the fusion upsamples it x8 to
+    C1; DETR's softmax scores, and given boxes (the Predictor's) as each family takes them."""
+    caches_trains_exports_and_predicts(tmp_path, data, tiny_plain_detr(variant), variant)
+
+
+def caches_trains_exports_and_predicts(tmp_path, data, frozen: FrozenDetector, name: str):
+    """A few head steps on a random-weight detector of a family, from its feature cache;
+    then the export CLI and a Predictor on the trained segmenter."""
     from typer.testing import CliRunner
 
     from frozenseg.cli import app
 
-    detector = save_detector(tiny_rt_detr(), tmp_path / "rt_detr", "rt_detr")
+    detector = save_detector(frozen, tmp_path / name, name)
     run = recipe(tmp_path, data, detector, "data.transform=evaluation", "train.iterations=2",
                  f"data.cache={tmp_path / 'cache'}")
     dataset = CocoInstances(run.data.train.images, run.data.train.annotations)
@@ -399,7 +421,7 @@ def test_the_head_caches_trains_and_exports_on_an_rt_detr_detector(tmp_path, dat
     results = json.loads(out.read_text())
     assert results and all("segmentation" in r and 0 <= r["mask_quality"] <= 1
                            for r in results)
-    # The one object users hold: a Predictor on the trained RT-DETR segmenter.
+    # The one object users hold: a Predictor on the trained segmenter.
     from frozenseg.head.predictor import Predictor
     from frozenseg.head.segmenter import MaskFrozenDETR
 

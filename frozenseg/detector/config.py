@@ -16,7 +16,8 @@ import torch
 
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
-EncoderKind = Literal["deformable", "hybrid"]
+EncoderKind = Literal["deformable", "hybrid", "plain"]
+DecoderKind = Literal["deformable", "plain", "conditional", "anchor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,10 +60,13 @@ class DetectorConfig:
                     ``aifi_levels``) then CCFM, a top-down and bottom-up fusion of the levels
                     by CSP blocks of RepVGG convolutions; its maps are ``encoder_dim`` wide and
                     the decoder reads them through 1x1 conv + batch norm projections.
+      ``plain``     DETR's (``plain.py``): standard multi-head self-attention over one stride-32
+                    level (a 1x1 projection of the last backbone stage) with sine positions;
+                    ``decoder`` then says which of the plain-attention decoders reads it.
     """
 
-    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr"] = (
-        "deformable_detr")
+    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr", "detr",
+                     "conditional_detr", "dab_detr"] = "deformable_detr"
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "resnet50"})
     hidden_dim: int = 256
     # Backbone stages (0..3 = strides 4..32) projected into the transformer; levels beyond
@@ -85,6 +89,21 @@ class DetectorConfig:
     aifi_transposed_grid: bool = False
     csp_blocks: int = 3
     csp_expansion: float = 1.0
+    # Plain-attention DETRs (encoder "plain", ``plain.py``). decoder: "plain" (DETR: learned
+    # query positions, zero content), "conditional" (Conditional DETR: 2-d reference points
+    # from the query positions, conditional cross-attention), "anchor" (DAB-DETR: learned 4-d
+    # anchors refined layer by layer, width/height-modulated cross-attention).
+    decoder: DecoderKind = "deformable"
+    # DAB-DETR: the encoder scales its positions by an MLP of the content; PReLU activations;
+    # the query-position projection kept in every cross-attention (not only the first);
+    # num_patterns learned contents, each paired with every anchor.
+    encoder_pos_scale: bool = False
+    activation: Literal["relu", "prelu"] = "relu"
+    keep_query_pos: bool = False
+    num_patterns: int = 0
+    # DETR: a softmax classifier with a last "no object" logit (num_classes + 1 outputs), one
+    # detection per query; the others score every class by a sigmoid.
+    no_object_class: bool = False
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 300

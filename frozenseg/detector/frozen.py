@@ -79,10 +79,12 @@ class FrozenDetector(nn.Module):
     @property
     def head_dims(self) -> dict[str, int]:
         """What a mask head on this detector is sized by (``build_mask_head``'s keywords):
-        the transformer's width, its feature levels, and the channels of C1."""
+        the transformer's width, its feature levels, the channels of C1 and the stride of
+        the memory's first level (8 for most; 32 for the plain DETRs' one level)."""
         return {"hidden_dim": self.config.hidden_dim,
                 "num_levels": self.config.num_feature_levels,
-                "c1_channels": self.model.backbone.channels[0]}
+                "c1_channels": self.model.backbone.channels[0],
+                "memory_stride": 4 * 2 ** self.config.backbone_levels[0]}
 
     def finetune(self, part: str) -> list[nn.Parameter]:
         """Fine-tuning (paper Table 16): "partial" trains the transformer (encoder and
@@ -136,12 +138,24 @@ class FrozenDetector(nn.Module):
         memory = encoded.encoder_states[-1]
         raw = self.model.decode(
             self.model.initial_queries(memory, encoded.mask, encoded.shapes), encoded)
-        probs = raw.logits[-1].sigmoid()
+        probs = self._probabilities(raw.logits[-1])
         b, q, k = probs.shape
+        if self.config.no_object_class:  # DETR: each query's best class, queries ranked
+            best, labels = probs.max(-1)
+            scores, query = best.topk(min(self.top_k, q), dim=1)
+            return self._output(raw, sizes, query, scores, labels.gather(1, query),
+                                torch.ones_like(scores, dtype=torch.bool))
         scores, index = probs.flatten(1).topk(min(self.top_k, q * k), dim=1)
         query = torch.div(index, k, rounding_mode="floor")
         return self._output(raw, sizes, query, scores, index % k,
                             torch.ones_like(scores, dtype=torch.bool))
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) class probabilities: a sigmoid per class, or (DETR) a softmax whose last
+        "no object" class is left out."""
+        if self.config.no_object_class:
+            return logits.softmax(-1)[..., :-1]
+        return logits.sigmoid()
 
     @_no_grad_while_frozen
     def stage1(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -158,7 +172,9 @@ class FrozenDetector(nn.Module):
         boxes: per image (N_i, 4) absolute (x0, y0, x1, y1) pixels of that image; labels:
         per image (N_i,) class indices, used as content queries where the detector has a
         label embedding (DINO builds its denoising queries this way); otherwise the mean
-        learned content query. Output K = max N_i, in the given order; query_mask marks
+        learned content query; the plain DETRs take boxes as ``PlainDETR.decode_boxes``
+        says (DAB-DETR: as anchors; DETR, Conditional DETR: the best-overlapping query).
+        Output K = max N_i, in the given order; query_mask marks
         the real ones; boxes are the given ones (normalised), scores and labels predicted
         (labels: the given ones when passed).
         """
@@ -179,14 +195,22 @@ class FrozenDetector(nn.Module):
             normalised = to_normalized(image_boxes.to(memory), sizes[i], clip=True)
             given = labels[i].to(memory.device) if labels is not None else None
             anchors = normalised * self._canvas_scale(sizes)[i].to(normalised)
-            raw = self.model.decode(self._box_queries(anchors, given), _select(encoded, i))
-            probs = raw.logits[-1][0].sigmoid()
+            raw = self._decode_boxes(anchors, given, _select(encoded, i))
+            probs = self._probabilities(raw.logits[-1][0])
             states[i, :n], out_boxes[i, :n] = raw.decoder_states[-1][0], normalised
             scores[i, :n], predicted = probs.max(-1)
             out_labels[i, :n] = given if given is not None else predicted
         mask = torch.arange(width, device=memory.device)[None] < torch.tensor(
             [len(b) for b in boxes], device=memory.device)[:, None]
         return self._assemble(encoded, sizes, states, out_boxes, scores, out_labels, mask)
+
+    def _decode_boxes(self, boxes: torch.Tensor, labels: torch.Tensor | None,
+                      encoded: Encoded) -> RawDetection:
+        """The decoder's outputs for (N, 4) normalised boxes of one image; the plain DETRs
+        say how they take boxes (``PlainDETR.decode_boxes``)."""
+        if self.config.encoder == "plain":
+            return self.model.decode_boxes(boxes, encoded)
+        return self.model.decode(self._box_queries(boxes, labels), encoded)
 
     def _box_queries(self, boxes: torch.Tensor, labels: torch.Tensor | None) -> Queries:
         """(N, 4) normalised boxes -> queries of one image, built as each variant builds them."""

@@ -376,7 +376,12 @@ class DeformableDETR(nn.Module):
 
 
 def build_detector(config: DetectorConfig) -> DeformableDETR:
-    """The detector a config describes, with random weights."""
+    """The detector a config describes, with random weights (a plain encoder: the
+    plain-attention DETRs of ``plain.py``, with the same interface)."""
     from frozenseg.detector.backbones import build_backbone
 
+    if config.encoder == "plain":
+        from frozenseg.detector.plain import PlainDETR
+
+        return PlainDETR(config=config, backbone=build_backbone(config.backbone))
     return DeformableDETR(config=config, backbone=build_backbone(config.backbone))

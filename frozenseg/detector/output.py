@@ -18,7 +18,7 @@ class DetectorOutput:
     queries         (B, K, C)  last decoder layer hidden states of the K predictions
     boxes           (B, K, 4)  normalised (cx, cy, w, h) relative to each image's own,
                                unpadded size (multiply by image_sizes to get pixels)
-    scores          (B, K)     class probability of the prediction (sigmoid)
+    scores          (B, K)     class probability of the prediction (sigmoid; DETR's softmax)
     labels          (B, K)     class index (contiguous, as the detector's classifier)
     query_mask      (B, K)     True for real predictions (False pads ragged batches)
     memory          (B, S, C)  output of the chosen encoder layer, all levels flattened (a

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from frozenseg.formats import (
     deformable_detr,
+    detr,
     detrex,
     dino,
     h_deformable_detr,
     huggingface,
+    huggingface_detr,
     rt_detr,
     rt_detr_official,
 )
@@ -17,7 +19,8 @@ FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, rt_detr.FORMAT,
-                rt_detr_official.FORMAT)
+                rt_detr_official.FORMAT, *huggingface_detr.FORMATS, detr.FORMAT,
+                detr.CONDITIONAL_FORMAT)
 }
 
 

@@ -1,0 +1,128 @@
+"""Official DETR (facebookresearch/detr) and Conditional DETR (Atten4Vis/ConditionalDETR)
+checkpoints: ``main.py``'s ``{model, optimizer, lr_scheduler, epoch, args}``, or a released
+``{model}``.
+
+The backbone is torchvision's ResNet under ``backbone.0.body.``; the encoder (and DETR's
+decoder) use ``nn.MultiheadAttention``, whose stacked ``in_proj`` is split here into the
+plain model's q, k and v projections; DETR calls its cross-attention ``multihead_attn``.
+Conditional DETR's decoder already has the plain model's names (``sa_qcontent_proj`` ...,
+``self_attn.out_proj``, ``cross_attn.out_proj``, ``query_scale``, ``ref_point_head``).
+DETR's class head has num_classes + 1 outputs (the last: "no object"), Conditional DETR's
+num_classes (sigmoid). Settings from ``args``: heads (the rest is in the shapes); learned
+positions, DC5, the pre-norm transformer and the segmentation model are refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.formats.base import (
+    CheckpointFormat,
+    Renamed,
+    StateDict,
+    apply_rules,
+    count_indexed,
+    positive,
+    saved_or_assumed,
+)
+from frozenseg.formats.huggingface_detr import FIXED
+
+RULES = [
+    (r"^backbone\.0\.body\.", "backbone."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.",
+     r"transformer.decoder.layers.\1.cross_attn."),
+]
+IN_PROJ = re.compile(r"^(.*)\.in_proj_(weight|bias)$")
+SUPPORTED = {"position_embedding": ("sine", "v2"), "dilation": (False,), "pre_norm": (False,),
+             "masks": (False,)}
+
+
+def derive_config_for(variant: str):
+    name = {"detr": "DETR", "conditional_detr": "Conditional DETR"}[variant]
+
+    def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
+        """Width, depths, queries, classes from shapes; attention heads from args."""
+        for setting, accepted in SUPPORTED.items():
+            if setting in args and args[setting] not in accepted:
+                raise ValueError(f"{name} trained with {setting}={args[setting]!r} is not "
+                                 f"supported (supported: {', '.join(map(repr, accepted))})")
+        if "transformer.encoder.norm.weight" in state_dict:
+            raise ValueError(f"transformer.encoder.norm is saved: {name}'s pre-norm "
+                             "transformer (pre_norm=True) is not supported")
+        return _shapes(state_dict, args, variant)
+
+    return derive_config
+
+
+def _shapes(state_dict: StateDict, args: dict, variant: str
+            ) -> tuple[DetectorConfig, list[str]]:
+    """Width, depths, queries, classes from the shapes; attention heads from args."""
+    notes: list[str] = []
+    c, channels = state_dict["input_proj.weight"].shape[:2]
+    depth = {6: 50, 23: 101}.get(count_indexed(state_dict, "backbone.0.body.layer3."))
+    if depth is None or channels != 2048:
+        raise ValueError("the backbone is not a ResNet-50 or ResNet-101 (2048 channels at "
+                         "stride 32): not supported")
+    heads = positive("nheads", saved_or_assumed(args, "nheads", 8, notes, "attention heads"))
+    encoder_ffn = state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0]
+    decoder_ffn = state_dict["transformer.decoder.layers.0.linear1.weight"].shape[0]
+    config = DetectorConfig(
+        **FIXED[variant], backbone={"name": f"resnet{depth}"}, hidden_dim=c, nheads=heads,
+        enc_layers=count_indexed(state_dict, "transformer.encoder.layers."),
+        dec_layers=count_indexed(state_dict, "transformer.decoder.layers."),
+        dim_feedforward=decoder_ffn,
+        encoder_ffn_dim=None if encoder_ffn == decoder_ffn else encoder_ffn,
+        num_queries=state_dict["query_embed.weight"].shape[0],
+        num_classes=state_dict["class_embed.weight"].shape[0] - int(variant == "detr"),
+    )
+    return config, notes
+
+
+def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
+    out, rest = Renamed(), {}
+    for key, tensor in state_dict.items():
+        if m := IN_PROJ.match(key):  # nn.MultiheadAttention's stacked q, k, v -> three
+            for part, chunk in zip("qkv", tensor.chunk(3), strict=True):
+                target = _renamed(f"{m[1]}.{part}_proj.{m[2]}")
+                out.state_dict[target] = chunk
+                out.renamed.append((key, target))
+        elif key.endswith("num_batches_tracked"):
+            out.dropped.append((key, "batch norm counter (frozen batch norm keeps none)"))
+        else:
+            rest[key] = tensor
+    apply_rules(rest, RULES, out)
+    return out
+
+
+def _renamed(key: str) -> str:
+    for pattern, replacement in RULES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+FORMAT = CheckpointFormat(
+    name="detr",
+    description="official DETR (facebookresearch/detr)",
+    signature=(
+        r"^backbone\.0\.body\.conv1\.weight$",
+        r"^input_proj\.weight$",
+        r"^query_embed\.weight$",
+        r"^transformer\.decoder\.layers\.0\.multihead_attn\.in_proj_weight$",
+    ),
+    derive_config=derive_config_for("detr"),
+    rename=rename,
+)
+CONDITIONAL_FORMAT = CheckpointFormat(
+    name="conditional_detr",
+    description="official Conditional DETR (Atten4Vis/ConditionalDETR)",
+    signature=(
+        r"^backbone\.0\.body\.conv1\.weight$",
+        r"^input_proj\.weight$",
+        r"^query_embed\.weight$",
+        r"^transformer\.decoder\.layers\.0\.ca_qpos_sine_proj\.weight$",
+        r"^transformer\.decoder\.ref_point_head\.layers\.0\.weight$",
+    ),
+    derive_config=derive_config_for("conditional_detr"),
+    rename=rename,
+)
