@@ -17,6 +17,7 @@ import torch
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
 EncoderKind = Literal["deformable", "hybrid"]
+DecoderKind = Literal["deformable", "fdr"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,7 +62,7 @@ class DetectorConfig:
                     the decoder reads them through 1x1 conv + batch norm projections.
     """
 
-    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr"] = (
+    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr", "d_fine"] = (
         "deformable_detr")
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "resnet50"})
     hidden_dim: int = 256
@@ -85,6 +86,23 @@ class DetectorConfig:
     aifi_transposed_grid: bool = False
     csp_blocks: int = 3
     csp_expansion: float = 1.0
+    # D-FINE (and DEIM): the hybrid encoder fuses with RepNCSPELAN4 blocks (their branches
+    # csp_expansion * encoder width wide) and SCDown ("elan") instead of CSP blocks ("csp");
+    # its maps reach the decoder as they are when the widths agree (hybrid_projections off).
+    # The decoder is "fdr" (Fine-grained Distribution Refinement): gated cross-attention
+    # without value/output projections, boxes as distributions over fdr_bins + 1 edge
+    # offsets weighted by a function of fdr_up and fdr_reg_scale, refined layer on layer
+    # from the first layer's box, and logits raised by a quality head (LQE: an MLP of
+    # lqe_layers, lqe_hidden_dim wide, over each edge's lqe_top_k probabilities and mean).
+    hybrid_fusion: Literal["csp", "elan"] = "csp"
+    hybrid_projections: bool = True
+    decoder: DecoderKind = "deformable"
+    fdr_bins: int = 32
+    fdr_reg_scale: float = 4.0
+    fdr_up: float = 0.5
+    lqe_top_k: int = 4
+    lqe_hidden_dim: int = 64
+    lqe_layers: int = 2
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 300
@@ -128,12 +146,12 @@ class DetectorConfig:
         """DINO's (and RT-DETR's) box refinement lets a layer's box loss reach the previous
         layer's box head (through the reference it refined); Deformable DETR's stops it
         there. Only training sees the difference."""
-        return self.variant in ("dino", "rt_detr")
+        return self.variant in ("dino", "rt_detr", "d_fine")
 
     @property
     def has_label_enc(self) -> bool:
-        """Whether the model keeps a denoising label embedding (DINO, RT-DETR)."""
-        return self.variant in ("dino", "rt_detr")
+        """Whether the model keeps a denoising label embedding (DINO, RT-DETR, D-FINE)."""
+        return self.variant in ("dino", "rt_detr", "d_fine")
 
     @property
     def encoder_width(self) -> int:

@@ -16,6 +16,8 @@ has no padding mask: as in RT-DETR, a padded batch is one canvas.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,11 +90,66 @@ class CSPRepLayer(nn.Module):
         return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
 
 
+class RepNCSPELAN4(nn.Module):
+    """D-FINE's fusion block, (B, 2 dim, H, W) -> (B, dim, H, W): conv1 (1x1) splits into two
+    halves; the second goes through CSP block + 3x3 ConvNorm twice (``csp_rep1``, ``conv2``,
+    ``csp_rep2``, ``conv3``, ``width`` wide); both halves and both branch outputs are
+    concatenated and fused by conv4 (1x1). Names are transformers' ``DFineRepNCSPELAN4``."""
+
+    def __init__(self, *, dim: int, width: int, blocks: int) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(in_dim=2 * dim, out_dim=2 * dim, kernel=1, activation="silu")
+        self.csp_rep1 = CSPRepLayer(in_dim=dim, out_dim=width, blocks=blocks, expansion=1.0)
+        self.conv2 = ConvNorm(in_dim=width, out_dim=width, kernel=3, activation="silu")
+        self.csp_rep2 = CSPRepLayer(in_dim=width, out_dim=width, blocks=blocks, expansion=1.0)
+        self.conv3 = ConvNorm(in_dim=width, out_dim=width, kernel=3, activation="silu")
+        self.conv4 = ConvNorm(in_dim=2 * dim + 2 * width, out_dim=dim, kernel=1,
+                              activation="silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves = list(self.conv1(x).chunk(2, 1))
+        first = self.conv2(self.csp_rep1(halves[-1]))
+        second = self.conv3(self.csp_rep2(first))
+        return self.conv4(torch.cat([*halves, first, second], 1))
+
+
+class SCDown(nn.Sequential):
+    """D-FINE's downsampling: 1x1 ConvNorm, then a depthwise 3x3 stride-2 ConvNorm."""
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(in_dim=dim, out_dim=dim, kernel=1)
+        self.conv2 = ConvNorm(in_dim=dim, out_dim=dim, kernel=3, stride=2, groups=dim)
+
+
+def csp_fusion(dim: int, blocks: int, expansion: float) -> dict:
+    """RT-DETR's CCFM parts: CSP blocks, SiLU laterals, 3x3 stride-2 ConvNorm downsampling."""
+    return {"fusion_block": lambda: CSPRepLayer(in_dim=2 * dim, out_dim=dim, blocks=blocks,
+                                                expansion=expansion),
+            "downsample": lambda: ConvNorm(in_dim=dim, out_dim=dim, kernel=3, stride=2,
+                                           activation="silu"),
+            "lateral_activation": "silu"}
+
+
+def elan_fusion(dim: int, blocks: int, expansion: float) -> dict:
+    """D-FINE's: RepNCSPELAN4 blocks (branches ``expansion * dim`` wide), SCDown, plain
+    laterals."""
+    return {"fusion_block": lambda: RepNCSPELAN4(dim=dim, width=round(expansion * dim),
+                                                 blocks=blocks),
+            "downsample": lambda: SCDown(dim=dim), "lateral_activation": None}
+
+
 class HybridEncoder(nn.Module):
-    """Backbone maps (fine to coarse) -> as many fused maps of width ``dim``."""
+    """Backbone maps (fine to coarse) -> as many fused maps of width ``dim``.
+
+    fusion_block / downsample: builders of the FPN and PAN blocks (2 dim -> dim) and of the
+    PAN's stride-2 downsampling; lateral_activation: the laterals' (RT-DETR: SiLU; D-FINE:
+    none). ``csp_fusion`` and ``elan_fusion`` give each family's.
+    """
 
     def __init__(self, *, in_channels: list[int], dim: int, aifi: dict[int, AIFI],
-                 csp_blocks: int, csp_expansion: float) -> None:
+                 fusion_block: Callable[[], nn.Module], downsample: Callable[[], nn.Module],
+                 lateral_activation: str | None) -> None:
         super().__init__()
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, dim, kernel_size=1, bias=False), FrozenBatchNorm2d(dim))
@@ -101,18 +158,12 @@ class HybridEncoder(nn.Module):
         self.aifi_levels = list(aifi)
         self.encoder = nn.ModuleList(aifi.values())
         n = len(in_channels) - 1
-
-        def csp() -> CSPRepLayer:
-            return CSPRepLayer(in_dim=2 * dim, out_dim=dim, blocks=csp_blocks,
-                               expansion=csp_expansion)
-
         self.lateral_convs = nn.ModuleList(
-            ConvNorm(in_dim=dim, out_dim=dim, kernel=1, activation="silu") for _ in range(n))
-        self.fpn_blocks = nn.ModuleList(csp() for _ in range(n))
-        self.downsample_convs = nn.ModuleList(
-            ConvNorm(in_dim=dim, out_dim=dim, kernel=3, stride=2, activation="silu")
+            ConvNorm(in_dim=dim, out_dim=dim, kernel=1, activation=lateral_activation)
             for _ in range(n))
-        self.pan_blocks = nn.ModuleList(csp() for _ in range(n))
+        self.fpn_blocks = nn.ModuleList(fusion_block() for _ in range(n))
+        self.downsample_convs = nn.ModuleList(downsample() for _ in range(n))
+        self.pan_blocks = nn.ModuleList(fusion_block() for _ in range(n))
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         maps = [proj(f) for proj, f in zip(self.input_proj, features, strict=True)]
