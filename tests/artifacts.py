@@ -266,6 +266,17 @@ def rt_detr_folder(folder: Path, variant: str) -> Artifact:
                     huggingface_reference(folder, type(model).__name__))
 
 
+def d_fine_folder(folder: Path, variant: str) -> Artifact:
+    """``save_pretrained`` of a transformers DFineForObjectDetection (D-FINE, DEIM):
+    model.safetensors (old key names, the decoder's heads once) + config.json."""
+    from test_convert_d_fine import VARIANTS, random_hf_model
+
+    model, _ = random_hf_model(**VARIANTS[variant])
+    model.save_pretrained(folder)
+    return Artifact(folder, "huggingface_d_fine",
+                    huggingface_reference(folder, type(model).__name__))
+
+
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
 
 RT_DETR_SMALL = DetectorConfig(
@@ -374,6 +385,8 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-rt-detr": lambda d: rt_detr_folder(d, "v1"),
     "huggingface-rt-detr-basic-blocks": lambda d: rt_detr_folder(d, "v1-basic-expansion"),
     "huggingface-rt-detr-v2": lambda d: rt_detr_folder(d, "v2"),
+    "huggingface-d-fine": lambda d: d_fine_folder(d, "s"),
+    "huggingface-d-fine-projected": lambda d: d_fine_folder(d, "plain-projected"),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
     "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),
 }
