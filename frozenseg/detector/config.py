@@ -60,6 +60,10 @@ class DetectorConfig:
                     ``aifi_levels``) then CCFM, a top-down and bottom-up fusion of the levels
                     by CSP blocks of RepVGG convolutions; its maps are ``encoder_dim`` wide and
                     the decoder reads them through 1x1 conv + batch norm projections.
+                    D-FINE's fuses with RepNCSPELAN4 / SCDown (``hybrid_fusion``).
+
+    Decoder: ``deformable`` (Deformable DETR's layers, every family but D-FINE) or ``fdr``
+    (D-FINE's Fine-grained Distribution Refinement, ``fdr.py``).
     """
 
     variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr", "d_fine"] = (

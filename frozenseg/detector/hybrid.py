@@ -10,6 +10,10 @@ summed, SiLU), added. Parameter names follow lyuwenyu/RT-DETR's ``HybridEncoder`
 (``input_proj``, ``encoder.i.layers.j``, ``lateral_convs``, ``fpn_blocks``,
 ``downsample_convs``, ``pan_blocks``).
 
+D-FINE's variant (``elan_fusion``) fuses with RepNCSPELAN4 blocks, downsamples with SCDown
+(1x1, then depthwise 3x3 stride 2) and has laterals without activation; their names are
+transformers' ``DFineHybridEncoder`` ones.
+
 Maps are (B, C, H, W); levels run from fine (stride 8) to coarse (stride 32). The encoder
 has no padding mask: as in RT-DETR, a padded batch is one canvas.
 """

@@ -1,9 +1,11 @@
 """The canonical deformable DETR: backbone, input projections, transformer, heads.
 
 One class covers Deformable DETR (single-stage, two-stage, box refinement),
-H-Deformable-DETR, DINO and RT-DETR (v1 and v2: a hybrid encoder under
+H-Deformable-DETR, DINO, RT-DETR (v1 and v2: a hybrid encoder under
 ``transformer.encoder``, whose maps reach the decoder through ``input_proj``, 1x1 conv +
-batch norm); :class:`DetectorConfig` says which. Parameter names
+batch norm) and D-FINE / DEIM (the hybrid encoder with ELAN fusion, and the FDR decoder of
+``fdr.py``, whose per-layer boxes come from distributions); :class:`DetectorConfig` says
+which. Parameter names
 follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
