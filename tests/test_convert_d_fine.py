@@ -31,6 +31,8 @@ VARIANTS = {
     "s": dict(backbone="lab"),
     "plain-projected": dict(backbone="plain", encoder_hidden_dim=48, hidden_expansion=0.5,
                             depth_mult=0.67),
+    # D-FINE-N's layout: two levels (strides 16 and 32), AIFI on the coarser.
+    "n-two-levels": dict(backbone="lab", levels=2),
     "bins-16": dict(backbone="lab", max_num_bins=16, reg_scale=8.0, up=0.25, lqe_hidden_dim=8,
                     top_prob_values=3, lqe_layers=3),
 }
@@ -41,13 +43,16 @@ def random_hf_model(backbone: str = "lab", **settings):
     torch.manual_seed(0)
     spec = BACKBONES[backbone]
     encoder_dim = settings.pop("encoder_hidden_dim", 32)
+    levels = settings.pop("levels", 3)
     config = transformers.DFineConfig(
         backbone_config=transformers.HGNetV2Config(
             **spec, hidden_sizes=spec["stage_out_channels"], depths=spec["stage_num_blocks"],
-            out_indices=[2, 3, 4]),
-        encoder_hidden_dim=encoder_dim, encoder_in_channels=spec["stage_out_channels"][1:],
-        encoder_ffn_dim=48, encoder_attention_heads=2, d_model=32,
-        decoder_in_channels=[encoder_dim] * 3, decoder_ffn_dim=64, decoder_layers=3,
+            out_indices=[2, 3, 4][3 - levels:]),
+        encoder_hidden_dim=encoder_dim,
+        encoder_in_channels=spec["stage_out_channels"][4 - levels:],
+        feat_strides=[8, 16, 32][3 - levels:], encode_proj_layers=[levels - 1],
+        num_feature_levels=levels, encoder_ffn_dim=48, encoder_attention_heads=2, d_model=32,
+        decoder_in_channels=[encoder_dim] * levels, decoder_ffn_dim=64, decoder_layers=3,
         decoder_attention_heads=2, num_queries=20, num_labels=5,
         **{"depth_mult": 0.34, "lqe_hidden_dim": 16, "max_num_bins": 8, **settings},
     )
