@@ -38,13 +38,14 @@ VARIANTS = {
 }
 
 
-def random_hf_model(backbone: str = "lab", **settings):
-    """A small random DFineForObjectDetection and its config as a dict (config.json)."""
+def random_hf_model(backbone: str = "lab", family: str = "DFine", **settings):
+    """A small random DFineForObjectDetection (or ``family="Deimv2"``: Deimv2...) and its
+    config as a dict (config.json)."""
     torch.manual_seed(0)
     spec = BACKBONES[backbone]
     encoder_dim = settings.pop("encoder_hidden_dim", 32)
     levels = settings.pop("levels", 3)
-    config = transformers.DFineConfig(
+    config = getattr(transformers, f"{family}Config")(
         backbone_config=transformers.HGNetV2Config(
             **spec, hidden_sizes=spec["stage_out_channels"], depths=spec["stage_num_blocks"],
             out_indices=[2, 3, 4][3 - levels:]),
@@ -56,15 +57,19 @@ def random_hf_model(backbone: str = "lab", **settings):
         decoder_attention_heads=2, num_queries=20, num_labels=5,
         **{"depth_mult": 0.34, "lqe_hidden_dim": 16, "max_num_bins": 8, **settings},
     )
-    model = transformers.DFineForObjectDetection(config)
+    model = getattr(transformers, f"{family}ForObjectDetection")(config)
     return perturb(lively(model)), config.to_dict()
 
 
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
 def test_converted_model_matches_transformers(variant):
-    hf, args = random_hf_model(**variant)
+    assert_matches_transformers(*random_hf_model(**variant), "huggingface_d_fine")
+
+
+def assert_matches_transformers(hf, args: dict, format: str) -> None:
+    """The converted ``hf`` gives transformers' decoder states, logits and boxes."""
     converted, report = convert_state_dict(hf.state_dict(), args=args)
-    assert report.format == "huggingface_d_fine" and report.ok, report.problem()
+    assert report.format == format and report.ok, report.problem()
     ours = build_detector(report.config).eval()
     ours.load_state_dict(converted, strict=True)
     with torch.no_grad():

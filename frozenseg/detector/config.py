@@ -98,8 +98,14 @@ class DetectorConfig:
     # offsets weighted by a function of fdr_up and fdr_reg_scale, refined layer on layer
     # from the first layer's box, and logits raised by a quality head (LQE: an MLP of
     # lqe_layers, lqe_hidden_dim wide, over each edge's lqe_top_k probabilities and mean).
-    hybrid_fusion: Literal["csp", "elan"] = "csp"
+    # DEIMv2 (HGNetV2 models): "elan5" fusion (RepNCSPELAN5, whose CSP blocks split one
+    # convolution, with a trailing 3x3 when csp_trailing_conv) on levels merged by a sum;
+    # decoder layers ("deimv2") with RMSNorm and a SwiGLU FFN, a gate or not
+    # (fdr_gateway), and a query_pos head of ref_point_layers, ref_point_hidden_dim wide
+    # (None: twice hidden_dim).
+    hybrid_fusion: Literal["csp", "elan", "elan5"] = "csp"
     hybrid_projections: bool = True
+    csp_trailing_conv: bool = True
     decoder: DecoderKind = "deformable"
     fdr_bins: int = 32
     fdr_reg_scale: float = 4.0
@@ -107,6 +113,10 @@ class DetectorConfig:
     lqe_top_k: int = 4
     lqe_hidden_dim: int = 64
     lqe_layers: int = 2
+    fdr_layer: Literal["d_fine", "deimv2"] = "d_fine"
+    fdr_gateway: bool = True
+    ref_point_layers: int = 2
+    ref_point_hidden_dim: int | None = None
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 300

@@ -31,32 +31,65 @@ from frozenseg.detector.transformer import ACTIVATIONS, MLP, inverse_sigmoid, ru
 from frozenseg.ops import MSDeformAttn
 
 
+def norm(style: str, dim: int) -> nn.Module:
+    """D-FINE's LayerNorm, or DEIMv2's RMSNorm (eps 1e-6)."""
+    return nn.LayerNorm(dim) if style == "d_fine" else nn.RMSNorm(dim, eps=1e-6)
+
+
 class Gate(nn.Module):
     """norm(g1 * residual + g2 * update), (g1, g2) = sigmoid(gate([residual, update]))."""
 
-    def __init__(self, *, dim: int) -> None:
+    def __init__(self, *, dim: int, style: str = "d_fine") -> None:
         super().__init__()
         self.gate = nn.Linear(2 * dim, 2 * dim)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = norm(style, dim)
 
     def forward(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         g1, g2 = self.gate(torch.cat([residual, update], -1)).sigmoid().chunk(2, -1)
         return self.norm(g1 * residual + g2 * update)
 
 
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), ``hidden_dim`` wide (DEIMv2's FFN)."""
+
+    def __init__(self, *, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim)
+        self.up_proj = nn.Linear(dim, hidden_dim)
+        self.down_proj = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class GatedDecoderLayer(nn.Module):
+    """style "d_fine": LayerNorms and a Linear-ReLU-Linear FFN (``linear1``, ``linear2``);
+    "deimv2": RMSNorms and a SwiGLU FFN (``mlp``). Without ``gateway`` (DEIMv2's option) the
+    cross-attention is added to its input and normed (``norm1``)."""
+
     def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int,
-                 activation: str = "relu") -> None:
+                 activation: str = "relu", style: str = "d_fine", gateway: bool = True) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = norm(style, dim)
         self.cross_attn = MSDeformAttn(d_model=dim, n_levels=levels, n_heads=heads,
                                        n_points=points, projections=False)
-        self.gateway = Gate(dim=dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.norm3 = nn.LayerNorm(dim)
+        if gateway:
+            self.gateway = Gate(dim=dim, style=style)
+        else:
+            self.norm1 = norm(style, dim)
+        if style == "d_fine":
+            self.linear1 = nn.Linear(dim, ffn_dim)
+            self.linear2 = nn.Linear(ffn_dim, dim)
+        else:
+            self.mlp = SwiGLU(dim=dim, hidden_dim=ffn_dim)
+        self.norm3 = norm(style, dim)
         self.activation = ACTIVATIONS[activation]
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "mlp"):
+            return self.mlp(x)
+        return self.linear2(self.activation(self.linear1(x)))
 
     def forward(self, tgt, query_pos, reference, memory, shapes, memory_mask,
                 self_attn_mask=None):
@@ -66,9 +99,9 @@ class GatedDecoderLayer(nn.Module):
                                               need_weights=False)[0])
         attended = self.cross_attn(tgt + query_pos, reference, memory, shapes, None,
                                    memory_mask)
-        tgt = self.gateway(tgt, attended)
-        tgt = tgt + self.linear2(self.activation(self.linear1(tgt)))
-        return self.norm3(tgt.clamp(min=-65504, max=65504))
+        tgt = (self.gateway(tgt, attended) if hasattr(self, "gateway")
+               else self.norm1(tgt + attended))
+        return self.norm3((tgt + self.ffn(tgt)).clamp(min=-65504, max=65504))
 
 
 class QualityHead(nn.Module):
@@ -113,13 +146,13 @@ def distance_to_box(origin: torch.Tensor, distance: torch.Tensor, reg_scale: flo
 
 
 class FDRDecoder(nn.Module):
-    """The layers, query_pos head, first-layer box head and quality heads (above)."""
+    """The layers, query_pos head (box -> C), first-layer box head and quality heads."""
 
-    def __init__(self, *, layers: list[GatedDecoderLayer], dim: int, bins: int,
-                 reg_scale: float, up: float, quality: list[QualityHead]) -> None:
+    def __init__(self, *, layers: list[GatedDecoderLayer], ref_point_head: MLP, dim: int,
+                 bins: int, reg_scale: float, up: float, quality: list[QualityHead]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.ref_point_head = MLP(in_dim=4, hidden_dim=2 * dim, out_dim=dim, num_layers=2)
+        self.ref_point_head = ref_point_head
         self.pre_bbox_head = MLP(in_dim=dim, hidden_dim=dim, out_dim=4, num_layers=3)
         self.lqe_layers = nn.ModuleList(quality)
         self.bins, self.reg_scale, self.up = bins, reg_scale, up

@@ -32,6 +32,7 @@ from frozenseg.detector.hybrid import (
     AttentionEncoderLayer,
     HybridEncoder,
     csp_fusion,
+    elan5_fusion,
     elan_fusion,
 )
 from frozenseg.detector.position import box_position_embedding, feature_position_embedding
@@ -120,9 +121,12 @@ def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
                         temperature=config.pos_temperature,
                         transposed_grid=config.aifi_transposed_grid)
             for level in config.aifi_levels}
-    fusion = {"csp": csp_fusion, "elan": elan_fusion}[config.hybrid_fusion]
+    fusion = (elan5_fusion(dim, config.csp_blocks, config.csp_expansion,
+                           config.csp_trailing_conv) if config.hybrid_fusion == "elan5" else
+              {"csp": csp_fusion, "elan": elan_fusion}[config.hybrid_fusion](
+                  dim, config.csp_blocks, config.csp_expansion))
     return HybridEncoder(in_channels=[channels[s] for s in config.backbone_levels], dim=dim,
-                         aifi=aifi, **fusion(dim, config.csp_blocks, config.csp_expansion))
+                         aifi=aifi, **fusion)
 
 
 def build_decoder(config: DetectorConfig) -> nn.Module:
@@ -132,8 +136,11 @@ def build_decoder(config: DetectorConfig) -> nn.Module:
         return FDRDecoder(
             layers=[GatedDecoderLayer(dim=c, ffn_dim=config.dim_feedforward,
                                       levels=config.num_feature_levels, heads=config.nheads,
-                                      points=config.dec_n_points)
+                                      points=config.dec_n_points, style=config.fdr_layer,
+                                      gateway=config.fdr_gateway)
                     for _ in range(config.dec_layers)],
+            ref_point_head=MLP(in_dim=4, hidden_dim=config.ref_point_hidden_dim or 2 * c,
+                               out_dim=c, num_layers=config.ref_point_layers),
             dim=c, bins=config.fdr_bins, reg_scale=config.fdr_reg_scale, up=config.fdr_up,
             quality=[QualityHead(bins=config.fdr_bins, top_k=config.lqe_top_k,
                                  hidden_dim=config.lqe_hidden_dim, layers=config.lqe_layers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from frozenseg.formats import (
     d_fine,
     deformable_detr,
+    deimv2,
     detrex,
     dino,
     h_deformable_detr,
@@ -17,7 +18,7 @@ from frozenseg.formats.base import CheckpointFormat, Renamed, StateDict
 FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
-                detrex.FORMAT, d_fine.FORMAT, rt_detr.FORMAT,
+                detrex.FORMAT, d_fine.FORMAT, deimv2.FORMAT, rt_detr.FORMAT,
                 rt_detr_official.FORMAT)
 }
 

@@ -66,7 +66,18 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     rt_detr.check_settings("D-FINE", args, ((SUPPORTED, "", "config"),
                                             (BACKBONE_SUPPORTED, "backbone_config",
                                              "backbone config")))
-    sd, notes = substitute_keys(state_dict, IN_MEMORY), []
+    sd = substitute_keys(state_dict, IN_MEMORY)
+    encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
+    return fdr_config(sd, args, "D-FINE", FIXED, "fc1", csp_expansion=sd[
+        "model.encoder.fpn_blocks.0.csp_rep1.conv1.conv.weight"].shape[0] / encoder_dim)
+
+
+def fdr_config(sd: StateDict, args: dict, family: str, fixed: dict, ffn: str, **fields
+               ) -> tuple[DetectorConfig, list[str]]:
+    """The config of a D-FINE-architecture model (transformers' D-FINE names): ``fixed`` and
+    ``fields`` (what the family derives itself) over what they share; ``ffn``: the decoder
+    FFN's first projection (its width is dim_feedforward)."""
+    notes: list[str] = []
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     backbone, widths = _backbone(sd)
     stages, levels = backbone_levels(sd, "model.encoder_input_proj.", widths)
@@ -86,20 +97,18 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
         raise ValueError(f"eval_idx={eval_idx} with {layers} decoder layers is not supported "
                          "(only the last layer's output)")
     if "model.denoising_class_embed.weight" not in sd:
-        raise ValueError("D-FINE without a denoising label embedding (num_denoising=0) is not "
-                         "supported: embedding given boxes needs it")
+        raise ValueError(f"{family} without a denoising label embedding (num_denoising=0) is "
+                         "not supported: embedding given boxes needs it")
     quality = sd["model.decoder.lqe_layers.0.reg_conf.layers.0.weight"]
+    shared = rt_detr.hybrid_fields(sd, args, levels, notes, NUM_POINTS_SCALE, ffn)
     config = DetectorConfig(
-        **{**FIXED, **rt_detr.hybrid_fields(sd, args, levels, notes, NUM_POINTS_SCALE)},
-        backbone=backbone, backbone_levels=stages,
+        **{**fixed, **shared}, backbone=backbone, backbone_levels=stages,
         csp_blocks=count_indexed(sd, "model.encoder.fpn_blocks.0.csp_rep1.bottlenecks."),
-        csp_expansion=sd["model.encoder.fpn_blocks.0.csp_rep1.conv1.conv.weight"].shape[0]
-        / encoder_dim,
         hybrid_projections=projections,
         fdr_bins=sd["model.decoder.bbox_embed.0.layers.2.weight"].shape[0] // 4 - 1,
         **{field: float(sd[key].reshape(-1)[0]) for key, field in CONSTANTS.items()},
         lqe_top_k=quality.shape[1] // 4 - 1, lqe_hidden_dim=quality.shape[0],
-        lqe_layers=count_indexed(sd, "model.decoder.lqe_layers.0.reg_conf.layers."),
+        lqe_layers=count_indexed(sd, "model.decoder.lqe_layers.0.reg_conf.layers."), **fields,
     )
     return config, notes
 

@@ -131,9 +131,10 @@ def check_settings(family: str, args: dict, tables: tuple[tuple[dict, str, str],
 
 
 def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
-                  points_scale: re.Pattern) -> dict:
+                  points_scale: re.Pattern, ffn: str = "fc1") -> dict:
     """The config fields RT-DETR and D-FINE derive alike (transformers' saved names): widths,
-    heads, layers, points, AIFI levels, queries, classes and the label embedding."""
+    heads, layers, points, AIFI levels, queries, classes and the label embedding. ``ffn``:
+    the decoder FFN's first projection, whose width is dim_feedforward."""
     c = sd["model.enc_output.0.weight"].shape[0]
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     heads = _heads(args, c, notes)
@@ -157,7 +158,7 @@ def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
         notes.append("eval_size / anchor_image_size set: frozenseg computes the position "
                      "embedding and anchors of every input size, as at that size")
     encoder_ffn = sd["model.encoder.encoder.0.layers.0.fc1.weight"].shape[0]
-    decoder_ffn = sd["model.decoder.layers.0.fc1.weight"].shape[0]
+    decoder_ffn = sd[f"model.decoder.layers.0.{ffn}.weight"].shape[0]
     return dict(
         query_init="mixed" if "model.weight_embedding.weight" in sd else "selected",
         hidden_dim=c, num_feature_levels=levels, nheads=heads,
