@@ -323,6 +323,27 @@ def detr_official_checkpoint(folder: Path, variant: str = "detr") -> Artifact:
             out = hf(pixel_values=images, pixel_mask=(~padding).long())
         return out.logits, out.pred_boxes
     return Artifact(path, variant, run, report.config)
+def d_fine_folder(folder: Path, variant: str, family: str = "d_fine") -> Artifact:
+    """``save_pretrained`` of a transformers DFineForObjectDetection (D-FINE, DEIM):
+    model.safetensors (old key names, the decoder's heads once) + config.json; or of a
+    Deimv2ForObjectDetection (``family="deimv2"``: in-memory names, a shared box head once)."""
+    import importlib
+
+    tests = importlib.import_module(f"test_convert_{family}")
+    model, _ = tests.random_hf_model(**tests.VARIANTS[variant])
+    model.save_pretrained(folder)
+    if family == "d_fine":
+        return Artifact(folder, "huggingface_d_fine",
+                        huggingface_reference(folder, type(model).__name__))
+
+    # transformers 5.25 reads a DEIMv2 folder with a shared box head back with that head
+    # re-initialised (the file holds it once, under the last layer's index): the reference
+    # is the model the folder was written from.
+    def run(images, padding):
+        with torch.no_grad():
+            out = model(pixel_values=images, pixel_mask=(~padding).long())
+        return out.logits, out.pred_boxes
+    return Artifact(folder, "huggingface_deimv2", run)
 
 
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
@@ -440,6 +461,11 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-dab-detr-timm": lambda d: detr_folder(d, "dab-detr-timm"),
     "detr-main": detr_official_checkpoint,
     "conditional-detr-main": lambda d: detr_official_checkpoint(d, "conditional_detr"),
+    "huggingface-d-fine": lambda d: d_fine_folder(d, "s"),
+    "huggingface-d-fine-projected": lambda d: d_fine_folder(d, "plain-projected"),
+    "huggingface-deimv2": lambda d: d_fine_folder(d, "n", "deimv2"),
+    "huggingface-deimv2-shared-box-head": lambda d: d_fine_folder(
+        d, "no-gate-shared-box-head-no-trailing-conv", "deimv2"),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
     "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),
 }

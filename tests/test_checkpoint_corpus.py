@@ -178,11 +178,16 @@ def test_a_hugging_face_config_names_the_classes(tmp_path):
     assert load_detector(tmp_path / "named").classes["names"] == ["a", "b", None, "d", "e"]
 
 
-@pytest.mark.parametrize(("setting", "value"), [("decoder_method", "discrete"),
-                                                ("decoder_offset_scale", 1.0)])
-def test_an_rt_detr_v2_setting_the_op_does_not_take_is_one_line(tmp_path, setting, value):
-    """RT-DETR v2's discrete sampling (or another offset scale): refused, naming it."""
-    artifact = CORPUS["huggingface-rt-detr-v2"](tmp_path / "v2")
+@pytest.mark.parametrize(("name", "setting", "value"), [
+    ("huggingface-rt-detr-v2", "decoder_method", "discrete"),
+    ("huggingface-rt-detr-v2", "decoder_offset_scale", 1.0),
+    ("huggingface-d-fine", "decoder_method", "discrete"),
+    ("huggingface-d-fine", "eval_idx", 1),
+])
+def test_a_setting_frozenseg_does_not_reproduce_is_one_line(tmp_path, name, setting, value):
+    """RT-DETR v2's and D-FINE's discrete sampling (or another offset scale, or D-FINE's
+    output from an earlier layer): refused, naming the file and the setting."""
+    artifact = CORPUS[name](tmp_path / "v2")
     config = json.loads((artifact.path / "config.json").read_text())
     (artifact.path / "config.json").write_text(json.dumps({**config, setting: value}))
     inspected = runner.invoke(app, ["inspect", str(artifact.path)])

@@ -87,7 +87,12 @@ def test_converted_model_matches_transformers(variant):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_top_k_ranks_as_the_post_processor(version):
     """FrozenDetector's top-K equals transformers' post_process_object_detection."""
-    hf, args = random_hf_model(version=version)
+    assert_ranks_as_the_post_processor(*random_hf_model(version=version))
+
+
+def assert_ranks_as_the_post_processor(hf, args: dict) -> None:
+    """The converted ``hf``'s FrozenDetector top 20 against RTDetrImageProcessor's (RT-DETR's
+    and D-FINE's post-processing): scores, labels, pixel boxes."""
     converted, report = convert_state_dict(hf.state_dict(), args=args)
     model = build_detector(report.config)
     model.load_state_dict(converted)

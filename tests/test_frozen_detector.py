@@ -8,7 +8,7 @@ import torch
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector, detector_input_size
 from frozenseg.detector.model import build_detector
-from frozenseg.formats import rt_detr
+from frozenseg.formats import d_fine, rt_detr
 
 VARIANTS = {
     "deformable-single-stage": dict(query_init="learned", box_refine=False),
@@ -17,6 +17,8 @@ VARIANTS = {
     "h-deformable-detr": dict(variant="h_deformable_detr", query_init="mixed", box_refine=True),
     "rt-detr": dict(rt_detr.FIXED, backbone={"name": "resnet_vd"}, num_feature_levels=3,
                     dn_labelbook_size=5),
+    "d-fine": dict(d_fine.FIXED, backbone={"name": "resnet_vd"}, num_feature_levels=3,
+                   dn_labelbook_size=5, csp_blocks=1, csp_expansion=0.5, fdr_bins=8),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
 EncoderKind = Literal["deformable", "hybrid", "plain"]
-DecoderKind = Literal["deformable", "plain", "conditional", "anchor"]
+DecoderKind = Literal["deformable", "fdr", "plain", "conditional", "anchor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,13 +60,18 @@ class DetectorConfig:
                     ``aifi_levels``) then CCFM, a top-down and bottom-up fusion of the levels
                     by CSP blocks of RepVGG convolutions; its maps are ``encoder_dim`` wide and
                     the decoder reads them through 1x1 conv + batch norm projections.
+                    D-FINE's fuses with RepNCSPELAN4 / SCDown (``hybrid_fusion``).
       ``plain``     DETR's (``plain.py``): standard multi-head self-attention over one stride-32
                     level (a 1x1 projection of the last backbone stage) with sine positions;
                     ``decoder`` then says which of the plain-attention decoders reads it.
+
+    Decoder: ``deformable`` (Deformable DETR's layers), ``fdr`` (D-FINE's Fine-grained
+    Distribution Refinement, ``fdr.py``), or one of the plain-attention decoders
+    (``plain``, ``conditional``, ``anchor``: below).
     """
 
-    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr", "detr",
-                     "conditional_detr", "dab_detr"] = "deformable_detr"
+    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr", "d_fine",
+                     "detr", "conditional_detr", "dab_detr"] = "deformable_detr"
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "resnet50"})
     hidden_dim: int = 256
     # Backbone stages (0..3 = strides 4..32) projected into the transformer; levels beyond
@@ -104,6 +109,32 @@ class DetectorConfig:
     # DETR: a softmax classifier with a last "no object" logit (num_classes + 1 outputs), one
     # detection per query; the others score every class by a sigmoid.
     no_object_class: bool = False
+    # D-FINE (and DEIM): the hybrid encoder fuses with RepNCSPELAN4 blocks (their branches
+    # csp_expansion * encoder width wide) and SCDown ("elan") instead of CSP blocks ("csp");
+    # its maps reach the decoder as they are when the widths agree (hybrid_projections off).
+    # The decoder is "fdr" (Fine-grained Distribution Refinement): gated cross-attention
+    # without value/output projections, boxes as distributions over fdr_bins + 1 edge
+    # offsets weighted by a function of fdr_up and fdr_reg_scale, refined layer on layer
+    # from the first layer's box, and logits raised by a quality head (LQE: an MLP of
+    # lqe_layers, lqe_hidden_dim wide, over each edge's lqe_top_k probabilities and mean).
+    # DEIMv2 (HGNetV2 models): "elan5" fusion (RepNCSPELAN5, whose CSP blocks split one
+    # convolution, with a trailing 3x3 when csp_trailing_conv) on levels merged by a sum;
+    # decoder layers ("deimv2") with RMSNorm and a SwiGLU FFN, a gate or not
+    # (fdr_gateway), and a query_pos head of ref_point_layers, ref_point_hidden_dim wide
+    # (None: twice hidden_dim).
+    hybrid_fusion: Literal["csp", "elan", "elan5"] = "csp"
+    hybrid_projections: bool = True
+    csp_trailing_conv: bool = True
+    fdr_bins: int = 32
+    fdr_reg_scale: float = 4.0
+    fdr_up: float = 0.5
+    lqe_top_k: int = 4
+    lqe_hidden_dim: int = 64
+    lqe_layers: int = 2
+    fdr_layer: Literal["d_fine", "deimv2"] = "d_fine"
+    fdr_gateway: bool = True
+    ref_point_layers: int = 2
+    ref_point_hidden_dim: int | None = None
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 300
@@ -147,12 +178,12 @@ class DetectorConfig:
         """DINO's (and RT-DETR's) box refinement lets a layer's box loss reach the previous
         layer's box head (through the reference it refined); Deformable DETR's stops it
         there. Only training sees the difference."""
-        return self.variant in ("dino", "rt_detr")
+        return self.variant in ("dino", "rt_detr", "d_fine")
 
     @property
     def has_label_enc(self) -> bool:
-        """Whether the model keeps a denoising label embedding (DINO, RT-DETR)."""
-        return self.variant in ("dino", "rt_detr")
+        """Whether the model keeps a denoising label embedding (DINO, RT-DETR, D-FINE)."""
+        return self.variant in ("dino", "rt_detr", "d_fine")
 
     @property
     def encoder_width(self) -> int:

@@ -18,12 +18,12 @@ class ConvNorm(nn.Module):
     """conv (k x k, stride, padding (k - 1) // 2, no bias) -> frozen batch norm -> activation."""
 
     def __init__(self, *, in_dim: int, out_dim: int, kernel: int, stride: int = 1,
-                 activation: str | None = None) -> None:
+                 groups: int = 1, activation: str | None = None) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation is {activation!r}; one of relu, silu, gelu or None")
         self.conv = nn.Conv2d(in_dim, out_dim, kernel, stride, padding=(kernel - 1) // 2,
-                              bias=False)
+                              groups=groups, bias=False)
         self.norm = FrozenBatchNorm2d(out_dim)
         self.act = ACTIVATIONS[activation]()
 

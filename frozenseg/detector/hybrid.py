@@ -10,11 +10,17 @@ summed, SiLU), added. Parameter names follow lyuwenyu/RT-DETR's ``HybridEncoder`
 (``input_proj``, ``encoder.i.layers.j``, ``lateral_convs``, ``fpn_blocks``,
 ``downsample_convs``, ``pan_blocks``).
 
+D-FINE's variant (``elan_fusion``) fuses with RepNCSPELAN4 blocks, downsamples with SCDown
+(1x1, then depthwise 3x3 stride 2) and has laterals without activation; their names are
+transformers' ``DFineHybridEncoder`` ones.
+
 Maps are (B, C, H, W); levels run from fine (stride 8) to coarse (stride 32). The encoder
 has no padding mask: as in RT-DETR, a padded batch is one canvas.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +94,115 @@ class CSPRepLayer(nn.Module):
         return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
 
 
+class RepNCSPELAN4(nn.Module):
+    """D-FINE's fusion block, (B, 2 dim, H, W) -> (B, dim, H, W): conv1 (1x1) splits into two
+    halves; the second goes through CSP block + 3x3 ConvNorm twice (``csp_rep1``, ``conv2``,
+    ``csp_rep2``, ``conv3``, ``width`` wide); both halves and both branch outputs are
+    concatenated and fused by conv4 (1x1). Names are transformers' ``DFineRepNCSPELAN4``."""
+
+    def __init__(self, *, dim: int, width: int, blocks: int) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(in_dim=2 * dim, out_dim=2 * dim, kernel=1, activation="silu")
+        self.csp_rep1 = CSPRepLayer(in_dim=dim, out_dim=width, blocks=blocks, expansion=1.0)
+        self.conv2 = ConvNorm(in_dim=width, out_dim=width, kernel=3, activation="silu")
+        self.csp_rep2 = CSPRepLayer(in_dim=width, out_dim=width, blocks=blocks, expansion=1.0)
+        self.conv3 = ConvNorm(in_dim=width, out_dim=width, kernel=3, activation="silu")
+        self.conv4 = ConvNorm(in_dim=2 * dim + 2 * width, out_dim=dim, kernel=1,
+                              activation="silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves = list(self.conv1(x).chunk(2, 1))
+        first = self.conv2(self.csp_rep1(halves[-1]))
+        second = self.conv3(self.csp_rep2(first))
+        return self.conv4(torch.cat([*halves, first, second], 1))
+
+
+class SCDown(nn.Sequential):
+    """D-FINE's downsampling: 1x1 ConvNorm, then a depthwise 3x3 stride-2 ConvNorm."""
+
+    def __init__(self, *, dim: int) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(in_dim=dim, out_dim=dim, kernel=1)
+        self.conv2 = ConvNorm(in_dim=dim, out_dim=dim, kernel=3, stride=2, groups=dim)
+
+
+class SplitCSPLayer(nn.Module):
+    """DEIMv2's CSP block, (B, in_dim, H, W) -> (B, out_dim, H, W): one 1x1 ConvNorm split
+    into a residual and a path through RepVGG blocks, added, then a 3x3 ConvNorm
+    (``trailing``) or nothing."""
+
+    def __init__(self, *, in_dim: int, out_dim: int, blocks: int, trailing: bool) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(in_dim=in_dim, out_dim=2 * out_dim, kernel=1, activation="silu")
+        self.bottlenecks = nn.Sequential(*[RepVggBlock(dim=out_dim) for _ in range(blocks)])
+        self.conv2 = (ConvNorm(in_dim=out_dim, out_dim=out_dim, kernel=3, activation="silu")
+                      if trailing else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual, path = self.conv1(x).chunk(2, 1)
+        return self.conv2(residual + self.bottlenecks(path))
+
+
+class RepNCSPELAN5(nn.Module):
+    """DEIMv2's fusion block, (B, dim, H, W) -> (B, dim, H, W): conv1 (1x1 to 2 dim) splits
+    into halves, the second through two CSP blocks in a chain (``width`` wide); the halves
+    and both CSP outputs, concatenated, are fused by conv2 (1x1)."""
+
+    def __init__(self, *, dim: int, width: int, blocks: int, trailing: bool) -> None:
+        super().__init__()
+        self.conv1 = ConvNorm(in_dim=dim, out_dim=2 * dim, kernel=1, activation="silu")
+        self.csp_rep1 = SplitCSPLayer(in_dim=dim, out_dim=width, blocks=blocks,
+                                      trailing=trailing)
+        self.csp_rep2 = SplitCSPLayer(in_dim=width, out_dim=width, blocks=blocks,
+                                      trailing=trailing)
+        self.conv2 = ConvNorm(in_dim=2 * dim + 2 * width, out_dim=dim, kernel=1,
+                              activation="silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves = list(self.conv1(x).chunk(2, 1))
+        first = self.csp_rep1(halves[-1])
+        return self.conv2(torch.cat([*halves, first, self.csp_rep2(first)], 1))
+
+
+def csp_fusion(dim: int, blocks: int, expansion: float) -> dict:
+    """RT-DETR's CCFM parts: CSP blocks, SiLU laterals, 3x3 stride-2 ConvNorm downsampling."""
+    return {"fusion_block": lambda: CSPRepLayer(in_dim=2 * dim, out_dim=dim, blocks=blocks,
+                                                expansion=expansion),
+            "downsample": lambda: ConvNorm(in_dim=dim, out_dim=dim, kernel=3, stride=2,
+                                           activation="silu"),
+            "lateral_activation": "silu"}
+
+
+def elan_fusion(dim: int, blocks: int, expansion: float) -> dict:
+    """D-FINE's: RepNCSPELAN4 blocks (branches ``expansion * dim`` wide), SCDown, plain
+    laterals."""
+    return {"fusion_block": lambda: RepNCSPELAN4(dim=dim, width=round(expansion * dim),
+                                                 blocks=blocks),
+            "downsample": lambda: SCDown(dim=dim), "lateral_activation": None}
+
+
+def elan5_fusion(dim: int, blocks: int, expansion: float, trailing: bool) -> dict:
+    """DEIMv2's: RepNCSPELAN5 blocks on levels merged by a sum, SCDown, plain laterals."""
+    return {"fusion_block": lambda: RepNCSPELAN5(dim=dim, width=round(expansion * dim),
+                                                 blocks=blocks, trailing=trailing),
+            "downsample": lambda: SCDown(dim=dim), "lateral_activation": None, "merge": "sum"}
+
+
 class HybridEncoder(nn.Module):
-    """Backbone maps (fine to coarse) -> as many fused maps of width ``dim``."""
+    """Backbone maps (fine to coarse) -> as many fused maps of width ``dim``.
+
+    fusion_block / downsample: builders of the FPN and PAN blocks (2 dim -> dim) and of the
+    PAN's stride-2 downsampling; lateral_activation: the laterals' (RT-DETR: SiLU; D-FINE:
+    none); merge: how a block's two inputs meet ("cat": concatenated, 2 dim wide; "sum":
+    added, DEIMv2's). ``csp_fusion``, ``elan_fusion`` and ``elan5_fusion`` give each
+    family's.
+    """
 
     def __init__(self, *, in_channels: list[int], dim: int, aifi: dict[int, AIFI],
-                 csp_blocks: int, csp_expansion: float) -> None:
+                 fusion_block: Callable[[], nn.Module], downsample: Callable[[], nn.Module],
+                 lateral_activation: str | None, merge: str = "cat") -> None:
         super().__init__()
+        self.merge = merge
         self.input_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, dim, kernel_size=1, bias=False), FrozenBatchNorm2d(dim))
             for c in in_channels
@@ -101,18 +210,12 @@ class HybridEncoder(nn.Module):
         self.aifi_levels = list(aifi)
         self.encoder = nn.ModuleList(aifi.values())
         n = len(in_channels) - 1
-
-        def csp() -> CSPRepLayer:
-            return CSPRepLayer(in_dim=2 * dim, out_dim=dim, blocks=csp_blocks,
-                               expansion=csp_expansion)
-
         self.lateral_convs = nn.ModuleList(
-            ConvNorm(in_dim=dim, out_dim=dim, kernel=1, activation="silu") for _ in range(n))
-        self.fpn_blocks = nn.ModuleList(csp() for _ in range(n))
-        self.downsample_convs = nn.ModuleList(
-            ConvNorm(in_dim=dim, out_dim=dim, kernel=3, stride=2, activation="silu")
+            ConvNorm(in_dim=dim, out_dim=dim, kernel=1, activation=lateral_activation)
             for _ in range(n))
-        self.pan_blocks = nn.ModuleList(csp() for _ in range(n))
+        self.fpn_blocks = nn.ModuleList(fusion_block() for _ in range(n))
+        self.downsample_convs = nn.ModuleList(downsample() for _ in range(n))
+        self.pan_blocks = nn.ModuleList(fusion_block() for _ in range(n))
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         maps = [proj(f) for proj, f in zip(self.input_proj, features, strict=True)]
@@ -129,11 +232,14 @@ class HybridEncoder(nn.Module):
             # the coarser one: the extra row or column is cropped (RT-DETR's own 640 x 640
             # inputs never meet it).
             upsampled = upsampled[..., : finer.shape[-2], : finer.shape[-1]]
-            inner.append(block(torch.cat([upsampled, finer], 1)))
+            inner.append(block(self._merge(upsampled, finer)))
         inner.reverse()  # fine to coarse
         # Bottom-up (PAN).
         outs = [inner[0]]
         for i, (down, block) in enumerate(zip(self.downsample_convs, self.pan_blocks,
                                               strict=True)):
-            outs.append(block(torch.cat([down(outs[-1]), inner[i + 1]], 1)))
+            outs.append(block(self._merge(down(outs[-1]), inner[i + 1])))
         return outs
+
+    def _merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b if self.merge == "sum" else torch.cat([a, b], 1)

@@ -1,9 +1,11 @@
 """The canonical deformable DETR: backbone, input projections, transformer, heads.
 
 One class covers Deformable DETR (single-stage, two-stage, box refinement),
-H-Deformable-DETR, DINO and RT-DETR (v1 and v2: a hybrid encoder under
+H-Deformable-DETR, DINO, RT-DETR (v1 and v2: a hybrid encoder under
 ``transformer.encoder``, whose maps reach the decoder through ``input_proj``, 1x1 conv +
-batch norm); :class:`DetectorConfig` says which. Parameter names
+batch norm) and D-FINE / DEIM (the hybrid encoder with ELAN fusion, and the FDR decoder of
+``fdr.py``, whose per-layer boxes come from distributions); :class:`DetectorConfig` says
+which. Parameter names
 follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
@@ -24,7 +26,15 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frozenseg.detector.config import DetectorConfig
-from frozenseg.detector.hybrid import AIFI, AttentionEncoderLayer, HybridEncoder
+from frozenseg.detector.fdr import FDRDecoder, GatedDecoderLayer, QualityHead
+from frozenseg.detector.hybrid import (
+    AIFI,
+    AttentionEncoderLayer,
+    HybridEncoder,
+    csp_fusion,
+    elan5_fusion,
+    elan_fusion,
+)
 from frozenseg.detector.position import box_position_embedding, feature_position_embedding
 from frozenseg.detector.transformer import (
     MLP,
@@ -111,9 +121,40 @@ def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
                         temperature=config.pos_temperature,
                         transposed_grid=config.aifi_transposed_grid)
             for level in config.aifi_levels}
+    fusion = (elan5_fusion(dim, config.csp_blocks, config.csp_expansion,
+                           config.csp_trailing_conv) if config.hybrid_fusion == "elan5" else
+              {"csp": csp_fusion, "elan": elan_fusion}[config.hybrid_fusion](
+                  dim, config.csp_blocks, config.csp_expansion))
     return HybridEncoder(in_channels=[channels[s] for s in config.backbone_levels], dim=dim,
-                         aifi=aifi, csp_blocks=config.csp_blocks,
-                         csp_expansion=config.csp_expansion)
+                         aifi=aifi, **fusion)
+
+
+def build_decoder(config: DetectorConfig) -> nn.Module:
+    """The decoder the config names: deformable (DINO's, RT-DETR's) or D-FINE's FDR."""
+    c = config.hidden_dim
+    if config.decoder == "fdr":
+        return FDRDecoder(
+            layers=[GatedDecoderLayer(dim=c, ffn_dim=config.dim_feedforward,
+                                      levels=config.num_feature_levels, heads=config.nheads,
+                                      points=config.dec_n_points, style=config.fdr_layer,
+                                      gateway=config.fdr_gateway)
+                    for _ in range(config.dec_layers)],
+            ref_point_head=MLP(in_dim=4, hidden_dim=config.ref_point_hidden_dim or 2 * c,
+                               out_dim=c, num_layers=config.ref_point_layers),
+            dim=c, bins=config.fdr_bins, reg_scale=config.fdr_reg_scale, up=config.fdr_up,
+            quality=[QualityHead(bins=config.fdr_bins, top_k=config.lqe_top_k,
+                                 hidden_dim=config.lqe_hidden_dim, layers=config.lqe_layers)
+                     for _ in range(config.dec_layers)])
+    return Decoder(
+        layers=[DecoderLayer(dim=c, ffn_dim=config.dim_feedforward,
+                             levels=config.num_feature_levels, heads=config.nheads,
+                             points=config.dec_n_points)
+                for _ in range(config.dec_layers)],
+        dim=c, norm=config.decoder_norm, ref_point_head=config.ref_point_head,
+        inverse_sigmoid_eps=config.inverse_sigmoid_eps,
+        look_forward_twice=config.look_forward_twice,
+        ref_point_input=config.ref_point_input,
+    )
 
 
 class DeformableTransformer(nn.Module):
@@ -125,16 +166,7 @@ class DeformableTransformer(nn.Module):
         if config.encoder == "deformable":
             self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, c))
         self.encoder = build_encoder(config, channels)
-        self.decoder = Decoder(
-            layers=[DecoderLayer(dim=c, ffn_dim=config.dim_feedforward,
-                                 levels=config.num_feature_levels, heads=config.nheads,
-                                 points=config.dec_n_points)
-                    for _ in range(config.dec_layers)],
-            dim=c, norm=config.decoder_norm, ref_point_head=config.ref_point_head,
-            inverse_sigmoid_eps=config.inverse_sigmoid_eps,
-            look_forward_twice=config.look_forward_twice,
-            ref_point_input=config.ref_point_input,
-        )
+        self.decoder = build_decoder(config)
         if not config.two_stage:
             self.reference_points = nn.Linear(c, 2)
             return
@@ -164,8 +196,11 @@ class DeformableDETR(nn.Module):
         self.class_embed = nn.ModuleList(
             nn.Linear(c, config.num_classes) for _ in range(config.dec_layers)
         )
+        # D-FINE's box heads predict a distribution over fdr_bins + 1 offsets per edge.
+        box_dim = 4 * (config.fdr_bins + 1) if config.decoder == "fdr" else 4
         self.bbox_embed = nn.ModuleList(
-            MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3) for _ in range(config.dec_layers)
+            MLP(in_dim=c, hidden_dim=c, out_dim=box_dim, num_layers=3)
+            for _ in range(config.dec_layers)
         )
 
     @property
@@ -202,6 +237,8 @@ class DeformableDETR(nn.Module):
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
         for projection in self.input_proj:
+            if isinstance(projection, nn.Identity):  # D-FINE's maps reach the decoder as is
+                continue
             nn.init.xavier_uniform_(projection[0].weight)
             if projection[0].bias is not None:
                 nn.init.zeros_(projection[0].bias)
@@ -209,6 +246,8 @@ class DeformableDETR(nn.Module):
     @staticmethod
     def _input_projections(config: DetectorConfig, channels: list[int]) -> list[nn.Module]:
         c = config.hidden_dim
+        if config.encoder == "hybrid" and not config.hybrid_projections:  # D-FINE's, same widths
+            return [nn.Identity() for _ in config.backbone_levels]
         if config.encoder == "hybrid":  # the decoder's: 1x1 conv + batch norm per encoder map
             return [nn.Sequential(nn.Conv2d(config.encoder_width, c, kernel_size=1, bias=False),
                                   FrozenBatchNorm2d(c))
@@ -267,6 +306,8 @@ class DeformableDETR(nn.Module):
 
     def decode(self, queries: Queries, encoded: Encoded) -> RawDetection:
         """Run the decoder from given queries and apply the heads to every layer."""
+        if self.config.decoder == "fdr":
+            return self._decode_fdr(queries, encoded)
         memory_mask, valid_ratios = self.decoder_view(encoded)
         states, references = self.transformer.decoder(
             queries.content, queries.reference, encoded.encoder_states[-1], memory_mask,
@@ -276,6 +317,18 @@ class DeformableDETR(nn.Module):
         logits = [head(s) for head, s in zip(self.class_embed, states, strict=True)]
         boxes = [self._box(head(s), ref)
                  for head, s, ref in zip(self.bbox_embed, states, references, strict=True)]
+        return RawDetection(logits=logits, boxes=boxes, decoder_states=states, encoded=encoded)
+
+    def _decode_fdr(self, queries: Queries, encoded: Encoded) -> RawDetection:
+        """D-FINE: the decoder gives each layer's boxes (from its distributions); the class
+        logits of a layer are raised by its quality head."""
+        decoder = self.transformer.decoder
+        memory_mask, _ = self.decoder_view(encoded)
+        states, boxes, corners = decoder(
+            queries.content, queries.reference, encoded.encoder_states[-1], memory_mask,
+            encoded.shapes, bbox_embed=self.bbox_embed)
+        logits = [quality(head(s), c) for head, quality, s, c in
+                  zip(self.class_embed, decoder.lqe_layers, states, corners, strict=True)]
         return RawDetection(logits=logits, boxes=boxes, decoder_states=states, encoded=encoded)
 
     def _box(self, delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from frozenseg.formats import (
+    d_fine,
     deformable_detr,
+    deimv2,
     detr,
     detrex,
     dino,
@@ -18,7 +20,7 @@ from frozenseg.formats.base import CheckpointFormat, Renamed, StateDict
 FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
-                detrex.FORMAT, rt_detr.FORMAT,
+                detrex.FORMAT, d_fine.FORMAT, deimv2.FORMAT, rt_detr.FORMAT,
                 rt_detr_official.FORMAT, *huggingface_detr.FORMATS, detr.FORMAT,
                 detr.CONDITIONAL_FORMAT)
 }

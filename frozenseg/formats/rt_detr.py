@@ -119,29 +119,24 @@ BACKBONE_SUPPORTED = {
 }
 
 
-def _check_args(args: dict) -> None:
-    for table, settings, what in ((SUPPORTED, args, "config"),
-                                  (BACKBONE_SUPPORTED, args.get("backbone_config") or {},
-                                   "backbone config")):
+def check_settings(family: str, args: dict, tables: tuple[tuple[dict, str, str], ...]) -> None:
+    """Every (table, sub-config, what) setting in ``args`` takes an accepted value, or
+    ValueError in one line: '<family> with <what> <name>=<value> is not supported'."""
+    for table, sub, what in tables:
+        settings = (args.get(sub) or {}) if sub else args
         for name, accepted in table.items():
             if name in settings and settings[name] not in accepted:
-                raise ValueError(f"RT-DETR with {what} {name}={settings[name]!r} is not "
+                raise ValueError(f"{family} with {what} {name}={settings[name]!r} is not "
                                  f"supported (supported: {', '.join(map(repr, accepted))})")
 
 
-def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
-    """Widths, depths, levels and classes from shapes; heads, queries and the AIFI levels
-    from config.json (passed as args)."""
-    _check_args(args)
-    sd, notes = substitute_keys(state_dict, IN_MEMORY), []
+def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
+                  points_scale: re.Pattern, ffn: str = "fc1") -> dict:
+    """The config fields RT-DETR and D-FINE derive alike (transformers' saved names): widths,
+    heads, layers, points, AIFI levels, queries, classes and the label embedding. ``ffn``:
+    the decoder FFN's first projection, whose width is dim_feedforward."""
     c = sd["model.enc_output.0.weight"].shape[0]
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
-    backbone, widths = _backbone(sd)
-    stages, levels = backbone_levels(sd, "model.encoder_input_proj.", widths)
-    feature_levels = count_indexed(sd, "model.decoder_input_proj.")
-    if feature_levels != levels:
-        raise ValueError(f"{feature_levels} decoder levels from {levels} encoder maps: only "
-                         "num_feature_levels equal to the encoder's maps is supported")
     heads = _heads(args, c, notes)
     if args.get("decoder_n_levels", levels) != levels:
         raise ValueError(f"decoder_n_levels={args['decoder_n_levels']} differs from the "
@@ -152,37 +147,54 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     if rest:
         raise ValueError(f"decoder attention weights are not a multiple of {heads} heads x "
                          f"{levels} levels")
-    check_points_scale(sd, N_POINTS_SCALE, points, levels)
+    check_points_scale(sd, points_scale, points, levels)
     aifi = tuple(args.get("encode_proj_layers", [levels - 1]))
     if len(aifi) != count_indexed(sd, "model.encoder.encoder."):
         raise ValueError(f"encode_proj_layers {list(aifi)} does not match the "
                          f"{count_indexed(sd, 'model.encoder.encoder.')} AIFI encoders saved")
     if "num_queries" not in args:
         notes.append("query count not saved (config.json num_queries): assumed 300")
+    if args.get("eval_size") or args.get("anchor_image_size"):
+        notes.append("eval_size / anchor_image_size set: frozenseg computes the position "
+                     "embedding and anchors of every input size, as at that size")
     encoder_ffn = sd["model.encoder.encoder.0.layers.0.fc1.weight"].shape[0]
-    decoder_ffn = sd["model.decoder.layers.0.fc1.weight"].shape[0]
-    csp_hidden = sd["model.encoder.fpn_blocks.0.conv1.conv.weight"].shape[0]
-    config = DetectorConfig(
-        **{**FIXED, "query_init": "mixed" if "model.weight_embedding.weight" in sd
-           else "selected"},
-        backbone=backbone, hidden_dim=c,
-        backbone_levels=stages, num_feature_levels=levels, nheads=heads,
+    decoder_ffn = sd[f"model.decoder.layers.0.{ffn}.weight"].shape[0]
+    return dict(
+        query_init="mixed" if "model.weight_embedding.weight" in sd else "selected",
+        hidden_dim=c, num_feature_levels=levels, nheads=heads,
         enc_layers=count_indexed(sd, "model.encoder.encoder.0.layers."),
         dec_layers=count_indexed(sd, "model.decoder.layers."),
         dim_feedforward=decoder_ffn,
         encoder_ffn_dim=None if encoder_ffn == decoder_ffn else encoder_ffn,
         encoder_dim=None if encoder_dim == c else encoder_dim, aifi_levels=aifi,
-        csp_blocks=count_indexed(sd, "model.encoder.fpn_blocks.0.bottlenecks."),
-        csp_expansion=csp_hidden / encoder_dim, dec_n_points=points,
-        num_queries=positive("num_queries", args.get("num_queries", 300)),
+        dec_n_points=points, num_queries=positive("num_queries", args.get("num_queries", 300)),
         num_classes=sd["model.enc_score_head.weight"].shape[0],
         pos_temperature=positive("positional_encoding_temperature",
                                  args.get("positional_encoding_temperature", 10000), float),
         dn_labelbook_size=sd["model.denoising_class_embed.weight"].shape[0] - 1,
     )
-    if args.get("eval_size") or args.get("anchor_image_size"):
-        notes.append("eval_size / anchor_image_size set: frozenseg computes the position "
-                     "embedding and anchors of every input size, as at that size")
+
+
+def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
+    """Widths, depths, levels and classes from shapes; heads, queries and the AIFI levels
+    from config.json (passed as args)."""
+    check_settings("RT-DETR", args, ((SUPPORTED, "", "config"),
+                                     (BACKBONE_SUPPORTED, "backbone_config", "backbone config")))
+    sd, notes = substitute_keys(state_dict, IN_MEMORY), []
+    encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
+    backbone, widths = _backbone(sd)
+    stages, levels = backbone_levels(sd, "model.encoder_input_proj.", widths)
+    feature_levels = count_indexed(sd, "model.decoder_input_proj.")
+    if feature_levels != levels:
+        raise ValueError(f"{feature_levels} decoder levels from {levels} encoder maps: only "
+                         "num_feature_levels equal to the encoder's maps is supported")
+    csp_hidden = sd["model.encoder.fpn_blocks.0.conv1.conv.weight"].shape[0]
+    config = DetectorConfig(
+        **{**FIXED, **hybrid_fields(sd, args, levels, notes, N_POINTS_SCALE)},
+        backbone=backbone, backbone_levels=stages,
+        csp_blocks=count_indexed(sd, "model.encoder.fpn_blocks.0.bottlenecks."),
+        csp_expansion=csp_hidden / encoder_dim,
+    )
     return config, notes
 
 
@@ -267,4 +279,6 @@ FORMAT = CheckpointFormat(
     ),
     derive_config=derive_config,
     rename=rename,
+    # D-FINE's keys include all of these: its gated decoder layers tell it apart.
+    refine_match=lambda sd: not any(".gateway." in key for key in sd),
 )

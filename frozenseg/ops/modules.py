@@ -20,8 +20,11 @@ from frozenseg.ops.levels import level_shapes, shapes_tensor
 
 class MSDeformAttn(nn.Module):
     def __init__(
-        self, *, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4
+        self, *, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+        projections: bool = True,
     ) -> None:
+        """``projections=False``: no value and output projections (D-FINE's decoder attends
+        to the memory itself and returns the sampled values as they are)."""
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -35,8 +38,8 @@ class MSDeformAttn(nn.Module):
         self.n_heads, self.n_points = n_heads, n_points
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.value_proj = nn.Linear(d_model, d_model) if projections else nn.Identity()
+        self.output_proj = nn.Linear(d_model, d_model) if projections else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -52,6 +55,8 @@ class MSDeformAttn(nn.Module):
         nn.init.constant_(self.attention_weights.weight, 0.0)
         nn.init.constant_(self.attention_weights.bias, 0.0)
         for proj in (self.value_proj, self.output_proj):
+            if isinstance(proj, nn.Identity):
+                continue
             nn.init.xavier_uniform_(proj.weight)
             nn.init.constant_(proj.bias, 0.0)
 

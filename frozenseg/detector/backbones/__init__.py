@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from frozenseg.detector.backbones.focalnet import build_focalnet
+from frozenseg.detector.backbones.hgnetv2 import HGNetV2
 from frozenseg.detector.backbones.resnet import ResNet
 from frozenseg.detector.backbones.resnet_vd import ResNetVd
 from frozenseg.detector.backbones.swin import build_swin
@@ -22,6 +23,7 @@ BUILDERS = {
     "resnet50": lambda: ResNet(depth=50),
     "resnet101": lambda: ResNet(depth=101),
     "resnet_vd": ResNetVd,  # RT-DETR's PResNet: block, depths, widths, stem
+    "hgnetv2": HGNetV2,  # D-FINE's and DEIM's: stem and per-stage widths, blocks, kernels
     "swin": build_swin,
     "focalnet": build_focalnet,
 }

@@ -1,0 +1,47 @@
+"""How close converted D-FINE and DEIMv2 models come to transformers' own outputs.
+
+For every variant of ``tests/test_convert_d_fine.py`` and ``tests/test_convert_deimv2.py``
+(small random-weight models with noise, no tied scores): convert the model's state dict,
+run both on the tests' two 96x128 images (fp32, CPU) and print the largest absolute
+difference of every decoder layer's state, the last layer's logits and its boxes. The
+tests require 1e-4.
+
+Run (from the repository root):
+    PYTHONPATH=.:tests python benchmarks/exactness_d_fine.py
+
+The output is a markdown table.
+"""
+
+from __future__ import annotations
+
+import test_convert_d_fine
+import test_convert_deimv2
+import torch
+from test_convert_rt_detr import images
+
+from frozenseg.convert import convert_state_dict
+from frozenseg.detector.model import build_detector
+
+
+def differences(hf, args: dict) -> tuple[float, float, float]:
+    converted, report = convert_state_dict(hf.state_dict(), args=args)
+    ours = build_detector(report.config).eval()
+    ours.load_state_dict(converted, strict=True)
+    with torch.no_grad():
+        expected = hf(pixel_values=images())
+        got = ours(images(), torch.zeros(2, 96, 128, dtype=torch.bool))
+    return ((torch.stack(got.decoder_states) - expected.intermediate_hidden_states).abs().max(),
+            (got.logits[-1] - expected.logits).abs().max(),
+            (got.boxes[-1] - expected.pred_boxes).abs().max())
+
+
+def main() -> None:
+    print("| family | variant | decoder states | logits | boxes |\n| --- | --- | --- | --- | --- |")
+    for family, tests in (("D-FINE", test_convert_d_fine), ("DEIMv2", test_convert_deimv2)):
+        for name, variant in tests.VARIANTS.items():
+            figures = differences(*tests.random_hf_model(**variant))
+            print(f"| {family} | {name} | " + " | ".join(f"{float(x):.1e}" for x in figures) + " |")
+
+
+if __name__ == "__main__":
+    main()

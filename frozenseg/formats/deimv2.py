@@ -1,0 +1,100 @@
+"""Hugging Face ``Deimv2ForObjectDetection`` folders with an HGNetV2 backbone (DEIMv2-N's kind).
+
+DEIMv2 is D-FINE's architecture (:mod:`frozenseg.formats.d_fine`, whose derivation this
+reuses) with: the backbone and its input projections under ``model.conv_encoder``;
+RepNCSPELAN5 fusion blocks (CSP blocks that split one convolution, with a trailing 3x3 or
+not) on levels merged by a sum; decoder layers with RMSNorm, a SwiGLU FFN and the gate or
+not; a three-layer query_pos head; optionally one box head shared by every layer (saved
+once, under one layer's index: copied to the others). transformers 5 saves DEIMv2 under
+its in-memory names. The DINOv3 models (a ViT with a spatial tuning adapter) and the
+"lite" encoder (Atto, Femto, Pico) are refused in one line.
+"""
+
+from __future__ import annotations
+
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.formats import d_fine, rt_detr
+from frozenseg.formats.base import (
+    CheckpointFormat,
+    Renamed,
+    StateDict,
+    count_indexed,
+    substitute_keys,
+)
+
+# DEIMv2's names -> D-FINE's (transformers' saved ones).
+TO_D_FINE = [
+    (r"^model\.conv_encoder\.model\.", "model.backbone.model."),
+    (r"^model\.conv_encoder\.encoder_input_proj\.(\d+)\.conv\.",
+     r"model.encoder_input_proj.\1.0."),
+    (r"^model\.conv_encoder\.encoder_input_proj\.(\d+)\.norm\.",
+     r"model.encoder_input_proj.\1.1."),
+    (r"^model\.decoder_input_proj\.(\d+)\.conv\.", r"model.decoder_input_proj.\1.0."),
+    (r"^model\.decoder_input_proj\.(\d+)\.norm\.", r"model.decoder_input_proj.\1.1."),
+    *d_fine.IN_MEMORY,
+]
+FIXED = {**d_fine.FIXED, "hybrid_fusion": "elan5", "fdr_layer": "deimv2"}
+SUPPORTED = {**d_fine.SUPPORTED, "encoder_fuse_op": ("sum",), "encoder_type": ("hybrid",)}
+BOX_HEAD = "model.decoder.bbox_embed."
+QUERY_POS = "model.decoder.query_pos_head.layers."
+
+
+def _in_d_fine_names(state_dict: StateDict) -> tuple[StateDict, list[tuple[str, str]]]:
+    """The state dict in D-FINE's names, a shared box head copied to every layer; and the
+    (key, how) of each copy."""
+    if any(k.startswith("model.conv_encoder.backbone.") for k in state_dict):
+        raise ValueError("DEIMv2 with a DINOv3 backbone (and its spatial tuning adapter) is "
+                         "not supported: only the HGNetV2 models")
+    if any(k.startswith("model.encoder.bi_fusion_conv.") for k in state_dict):
+        raise ValueError("DEIMv2 with encoder_type='lite' is not supported (supported: "
+                         "'hybrid')")
+    sd = substitute_keys(state_dict, TO_D_FINE)
+    layers = count_indexed(sd, "model.decoder.layers.")
+    saved = [i for i in range(layers) if f"{BOX_HEAD}{i}.layers.0.weight" in sd]
+    copies = []
+    if len(saved) == 1 and layers > 1:  # share_bbox_head: one module, saved once
+        source = f"{BOX_HEAD}{saved[0]}."
+        for key in [k for k in sd if k.startswith(source)]:
+            for i in set(range(layers)) - set(saved):
+                copy = f"{BOX_HEAD}{i}." + key[len(source):]
+                sd[copy] = sd[key]
+                copies.append((copy, f"the shared box head, saved as {key}"))
+    return sd, copies
+
+
+def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
+    """D-FINE's derivation, with the ELAN5 width and trailing convolution, the gate, the
+    query_pos head's depth and width, and the SwiGLU width from shapes."""
+    rt_detr.check_settings("DEIMv2", args, ((SUPPORTED, "", "config"),
+                                            (d_fine.BACKBONE_SUPPORTED, "backbone_config",
+                                             "backbone config")))
+    sd, _ = _in_d_fine_names(state_dict)
+    encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
+    csp = "model.encoder.fpn_blocks.0.csp_rep1."
+    return d_fine.fdr_config(
+        sd, args, "DEIMv2", FIXED, "mlp.gate_proj",
+        csp_expansion=sd[f"{csp}conv1.conv.weight"].shape[0] // 2 / encoder_dim,
+        csp_trailing_conv=f"{csp}conv2.conv.weight" in sd,
+        fdr_gateway="model.decoder.layers.0.gateway.gate.weight" in sd,
+        ref_point_layers=count_indexed(sd, QUERY_POS),
+        ref_point_hidden_dim=sd[f"{QUERY_POS}0.weight"].shape[0])
+
+
+def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
+    sd, copies = _in_d_fine_names(state_dict)
+    out = d_fine.rename(sd, config)
+    out.derived.extend(copies)
+    return out
+
+
+FORMAT = CheckpointFormat(
+    name="huggingface_deimv2",
+    description="Hugging Face Deimv2ForObjectDetection (HGNetV2 models)",
+    signature=(
+        r"^model\.conv_encoder\.",
+        r"^model\.enc_score_head\.weight$",
+        r"^model\.decoder\.lqe_layers\.0\.reg_conf\.layers\.0\.weight$",
+    ),
+    derive_config=derive_config,
+    rename=rename,
+)
