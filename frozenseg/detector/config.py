@@ -16,7 +16,7 @@ import torch
 
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
-EncoderKind = Literal["deformable", "hybrid"]
+EncoderKind = Literal["deformable", "hybrid", "fusion"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,10 +59,16 @@ class DetectorConfig:
                     ``aifi_levels``) then CCFM, a top-down and bottom-up fusion of the levels
                     by CSP blocks of RepVGG convolutions; its maps are ``encoder_dim`` wide and
                     the decoder reads them through 1x1 conv + batch norm projections.
+      ``fusion``    Grounding DINO's feature enhancer: before each deformable layer, image-text
+                    cross-attention and a text self-attention layer (``detector.grounding``).
+
+    Open vocabulary (Grounding DINO): ``text_encoder`` holds the BERT config of the text
+    backbone; the decoder layers then attend to the text and the class heads are dot
+    products with it, over ``max_text_len`` token slots.
     """
 
-    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr"] = (
-        "deformable_detr")
+    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr",
+                     "grounding_dino"] = "deformable_detr"
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "resnet50"})
     hidden_dim: int = 256
     # Backbone stages (0..3 = strides 4..32) projected into the transformer; levels beyond
@@ -118,6 +124,10 @@ class DetectorConfig:
     num_select: int = 100
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    # Grounding DINO: the BERT config of the text backbone (None: a closed-set detector)
+    # and the token slots of its class logits.
+    text_encoder: dict[str, Any] | None = None
+    max_text_len: int = 256
 
     @property
     def two_stage(self) -> bool:
@@ -129,6 +139,11 @@ class DetectorConfig:
         layer's box head (through the reference it refined); Deformable DETR's stops it
         there. Only training sees the difference."""
         return self.variant in ("dino", "rt_detr")
+
+    @property
+    def open_vocabulary(self) -> bool:
+        """Whether classes come from a text prompt (Grounding DINO)."""
+        return self.text_encoder is not None
 
     @property
     def has_label_enc(self) -> bool:

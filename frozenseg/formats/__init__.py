@@ -6,6 +6,7 @@ from frozenseg.formats import (
     deformable_detr,
     detrex,
     dino,
+    grounding_dino,
     h_deformable_detr,
     huggingface,
     rt_detr,
@@ -16,7 +17,7 @@ from frozenseg.formats.base import CheckpointFormat, Renamed, StateDict
 FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
-                detrex.FORMAT, rt_detr.FORMAT,
+                detrex.FORMAT, rt_detr.FORMAT, grounding_dino.FORMAT,
                 rt_detr_official.FORMAT)
 }
 
