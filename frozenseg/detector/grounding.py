@@ -88,6 +88,12 @@ class Prompt:
                 phrases.append((_join_wordpieces([words[j] for j in span]), span))
         return cls(text, torch.tensor(ids), torch.tensor(position), attention, phrases)
 
+    @classmethod
+    def probe(cls) -> Prompt:
+        """[CLS] one token [SEP], in any BERT vocabulary: to run a detector without its
+        tokenizer (the converter's check that the weights give finite outputs)."""
+        return cls.from_ids("probe", [101, 104, 102])
+
     @property
     def phrase_names(self) -> list[str]:
         return [name for name, _ in self.phrases]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats import huggingface
 from frozenseg.formats.base import (
@@ -26,6 +24,7 @@ from frozenseg.formats.base import (
     backbone_levels,
     check_duplicate,
     count_indexed,
+    merge_qkv,
     positive,
     substitute_keys,
 )
@@ -161,7 +160,7 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
     for key, tensor in sd.items():
         (heads if BOX_HEAD.match(key) else rest)[key] = tensor
     apply_rules(rest, RULES, out)
-    _merge_qkv(out)
+    merge_qkv(out, QKV, ("query", "key", "value"))
     _place_box_heads(heads, config, out)
     if "transformer.enc_out_bbox_embed.layers.0.weight" not in out.state_dict:
         for key, tensor in list(out.state_dict.items()):  # two_stage_bbox_embed_share
@@ -170,21 +169,6 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
                 out.state_dict[new] = tensor
                 out.derived.append((new, f"tied to {key}"))
     return out
-
-
-def _merge_qkv(out: Renamed) -> None:
-    """Separate query, key, value projections -> nn.MultiheadAttention's stacked in_proj."""
-    groups: dict[tuple[str, str], dict[str, str]] = {}
-    for key in list(out.state_dict):
-        if m := QKV.match(key):
-            groups.setdefault((m[1], m[3]), {})[m[2]] = key
-    targets = {}
-    for (prefix, kind), keys in groups.items():
-        target = f"{prefix}.in_proj_{kind}"
-        names = ("query", "key", "value")
-        out.state_dict[target] = torch.cat([out.state_dict.pop(keys[n]) for n in names])
-        targets.update({keys[n]: target for n in names})
-    out.renamed = [(source, targets.get(target, target)) for source, target in out.renamed]
 
 
 def _place_box_heads(heads: StateDict, config: DetectorConfig, out: Renamed) -> None:
