@@ -39,14 +39,24 @@ def tiny_vocab(folder: Path) -> dict[str, int]:
     return {t: i for i, t in enumerate((folder / "vocab.txt").read_text().split("\n")[:-1])}
 
 
-def random_hf_model():
-    """A small random GroundingDinoForObjectDetection (ResNet-50, a one-layer BERT),
-    with noise on every weight so no proposal ties."""
+BACKBONES = {
+    # window 2: transformers' Swin agrees with the official one on maps larger than the
+    # window (the 96 x 128 images' stride-32 map is 3 x 4)
+    "swin": lambda: transformers.SwinConfig(embed_dim=16, depths=[2, 2, 1, 1],
+                                            num_heads=[1, 2, 2, 4], window_size=2,
+                                            out_features=["stage2", "stage3", "stage4"]),
+    "resnet50": lambda: transformers.ResNetConfig(depths=[3, 4, 6, 3],
+                                                  out_features=["stage2", "stage3", "stage4"]),
+}
+
+
+def random_hf_model(backbone: str = "swin"):
+    """A small random GroundingDinoForObjectDetection (a tiny Swin or ResNet-50, a one-layer
+    BERT), with noise on every weight so no proposal ties."""
     torch.manual_seed(0)
     config = transformers.GroundingDinoConfig(
         use_timm_backbone=False, use_pretrained_backbone=False,
-        backbone_config=transformers.ResNetConfig(depths=[3, 4, 6, 3],
-                                                  out_features=["stage2", "stage3", "stage4"]),
+        backbone_config=BACKBONES[backbone](),
         text_config=transformers.BertConfig(vocab_size=1100, hidden_size=32,
                                             num_hidden_layers=1, num_attention_heads=2,
                                             intermediate_size=48, max_position_embeddings=64),
@@ -57,10 +67,10 @@ def random_hf_model():
     return perturb(transformers.GroundingDinoForObjectDetection(config))
 
 
-def grounding_folder(folder: Path):
+def grounding_folder(folder: Path, backbone: str = "swin"):
     """``save_pretrained`` of the model and of its GroundingDinoProcessor into one folder,
     as a user keeps them. Returns (the model, its processor)."""
-    model = random_hf_model()
+    model = random_hf_model(backbone)
     tokenizer = transformers.BertTokenizer(vocab=tiny_vocab(folder / "vocab"))
     processor = transformers.GroundingDinoProcessor(
         image_processor=transformers.GroundingDinoImageProcessor(), tokenizer=tokenizer)
@@ -94,8 +104,11 @@ def reference(model, processor, images, valid, prompt=PROMPT):
         return model(pixel_values=images, pixel_mask=valid, **text, output_hidden_states=True)
 
 
-def test_converted_model_matches_transformers(saved):
+@pytest.mark.parametrize("backbone", ["swin", pytest.param("resnet50", marks=pytest.mark.slow)])
+def test_converted_model_matches_transformers(saved, backbone):
     model, processor, _, _, _ = saved
+    if backbone != "swin":
+        model = random_hf_model(backbone)
     converted, report = convert_state_dict(model.state_dict(),
                                            args=model.config.to_dict())
     assert report.format == "huggingface_grounding_dino" and report.ok, report.problem()
@@ -153,7 +166,7 @@ def test_detector_folder_finds_what_the_prompt_names(saved):
     queries = torch.div(index, 3, rounding_mode="floor")
     boxes = expected.pred_boxes.gather(1, queries[..., None].expand(-1, -1, 4))
     torch.testing.assert_close(got.boxes[0], boxes[0], atol=1e-4, rtol=0)
-    assert got.memory.shape[-1] == 64 and got.c1.shape[1] == 256
+    assert got.memory.shape[-1] == 64 and got.c1.shape[1] == 16
     embedded = detector.embed_boxes([images[0]], [torch.tensor([[10.0, 10.0, 60.0, 50.0]])])
     assert embedded.queries.shape == (1, 1, 64) and 0 <= int(embedded.labels[0, 0]) < 3
 
@@ -187,7 +200,7 @@ def test_cli_export_and_predict_take_a_prompt(saved, tmp_path):
         "base": str(REPO_RECIPES / "ablations" / "table1_training_free.yaml"),
         "detector": {"path": str(out), "top_k": 5, "memory_layer": 1},
         "data": {"scale": 1.0, "num_workers": 0},
-        "head": {"fuse_c1": False}}))  # C1 (256 wide) is not the tiny detector's width
+        "head": {"fuse_c1": False}}))  # C1 (16 wide) is not the tiny detector's width
     runner = CliRunner()
     result = runner.invoke(app, ["export", "--recipe", str(recipe), "--images", str(images),
                                  "--out", str(tmp_path / "results.json"),

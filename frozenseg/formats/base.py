@@ -153,8 +153,10 @@ def sampling_points(state_dict: StateDict, heads: int, levels: int) -> dict[str,
     return points
 
 
-def merge_qkv(out: Renamed, pattern: re.Pattern, names: tuple[str, str, str]) -> None:
-    """Separate query, key, value projections -> nn.MultiheadAttention's stacked in_proj.
+def merge_qkv(out: Renamed, pattern: re.Pattern, names: tuple[str, str, str],
+              target: str = "{prefix}.in_proj_{kind}") -> None:
+    """Separate query, key, value projections -> one stacked tensor (nn.MultiheadAttention's
+    in_proj by default; ``target`` names it from the module prefix and weight|bias).
 
     ``pattern`` matches a renamed key as (module prefix, projection name, weight|bias);
     ``names`` are the projections' names in q, k, v order. The record of renames then
@@ -165,9 +167,9 @@ def merge_qkv(out: Renamed, pattern: re.Pattern, names: tuple[str, str, str]) ->
             groups.setdefault((m[1], m[3]), {})[m[2]] = key
     targets = {}
     for (prefix, kind), keys in groups.items():
-        target = f"{prefix}.in_proj_{kind}"
-        out.state_dict[target] = torch.cat([out.state_dict.pop(keys[n]) for n in names])
-        targets.update({keys[n]: target for n in names})
+        stacked = target.format(prefix=prefix, kind=kind)
+        out.state_dict[stacked] = torch.cat([out.state_dict.pop(keys[n]) for n in names])
+        targets.update({keys[n]: stacked for n in names})
     out.renamed = [(source, targets.get(target, target)) for source, target in out.renamed]
 
 

@@ -2,8 +2,12 @@
 
 The folder also holds what ``GroundingDinoProcessor.save_pretrained`` writes: the
 tokenizer files travel into the converted detector's ``tokenizer/`` folder
-(:func:`tokenizer_files`). The backbone is transformers' ResNet (mapped onto torchvision's
-names as for Deformable DETR); BERT keeps transformers' names under ``text_backbone.bert``.
+(:func:`tokenizer_files`). The backbone is transformers' Swin (mapped onto the official Swin's
+names: the released Grounding DINO models use Swin-T and Swin-B) or ResNet (onto
+torchvision's, as for Deformable DETR); BERT keeps transformers' names under
+``text_backbone.bert``. transformers' Swin shrinks its window (and stops shifting) on a
+stage map no larger than the window, where the official Swin pads: the two agree on
+images whose stride-32 map is larger than the window (over 224 px a side for window 7).
 transformers 5 saves the per-layer box heads, and the decoder's references to them, once
 when they are tied (``decoder_bbox_embed_share``): the missing ones are taken from the
 saved one.
@@ -11,9 +15,11 @@ saved one.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
+from frozenseg.detector.backbones.swin import relative_position_index, swin_config_from_state_dict
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats import huggingface
 from frozenseg.formats.base import (
@@ -59,6 +65,37 @@ RULES = [
     (r"^model\.(enc_output|enc_output_norm)\.", r"transformer.\1."),
     (r"^model\.encoder_output_bbox_embed\.", "transformer.enc_out_bbox_embed."),
 ]
+SWIN = r"^model\.backbone\.model\."
+SWIN_PATCHES = "model.backbone.model.embeddings.patch_embeddings.projection.weight"
+BLOCK = SWIN + r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+T_BLOCK = r"backbone.layers.\1.blocks.\2."
+SWIN_RULES = [
+    (SWIN + r"embeddings\.patch_embeddings\.projection\.", "backbone.patch_embed.proj."),
+    (SWIN + r"embeddings\.norm\.", "backbone.patch_embed.norm."),
+    (BLOCK + r"layernorm_before\.", T_BLOCK + "norm1."),
+    (BLOCK + r"layernorm_after\.", T_BLOCK + "norm2."),
+    (BLOCK + r"attention\.self\.", T_BLOCK + "attn."),  # query/key/value: stacked as qkv
+    (BLOCK + r"attention\.output\.dense\.", T_BLOCK + "attn.proj."),
+    (BLOCK + r"intermediate\.dense\.", T_BLOCK + "mlp.fc1."),
+    (BLOCK + r"output\.dense\.", T_BLOCK + "mlp.fc2."),
+    (SWIN + r"encoder\.layers\.(\d+)\.downsample\.", r"backbone.layers.\1.downsample."),
+    (SWIN + r"hidden_states_norms\.stage(\d)\.", lambda m: f"backbone.norm{int(m[1]) - 1}."),
+]
+# transformers 5 keeps its Swin in memory under new names (``swin.``, ``q_proj``, ``o_proj``,
+# ``mlp.fc1``) and saves it under the old ones; both are read, as the old ones.
+SWIN_IN_MEMORY = [
+    (r"^model\.backbone\.model\.swin\.(embeddings|encoder)\.", r"model.backbone.model.\1."),
+    *[(r"(blocks\.\d+\.attention\.)" + short + r"_proj\.", r"\1self." + long + ".")
+      for short, long in (("q", "query"), ("k", "key"), ("v", "value"))],
+    (r"(blocks\.\d+\.attention\.)o_proj\.", r"\1output.dense."),
+    (r"(blocks\.\d+\.attention\.)relative_position_bias\.", r"\1self."),
+    (r"(blocks\.\d+\.)mlp\.fc1\.", r"\1intermediate.dense."),
+    (r"(blocks\.\d+\.)mlp\.fc2\.", r"\1output.dense."),
+]
+# The Swin model's final norm, which the backbone's stage outputs never pass through.
+SWIN_UNUSED = re.compile(SWIN + r"swin\.layernorm\.")
+SWIN_QKV = re.compile(r"^(backbone\.layers\.\d+\.blocks\.\d+\.attn)\.(query|key|value)\."
+                      r"(weight|bias)$")
 QKV = re.compile(r"^(.*\.(?:self_attn|text_cross_attn))\.(query|key|value)\.(weight|bias)$")
 BOX_HEAD = re.compile(r"^(model\.decoder\.)?bbox_embed\.(\d+)\.(.*)$")
 
@@ -85,10 +122,10 @@ def _check_args(args: dict) -> None:
             if name in settings and settings[name] not in allowed:
                 raise ValueError(f"{what} {name}={settings[name]!r} is not supported "
                                  f"(frozenseg reproduces {allowed[0]!r})")
-    backbone = (args.get("backbone_config") or {}).get("model_type", "resnet")
-    if args.get("use_timm_backbone") or backbone != "resnet":
+    backbone = (args.get("backbone_config") or {}).get("model_type", "swin")
+    if args.get("use_timm_backbone") or backbone not in ("resnet", "swin"):
         raise ValueError(f"the {'timm' if args.get('use_timm_backbone') else backbone} "
-                         "backbone is not supported yet: only transformers' ResNet")
+                         "backbone is not supported yet: only transformers' Swin and ResNet")
 
 
 def _bert_config(sd: StateDict, args: dict) -> dict:
@@ -113,7 +150,7 @@ def _bert_config(sd: StateDict, args: dict) -> dict:
 
 def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
     """Shapes give widths, depths, levels and points; config.json the rest."""
-    sd, notes = substitute_keys(state_dict, huggingface.V4_TO_V5[:1]), []
+    sd, notes = _saved_names(state_dict), []
     _check_args(args)
     levels, c = sd["model.level_embed"].shape
     heads = args.get("encoder_attention_heads")
@@ -128,10 +165,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
               // (heads * levels)
               for part, attn in (("encoder", "deformable_layer.self_attn"),
                                  ("decoder", "encoder_attn"))]
-    depth = {6: 50, 23: 101}.get(huggingface._resnet_blocks(sd))
-    if depth is None:
-        raise ValueError("unsupported ResNet backbone: only ResNet-50 and ResNet-101")
-    stages, levels = backbone_levels(sd, "model.input_proj_vision.", [256, 512, 1024, 2048])
+    backbone, widths = _backbone(sd)
+    stages, levels = backbone_levels(sd, "model.input_proj_vision.", widths)
     learned = "model.query_position_embeddings.weight" in sd
     if "num_queries" not in args and not learned:
         notes.append("query count not saved (config.json num_queries): assumed 900")
@@ -139,7 +174,7 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
                    else positive("num_queries", args.get("num_queries", 900)))
     max_text_len = positive("max_text_len", args.get("max_text_len", 256))
     config = DetectorConfig(
-        **FIXED, backbone={"name": f"resnet{depth}"}, hidden_dim=c, backbone_levels=stages,
+        **FIXED, backbone=backbone, hidden_dim=c, backbone_levels=stages,
         num_feature_levels=levels, nheads=heads,
         enc_layers=count_indexed(sd, "model.encoder.layers."),
         dec_layers=count_indexed(sd, "model.decoder.layers."),
@@ -154,11 +189,51 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     return config, notes
 
 
+def _backbone(sd: StateDict) -> tuple[dict, list[int]]:
+    """The backbone spec and its four stage widths, from the backbone's keys and shapes."""
+    if SWIN_PATCHES in sd:
+        renamed = Renamed()
+        _rename_swin({k: v for k, v in sd.items() if re.match(SWIN, k)}, renamed)
+        spec = swin_config_from_state_dict({k.removeprefix("backbone."): v
+                                            for k, v in renamed.state_dict.items()})
+        return {"name": "swin", **spec}, [spec["embed_dim"] * 2**i for i in range(4)]
+    depth = {6: 50, 23: 101}.get(huggingface._resnet_blocks(sd))
+    if depth is None:
+        raise ValueError("unsupported ResNet backbone: only ResNet-50 and ResNet-101")
+    return {"name": f"resnet{depth}"}, [256, 512, 1024, 2048]
+
+
+def _rename_swin(backbone: StateDict, out: Renamed) -> None:
+    """transformers' Swin -> the official names: query, key, value stacked as qkv, and the
+    relative position index (transformers does not save it) computed from the window."""
+    apply_rules(backbone, SWIN_RULES, out)
+    merge_qkv(out, SWIN_QKV, ("query", "key", "value"), "{prefix}.qkv.{kind}")
+    for key, table in list(out.state_dict.items()):
+        if key.endswith(".relative_position_bias_table"):
+            window = (math.isqrt(table.shape[0]) + 1) // 2
+            index = key.replace("_bias_table", "_index")
+            out.state_dict[index] = relative_position_index(window)
+            out.derived.append((index, f"computed for window {window}"))
+
+
+def _saved_names(state_dict: StateDict) -> StateDict:
+    """The keys as transformers 5 saves them, with the backbone under model.backbone.model."""
+    return substitute_keys(state_dict, [*huggingface.V4_TO_V5[:1], *SWIN_IN_MEMORY])
+
+
 def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
-    sd, out = substitute_keys(state_dict, huggingface.V4_TO_V5[:1]), Renamed()
-    heads, rest = {}, {}
+    sd, out = _saved_names(state_dict), Renamed()
+    heads, rest, swin = {}, {}, {}
     for key, tensor in sd.items():
-        (heads if BOX_HEAD.match(key) else rest)[key] = tensor
+        if SWIN_UNUSED.match(key):
+            out.dropped.append((key, "Swin's final norm, unused by its backbone"))
+        elif BOX_HEAD.match(key):
+            heads[key] = tensor
+        elif config.backbone["name"] == "swin" and re.match(SWIN, key):
+            swin[key] = tensor
+        else:
+            rest[key] = tensor
+    _rename_swin(swin, out)
     apply_rules(rest, RULES, out)
     merge_qkv(out, QKV, ("query", "key", "value"))
     _place_box_heads(heads, config, out)
