@@ -67,26 +67,18 @@ class Prompt:
         phrase with no "." before [SEP]) keeps only itself, at position 0."""
         n = len(ids)
         ends = [i for i, t in enumerate(ids) if t in PHRASE_ENDS]
-        block_end = [next((e for e in ends if e >= i), n) for i in range(n)]
-        valid = [e not in (0, n - 1, n) for e in block_end]
-        start, position = [0] * n, [0] * n
-        previous = -1
-        for i, token in enumerate(ids):
-            start[i] = previous
-            if token in PHRASE_ENDS:
-                previous = i
-        attention = torch.eye(n, dtype=torch.bool)
-        for i in range(n):
-            if valid[i]:
-                position[i] = i - start[i] - 1
-                attention[i] |= torch.tensor([valid[j] and block_end[j] == block_end[i]
-                                              for j in range(n)])
-        phrases, words = [], tokens or [str(t) for t in ids]
-        for i in range(n):
-            if ids[i] not in PHRASE_ENDS and (i == 0 or ids[i - 1] in PHRASE_ENDS):
-                span = [j for j in range(i, next((e for e in ends if e > i), n))]
-                phrases.append((_join_wordpieces([words[j] for j in span]), span))
-        return cls(text, torch.tensor(ids), torch.tensor(position), attention, phrases)
+        closing = torch.tensor([next((e for e in ends if e >= i), n) for i in range(n)])
+        opening = torch.tensor([max((e for e in ends if e < i), default=-1) for i in range(n)])
+        inside = (closing != 0) & (closing != n - 1) & (closing != n)
+        same_block = (closing[:, None] == closing[None]) & inside[:, None]
+        attention = torch.eye(n, dtype=torch.bool) | same_block
+        position = torch.where(inside, torch.arange(n) - opening - 1, 0)
+        words = tokens or [str(t) for t in ids]
+        starts = [i for i, t in enumerate(ids)
+                  if t not in PHRASE_ENDS and (i == 0 or ids[i - 1] in PHRASE_ENDS)]
+        spans = [list(range(i, int(closing[i]))) for i in starts]
+        phrases = [(_join_wordpieces([words[j] for j in span]), span) for span in spans]
+        return cls(text, torch.tensor(ids), position, attention, phrases)
 
     @classmethod
     def probe(cls) -> Prompt:
