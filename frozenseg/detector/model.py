@@ -3,7 +3,10 @@
 One class covers Deformable DETR (single-stage, two-stage, box refinement),
 H-Deformable-DETR, DINO and RT-DETR (v1 and v2: a hybrid encoder under
 ``transformer.encoder``, whose maps reach the decoder through ``input_proj``, 1x1 conv +
-batch norm); :class:`DetectorConfig` says which. Parameter names
+batch norm) and Grounding DINO (open vocabulary: a BERT ``text_backbone``, a fusion encoder,
+text cross-attention in the decoder layers and dot-product class heads, from
+``detector/grounding.py``; the prompt travels in ``Encoded.text``); :class:`DetectorConfig`
+says which. Parameter names
 follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
