@@ -5,8 +5,9 @@ The prompt is one string of phrases separated by " . " ("cat . dog ."). It is to
 once (:class:`Prompt`), BERT reads it with attention kept inside each phrase and position
 ids restarting at each phrase (Grounding DINO's "sub-sentence" masking), and a linear layer
 projects it to the detector's width. Each encoder layer then runs, in order, a bidirectional
-image-text cross-attention (:class:`FusionLayer`), a text self-attention layer
-(:class:`TextEnhancerLayer`) and the usual deformable self-attention layer; each decoder
+image-text cross-attention (:class:`FusionLayer`), a text self-attention layer (the
+sine position of each token in its phrase on queries and keys, attention kept inside
+phrases) and the usual deformable self-attention layer; each decoder
 layer attends to the text between its self-attention and its deformable cross-attention.
 Class logits are ``queries @ text.T`` over the tokens (``-inf`` outside the text, padded to
 ``max_text_len``); :meth:`Prompt.phrase_logits` turns them into one class per phrase.
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frozenseg.detector.hybrid import AttentionEncoderLayer
 from frozenseg.detector.position import box_position_embedding
 from frozenseg.detector.transformer import DecoderLayer, Encoder, EncoderLayer, run_layer
 
@@ -197,26 +199,6 @@ class FusionLayer(nn.Module):
         return vision + self.vision_param * dv, text + self.text_param * dt
 
 
-class TextEnhancerLayer(nn.Module):
-    """Text self-attention (sine position of each token in its phrase on queries and keys,
-    attention kept inside phrases) -> add & norm -> FFN -> add & norm."""
-
-    def __init__(self, *, dim: int, ffn_dim: int, heads: int) -> None:
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-
-    def forward(self, text, pos, blocked):
-        """text, pos (B, T, C); blocked (T, T) bool, True where token i may not see j."""
-        q = k = text + pos
-        text = self.norm1(text + self.self_attn(q, k, text, attn_mask=blocked,
-                                                need_weights=False)[0])
-        return self.norm2(text + self.linear2(F.relu(self.linear1(text))))
-
-
 class FusionEncoderLayer(nn.Module):
     """Fusion, then the text enhancer on the fused text, then the deformable layer on the
     fused image."""
@@ -224,8 +206,9 @@ class FusionEncoderLayer(nn.Module):
     def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int) -> None:
         super().__init__()
         self.fusion_layer = FusionLayer(width=dim, dim=ffn_dim // 2, heads=heads // 2)
-        self.text_enhancer_layer = TextEnhancerLayer(dim=dim, ffn_dim=ffn_dim // 2,
-                                                     heads=heads // 2)
+        # text self-attention, attention kept inside each phrase, relu FFN
+        self.text_enhancer_layer = AttentionEncoderLayer(dim=dim, ffn_dim=ffn_dim // 2,
+                                                         heads=heads // 2, activation="relu")
         self.deformable_layer = EncoderLayer(dim=dim, ffn_dim=ffn_dim, levels=levels,
                                              heads=heads, points=points)
 
