@@ -262,7 +262,9 @@ def convert(
         _print_report(report)
         from frozenseg.detector.folder import CONFIG_FILE, WEIGHTS_FILE
 
-        console.print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}",
+        tokenizer = f" (+ the prompt tokenizer, {out / 'tokenizer'})" if (
+            report.config.open_vocabulary) else ""
+        console.print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}{tokenizer}",
                       highlight=False, soft_wrap=True, markup=False)
 
 

@@ -217,6 +217,12 @@ def test_cli_export_and_predict_take_a_prompt(saved, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_convert_help_lists_the_format():
+def test_convert_lists_the_format_and_writes_the_tokenizer(saved, tmp_path):
     result = CliRunner().invoke(app, ["convert", "--help"], terminal_width=200)
     assert "huggingface_grounding_dino" in " ".join(result.output.split())
+    _, _, folder, _, _ = saved
+    result = CliRunner().invoke(app, ["convert", "--detector", str(folder), "--out",
+                                      str(tmp_path / "cli")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "huggingface_grounding_dino" in result.output and "tokenizer" in result.output
+    assert (tmp_path / "cli" / "tokenizer" / "tokenizer_config.json").is_file()
