@@ -211,7 +211,8 @@ def _print_report(report) -> None:
 FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable_detr, "
                "h_deformable_detr, detrex_dino, huggingface, rt_detr, huggingface_rt_detr, "
                "detr, conditional_detr, huggingface_detr, huggingface_conditional_detr, "
-               "huggingface_dab_detr, huggingface_d_fine (D-FINE, DEIM), huggingface_deimv2.")
+               "huggingface_dab_detr, huggingface_d_fine (D-FINE, DEIM), huggingface_deimv2, "
+               "huggingface_grounding_dino (open vocabulary: its tokenizer files beside it).")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
     "detrex's config.yaml); overrides ckpt['args']."
@@ -263,7 +264,9 @@ def convert(
         _print_report(report)
         from frozenseg.detector.folder import CONFIG_FILE, WEIGHTS_FILE
 
-        console.print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}",
+        tokenizer = f" (+ the prompt tokenizer, {out / 'tokenizer'})" if (
+            report.config.open_vocabulary) else ""
+        console.print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE}{tokenizer}",
                       highlight=False, soft_wrap=True, markup=False)
 
 
@@ -669,6 +672,23 @@ _DETECTOR_OPTION = typer.Option(None, "--detector", help="The converted detector
                                 "(default: the one the head was trained with).")
 _RECIPE_OPTION = typer.Option(None, "--recipe", help="Use this recipe instead of the head's "
                               "(needed for the training-free baseline).")
+_PROMPT_OPTION = typer.Option(None, "--prompt", help="Open vocabulary (Grounding DINO): what to "
+                              "find, phrases separated by ' . ', e.g. \"cat . dog .\"; each "
+                              "phrase is a class.")
+
+
+def _apply_prompt(detector, prompt: str | None) -> None:
+    """Give an open-vocabulary detector its prompt; refuse a missing one, or one for a
+    detector with a fixed set of classes."""
+    if prompt is None:
+        if detector.config.open_vocabulary:
+            _fail("--prompt is needed: Grounding DINO finds what a prompt names, e.g. "
+                  "--prompt \"cat . dog .\"")
+        return
+    if not detector.config.open_vocabulary:
+        _fail(f"--prompt is for an open-vocabulary detector (Grounding DINO); this "
+              f"{detector.config.variant} detector has a fixed set of classes")
+    detector.set_prompt(prompt)
 
 
 def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
@@ -747,6 +767,7 @@ def export(
     width: int = typer.Option(None, "--width", help="ONNX: the input width traced."),
     dynamic: bool = typer.Option(False, "--dynamic", help="ONNX: any input size."),
     recipe: Path = _RECIPE_OPTION,
+    prompt: str = _PROMPT_OPTION,
 ) -> None:
     """Masks for a detector's predictions, or for any detector's boxes, as COCO results."""
     from frozenseg.detector.classes import classes_for
@@ -755,6 +776,9 @@ def export(
     if format not in ("json", "onnx"):
         _fail(f"--format {format}: expected json or onnx")
     model = _trained(head, recipe, detector)
+    _apply_prompt(model.detector, prompt)
+    if format == "onnx" and prompt is not None:
+        _fail("--format onnx: Grounding DINO's text side is not exported; use json")
     if format == "onnx":
         _export_onnx(model.detector, model.head, out, height, width, dynamic)
         return
@@ -814,12 +838,14 @@ def predict(
                                  "under this up to 4x larger (0: at their own size); the json "
                                  "keeps the image's pixels."),
     recipe: Path = _RECIPE_OPTION,
+    prompt: str = _PROMPT_OPTION,
 ) -> None:
     """Overlay PNGs (masks, edges, boxes, labels, scores) and a json per image."""
     from frozenseg.detector.classes import classes_for
     from frozenseg.head.overlay import predict_overlays
 
     model = _trained(head, recipe, detector)
+    _apply_prompt(model.detector, prompt)
     dataset = _images(images, None, model.recipe.data.scale)
     classes, names = classes_for(model.detector.classes, dataset.category_ids,
                                  dataset.category_names)

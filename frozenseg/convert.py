@@ -230,15 +230,22 @@ def _prove(state_dict: StateDict, report: ConversionReport, path: Path
     from frozenseg.detector.model import build_detector
 
     model = build_detector(report.config).eval()
+    text = {}
+    if report.config.open_vocabulary:
+        from frozenseg.detector.grounding import Prompt
+
+        text = {"prompt": Prompt.probe()}
     try:
         model.load_state_dict(state_dict, strict=True)
         with torch.no_grad():
             image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
-            out = model(image, torch.zeros(1, 64, 96, dtype=torch.bool))
+            out = model(image, torch.zeros(1, 64, 96, dtype=torch.bool), **text)
     except (RuntimeError, ValueError) as err:
         raise ConversionError(f"{path}: the converted detector does not run "
                               f"({_one_line(err)})") from None
-    if not (out.logits[-1].isfinite().all() and out.boxes[-1].isfinite().all()):
+    logits = out.logits[-1]  # an open-vocabulary detector's: -inf past the prompt
+    logits = logits[..., : len(text["prompt"].input_ids)] if text else logits
+    if not (logits.isfinite().all() and out.boxes[-1].isfinite().all()):
         raise ConversionError(f"{path}: the converted detector gives non-finite outputs on "
                               "a test image (are the weights damaged?)")
     state_dict = model.state_dict()
@@ -263,8 +270,22 @@ def convert_checkpoint(
     class_names = report.class_names if class_names is None else class_names
     meta = config_json(report.config, format=report.format, source=report.source,
                        sha256=report.sha256, class_names=class_names)
-    write_files(out_dir, serialised, meta, overwrite=overwrite)
+    write_files(out_dir, serialised, meta, overwrite=overwrite,
+                extra=_companion_files(src, report))
     return report
+
+
+def _companion_files(src: str | Path, report: ConversionReport) -> dict[str, bytes]:
+    """Files beside the weights the detector needs at run time: an open-vocabulary
+    detector's tokenizer."""
+    if not report.config.open_vocabulary:
+        return {}
+    from frozenseg.formats.grounding_dino import tokenizer_files
+
+    try:
+        return tokenizer_files(src)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
 
 
 def read_training_config(path: str | Path) -> dict:

@@ -34,6 +34,7 @@ class Artifact:
     format: str
     reference: Reference
     config: DetectorConfig | None = None  # what the conversion must derive (None: not checked)
+    prompt: str | None = None  # an open-vocabulary detector's: the reference reads it too
 
 
 DINO_SMALL = DetectorConfig(
@@ -345,6 +346,24 @@ def d_fine_folder(folder: Path, variant: str, family: str = "d_fine") -> Artifac
         return out.logits, out.pred_boxes
     return Artifact(folder, "huggingface_deimv2", run)
 
+def grounding_dino_folder(folder: Path) -> Artifact:
+    """``save_pretrained`` of a transformers GroundingDinoForObjectDetection and of its
+    GroundingDinoProcessor into one folder (model.safetensors, config.json, tokenizer.json,
+    tokenizer_config.json, processor_config.json)."""
+    import transformers
+    from test_convert_grounding_dino import PROMPT, grounding_folder
+
+    model, processor = grounding_folder(folder)
+    model = transformers.GroundingDinoForObjectDetection.from_pretrained(folder).eval()
+    text = processor.tokenizer(PROMPT, return_tensors="pt")
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = model(pixel_values=images, pixel_mask=(~padding).long(),
+                        **{k: v.expand(len(images), -1) for k, v in text.items()})
+        return out.logits, out.pred_boxes
+    return Artifact(folder, "huggingface_grounding_dino", run, prompt=PROMPT)
+
 
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
 
@@ -466,6 +485,7 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-deimv2": lambda d: d_fine_folder(d, "n", "deimv2"),
     "huggingface-deimv2-shared-box-head": lambda d: d_fine_folder(
         d, "no-gate-shared-box-head-no-trailing-conv", "deimv2"),
+    "huggingface-grounding-dino": grounding_dino_folder,
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
     "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),
 }

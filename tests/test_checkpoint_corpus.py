@@ -49,9 +49,13 @@ def test_an_artifact_converts_and_reproduces_its_model(name, tmp_path):
     if artifact.config is not None:
         assert report.config == artifact.config
     detector = load_detector(tmp_path / "converted")
+    text = {}
+    if artifact.prompt is not None:  # open vocabulary: the same prompt on both sides
+        detector.set_prompt(artifact.prompt)
+        text = {"prompt": detector.prompt}
     images, padding = images_and_padding()
     with torch.no_grad():
-        got = detector.model(images, padding)
+        got = detector.model(images, padding, **text)
     logits, boxes = artifact.reference(images, padding)
     torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ import torch
 
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
-EncoderKind = Literal["deformable", "hybrid", "plain"]
+EncoderKind = Literal["deformable", "hybrid", "plain", "fusion"]
 DecoderKind = Literal["deformable", "fdr", "plain", "conditional", "anchor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,14 +64,21 @@ class DetectorConfig:
       ``plain``     DETR's (``plain.py``): standard multi-head self-attention over one stride-32
                     level (a 1x1 projection of the last backbone stage) with sine positions;
                     ``decoder`` then says which of the plain-attention decoders reads it.
+      ``fusion``    Grounding DINO's feature enhancer: before each deformable layer, image-text
+                    cross-attention and a text self-attention layer (``detector.grounding``).
 
     Decoder: ``deformable`` (Deformable DETR's layers), ``fdr`` (D-FINE's Fine-grained
     Distribution Refinement, ``fdr.py``), or one of the plain-attention decoders
     (``plain``, ``conditional``, ``anchor``: below).
+
+    Open vocabulary (Grounding DINO): ``text_encoder`` holds the BERT config of the text
+    backbone; the decoder layers then attend to the text and the class heads are dot
+    products with it, over ``max_text_len`` token slots.
     """
 
     variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr", "d_fine",
-                     "detr", "conditional_detr", "dab_detr"] = "deformable_detr"
+                     "detr", "conditional_detr", "dab_detr", "grounding_dino"] = (
+        "deformable_detr")
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "resnet50"})
     hidden_dim: int = 256
     # Backbone stages (0..3 = strides 4..32) projected into the transformer; levels beyond
@@ -168,6 +175,10 @@ class DetectorConfig:
     num_select: int = 100
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    # Grounding DINO: the BERT config of the text backbone (None: a closed-set detector)
+    # and the token slots of its class logits.
+    text_encoder: dict[str, Any] | None = None
+    max_text_len: int = 256
 
     @property
     def two_stage(self) -> bool:
@@ -179,6 +190,11 @@ class DetectorConfig:
         layer's box head (through the reference it refined); Deformable DETR's stops it
         there. Only training sees the difference."""
         return self.variant in ("dino", "rt_detr", "d_fine")
+
+    @property
+    def open_vocabulary(self) -> bool:
+        """Whether classes come from a text prompt (Grounding DINO)."""
+        return self.text_encoder is not None
 
     @property
     def has_label_enc(self) -> bool:

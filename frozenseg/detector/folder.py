@@ -1,12 +1,13 @@
 """The converted-detector folder, and the one place that reads or writes it.
 
-A folder holds two files::
+A folder holds two files (and Grounding DINO's tokenizer)::
 
     detector.safetensors   the canonical DeformableDETR's state dict (each tensor once)
     config.json            {"format": the checkpoint format it came from, "source": the
                             file's name, "sha256": the file's hash, "config": the
                             DetectorConfig, "classes": {"names", "category_ids"} per
                             classifier index (see detector.classes)}
+    tokenizer/             an open-vocabulary detector's (Grounding DINO's) prompt tokenizer
 
 ``frozenseg convert`` writes it, the joint mode writes its trained detector as one, and
 ``load_detector``, the feature cache (which records config.json's hash as the detector's
@@ -71,6 +72,20 @@ def read_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+def read_tokenizer(folder: str | os.PathLike):
+    """An open-vocabulary detector's prompt tokenizer (its ``tokenizer/``), or None when the
+    folder has none (a closed-set detector)."""
+    from frozenseg.detector.grounding import TOKENIZER_FOLDER, load_tokenizer
+
+    path = Path(folder) / TOKENIZER_FOLDER
+    if not path.is_dir():
+        if read_config(folder).open_vocabulary:
+            raise DetectorFolderError(f"{path} is missing: Grounding DINO needs its tokenizer "
+                                      "(convert the save_pretrained folder again)")
+        return None
+    return load_tokenizer(path)
+
+
 def config_path(folder: str | os.PathLike) -> Path:
     """config.json: its sha256 is the detector's identity in a feature cache."""
     return Path(folder) / CONFIG_FILE
@@ -114,12 +129,16 @@ def config_json(config: DetectorConfig, *, format: str, source: str, sha256: str
 
 
 def write_files(out_dir: str | os.PathLike, weights: bytes, meta: str, *,
-                overwrite: bool) -> None:
-    """The folder's two files, already serialised, staged and renamed into place."""
+                overwrite: bool, extra: dict[str, bytes] | None = None) -> None:
+    """The folder's two files, already serialised, staged and renamed into place, with
+    ``extra`` files (relative path: bytes; an open-vocabulary detector's tokenizer)."""
     check_output_folder(out_dir, overwrite=overwrite)
     with atomic_folder(out_dir) as staging:
         (staging / WEIGHTS_FILE).write_bytes(weights)
         (staging / CONFIG_FILE).write_text(meta)
+        for name, data in (extra or {}).items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
 
 
 def check_output_folder(out_dir: str | os.PathLike, *, overwrite: bool) -> None:

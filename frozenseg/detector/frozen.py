@@ -3,6 +3,10 @@
 Input images are float RGB in [0, 1], (3, H, W) each, already resized (see
 :func:`detector_input_size` for the originals' 800/1333 rule); the detector
 normalises them with its source's mean and std and pads a batch to a common size.
+
+An open-vocabulary detector (Grounding DINO) finds what its prompt names:
+``detector.set_prompt("cat . dog .")`` before encoding; each phrase is then a class (labels
+are phrase indices, ``classes`` names them).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 
 from frozenseg.boxes import to_normalized
-from frozenseg.detector import folder
+from frozenseg.detector import folder, grounding
 from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig, normalize
 from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetection, build_detector
@@ -49,10 +53,12 @@ class Encoding:
 
 class FrozenDetector(nn.Module):
     def __init__(self, model: DeformableDETR, *, top_k: int = DEFAULT_TOP_K,
-                 memory_layer: int | None = None, classes: dict | None = None) -> None:
+                 memory_layer: int | None = None, classes: dict | None = None,
+                 tokenizer=None) -> None:
         """memory_layer: which encoder layer's output (1-based) becomes DetectorOutput.memory;
         default layer 4 (the paper's choice for a 6-layer encoder), or the last if fewer.
-        classes: {"names", "category_ids"} per classifier index (see detector.classes)."""
+        classes: {"names", "category_ids"} per classifier index (see detector.classes).
+        tokenizer: an open-vocabulary detector's prompt tokenizer (load_detector's)."""
         super().__init__()
         layers = model.encoder_layers
         memory_layer = memory_layer or min(4, layers)
@@ -64,9 +70,41 @@ class FrozenDetector(nn.Module):
         self.config: DetectorConfig = model.config
         self.top_k, self.memory_layer = top_k, memory_layer
         self.classes = classes or class_map(self.config.num_classes)
+        self.tokenizer, self.prompt = tokenizer, None
         mean, std = torch.tensor(self.config.image_mean), torch.tensor(self.config.image_std)
         self.register_buffer("mean", mean.view(3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(3, 1, 1), persistent=False)
+
+    def set_prompt(self, text: str) -> None:
+        """Open vocabulary: what to find, as phrases separated by " . " ("cat . dog ."; a
+        final " ." is added if missing). Each phrase becomes a class: labels are phrase
+        indices, its score the best of its tokens' (``Prompt.phrase_logits``), and
+        ``classes`` names the phrases. Encodings made before the call are stale."""
+        if not self.config.open_vocabulary:
+            raise ValueError(f"this {self.config.variant} detector has a fixed set of "
+                             "classes: it takes no prompt")
+        if self.tokenizer is None:
+            raise ValueError("this detector has no tokenizer: load it with load_detector "
+                             "from the folder frozenseg convert wrote")
+        prompt = grounding.tokenize(self.tokenizer, text)
+        if len(prompt.input_ids) > self.config.max_text_len:
+            raise ValueError(f"the prompt is {len(prompt.input_ids)} tokens long; this "
+                             f"detector reads at most {self.config.max_text_len}")
+        self.prompt = prompt
+        self.classes = class_map(len(prompt.phrases), prompt.phrase_names)
+
+    def _prompt(self) -> dict:
+        """The encoder's prompt argument: none for a closed-set detector."""
+        if not self.config.open_vocabulary:
+            return {}
+        if self.prompt is None:
+            raise ValueError("Grounding DINO finds what a prompt names: call "
+                             "detector.set_prompt('cat . dog .') first (--prompt)")
+        return {"prompt": self.prompt}
+
+    def _class_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., K) classifier logits -> (..., classes): the phrases' for a prompt."""
+        return logits if self.prompt is None else self.prompt.phrase_logits(logits)
 
     def train(self, mode: bool = True) -> FrozenDetector:
         """The detector stays in eval mode (frozen batch norm, no dropout) whatever the caller."""
@@ -112,7 +150,7 @@ class FrozenDetector(nn.Module):
         """The backbone and encoder on a batch, once: ``detect`` and ``embed`` then run
         the decoder on it as often as needed (a Predictor's many box sets per image)."""
         batch, padding, sizes = self.preprocess(images)
-        return Encoding(self.model.encode(batch, padding), sizes)
+        return Encoding(self.model.encode(batch, padding, **self._prompt()), sizes)
 
     @_no_grad_while_frozen
     def detect(self, encoding: Encoding) -> DetectorOutput:
@@ -137,8 +175,9 @@ class FrozenDetector(nn.Module):
     def _detect(self, encoded: Encoded, sizes: torch.Tensor) -> DetectorOutput:
         memory = encoded.encoder_states[-1]
         raw = self.model.decode(
-            self.model.initial_queries(memory, encoded.mask, encoded.shapes), encoded)
-        probs = self._probabilities(raw.logits[-1])
+            self.model.initial_queries(memory, encoded.mask, encoded.shapes, text=encoded.text),
+            encoded)
+        probs = self._probabilities(self._class_logits(raw.logits[-1]))
         b, q, k = probs.shape
         if self.config.no_object_class:  # DETR: each query's best class, queries ranked
             best, labels = probs.max(-1)
@@ -172,9 +211,10 @@ class FrozenDetector(nn.Module):
         boxes: per image (N_i, 4) absolute (x0, y0, x1, y1) pixels of that image; labels:
         per image (N_i,) class indices, used as content queries where the detector has a
         label embedding (DINO builds its denoising queries this way); otherwise the mean
-        learned content query; the plain DETRs take boxes as ``PlainDETR.decode_boxes``
-        says (DAB-DETR: as anchors; DETR, Conditional DETR: the best-overlapping query).
-        Output K = max N_i, in the given order; query_mask marks
+        learned content query (Grounding DINO: it has no label embedding; its boxes are
+        scored against the prompt's phrases); the plain DETRs take boxes as
+        ``PlainDETR.decode_boxes`` says (DAB-DETR: as anchors; DETR, Conditional DETR: the
+        best-overlapping query). Output K = max N_i, in the given order; query_mask marks
         the real ones; boxes are the given ones (normalised), scores and labels predicted
         (labels: the given ones when passed).
         """
@@ -196,7 +236,7 @@ class FrozenDetector(nn.Module):
             given = labels[i].to(memory.device) if labels is not None else None
             anchors = normalised * self._canvas_scale(sizes)[i].to(normalised)
             raw = self._decode_boxes(anchors, given, _select(encoded, i))
-            probs = self._probabilities(raw.logits[-1][0])
+            probs = self._probabilities(self._class_logits(raw.logits[-1][0]))
             states[i, :n], out_boxes[i, :n] = raw.decoder_states[-1][0], normalised
             scores[i, :n], predicted = probs.max(-1)
             out_labels[i, :n] = given if given is not None else predicted
@@ -284,6 +324,8 @@ def _select(encoded: Encoded, i: int) -> Encoded:
         encoder_states=[s[i : i + 1] for s in encoded.encoder_states],
         mask=encoded.mask[i : i + 1], shapes=encoded.shapes,
         valid_ratios=encoded.valid_ratios[i : i + 1],
+        text=None if encoded.text is None else grounding.Text(
+            encoded.text.features[i : i + 1], encoded.text.mask[i : i + 1]),
     )
 
 
@@ -309,4 +351,4 @@ def load_detector(
     model = build_detector(folder.read_config(path))
     model.load_state_dict(folder.read_weights(path), strict=True)
     return FrozenDetector(model, top_k=top_k, memory_layer=memory_layer,
-                          classes=meta.get("classes"))
+                          classes=meta.get("classes"), tokenizer=folder.read_tokenizer(path))

@@ -29,24 +29,32 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from frozenseg.detector.conv import ConvNorm
 from frozenseg.detector.position import grid_position_embedding
+from frozenseg.detector.transformer import ACTIVATIONS
 
 
 class AttentionEncoderLayer(nn.Module):
-    """Self-attention (position on queries and keys) -> add & norm1 -> FFN -> add & norm2."""
+    """Self-attention (position on queries and keys) -> add & norm1 -> FFN -> add & norm2.
 
-    def __init__(self, *, dim: int, ffn_dim: int, heads: int) -> None:
+    ``activation``: the FFN's, "gelu" (AIFI) or "relu" (Grounding DINO's text enhancer).
+    """
+
+    def __init__(self, *, dim: int, ffn_dim: int, heads: int, activation: str = "gelu") -> None:
         super().__init__()
+        self.activation = ACTIVATIONS[activation]
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """src: (B, S, C); pos: (S, C)."""
+    def forward(self, src: torch.Tensor, pos: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """src: (B, S, C); pos: (S, C) or (B, S, C); attn_mask: (S, S) bool, True where
+        position i may not see position j."""
         q = k = src + pos
-        src = self.norm1(src + self.self_attn(q, k, src, need_weights=False)[0])
-        return self.norm2(src + self.linear2(F.gelu(self.linear1(src))))
+        src = self.norm1(src + self.self_attn(q, k, src, attn_mask=attn_mask,
+                                              need_weights=False)[0])
+        return self.norm2(src + self.linear2(self.activation(self.linear1(src))))
 
 
 class AIFI(nn.Module):

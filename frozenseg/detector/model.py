@@ -3,9 +3,11 @@
 One class covers Deformable DETR (single-stage, two-stage, box refinement),
 H-Deformable-DETR, DINO, RT-DETR (v1 and v2: a hybrid encoder under
 ``transformer.encoder``, whose maps reach the decoder through ``input_proj``, 1x1 conv +
-batch norm) and D-FINE / DEIM (the hybrid encoder with ELAN fusion, and the FDR decoder of
-``fdr.py``, whose per-layer boxes come from distributions); :class:`DetectorConfig` says
-which. Parameter names
+batch norm), D-FINE / DEIM (the hybrid encoder with ELAN fusion, and the FDR decoder of
+``fdr.py``, whose per-layer boxes come from distributions) and Grounding DINO (open
+vocabulary: a BERT ``text_backbone``, a fusion encoder, text cross-attention in the decoder
+layers and dot-product class heads, from ``detector/grounding.py``; the prompt travels in
+``Encoded.text``); :class:`DetectorConfig` says which. Parameter names
 follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from frozenseg.detector import grounding
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.fdr import FDRDecoder, GatedDecoderLayer, QualityHead
 from frozenseg.detector.hybrid import (
@@ -55,7 +58,7 @@ class Encoded:
     encoder_states: one (B, S, C) per encoder layer; mask: (B, S), True at padding;
     shapes: the (H, W) of each level, int pairs read off the maps (traced sizes under the
     TorchScript tracer, symbolic ones under torch.compile); valid_ratios (B, L, 2) as
-    Deformable DETR.
+    Deformable DETR; text: the encoded prompt of an open-vocabulary detector (else None).
     """
 
     features: list[torch.Tensor]
@@ -63,6 +66,7 @@ class Encoded:
     mask: torch.Tensor
     shapes: list[tuple[int, int]]
     valid_ratios: torch.Tensor
+    text: grounding.Text | None = None
 
 
 @dataclass
@@ -104,10 +108,24 @@ class Queries:
     query_pos: torch.Tensor | None
 
 
+def class_head(config: DetectorConfig) -> nn.Module:
+    """A linear classifier, or for an open-vocabulary detector the dot product with the text."""
+    if config.open_vocabulary:
+        return grounding.ContrastiveHead(max_text_len=config.max_text_len)
+    return nn.Linear(config.hidden_dim, config.num_classes)
+
+
 def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
     """The encoder the config names: deformable (over the projected levels) or hybrid (over
     the backbone's maps, ``channels`` wide each)."""
     ffn_dim = config.encoder_ffn_dim or config.dim_feedforward
+    if config.encoder == "fusion":
+        return grounding.FusionEncoder(layers=[
+            grounding.FusionEncoderLayer(dim=config.hidden_dim, ffn_dim=ffn_dim,
+                                         levels=config.num_feature_levels, heads=config.nheads,
+                                         points=config.enc_n_points)
+            for _ in range(config.enc_layers)
+        ], dim=config.hidden_dim)
     if config.encoder == "deformable":
         return Encoder(layers=[
             EncoderLayer(dim=config.hidden_dim, ffn_dim=ffn_dim, levels=config.num_feature_levels,
@@ -130,7 +148,8 @@ def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
 
 
 def build_decoder(config: DetectorConfig) -> nn.Module:
-    """The decoder the config names: deformable (DINO's, RT-DETR's) or D-FINE's FDR."""
+    """The decoder the config names: deformable (DINO's, RT-DETR's, Grounding DINO's with
+    text cross-attention) or D-FINE's FDR."""
     c = config.hidden_dim
     if config.decoder == "fdr":
         return FDRDecoder(
@@ -145,10 +164,11 @@ def build_decoder(config: DetectorConfig) -> nn.Module:
             quality=[QualityHead(bins=config.fdr_bins, top_k=config.lqe_top_k,
                                  hidden_dim=config.lqe_hidden_dim, layers=config.lqe_layers)
                      for _ in range(config.dec_layers)])
+    # Grounding DINO's layers attend to the text before the image.
+    layer = grounding.TextDecoderLayer if config.open_vocabulary else DecoderLayer
     return Decoder(
-        layers=[DecoderLayer(dim=c, ffn_dim=config.dim_feedforward,
-                             levels=config.num_feature_levels, heads=config.nheads,
-                             points=config.dec_n_points)
+        layers=[layer(dim=c, ffn_dim=config.dim_feedforward, levels=config.num_feature_levels,
+                      heads=config.nheads, points=config.dec_n_points)
                 for _ in range(config.dec_layers)],
         dim=c, norm=config.decoder_norm, ref_point_head=config.ref_point_head,
         inverse_sigmoid_eps=config.inverse_sigmoid_eps,
@@ -163,7 +183,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, config: DetectorConfig, channels: list[int]) -> None:
         super().__init__()
         c = config.hidden_dim
-        if config.encoder == "deformable":
+        if config.encoder != "hybrid":
             self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, c))
         self.encoder = build_encoder(config, channels)
         self.decoder = build_decoder(config)
@@ -172,7 +192,7 @@ class DeformableTransformer(nn.Module):
             return
         self.enc_output = nn.Linear(c, c)
         self.enc_output_norm = nn.LayerNorm(c)
-        self.enc_out_class_embed = nn.Linear(c, config.num_classes)
+        self.enc_out_class_embed = class_head(config)
         self.enc_out_bbox_embed = MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3)
         if not config.ref_point_head:
             self.pos_trans = nn.Linear(2 * c, 2 * c)
@@ -193,9 +213,9 @@ class DeformableDETR(nn.Module):
             self.query_embed = nn.Embedding(config.num_queries, 2 * c)
         if config.has_label_enc:  # row = class id (DINO's training never reads the last)
             self.label_enc = nn.Embedding(config.dn_labelbook_size + 1, c)
-        self.class_embed = nn.ModuleList(
-            nn.Linear(c, config.num_classes) for _ in range(config.dec_layers)
-        )
+        self.class_embed = nn.ModuleList(class_head(config) for _ in range(config.dec_layers))
+        if config.open_vocabulary:
+            self.text_backbone = grounding.TextBackbone(bert=config.text_encoder, dim=c)
         # D-FINE's box heads predict a distribution over fdr_bins + 1 offsets per edge.
         box_dim = 4 * (config.fdr_bins + 1) if config.decoder == "fdr" else 4
         self.bbox_embed = nn.ModuleList(
@@ -207,7 +227,7 @@ class DeformableDETR(nn.Module):
     def encoder_layers(self) -> int:
         """How many encoder states ``encode`` returns: one per deformable encoder layer, or
         one for the hybrid encoder (its fused maps)."""
-        return self.config.enc_layers if self.config.encoder == "deformable" else 1
+        return 1 if self.config.encoder == "hybrid" else self.config.enc_layers
 
     def init_for_training(self, prior_prob: float = 0.01) -> None:
         """Deformable DETR's and DINO's initialisation, for training from random weights.
@@ -225,13 +245,13 @@ class DeformableDETR(nn.Module):
         for module in self.transformer.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
-        if self.config.encoder == "deformable":
+        if self.config.encoder != "hybrid":
             nn.init.normal_(self.transformer.level_embed)
         classifiers, box_heads = list(self.class_embed), list(self.bbox_embed)
         if self.config.two_stage:
             classifiers.append(self.transformer.enc_out_class_embed)
             box_heads.append(self.transformer.enc_out_bbox_embed)
-        for classifier in classifiers:
+        for classifier in (c for c in classifiers if isinstance(c, nn.Linear)):
             nn.init.constant_(classifier.bias, -math.log((1 - prior_prob) / prior_prob))
         for head in box_heads:
             nn.init.zeros_(head.layers[-1].weight)
@@ -264,27 +284,38 @@ class DeformableDETR(nn.Module):
             in_channels = c
         return projections
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> RawDetection:
-        """images: (B, 3, H, W) normalised; padding_mask: (B, H, W), True on padding."""
-        encoded = self.encode(images, padding_mask)
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor,
+                prompt: grounding.Prompt | None = None) -> RawDetection:
+        """images: (B, 3, H, W) normalised; padding_mask: (B, H, W), True on padding;
+        prompt: the tokenized text of an open-vocabulary detector."""
+        encoded = self.encode(images, padding_mask, prompt=prompt)
         memory = encoded.encoder_states[-1]
-        return self.decode(self.initial_queries(memory, encoded.mask, encoded.shapes), encoded)
+        return self.decode(self.initial_queries(memory, encoded.mask, encoded.shapes,
+                                                text=encoded.text), encoded)
 
     def encode(self, images: torch.Tensor, padding_mask: torch.Tensor,
-               features: list[torch.Tensor] | None = None) -> Encoded:
+               features: list[torch.Tensor] | None = None,
+               prompt: grounding.Prompt | None = None) -> Encoded:
         """Backbone, input projections and encoder: everything before the queries.
-        ``features``: the backbone's maps when already computed (activation checkpointing)."""
+        ``features``: the backbone's maps when already computed (activation checkpointing);
+        ``prompt``: the text an open-vocabulary detector reads with the image."""
         features = self.backbone(images) if features is None else features
         if self.config.encoder == "hybrid":
             return self._encode_hybrid(features, padding_mask)
         srcs, masks = self._levels(features, padding_mask)
         flat = self._flatten(srcs, masks)
         pos = self._positions(masks, flat["src"].dtype)
-        encoder_states = self.transformer.encoder(
-            flat["src"], pos, flat["shapes"], flat["valid_ratios"], flat["mask"],
-        )
+        args = (flat["src"], pos, flat["shapes"], flat["valid_ratios"], flat["mask"])
+        text = None
+        if self.config.open_vocabulary:
+            if prompt is None:
+                raise ValueError("an open-vocabulary detector needs a prompt, e.g. 'cat . dog .'")
+            encoder_states, text = self.transformer.encoder(
+                *args, self.text_backbone(prompt, len(images)), prompt)
+        else:
+            encoder_states = self.transformer.encoder(*args)
         return Encoded(features=features, encoder_states=encoder_states, mask=flat["mask"],
-                       shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
+                       shapes=flat["shapes"], valid_ratios=flat["valid_ratios"], text=text)
 
     def _encode_hybrid(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
         """RT-DETR: the hybrid encoder fuses the backbone maps; the decoder's projections of
@@ -309,12 +340,14 @@ class DeformableDETR(nn.Module):
         if self.config.decoder == "fdr":
             return self._decode_fdr(queries, encoded)
         memory_mask, valid_ratios = self.decoder_view(encoded)
+        text = {} if encoded.text is None else {"text": encoded.text}
         states, references = self.transformer.decoder(
             queries.content, queries.reference, encoded.encoder_states[-1], memory_mask,
             encoded.shapes, valid_ratios, query_pos=queries.query_pos,
-            bbox_embed=self.bbox_embed if self.config.box_refine else None,
+            bbox_embed=self.bbox_embed if self.config.box_refine else None, **text,
         )
-        logits = [head(s) for head, s in zip(self.class_embed, states, strict=True)]
+        logits = [head(s, **text) if text else head(s)
+                  for head, s in zip(self.class_embed, states, strict=True)]
         boxes = [self._box(head(s), ref)
                  for head, s, ref in zip(self.bbox_embed, states, references, strict=True)]
         return RawDetection(logits=logits, boxes=boxes, decoder_states=states, encoded=encoded)
@@ -379,7 +412,7 @@ class DeformableDETR(nn.Module):
         valid_w = (~mask[:, 0, :]).sum(1).float() / w
         return torch.stack([valid_w, valid_h], -1)
 
-    def initial_queries(self, memory, memory_mask, shapes) -> Queries:
+    def initial_queries(self, memory, memory_mask, shapes, text=None) -> Queries:
         """The decoder's first queries, as the variant initialises them."""
         cfg, t = self.config, self.transformer
         b, _, c = memory.shape
@@ -388,7 +421,7 @@ class DeformableDETR(nn.Module):
             query_pos = query_pos[None].expand(b, -1, -1)
             reference = t.reference_points(query_pos).sigmoid()
             return Queries(content[None].expand(b, -1, -1), reference, query_pos)
-        proposals = self.select_proposals(memory, memory_mask, shapes)
+        proposals = self.select_proposals(memory, memory_mask, shapes, text=text)
         reference = proposals.box_logits.detach().sigmoid()
         query_pos = content = None
         if not cfg.ref_point_head:
@@ -407,15 +440,17 @@ class DeformableDETR(nn.Module):
             return self.transformer.tgt_embed.weight[None, :q].expand(b, -1, -1)
         return proposals.tokens.detach()
 
-    def select_proposals(self, memory, memory_mask, shapes) -> Proposals:
+    def select_proposals(self, memory, memory_mask, shapes, text=None) -> Proposals:
         """Two-stage: score every encoder position as a proposal, keep the top num_queries
-        (by class 0 or the best class, as the variant ranks them)."""
+        (by class 0 or the best class, as the variant ranks them; an open-vocabulary
+        detector by the best token of ``text``)."""
         cfg, t = self.config, self.transformer
         if not cfg.mask_padding:  # RT-DETR: every position of the canvas may propose
             memory_mask = torch.zeros_like(memory_mask)
         proposal_logits, valid = encoder_proposals(memory, memory_mask, shapes)
         tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
-        class_logits = t.enc_out_class_embed(tokens)
+        class_logits = (t.enc_out_class_embed(tokens) if text is None
+                        else t.enc_out_class_embed(tokens, text))
         scores = (class_logits[..., 0] if cfg.proposal_score == "first_class"
                   else class_logits.max(-1).values)
         box_logits = t.enc_out_bbox_embed(tokens) + proposal_logits

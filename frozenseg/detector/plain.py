@@ -307,9 +307,10 @@ class PlainDETR(nn.Module):
                                          offset=self.config.pos_offset)
         return pos.flatten(2).transpose(1, 2)
 
-    def initial_queries(self, memory, memory_mask=None, shapes=None) -> Queries:
+    def initial_queries(self, memory, memory_mask=None, shapes=None, text=None) -> Queries:
         """The learned queries: zero (or pattern) content; query positions (DETR), their
-        reference points (Conditional DETR) or the anchors (DAB-DETR)."""
+        reference points (Conditional DETR) or the anchors (DAB-DETR). (``text``: the
+        canonical model's signature; a closed-set DETR has none.)"""
         b, c = memory.shape[0], self.config.hidden_dim
         if self.config.decoder == "anchor":
             anchors = self.refpoint_embed.weight.sigmoid()

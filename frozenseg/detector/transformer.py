@@ -186,18 +186,21 @@ class Decoder(nn.Module):
         query_pos=None,
         bbox_embed=None,
         self_attn_mask=None,
+        text=None,
     ):
         """Run every layer.
 
         tgt: (B, Q, C) content queries; reference: (B, Q, 2 or 4) normalised points or boxes.
         bbox_embed: per-layer box heads for iterative refinement, or None (references fixed).
         self_attn_mask: (Q, Q) bool, True where query i may not see query j (denoising).
+        text: the encoded prompt, for layers that attend to it (Grounding DINO).
         Returns (states, references): per layer, the output (B, Q, C) and the reference
         (B, Q, 2 or 4) that layer's head is applied relative to (the first is the given
         reference; the others carry their refinement's gradient with look_forward_twice).
         """
         states, references = [], []
         head_reference = reference
+        extra = () if text is None else (text,)
         for i, layer in enumerate(self.layers):
             scale = valid_ratios if reference.shape[-1] == 2 else torch.cat([valid_ratios] * 2, -1)
             reference_input = reference[:, :, None] * scale[:, None]
@@ -205,7 +208,7 @@ class Decoder(nn.Module):
                 query_pos = self.ref_point_head(self._ref_point_features(reference_input[:, :, 0])
                                                 .to(tgt.dtype))
             tgt = run_layer(self, layer, tgt, query_pos, reference_input, memory, shapes,
-                            memory_mask, self_attn_mask)
+                            memory_mask, self_attn_mask, *extra)
             states.append(self.norm(tgt) if self.norm is not None else tgt)
             references.append(head_reference)
             if bbox_embed is not None:

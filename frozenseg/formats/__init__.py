@@ -9,6 +9,7 @@ from frozenseg.formats import (
     detr,
     detrex,
     dino,
+    grounding_dino,
     h_deformable_detr,
     huggingface,
     huggingface_detr,
@@ -21,8 +22,8 @@ FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, d_fine.FORMAT, deimv2.FORMAT, rt_detr.FORMAT,
-                rt_detr_official.FORMAT, *huggingface_detr.FORMATS, detr.FORMAT,
-                detr.CONDITIONAL_FORMAT)
+                grounding_dino.FORMAT, rt_detr_official.FORMAT, *huggingface_detr.FORMATS,
+                detr.FORMAT, detr.CONDITIONAL_FORMAT)
 }
 
 

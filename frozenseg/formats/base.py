@@ -153,6 +153,26 @@ def sampling_points(state_dict: StateDict, heads: int, levels: int) -> dict[str,
     return points
 
 
+def merge_qkv(out: Renamed, pattern: re.Pattern, names: tuple[str, str, str],
+              target: str = "{prefix}.in_proj_{kind}") -> None:
+    """Separate query, key, value projections -> one stacked tensor (nn.MultiheadAttention's
+    in_proj by default; ``target`` names it from the module prefix and weight|bias).
+
+    ``pattern`` matches a renamed key as (module prefix, projection name, weight|bias);
+    ``names`` are the projections' names in q, k, v order. The record of renames then
+    names the stacked tensor."""
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for key in list(out.state_dict):
+        if m := pattern.match(key):
+            groups.setdefault((m[1], m[3]), {})[m[2]] = key
+    targets = {}
+    for (prefix, kind), keys in groups.items():
+        stacked = target.format(prefix=prefix, kind=kind)
+        out.state_dict[stacked] = torch.cat([out.state_dict.pop(keys[n]) for n in names])
+        targets.update({keys[n]: stacked for n in names})
+    out.renamed = [(source, targets.get(target, target)) for source, target in out.renamed]
+
+
 def check_duplicate(state_dict: StateDict, key: str, original: str) -> None:
     """A head registered twice in the original model must be saved twice the same."""
     if not torch.equal(state_dict[key], state_dict[original]):

@@ -25,6 +25,7 @@ from frozenseg.formats.base import (
     backbone_levels,
     check_duplicate,
     count_indexed,
+    merge_qkv,
     positive,
     substitute_keys,
 )
@@ -250,22 +251,8 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
         else:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
-    _merge_qkv(out)
+    merge_qkv(out, QKV, ("q", "k", "v"))
     return out
-
-
-def _merge_qkv(out: Renamed) -> None:
-    """Separate q, k, v projections -> nn.MultiheadAttention's stacked in_proj."""
-    groups: dict[tuple[str, str], dict[str, str]] = {}
-    for key in list(out.state_dict):
-        if m := QKV.match(key):
-            groups.setdefault((m[1], m[3]), {})[m[2]] = key
-    targets = {}
-    for (prefix, kind), keys in groups.items():
-        target = f"{prefix}.in_proj_{kind}"
-        out.state_dict[target] = torch.cat([out.state_dict.pop(keys[n]) for n in "qkv"])
-        targets.update({keys[n]: target for n in "qkv"})
-    out.renamed = [(source, targets.get(target, target)) for source, target in out.renamed]
 
 
 FORMAT = CheckpointFormat(
