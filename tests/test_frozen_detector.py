@@ -8,7 +8,7 @@ import torch
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector, detector_input_size
 from frozenseg.detector.model import build_detector
-from frozenseg.formats import d_fine, rt_detr
+from frozenseg.formats import d_fine, deimv2, rt_detr
 
 VARIANTS = {
     "deformable-single-stage": dict(query_init="learned", box_refine=False),
@@ -19,6 +19,10 @@ VARIANTS = {
                     dn_labelbook_size=5),
     "d-fine": dict(d_fine.FIXED, backbone={"name": "resnet_vd"}, num_feature_levels=3,
                    dn_labelbook_size=5, csp_blocks=1, csp_expansion=0.5, fdr_bins=8),
+    "deimv2-no-gate": dict(deimv2.FIXED, backbone={"name": "resnet_vd"}, num_feature_levels=3,
+                           dn_labelbook_size=5, csp_blocks=1, csp_expansion=0.5, fdr_bins=8,
+                           csp_trailing_conv=False, fdr_gateway=False, ref_point_layers=3,
+                           ref_point_hidden_dim=64),
 }
 
 

@@ -19,7 +19,7 @@ from frozenseg.head import HeadConfig, build_mask_head
 from frozenseg.head import onnx as onnx_export
 from frozenseg.head.onnx import OnnxExportError, check_onnx, export_onnx, run_onnx
 from frozenseg.head.scoring import DotProductMask
-from tests.tiny import save_detector, tiny_detector
+from tests.tiny import save_detector, tiny_d_fine, tiny_detector
 from tests.weights import perturb
 
 pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
@@ -149,3 +149,21 @@ def test_a_failing_module_is_named(models, tmp_path, monkeypatch):
 def test_opsets_without_grid_sample_are_refused(models, tmp_path):
     with pytest.raises(ValueError, match="opset 15 is too old"):
         export_onnx(*models, tmp_path / "model.onnx", opset=15)
+
+
+def test_a_d_fine_detector_exports_as_one_graph(tmp_path):
+    """D-FINE (HGNetV2, the ELAN hybrid encoder, the FDR decoder with its quality heads)
+    through the tracer: a fixed-size and a dynamic graph give PyTorch's outputs."""
+    detector = tiny_d_fine()
+    perturb(detector.model)
+    head = perturb(build_mask_head(HEAD, hidden_dim=32,
+                                   c1_channels=detector.model.backbone.channels[0],
+                                   num_levels=3), seed=1)
+    models = (detector, head)
+    fixed = export_onnx(*models, tmp_path / "fixed.onnx", height=96, width=128)
+    picture = image((96, 128), seed=1)
+    assert_same(run_onnx(fixed, picture), pytorch(models, picture))
+    dynamic = export_onnx(*models, tmp_path / "dynamic.onnx", height=96, width=128,
+                          dynamic=True)
+    picture = image((128, 160), seed=2)
+    assert_same(run_onnx(dynamic, picture), pytorch(models, picture))

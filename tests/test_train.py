@@ -20,9 +20,9 @@ from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.task import TrainingError
 from frozenseg.engine.train import LAST, Trainer
-from frozenseg.formats import d_fine, huggingface_detr, rt_detr
+from frozenseg.formats import huggingface_detr, rt_detr
 from frozenseg.recipe import load_recipe
-from tests.tiny import SCALE, recipe, save_detector, tiny_detector
+from tests.tiny import SCALE, recipe, save_detector, tiny_d_fine, tiny_detector
 
 pytestmark = pytest.mark.slow  # pytest -m "not slow" leaves this module out
 
@@ -432,23 +432,6 @@ def caches_trains_exports_and_predicts(tmp_path, data, frozen: FrozenDetector, n
     assert len(found.masks) == 5 and found.masks[0].shape == (90, 120)
     given = predictor.predict(boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]))
     assert given.masks.shape == (1, 90, 120)
-
-
-def tiny_d_fine() -> FrozenDetector:
-    """A small random D-FINE: HGNetV2 (light blocks, affines), the ELAN hybrid encoder whose
-    maps the decoder reads as they are, the FDR decoder."""
-    torch.manual_seed(0)
-    backbone = {"name": "hgnetv2", "stem": (8, 16), "in_channels": (16, 32, 48, 64),
-                "mid_channels": (8, 16, 16, 32), "out_channels": (32, 48, 64, 96),
-                "blocks": (1, 1, 1, 1), "layers": (2, 2, 2, 2), "kernels": (3, 3, 5, 5),
-                "light": (False, False, True, True), "downsample": (False, True, True, True),
-                "lab": True}
-    config = DetectorConfig(**d_fine.FIXED, backbone=backbone, hidden_dim=32, nheads=2,
-                            enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=10,
-                            num_classes=5, num_feature_levels=3, dn_labelbook_size=5,
-                            csp_blocks=1, csp_expansion=0.5, hybrid_projections=False,
-                            fdr_bins=8, lqe_hidden_dim=16)
-    return FrozenDetector(build_detector(config), top_k=7)
 
 
 def test_the_head_trains_on_a_d_fine_detector_and_predicts(tmp_path, data):

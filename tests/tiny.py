@@ -1,5 +1,6 @@
-"""Small things many tests build: a tiny random-weight detector and its folder, and a
-recipe for the tiny head on the synthetic shapes. Fixtures that use them: conftest.py."""
+"""Small things many tests build: a tiny random-weight detector (and a tiny D-FINE) and its
+folder, and a recipe for the tiny head on the synthetic shapes. Fixtures that use them:
+conftest.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.folder import write_detector
 from frozenseg.detector.frozen import FrozenDetector
 from frozenseg.detector.model import build_detector
+from frozenseg.formats import d_fine
 from frozenseg.recipe import load_recipe
 
 REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -23,6 +25,23 @@ def tiny_detector(seed: int = 0) -> FrozenDetector:
     config = DetectorConfig(hidden_dim=64, enc_layers=2, dec_layers=2, dim_feedforward=32,
                             num_queries=10, num_classes=5)
     return FrozenDetector(build_detector(config), top_k=7, memory_layer=1)
+
+
+def tiny_d_fine() -> FrozenDetector:
+    """A small random D-FINE: HGNetV2 (light blocks, affines), the ELAN hybrid encoder whose
+    maps the decoder reads as they are, the FDR decoder."""
+    torch.manual_seed(0)
+    backbone = {"name": "hgnetv2", "stem": (8, 16), "in_channels": (16, 32, 48, 64),
+                "mid_channels": (8, 16, 16, 32), "out_channels": (32, 48, 64, 96),
+                "blocks": (1, 1, 1, 1), "layers": (2, 2, 2, 2), "kernels": (3, 3, 5, 5),
+                "light": (False, False, True, True), "downsample": (False, True, True, True),
+                "lab": True}
+    config = DetectorConfig(**d_fine.FIXED, backbone=backbone, hidden_dim=32, nheads=2,
+                            enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=10,
+                            num_classes=5, num_feature_levels=3, dn_labelbook_size=5,
+                            csp_blocks=1, csp_expansion=0.5, hybrid_projections=False,
+                            fdr_bins=8, lqe_hidden_dim=16)
+    return FrozenDetector(build_detector(config), top_k=7)
 
 
 def save_detector(det: FrozenDetector, folder, source: str):

@@ -189,7 +189,7 @@ def elan_fusion(dim: int, blocks: int, expansion: float) -> dict:
             "downsample": lambda: SCDown(dim=dim), "lateral_activation": None}
 
 
-def elan5_fusion(dim: int, blocks: int, expansion: float, trailing: bool) -> dict:
+def elan5_fusion(dim: int, blocks: int, expansion: float, *, trailing: bool) -> dict:
     """DEIMv2's: RepNCSPELAN5 blocks on levels merged by a sum, SCDown, plain laterals."""
     return {"fusion_block": lambda: RepNCSPELAN5(dim=dim, width=round(expansion * dim),
                                                  blocks=blocks, trailing=trailing),

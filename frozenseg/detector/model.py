@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -139,12 +140,11 @@ def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
                         temperature=config.pos_temperature,
                         transposed_grid=config.aifi_transposed_grid)
             for level in config.aifi_levels}
-    fusion = (elan5_fusion(dim, config.csp_blocks, config.csp_expansion,
-                           config.csp_trailing_conv) if config.hybrid_fusion == "elan5" else
-              {"csp": csp_fusion, "elan": elan_fusion}[config.hybrid_fusion](
-                  dim, config.csp_blocks, config.csp_expansion))
+    fusion = {"csp": csp_fusion, "elan": elan_fusion,
+              "elan5": partial(elan5_fusion, trailing=config.csp_trailing_conv),
+              }[config.hybrid_fusion]
     return HybridEncoder(in_channels=[channels[s] for s in config.backbone_levels], dim=dim,
-                         aifi=aifi, **fusion)
+                         aifi=aifi, **fusion(dim, config.csp_blocks, config.csp_expansion))
 
 
 def build_decoder(config: DetectorConfig) -> nn.Module:

@@ -39,27 +39,30 @@ BOX_HEAD = "model.decoder.bbox_embed."
 QUERY_POS = "model.decoder.query_pos_head.layers."
 
 
-def _in_d_fine_names(state_dict: StateDict) -> tuple[StateDict, list[tuple[str, str]]]:
-    """The state dict in D-FINE's names, a shared box head copied to every layer; and the
-    (key, how) of each copy."""
+def _in_d_fine_names(state_dict: StateDict) -> StateDict:
+    """The state dict in D-FINE's names (refusing the models frozenseg does not build)."""
     if any(k.startswith("model.conv_encoder.backbone.") for k in state_dict):
         raise ValueError("DEIMv2 with a DINOv3 backbone (and its spatial tuning adapter) is "
                          "not supported: only the HGNetV2 models")
     if any(k.startswith("model.encoder.bi_fusion_conv.") for k in state_dict):
         raise ValueError("DEIMv2 with encoder_type='lite' is not supported (supported: "
                          "'hybrid')")
-    sd = substitute_keys(state_dict, TO_D_FINE)
-    layers = count_indexed(sd, "model.decoder.layers.")
-    saved = [i for i in range(layers) if f"{BOX_HEAD}{i}.layers.0.weight" in sd]
-    copies = []
-    if len(saved) == 1 and layers > 1:  # share_bbox_head: one module, saved once
-        source = f"{BOX_HEAD}{saved[0]}."
-        for key in [k for k in sd if k.startswith(source)]:
-            for i in set(range(layers)) - set(saved):
-                copy = f"{BOX_HEAD}{i}." + key[len(source):]
-                sd[copy] = sd[key]
-                copies.append((copy, f"the shared box head, saved as {key}"))
-    return sd, copies
+    return substitute_keys(state_dict, TO_D_FINE)
+
+
+def copy_shared_box_head(sd: StateDict, prefix: str, layers: int) -> list[tuple[str, str]]:
+    """share_bbox_head: one module for every layer, saved once (under one layer's index):
+    copy it to the other layers' keys under ``prefix``; the (key, how) of each copy."""
+    saved = [i for i in range(layers) if f"{prefix}{i}.layers.0.weight" in sd]
+    if len(saved) != 1 or layers == 1:
+        return []
+    source, copies = f"{prefix}{saved[0]}.", []
+    for key in [k for k in sd if k.startswith(source)]:
+        for i in sorted(set(range(layers)) - set(saved)):
+            copy = f"{prefix}{i}." + key[len(source):]
+            sd[copy] = sd[key]
+            copies.append((copy, f"the box head shared by every layer, saved as {key}"))
+    return copies
 
 
 def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
@@ -68,7 +71,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     rt_detr.check_settings("DEIMv2", args, ((SUPPORTED, "", "config"),
                                             (d_fine.BACKBONE_SUPPORTED, "backbone_config",
                                              "backbone config")))
-    sd, _ = _in_d_fine_names(state_dict)
+    sd = _in_d_fine_names(state_dict)
+    copy_shared_box_head(sd, BOX_HEAD, count_indexed(sd, "model.decoder.layers."))
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     csp = "model.encoder.fpn_blocks.0.csp_rep1."
     return d_fine.fdr_config(
@@ -81,9 +85,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
 
 
 def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
-    sd, copies = _in_d_fine_names(state_dict)
-    out = d_fine.rename(sd, config)
-    out.derived.extend(copies)
+    out = d_fine.rename(_in_d_fine_names(state_dict), config)
+    out.derived.extend(copy_shared_box_head(out.state_dict, "bbox_embed.", config.dec_layers))
     return out
 
 
