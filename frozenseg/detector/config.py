@@ -16,7 +16,8 @@ import torch
 
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
-EncoderKind = Literal["deformable", "hybrid"]
+EncoderKind = Literal["deformable", "hybrid", "none"]
+BoxDelta = Literal["logit", "scaled"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,9 +60,11 @@ class DetectorConfig:
                     ``aifi_levels``) then CCFM, a top-down and bottom-up fusion of the levels
                     by CSP blocks of RepVGG convolutions; its maps are ``encoder_dim`` wide and
                     the decoder reads them through 1x1 conv + batch norm projections.
+      ``none``      LW-DETR's and RF-DETR's: no encoder; the backbone's levels (a ViT's maps
+                    through the multi-scale projector) are the memory the decoder reads.
     """
 
-    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr"] = (
+    variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr", "lw_detr"] = (
         "deformable_detr")
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "resnet50"})
     hidden_dim: int = 256
@@ -86,6 +89,17 @@ class DetectorConfig:
     csp_blocks: int = 3
     csp_expansion: float = 1.0
     enc_n_points: int = 4
+    # The decoder's cross-attention heads where they differ from its self-attention's
+    # (LW-DETR, RF-DETR: 16 and 8; None: nheads).
+    dec_cross_heads: int | None = None
+    # How a box head's delta moves its reference: ``logit`` (Deformable DETR on): add in
+    # inverse-sigmoid space, then sigmoid; ``scaled`` (LW-DETR, RF-DETR): centre + delta_xy
+    # * size, size * exp(delta_wh), in box space, for the proposals, the anchors and the
+    # heads alike (the scaled kind also ranks only valid proposals: others score -inf).
+    box_delta: BoxDelta = "logit"
+    # LW-DETR / RF-DETR: each query has a learned box delta (``transformer.refpoint_embed``)
+    # that moves its selected proposal (``scaled``) into the reference the decoder reads.
+    anchor_delta: bool = False
     dec_n_points: int = 4
     num_queries: int = 300
     num_classes: int = 91

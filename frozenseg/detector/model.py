@@ -1,9 +1,10 @@
 """The canonical deformable DETR: backbone, input projections, transformer, heads.
 
 One class covers Deformable DETR (single-stage, two-stage, box refinement),
-H-Deformable-DETR, DINO and RT-DETR (v1 and v2: a hybrid encoder under
+H-Deformable-DETR, DINO, RT-DETR (v1 and v2: a hybrid encoder under
 ``transformer.encoder``, whose maps reach the decoder through ``input_proj``, 1x1 conv +
-batch norm); :class:`DetectorConfig` says which. Parameter names
+batch norm) and LW-DETR / RF-DETR (no encoder: the backbone's projector levels are the
+memory, boxes move by ``scaled`` deltas); :class:`DetectorConfig` says which. Parameter names
 follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
@@ -81,8 +82,11 @@ class Proposals:
 
     tokens: torch.Tensor
     class_logits: torch.Tensor
-    box_logits: torch.Tensor
+    box_logits: torch.Tensor | None
     index: torch.Tensor
+    # The boxes themselves (normalised cx, cy, w, h) where deltas are ``scaled`` (LW-DETR):
+    # they may leave [0, 1], so there is no logit for them (box_logits is None).
+    boxes: torch.Tensor | None = None
 
 
 @dataclass
@@ -124,11 +128,12 @@ class DeformableTransformer(nn.Module):
         c = config.hidden_dim
         if config.encoder == "deformable":
             self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, c))
-        self.encoder = build_encoder(config, channels)
+        if config.encoder != "none":
+            self.encoder = build_encoder(config, channels)
         self.decoder = Decoder(
             layers=[DecoderLayer(dim=c, ffn_dim=config.dim_feedforward,
                                  levels=config.num_feature_levels, heads=config.nheads,
-                                 points=config.dec_n_points)
+                                 points=config.dec_n_points, cross_heads=config.dec_cross_heads)
                     for _ in range(config.dec_layers)],
             dim=c, norm=config.decoder_norm, ref_point_head=config.ref_point_head,
             inverse_sigmoid_eps=config.inverse_sigmoid_eps,
@@ -147,6 +152,8 @@ class DeformableTransformer(nn.Module):
             self.pos_trans_norm = nn.LayerNorm(2 * c)
         if config.query_init == "mixed":
             self.tgt_embed = nn.Embedding(config.num_queries, c)
+        if config.anchor_delta:  # LW-DETR: per-query box deltas moving the selected proposals
+            self.refpoint_embed = nn.Embedding(config.num_queries, 4)
 
 
 class DeformableDETR(nn.Module):
@@ -209,6 +216,8 @@ class DeformableDETR(nn.Module):
     @staticmethod
     def _input_projections(config: DetectorConfig, channels: list[int]) -> list[nn.Module]:
         c = config.hidden_dim
+        if config.encoder == "none":  # the backbone's levels are the memory as they are
+            return []
         if config.encoder == "hybrid":  # the decoder's: 1x1 conv + batch norm per encoder map
             return [nn.Sequential(nn.Conv2d(config.encoder_width, c, kernel_size=1, bias=False),
                                   FrozenBatchNorm2d(c))
@@ -236,8 +245,8 @@ class DeformableDETR(nn.Module):
         """Backbone, input projections and encoder: everything before the queries.
         ``features``: the backbone's maps when already computed (activation checkpointing)."""
         features = self.backbone(images) if features is None else features
-        if self.config.encoder == "hybrid":
-            return self._encode_hybrid(features, padding_mask)
+        if self.config.encoder != "deformable":
+            return self._encode_maps(features, padding_mask)
         srcs, masks = self._levels(features, padding_mask)
         flat = self._flatten(srcs, masks)
         pos = self._positions(masks, flat["src"].dtype)
@@ -247,11 +256,15 @@ class DeformableDETR(nn.Module):
         return Encoded(features=features, encoder_states=encoder_states, mask=flat["mask"],
                        shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
 
-    def _encode_hybrid(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
+    def _encode_maps(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
         """RT-DETR: the hybrid encoder fuses the backbone maps; the decoder's projections of
-        its maps, flattened, are the memory (one state: there are no per-layer outputs)."""
-        maps = self.transformer.encoder([features[s] for s in self.config.backbone_levels])
-        srcs = [proj(m) for proj, m in zip(self.input_proj, maps, strict=True)]
+        its maps, flattened, are the memory (one state: there are no per-layer outputs).
+        LW-DETR (no encoder): the backbone's levels, flattened, are the memory."""
+        if self.config.encoder == "none":
+            srcs = list(features[: self.config.num_feature_levels])
+        else:
+            maps = self.transformer.encoder([features[s] for s in self.config.backbone_levels])
+            srcs = [proj(m) for proj, m in zip(self.input_proj, maps, strict=True)]
         masks = [F.interpolate(padding_mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
                  for src in srcs]
         flat = self._flatten(srcs, masks)
@@ -279,6 +292,8 @@ class DeformableDETR(nn.Module):
         return RawDetection(logits=logits, boxes=boxes, decoder_states=states, encoded=encoded)
 
     def _box(self, delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        if self.config.box_delta == "scaled":
+            return scaled_box(reference, delta)
         logits = delta.clone()
         logits[..., : reference.shape[-1]] += inverse_sigmoid(
             reference, self.config.inverse_sigmoid_eps
@@ -336,7 +351,12 @@ class DeformableDETR(nn.Module):
             reference = t.reference_points(query_pos).sigmoid()
             return Queries(content[None].expand(b, -1, -1), reference, query_pos)
         proposals = self.select_proposals(memory, memory_mask, shapes)
-        reference = proposals.box_logits.detach().sigmoid()
+        if proposals.boxes is not None:
+            reference = proposals.boxes.detach()
+        else:
+            reference = proposals.box_logits.detach().sigmoid()
+        if cfg.anchor_delta:
+            reference = scaled_box(reference, t.refpoint_embed.weight[None, : reference.shape[1]])
         query_pos = content = None
         if not cfg.ref_point_head:
             sine = box_position_embedding(reference, num_feats=c // 2).to(memory.dtype)
@@ -363,16 +383,32 @@ class DeformableDETR(nn.Module):
         proposal_logits, valid = encoder_proposals(memory, memory_mask, shapes)
         tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
         class_logits = t.enc_out_class_embed(tokens)
+        if cfg.box_delta == "scaled":  # LW-DETR: only valid positions compete
+            class_logits = class_logits.masked_fill(~valid, float("-inf"))
         scores = (class_logits[..., 0] if cfg.proposal_score == "first_class"
                   else class_logits.max(-1).values)
-        box_logits = t.enc_out_bbox_embed(tokens) + proposal_logits
+        if cfg.box_delta == "scaled":
+            box_logits = None
+            boxes = scaled_box(proposal_logits.sigmoid().masked_fill(~valid, 0.0),
+                               t.enc_out_bbox_embed(tokens))
+        else:
+            box_logits = t.enc_out_bbox_embed(tokens) + proposal_logits
         # Images too small to offer num_queries positions get one query per position.
         top = torch.topk(scores, min(cfg.num_queries, scores.shape[1]), dim=1).indices
 
         def gather(x: torch.Tensor) -> torch.Tensor:
             return torch.gather(x, 1, top[..., None].expand(-1, -1, x.shape[-1]))
 
+        if cfg.box_delta == "scaled":
+            return Proposals(gather(tokens), gather(class_logits), None, top, gather(boxes))
         return Proposals(gather(tokens), gather(class_logits), gather(box_logits), top)
+
+
+def scaled_box(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """LW-DETR's box update: (cx, cy) + delta_xy * (w, h), (w, h) * exp(delta_wh), on
+    normalised (cx, cy, w, h) boxes (B, Q, 4); the gradient reaches both."""
+    centre = reference[..., :2] + delta[..., :2] * reference[..., 2:]
+    return torch.cat([centre, reference[..., 2:] * delta[..., 2:].exp()], -1)
 
 
 def build_detector(config: DetectorConfig) -> DeformableDETR:

@@ -26,6 +26,7 @@ from frozenseg.formats.base import (
     check_duplicate,
     count_indexed,
     positive,
+    refuse_unsupported,
     substitute_keys,
 )
 
@@ -120,13 +121,8 @@ BACKBONE_SUPPORTED = {
 
 
 def _check_args(args: dict) -> None:
-    for table, settings, what in ((SUPPORTED, args, "config"),
-                                  (BACKBONE_SUPPORTED, args.get("backbone_config") or {},
-                                   "backbone config")):
-        for name, accepted in table.items():
-            if name in settings and settings[name] not in accepted:
-                raise ValueError(f"RT-DETR with {what} {name}={settings[name]!r} is not "
-                                 f"supported (supported: {', '.join(map(repr, accepted))})")
+    refuse_unsupported("RT-DETR", [(SUPPORTED, args, "config"), (
+        BACKBONE_SUPPORTED, args.get("backbone_config") or {}, "backbone config")])
 
 
 def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:

@@ -16,6 +16,7 @@ from frozenseg.detector.backbones.focalnet import build_focalnet
 from frozenseg.detector.backbones.resnet import ResNet
 from frozenseg.detector.backbones.resnet_vd import ResNetVd
 from frozenseg.detector.backbones.swin import build_swin
+from frozenseg.detector.backbones.vit import build_vit_projector
 
 # Swin and FocalNet take the keyword arguments their ``*_config_from_state_dict`` derive.
 BUILDERS = {
@@ -24,6 +25,8 @@ BUILDERS = {
     "resnet_vd": ResNetVd,  # RT-DETR's PResNet: block, depths, widths, stem
     "swin": build_swin,
     "focalnet": build_focalnet,
+    # LW-DETR / RF-DETR: a windowed ViT and the multi-scale projector (its levels, not stages)
+    "vit_projector": build_vit_projector,
 }
 
 
