@@ -123,7 +123,7 @@ def test_the_frozen_detector_gives_the_whole_contract(family):
     strides = detector.model.backbone.strides
     assert out.level_shapes == [(-(-61 // s), -(-90 // s)) for s in map(int, strides)]
     assert out.memory.shape == (2, sum(h * w for h, w in out.level_shapes), 32)
-    assert out.c1.shape == (2, 32, *out.level_shapes[0])
+    assert out.c1.shape == (2, 32, -(-61 // 4), -(-90 // 4))  # the finest level, at stride 4
     torch.testing.assert_close(detector.stage1(pictures), out.c1)
     assert detector.head_dims == {"hidden_dim": 32, "num_levels": len(strides), "c1_channels": 32}
     boxes = [torch.tensor([[4.0, 5.0, 40.0, 50.0], [10.0, 2.0, 30.0, 20.0]]),

@@ -261,7 +261,7 @@ class DeformableDETR(nn.Module):
         its maps, flattened, are the memory (one state: there are no per-layer outputs).
         LW-DETR (no encoder): the backbone's levels, flattened, are the memory."""
         if self.config.encoder == "none":
-            srcs = list(features[: self.config.num_feature_levels])
+            srcs = [features[s] for s in self.config.backbone_levels]
         else:
             maps = self.transformer.encoder([features[s] for s in self.config.backbone_levels])
             srcs = [proj(m) for proj, m in zip(self.input_proj, maps, strict=True)]

@@ -150,7 +150,7 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
         raise ValueError(f"{rows} learned queries are not a whole number of groups of "
                          f"num_queries={queries}")
     config = DetectorConfig(
-        **FIXED, backbone=backbone, hidden_dim=c, backbone_levels=tuple(range(levels)),
+        **FIXED, backbone=backbone, hidden_dim=c, backbone_levels=tuple(range(1, levels + 1)),
         num_feature_levels=levels, nheads=self_heads,
         dec_cross_heads=None if cross_heads == self_heads else cross_heads,
         enc_layers=0, dec_layers=count_indexed(sd, "model.decoder.layers."),

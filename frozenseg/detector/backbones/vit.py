@@ -171,28 +171,33 @@ class WindowedViT(nn.Module):
 
 
 class ViTProjector(nn.Module):
-    """A windowed ViT and the multi-scale projector on its maps: the levels the decoder
-    reads, (B, dim, H / stride_l, W / stride_l) each, finest first after the projector's
-    order (``channels``: their widths; ``strides``: their strides).
+    """A windowed ViT and the multi-scale projector on its maps.
 
-    Inputs of any size: padded (bottom, right, zeros) to a multiple of the ViT's window
-    tiling, and every map cropped to ceil(side / stride) afterwards.
+    Returns C1 then the levels the decoder reads: C1 is the finest level resampled
+    (bilinear) to stride 4, the stride DetectorOutput.c1 has for every family; the levels
+    are (B, dim, H / stride_l, W / stride_l), in the projector's order (``channels``: the
+    widths, ``strides``: the levels' strides). Inputs of any size: padded (bottom, right,
+    zeros) to a multiple of the ViT's window tiling, and every map cropped to
+    ceil(side / stride) afterwards (C1 is resampled before the crop, so its pixel centres
+    stay on the stride-4 grid).
     """
 
     def __init__(self, *, vit: WindowedViT, projector: MultiScaleProjector) -> None:
         super().__init__()
         self.vit, self.projector = vit, projector
-        self.channels = [projector.dim] * len(projector.levels)
+        self.channels = [projector.dim] * (1 + len(projector.levels))
         self.strides = [vit.patch / scale for scale in projector.scales]
 
     def forward(self, images: torch.Tensor, stages: int | None = None) -> list[torch.Tensor]:
-        """``stages``: how many levels to compute (the first; None: all)."""
+        """``stages``: how many maps to return, C1 first (1: C1 alone; None: all)."""
         h, w = images.shape[-2:]
         m = self.vit.size_multiple
         padded = F.pad(images, (0, -w % m, 0, -h % m))
-        maps = self.projector(self.vit(padded), levels=stages)
-        return [f[..., : math.ceil(h / s), : math.ceil(w / s)]
-                for f, s in zip(maps, self.strides, strict=False)]
+        levels = self.projector(self.vit(padded), levels=max(stages - 1, 1) if stages else None)
+        c1 = F.interpolate(levels[0], scale_factor=self.strides[0] / 4, mode="bilinear",
+                           align_corners=False)
+        maps = list(zip([c1, *levels], [4, *self.strides], strict=False))
+        return [f[..., : math.ceil(h / s), : math.ceil(w / s)] for f, s in maps[:stages]]
 
 
 def build_vit_projector(*, scales: Sequence[float], projector_dim: int, blocks: int,
