@@ -125,7 +125,8 @@ def test_the_frozen_detector_gives_the_whole_contract(family):
     assert out.memory.shape == (2, sum(h * w for h, w in out.level_shapes), 32)
     assert out.c1.shape == (2, 32, -(-61 // 4), -(-90 // 4))  # the finest level, at stride 4
     torch.testing.assert_close(detector.stage1(pictures), out.c1)
-    assert detector.head_dims == {"hidden_dim": 32, "num_levels": len(strides), "c1_channels": 32}
+    assert detector.head_dims == {"hidden_dim": 32, "num_levels": len(strides), "c1_channels": 32,
+                                  "memory_stride": strides[0]}  # patch 8: P3 4, P4 8
     boxes = [torch.tensor([[4.0, 5.0, 40.0, 50.0], [10.0, 2.0, 30.0, 20.0]]),
              torch.tensor([[0.0, 0.0, 70.0, 50.0]])]
     embedded = detector.embed_boxes(pictures, boxes)
@@ -154,3 +155,18 @@ def test_settings_frozenseg_does_not_reproduce_are_refused_in_one_line(family, s
     with pytest.raises(ValueError, match="not supported") as err:
         convert_state_dict(hf.state_dict(), args=args)
     assert mention in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("stride", [8, 14, 16])
+def test_the_head_fusion_puts_a_level_of_any_stride_on_the_stride_4_grid(stride):
+    """A map of each cell's pixel centre, upsampled by stride / 4 as the head's fusion does,
+    gives the stride-4 cells' own centres (bilinear is exact on a linear ramp, inside)."""
+    from frozenseg.head.encoders import upsample_to
+
+    cells = 6
+    centres = (torch.arange(cells, dtype=torch.float64) + 0.5) * stride
+    up = upsample_to(centres.expand(1, 1, cells, cells).clone(), (cells * stride // 4,) * 2,
+                     stride / 4)
+    expected = (torch.arange(up.shape[-1], dtype=torch.float64) + 0.5) * 4
+    inside = slice(stride // 4, -(stride // 4))
+    torch.testing.assert_close(up[0, 0, 0, inside], expected[inside])

@@ -77,12 +77,16 @@ class FrozenDetector(nn.Module):
         return self.mean.device
 
     @property
-    def head_dims(self) -> dict[str, int]:
+    def head_dims(self) -> dict[str, int | float]:
         """What a mask head on this detector is sized by (``build_mask_head``'s keywords):
-        the transformer's width, its feature levels, and the channels of C1."""
-        return {"hidden_dim": self.config.hidden_dim,
+        the transformer's width, its feature levels, and the channels of C1; and the
+        memory's first-level stride where a backbone's levels are the memory (LW-DETR)."""
+        dims = {"hidden_dim": self.config.hidden_dim,
                 "num_levels": self.config.num_feature_levels,
                 "c1_channels": self.model.backbone.channels[0]}
+        if hasattr(self.model.backbone, "strides"):
+            dims["memory_stride"] = self.model.backbone.strides[0]
+        return dims
 
     def finetune(self, part: str) -> list[nn.Parameter]:
         """Fine-tuning (paper Table 16): "partial" trains the transformer (encoder and

@@ -383,25 +383,23 @@ class DeformableDETR(nn.Module):
         proposal_logits, valid = encoder_proposals(memory, memory_mask, shapes)
         tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
         class_logits = t.enc_out_class_embed(tokens)
-        if cfg.box_delta == "scaled":  # LW-DETR: only valid positions compete
+        scaled = cfg.box_delta == "scaled"
+        if scaled:  # LW-DETR: only valid positions compete
             class_logits = class_logits.masked_fill(~valid, float("-inf"))
         scores = (class_logits[..., 0] if cfg.proposal_score == "first_class"
                   else class_logits.max(-1).values)
-        if cfg.box_delta == "scaled":
-            box_logits = None
-            boxes = scaled_box(proposal_logits.sigmoid().masked_fill(~valid, 0.0),
-                               t.enc_out_bbox_embed(tokens))
-        else:
-            box_logits = t.enc_out_bbox_embed(tokens) + proposal_logits
+        deltas = t.enc_out_bbox_embed(tokens)
         # Images too small to offer num_queries positions get one query per position.
         top = torch.topk(scores, min(cfg.num_queries, scores.shape[1]), dim=1).indices
 
         def gather(x: torch.Tensor) -> torch.Tensor:
             return torch.gather(x, 1, top[..., None].expand(-1, -1, x.shape[-1]))
 
-        if cfg.box_delta == "scaled":
+        if scaled:  # the proposals in box space (0 where invalid), moved by scaled deltas
+            boxes = scaled_box(proposal_logits.sigmoid().masked_fill(~valid, 0.0), deltas)
             return Proposals(gather(tokens), gather(class_logits), None, top, gather(boxes))
-        return Proposals(gather(tokens), gather(class_logits), gather(box_logits), top)
+        return Proposals(gather(tokens), gather(class_logits), gather(deltas + proposal_logits),
+                         top)
 
 
 def scaled_box(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

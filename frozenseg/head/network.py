@@ -140,10 +140,11 @@ class TrainingFreeHead(nn.Module):
     (frame "image"). Same forward contract as :class:`MaskHead`; iou_logits is None.
     """
 
-    def __init__(self, *, fuse_c1: bool, roi_size: int | None) -> None:
+    def __init__(self, *, fuse_c1: bool, roi_size: int | None, memory_stride: float = 8) -> None:
         super().__init__()
         self.image_encoder = ImageFeatureEncoder(stack=None, dim=0, levels=0, positional=False)
-        self.fusion = FeatureFusion(c1_path=nn.Identity() if fuse_c1 else None, mapper=None)
+        self.fusion = FeatureFusion(c1_path=nn.Identity() if fuse_c1 else None, mapper=None,
+                                    memory_stride=memory_stride)
         self.roi_size = roi_size
 
     def forward(self, output: DetectorOutput, keep: Tensor | None = None) -> HeadOutput:
@@ -173,9 +174,10 @@ def image_frame_logits(maps: list[Tensor], sel: Selection, output: DetectorOutpu
 
 
 def build_mask_head(config: HeadConfig, *, hidden_dim: int, c1_channels: int,
-                    num_levels: int) -> nn.Module:
+                    num_levels: int, memory_stride: float = 8) -> nn.Module:
     """The head ``config`` describes, for a detector of width ``hidden_dim`` (C), a stride-4
-    map of ``c1_channels`` (C1) and ``num_levels`` encoder levels.
+    map of ``c1_channels`` (C1) and ``num_levels`` encoder levels, the first at
+    ``memory_stride`` (8 but for LW-DETR / RF-DETR).
 
     Sizes not in the config: box-encoder FFNs keep the detector's FFN ratio
     (ffn_dim * D / C, as the paper's Table 4 parameter counts imply); the query FFN uses
@@ -186,7 +188,8 @@ def build_mask_head(config: HeadConfig, *, hidden_dim: int, c1_channels: int,
             raise ValueError(f"the training-free head adds C1 to E: C1 has {c1_channels} "
                              f"channels but the detector's width is {hidden_dim}")
         return TrainingFreeHead(fuse_c1=config.fuse_c1,
-                                roi_size=config.roi_size if config.roi_align else None)
+                                roi_size=config.roi_size if config.roi_align else None,
+                                memory_stride=memory_stride)
     if not config.roi_align:
         raise ValueError("head.roi_align=false exists only for the training-free baseline "
                          "(head.trainable=false, Table 1)")
@@ -200,7 +203,8 @@ def build_mask_head(config: HeadConfig, *, hidden_dim: int, c1_channels: int,
     return MaskHead(
         image_encoder=_image_encoder(config, hidden_dim, num_levels),
         fusion=FeatureFusion(c1_path=_c1_path(config, hidden_dim, c1_channels),
-                             mapper=nn.Linear(hidden_dim, dim) if config.mapper_dim else None),
+                             mapper=nn.Linear(hidden_dim, dim) if config.mapper_dim else None,
+                             memory_stride=memory_stride),
         roi_size=config.roi_size,
         roi_pos=GridEmbedding(size=config.roi_size, dim=dim) if needs_pos else None,
         box_encoder=BoxFeatureEncoder(stack=box_stack, size=config.roi_size) if box_stack else None,
