@@ -170,3 +170,26 @@ def test_the_head_fusion_puts_a_level_of_any_stride_on_the_stride_4_grid(stride)
     expected = (torch.arange(up.shape[-1], dtype=torch.float64) + 0.5) * 4
     inside = slice(stride // 4, -(stride // 4))
     torch.testing.assert_close(up[0, 0, 0, inside], expected[inside])
+
+
+@pytest.mark.parametrize(("change", "mention"), [
+    ({"decoder_activation_function": "gelu"}, "decoder_activation_function='gelu'"),
+    ({"backbone_config": None}, "needs its config.json"),
+])
+def test_convert_refuses_a_folder_in_one_line_naming_the_file(tmp_path, change, mention):
+    import json
+
+    from typer.testing import CliRunner
+
+    from frozenseg.cli import app
+
+    hf, _ = random_hf_model(family="lw")
+    hf.save_pretrained(tmp_path / "lw")
+    settings = json.loads((tmp_path / "lw" / "config.json").read_text())
+    (tmp_path / "lw" / "config.json").write_text(json.dumps({**settings, **change}))
+    result = CliRunner().invoke(app, ["convert", "--detector", str(tmp_path / "lw"),
+                                      "--out", str(tmp_path / "out")], env={"COLUMNS": "300"})
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and mention in lines[0] and "model.safetensors" in lines[0], lines
+    assert not (tmp_path / "out").exists()
