@@ -4,6 +4,9 @@ A backbone module has a ``channels`` list (the four stage widths) and
 ``forward(images, stages=4) -> list[Tensor]`` (the first ``stages`` maps: training
 from the feature cache recomputes only stage 1). ``BUILDERS`` maps a config's backbone name to
 its builder; the config's other backbone entries are the builder's arguments.
+
+``vit_projector`` (LW-DETR, RF-DETR) returns C1 (stride 4) and then the projector's
+levels instead of stages; it also has ``strides``, the levels' strides.
 """
 
 from __future__ import annotations
