@@ -17,15 +17,17 @@ VIT = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, mlp_ratio
 VARIANTS = {
     # LW-DETR large-style: P3 and P5 levels (scales 2 and 0.5), 2 x 2 windows.
     "lw-p3p5": dict(family="lw", scales=[2.0, 0.5], windows=4),
-    # LW-DETR small-style: one P4 level, 4 x 4 windows.
-    "lw-p4": dict(family="lw", scales=[1.0], windows=16),
-    "rf": dict(family="rf", windows=2),
+    # LW-DETR small-style: one P4 level, 4 x 4 windows, a last block no output reads (as
+    # LW-DETR's 10-block ViT with outputs after blocks 2, 4, 5 and 9).
+    "lw-p4": dict(family="lw", scales=[1.0], windows=16, out_indices=[1, 2, 3]),
+    "rf": dict(family="rf", windows=2, out_indices=[1, 2, 3]),
     "rf-one-window": dict(family="rf", windows=1),
 }
 SIZE = (64, 96)  # multiples of patch x window side, as both originals require
 
 
-def random_hf_model(family: str = "lw", scales=(1.0,), windows: int = 4):
+def random_hf_model(family: str = "lw", scales=(1.0,), windows: int = 4,
+                    out_indices=(1, 3, 4)):
     """A small random Lw/RfDetrForObjectDetection and its config as a dict (config.json)."""
     torch.manual_seed(0)
     decoder = dict(d_model=32, decoder_ffn_dim=48, decoder_layers=2, decoder_n_points=2,
@@ -34,12 +36,13 @@ def random_hf_model(family: str = "lw", scales=(1.0,), windows: int = 4):
     if family == "lw":
         backbone = transformers.LwDetrViTConfig(
             **VIT, image_size=64, pretrain_image_size=48, window_block_indices=[0, 2],
-            out_indices=[1, 3, 4], num_windows=windows)
+            out_indices=list(out_indices), num_windows=windows)
         config = transformers.LwDetrConfig(backbone_config=backbone,
                                            projector_scale_factors=list(scales), **decoder)
         model = transformers.LwDetrForObjectDetection(config)
     else:
-        backbone = transformers.RfDetrDinov2Config(**VIT, image_size=48, out_indices=[1, 3, 4],
+        backbone = transformers.RfDetrDinov2Config(**VIT, image_size=48,
+                                                   out_indices=list(out_indices),
                                                    num_windows=windows)
         config = transformers.RfDetrConfig(backbone_config=backbone, **decoder)
         model = transformers.RfDetrForObjectDetection(config)

@@ -417,7 +417,7 @@ def tiny_lw_detr(family: str = "lw") -> FrozenDetector:
     one level): no encoder, the projector's maps are the memory."""
     torch.manual_seed(0)
     backbone = {"name": "vit_projector", "flavour": "cae" if family == "lw" else "dinov2",
-                "dim": 48, "depth": 4, "heads": 2, "mlp_dim": 96, "patch": 8,
+                "dim": 48, "heads": 2, "mlp_dim": 96, "patch": 8,
                 "pretrain_grid": 6, "window_side": 2, "window_blocks": (0, 2),
                 "out_layers": (1, 3, 4), "scales": (2.0, 0.5) if family == "lw" else (1.0,),
                 "projector_dim": 32, "blocks": 1, "expansion": 0.5,

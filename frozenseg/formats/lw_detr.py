@@ -93,6 +93,7 @@ RULES = [
 ]
 GROUP_HEADS = re.compile(r"^model\.(enc_output|enc_output_norm|enc_out_class_embed|"
                          r"enc_out_bbox_embed)\.([1-9]\d*)\.")
+BLOCK = re.compile(r"^model\.backbone\.backbone\.encoder\.layer\.(\d+)\.")
 TOP_HEADS = re.compile(r"^(class|bbox)_embed\.(.*)$")
 QUERY_TABLES = {"model.query_feat.weight": "transformer.tgt_embed.weight",
                 "model.reference_point_embed.weight": "transformer.refpoint_embed.weight"}
@@ -203,7 +204,7 @@ def _backbone(sd: StateDict, args: dict, family: str, c: int, notes: list[str]) 
              else f"{PROJ}projector_layer.")
     hidden = sd[f"{level}bottlenecks.0.conv1.conv.weight"].shape[0]
     return {"name": "vit_projector", "flavour": "cae" if family == "LW-DETR" else "dinov2",
-            "dim": dim, "depth": max(out_layers), "heads": heads, "mlp_dim": mlp,
+            "dim": dim, "heads": heads, "mlp_dim": mlp,
             "patch": patch, "pretrain_grid": grid, "window_side": side,
             "window_blocks": window_blocks, "out_layers": out_layers,
             "eps": float(bb.get("layer_norm_eps", 1e-6)), "scales": scales,
@@ -250,6 +251,8 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
             out.dropped.append((original, "batch norm counter (frozen batch norm keeps none)"))
         elif key.endswith("embeddings.mask_token"):
             out.dropped.append((original, "DINOv2's mask token (masked-image pretraining only)"))
+        elif (m := BLOCK.match(key)) and int(m[1]) >= max(config.backbone["out_layers"]):
+            out.dropped.append((original, "ViT block after the last output layer (never read)"))
         elif GROUP_HEADS.match(key):
             out.dropped.append((original, "group DETR proposal head of a training-only group"))
         elif key in QUERY_TABLES:

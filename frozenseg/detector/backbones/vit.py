@@ -92,9 +92,10 @@ class Block(nn.Module):
 
 class WindowedViT(nn.Module):
     """(B, 3, H, W) normalised images, sides multiples of patch * window_side -> one
-    (B, dim, H/patch, W/patch) map per entry of ``out_layers``."""
+    (B, dim, H/patch, W/patch) map per entry of ``out_layers``. Its blocks are those up to
+    the last output layer: a checkpoint's later blocks are never read."""
 
-    def __init__(self, *, flavour: str, dim: int, depth: int, heads: int, mlp_dim: int,
+    def __init__(self, *, flavour: str, dim: int, heads: int, mlp_dim: int,
                  patch: int, pretrain_grid: int, window_side: int,
                  window_blocks: Sequence[int], out_layers: Sequence[int],
                  eps: float = 1e-6) -> None:
@@ -117,16 +118,14 @@ class WindowedViT(nn.Module):
     def size_multiple(self) -> int:
         return self.patch * self.side
 
-    def forward(self, images: torch.Tensor, layers: int | None = None) -> list[torch.Tensor]:
-        """``layers``: how many of ``out_layers`` to return (the first ones; None: all)."""
-        wanted = self.out_layers[: layers or len(self.out_layers)]
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(images)
         b, c, h, w = x.shape
         x = self._windows(x) if self.flavour == "cae" else self._dinov2_windows(x)
         maps = []
-        for i, block in enumerate(self.blocks[: max(wanted)], start=1):
+        for i, block in enumerate(self.blocks, start=1):
             x = block(x, self.side**2)
-            if i in wanted:
+            if i in self.out_layers:
                 maps.append(self._map(x, b, h, w))
         return maps
 
