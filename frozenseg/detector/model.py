@@ -245,8 +245,10 @@ class DeformableDETR(nn.Module):
         """Backbone, input projections and encoder: everything before the queries.
         ``features``: the backbone's maps when already computed (activation checkpointing)."""
         features = self.backbone(images) if features is None else features
-        if self.config.encoder != "deformable":
-            return self._encode_maps(features, padding_mask)
+        if self.config.encoder == "hybrid":
+            return self._encode_hybrid(features, padding_mask)
+        if self.config.encoder == "none":
+            return self._encode_levels(features, padding_mask)
         srcs, masks = self._levels(features, padding_mask)
         flat = self._flatten(srcs, masks)
         pos = self._positions(masks, flat["src"].dtype)
@@ -256,18 +258,23 @@ class DeformableDETR(nn.Module):
         return Encoded(features=features, encoder_states=encoder_states, mask=flat["mask"],
                        shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
 
-    def _encode_maps(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
+    def _encode_hybrid(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
         """RT-DETR: the hybrid encoder fuses the backbone maps; the decoder's projections of
-        its maps, flattened, are the memory (one state: there are no per-layer outputs).
-        LW-DETR (no encoder): the backbone's levels, flattened, are the memory."""
-        if self.config.encoder == "none":
-            srcs = [features[s] for s in self.config.backbone_levels]
-        else:
-            maps = self.transformer.encoder([features[s] for s in self.config.backbone_levels])
-            srcs = [proj(m) for proj, m in zip(self.input_proj, maps, strict=True)]
+        its maps, flattened, are the memory (one state: there are no per-layer outputs)."""
+        maps = self.transformer.encoder([features[s] for s in self.config.backbone_levels])
+        srcs = [proj(m) for proj, m in zip(self.input_proj, maps, strict=True)]
         masks = [F.interpolate(padding_mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
                  for src in srcs]
         flat = self._flatten(srcs, masks)
+        return Encoded(features=features, encoder_states=[flat["src"]], mask=flat["mask"],
+                       shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
+
+    def _encode_levels(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
+        """LW-DETR / RF-DETR (no encoder): the backbone's levels (its projector's), flattened,
+        are the memory, one state."""
+        srcs = [features[s] for s in self.config.backbone_levels]
+        flat = self._flatten(srcs, [F.interpolate(padding_mask[None].float(), size=src.shape[-2:])
+                                    .to(torch.bool)[0] for src in srcs])
         return Encoded(features=features, encoder_states=[flat["src"]], mask=flat["mask"],
                        shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
 
