@@ -365,6 +365,19 @@ def grounding_dino_folder(folder: Path) -> Artifact:
     return Artifact(folder, "huggingface_grounding_dino", run, prompt=PROMPT)
 
 
+
+def lw_detr_folder(folder: Path, variant: str) -> Artifact:
+    """``save_pretrained`` of a transformers LwDetrForObjectDetection (its ViT attention
+    under the old names) or RfDetrForObjectDetection (Roboflow's own key layout) +
+    config.json, group DETR's training groups included."""
+    from test_convert_lw_detr import VARIANTS, random_hf_model
+
+    model, _ = random_hf_model(**VARIANTS[variant])
+    model.save_pretrained(folder)
+    return Artifact(folder, "huggingface_lw_detr",
+                    huggingface_reference(folder, type(model).__name__))
+
+
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
 
 RT_DETR_SMALL = DetectorConfig(
@@ -488,4 +501,7 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-grounding-dino": grounding_dino_folder,
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
     "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),
+    "huggingface-lw-detr-p3-p5": lambda d: lw_detr_folder(d, "lw-p3p5"),
+    "huggingface-lw-detr-p4": lambda d: lw_detr_folder(d, "lw-p4"),
+    "huggingface-rf-detr": lambda d: lw_detr_folder(d, "rf"),
 }

@@ -20,7 +20,7 @@ from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.task import TrainingError
 from frozenseg.engine.train import LAST, Trainer
-from frozenseg.formats import huggingface_detr, rt_detr
+from frozenseg.formats import huggingface_detr, lw_detr, rt_detr
 from frozenseg.recipe import load_recipe
 from tests.tiny import SCALE, recipe, save_detector, tiny_d_fine, tiny_detector
 
@@ -450,5 +450,45 @@ def test_the_head_trains_on_a_d_fine_detector_and_predicts(tmp_path, data):
     predictor.set_image(torch.rand(3, 90, 120))
     found = predictor.predict(max_instances=4)
     assert len(found.masks) == 4 and found.masks[0].shape == (90, 120)
+
+def tiny_lw_detr(family: str = "lw") -> FrozenDetector:
+    """A small random LW-DETR (CAE ViT, P3 and P5 projector levels) or RF-DETR (DINOv2,
+    one level): no encoder, the projector's maps are the memory."""
+    torch.manual_seed(0)
+    backbone = {"name": "vit_projector", "flavour": "cae" if family == "lw" else "dinov2",
+                "dim": 48, "heads": 2, "mlp_dim": 96, "patch": 8,
+                "pretrain_grid": 6, "window_side": 2, "window_blocks": (0, 2),
+                "out_layers": (1, 3, 4), "scales": (2.0, 0.5) if family == "lw" else (1.0,),
+                "projector_dim": 32, "blocks": 1, "expansion": 0.5,
+                "norm": "batch" if family == "lw" else "layer", "norm_eps": 1e-5,
+                "activation": "silu"}
+    levels = len(backbone["scales"])
+    config = DetectorConfig(**lw_detr.FIXED, backbone=backbone, hidden_dim=32, nheads=2,
+                            dec_cross_heads=4, enc_layers=0, dec_layers=2, dim_feedforward=64,
+                            num_queries=10, num_classes=5, num_feature_levels=levels,
+                            backbone_levels=tuple(range(1, levels + 1)), dec_n_points=2)
+    return FrozenDetector(build_detector(config), top_k=7)
+
+
+@pytest.mark.parametrize("family", ["lw", "rf"])
+def test_the_head_trains_on_an_lw_detr_detector(tmp_path, data, family):
+    """A family without an encoder: the head reads the projector's levels (the decoder's
+    memory) and C1, the finest level at stride 4, sized from the detector (head_dims); a
+    Predictor on the trained segmenter masks detections and given boxes."""
+    from frozenseg.head.predictor import Predictor
+    from frozenseg.head.segmenter import MaskFrozenDETR
+
+    detector = save_detector(tiny_lw_detr(family), tmp_path / family, "lw_detr")
+    run = recipe(tmp_path, data, detector, "data.transform=evaluation", "train.iterations=2")
+    trainer = Trainer(run, log=lambda _: None, evaluate=False)
+    before = {k: v.clone() for k, v in trainer.task.model.state_dict().items()}
+    trainer.run()
+    assert trainer.position.step == 2
+    after = trainer.task.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    predictor = Predictor(MaskFrozenDETR.from_pretrained(tmp_path / "run" / LAST, device="cpu"))
+    predictor.set_image(torch.rand(3, 90, 120))
+    found = predictor.predict(max_instances=5)
+    assert len(found.masks) == 5 and found.masks[0].shape == (90, 120)
     given = predictor.predict(boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]))
     assert given.masks.shape == (1, 90, 120)

@@ -16,8 +16,9 @@ import torch
 
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
-EncoderKind = Literal["deformable", "hybrid", "plain", "fusion"]
+EncoderKind = Literal["deformable", "hybrid", "plain", "fusion", "none"]
 DecoderKind = Literal["deformable", "fdr", "plain", "conditional", "anchor"]
+BoxDelta = Literal["logit", "scaled"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,6 +67,8 @@ class DetectorConfig:
                     ``decoder`` then says which of the plain-attention decoders reads it.
       ``fusion``    Grounding DINO's feature enhancer: before each deformable layer, image-text
                     cross-attention and a text self-attention layer (``detector.grounding``).
+      ``none``      LW-DETR's and RF-DETR's: no encoder; the backbone's levels (a ViT's maps
+                    through the multi-scale projector) are the memory the decoder reads.
 
     Decoder: ``deformable`` (Deformable DETR's layers), ``fdr`` (D-FINE's Fine-grained
     Distribution Refinement, ``fdr.py``), or one of the plain-attention decoders
@@ -77,7 +80,7 @@ class DetectorConfig:
     """
 
     variant: Literal["deformable_detr", "h_deformable_detr", "dino", "rt_detr", "d_fine",
-                     "detr", "conditional_detr", "dab_detr", "grounding_dino"] = (
+                     "detr", "conditional_detr", "dab_detr", "grounding_dino", "lw_detr"] = (
         "deformable_detr")
     backbone: dict[str, Any] = field(default_factory=lambda: {"name": "resnet50"})
     hidden_dim: int = 256
@@ -143,6 +146,17 @@ class DetectorConfig:
     ref_point_layers: int = 2
     ref_point_hidden_dim: int | None = None
     enc_n_points: int = 4
+    # The decoder's cross-attention heads where they differ from its self-attention's
+    # (LW-DETR, RF-DETR: 16 and 8; None: nheads).
+    dec_cross_heads: int | None = None
+    # How a box head's delta moves its reference: ``logit`` (Deformable DETR on): add in
+    # inverse-sigmoid space, then sigmoid; ``scaled`` (LW-DETR, RF-DETR): centre + delta_xy
+    # * size, size * exp(delta_wh), in box space, for the proposals, the anchors and the
+    # heads alike (the scaled kind also ranks only valid proposals: others score -inf).
+    box_delta: BoxDelta = "logit"
+    # LW-DETR / RF-DETR: each query has a learned box delta (``transformer.refpoint_embed``)
+    # that moves its selected proposal (``scaled``) into the reference the decoder reads.
+    anchor_delta: bool = False
     dec_n_points: int = 4
     num_queries: int = 300
     num_classes: int = 91

@@ -115,14 +115,17 @@ class FrozenDetector(nn.Module):
         return self.mean.device
 
     @property
-    def head_dims(self) -> dict[str, int]:
+    def head_dims(self) -> dict[str, int | float]:
         """What a mask head on this detector is sized by (``build_mask_head``'s keywords):
         the transformer's width, its feature levels, the channels of C1 and the stride of
-        the memory's first level (8 for most; 32 for the plain DETRs' one level)."""
+        the memory's first level (8 for most; 32 for the plain DETRs' one level; the
+        backbone's own where its levels are the memory, as LW-DETR's projector's)."""
+        strides = getattr(self.model.backbone, "strides", None)
         return {"hidden_dim": self.config.hidden_dim,
                 "num_levels": self.config.num_feature_levels,
                 "c1_channels": self.model.backbone.channels[0],
-                "memory_stride": 4 * 2 ** self.config.backbone_levels[0]}
+                "memory_stride": strides[0] if strides else
+                4 * 2 ** self.config.backbone_levels[0]}
 
     def finetune(self, part: str) -> list[nn.Parameter]:
         """Fine-tuning (paper Table 16): "partial" trains the transformer (encoder and

@@ -247,8 +247,10 @@ class TextDecoderLayer(DecoderLayer):
     """DINO's decoder layer with text cross-attention between its self-attention and its
     deformable cross-attention (queries + query_pos attend to the text, add & norm)."""
 
-    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int) -> None:
-        super().__init__(dim=dim, ffn_dim=ffn_dim, levels=levels, heads=heads, points=points)
+    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int,
+                 cross_heads: int | None = None) -> None:
+        super().__init__(dim=dim, ffn_dim=ffn_dim, levels=levels, heads=heads, points=points,
+                         cross_heads=cross_heads)
         self.text_cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm_text = nn.LayerNorm(dim)
 

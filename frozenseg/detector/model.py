@@ -4,10 +4,12 @@ One class covers Deformable DETR (single-stage, two-stage, box refinement),
 H-Deformable-DETR, DINO, RT-DETR (v1 and v2: a hybrid encoder under
 ``transformer.encoder``, whose maps reach the decoder through ``input_proj``, 1x1 conv +
 batch norm), D-FINE / DEIM (the hybrid encoder with ELAN fusion, and the FDR decoder of
-``fdr.py``, whose per-layer boxes come from distributions) and Grounding DINO (open
+``fdr.py``, whose per-layer boxes come from distributions), Grounding DINO (open
 vocabulary: a BERT ``text_backbone``, a fusion encoder, text cross-attention in the decoder
 layers and dot-product class heads, from ``detector/grounding.py``; the prompt travels in
-``Encoded.text``); :class:`DetectorConfig` says which. Parameter names
+``Encoded.text``) and LW-DETR / RF-DETR (no encoder: the backbone's projector levels are
+the memory, boxes move by ``scaled`` deltas); :class:`DetectorConfig` says which. Parameter
+names
 follow the official repositories (``backbone.``, ``input_proj.``, ``transformer.``,
 ``query_embed``, ``class_embed.i``, ``bbox_embed.i``), with every tensor stored once:
 per-layer heads are separate modules (shared ones in a checkpoint are simply copied)
@@ -96,8 +98,11 @@ class Proposals:
 
     tokens: torch.Tensor
     class_logits: torch.Tensor
-    box_logits: torch.Tensor
+    box_logits: torch.Tensor | None
     index: torch.Tensor
+    # The boxes themselves (normalised cx, cy, w, h) where deltas are ``scaled`` (LW-DETR):
+    # they may leave [0, 1], so there is no logit for them (box_logits is None).
+    boxes: torch.Tensor | None = None
 
 
 @dataclass
@@ -168,7 +173,8 @@ def build_decoder(config: DetectorConfig) -> nn.Module:
     layer = grounding.TextDecoderLayer if config.open_vocabulary else DecoderLayer
     return Decoder(
         layers=[layer(dim=c, ffn_dim=config.dim_feedforward, levels=config.num_feature_levels,
-                      heads=config.nheads, points=config.dec_n_points)
+                      heads=config.nheads, points=config.dec_n_points,
+                      cross_heads=config.dec_cross_heads)
                 for _ in range(config.dec_layers)],
         dim=c, norm=config.decoder_norm, ref_point_head=config.ref_point_head,
         inverse_sigmoid_eps=config.inverse_sigmoid_eps,
@@ -185,7 +191,8 @@ class DeformableTransformer(nn.Module):
         c = config.hidden_dim
         if config.encoder != "hybrid":
             self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, c))
-        self.encoder = build_encoder(config, channels)
+        if config.encoder != "none":
+            self.encoder = build_encoder(config, channels)
         self.decoder = build_decoder(config)
         if not config.two_stage:
             self.reference_points = nn.Linear(c, 2)
@@ -199,6 +206,8 @@ class DeformableTransformer(nn.Module):
             self.pos_trans_norm = nn.LayerNorm(2 * c)
         if config.query_init == "mixed":
             self.tgt_embed = nn.Embedding(config.num_queries, c)
+        if config.anchor_delta:  # LW-DETR: per-query box deltas moving the selected proposals
+            self.refpoint_embed = nn.Embedding(config.num_queries, 4)
 
 
 class DeformableDETR(nn.Module):
@@ -266,6 +275,8 @@ class DeformableDETR(nn.Module):
     @staticmethod
     def _input_projections(config: DetectorConfig, channels: list[int]) -> list[nn.Module]:
         c = config.hidden_dim
+        if config.encoder == "none":  # the backbone's levels are the memory as they are
+            return []
         if config.encoder == "hybrid" and not config.hybrid_projections:  # D-FINE's, same widths
             return [nn.Identity() for _ in config.backbone_levels]
         if config.encoder == "hybrid":  # the decoder's: 1x1 conv + batch norm per encoder map
@@ -302,6 +313,8 @@ class DeformableDETR(nn.Module):
         features = self.backbone(images) if features is None else features
         if self.config.encoder == "hybrid":
             return self._encode_hybrid(features, padding_mask)
+        if self.config.encoder == "none":
+            return self._encode_levels(features, padding_mask)
         srcs, masks = self._levels(features, padding_mask)
         flat = self._flatten(srcs, masks)
         pos = self._positions(masks, flat["src"].dtype)
@@ -325,6 +338,15 @@ class DeformableDETR(nn.Module):
         masks = [F.interpolate(padding_mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
                  for src in srcs]
         flat = self._flatten(srcs, masks)
+        return Encoded(features=features, encoder_states=[flat["src"]], mask=flat["mask"],
+                       shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
+
+    def _encode_levels(self, features: list[torch.Tensor], padding_mask: torch.Tensor) -> Encoded:
+        """LW-DETR / RF-DETR (no encoder): the backbone's levels (its projector's), flattened,
+        are the memory, one state."""
+        srcs = [features[s] for s in self.config.backbone_levels]
+        flat = self._flatten(srcs, [F.interpolate(padding_mask[None].float(), size=src.shape[-2:])
+                                    .to(torch.bool)[0] for src in srcs])
         return Encoded(features=features, encoder_states=[flat["src"]], mask=flat["mask"],
                        shapes=flat["shapes"], valid_ratios=flat["valid_ratios"])
 
@@ -365,6 +387,8 @@ class DeformableDETR(nn.Module):
         return RawDetection(logits=logits, boxes=boxes, decoder_states=states, encoded=encoded)
 
     def _box(self, delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        if self.config.box_delta == "scaled":
+            return scaled_box(reference, delta)
         logits = delta.clone()
         logits[..., : reference.shape[-1]] += inverse_sigmoid(
             reference, self.config.inverse_sigmoid_eps
@@ -422,7 +446,12 @@ class DeformableDETR(nn.Module):
             reference = t.reference_points(query_pos).sigmoid()
             return Queries(content[None].expand(b, -1, -1), reference, query_pos)
         proposals = self.select_proposals(memory, memory_mask, shapes, text=text)
-        reference = proposals.box_logits.detach().sigmoid()
+        if proposals.boxes is not None:
+            reference = proposals.boxes.detach()
+        else:
+            reference = proposals.box_logits.detach().sigmoid()
+        if cfg.anchor_delta:
+            reference = scaled_box(reference, t.refpoint_embed.weight[None, : reference.shape[1]])
         query_pos = content = None
         if not cfg.ref_point_head:
             sine = box_position_embedding(reference, num_feats=c // 2).to(memory.dtype)
@@ -451,16 +480,30 @@ class DeformableDETR(nn.Module):
         tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
         class_logits = (t.enc_out_class_embed(tokens) if text is None
                         else t.enc_out_class_embed(tokens, text))
+        scaled = cfg.box_delta == "scaled"
+        if scaled:  # LW-DETR: only valid positions compete
+            class_logits = class_logits.masked_fill(~valid, float("-inf"))
         scores = (class_logits[..., 0] if cfg.proposal_score == "first_class"
                   else class_logits.max(-1).values)
-        box_logits = t.enc_out_bbox_embed(tokens) + proposal_logits
+        deltas = t.enc_out_bbox_embed(tokens)
         # Images too small to offer num_queries positions get one query per position.
         top = torch.topk(scores, min(cfg.num_queries, scores.shape[1]), dim=1).indices
 
         def gather(x: torch.Tensor) -> torch.Tensor:
             return torch.gather(x, 1, top[..., None].expand(-1, -1, x.shape[-1]))
 
-        return Proposals(gather(tokens), gather(class_logits), gather(box_logits), top)
+        if scaled:  # the proposals in box space (0 where invalid), moved by scaled deltas
+            boxes = scaled_box(proposal_logits.sigmoid().masked_fill(~valid, 0.0), deltas)
+            return Proposals(gather(tokens), gather(class_logits), None, top, gather(boxes))
+        return Proposals(gather(tokens), gather(class_logits), gather(deltas + proposal_logits),
+                         top)
+
+
+def scaled_box(reference: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """LW-DETR's box update: (cx, cy) + delta_xy * (w, h), (w, h) * exp(delta_wh), on
+    normalised (cx, cy, w, h) boxes (B, Q, 4); the gradient reaches both."""
+    centre = reference[..., :2] + delta[..., :2] * reference[..., 2:]
+    return torch.cat([centre, reference[..., 2:] * delta[..., 2:].exp()], -1)
 
 
 def build_detector(config: DetectorConfig) -> DeformableDETR:

@@ -84,9 +84,14 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int) -> None:
+    """``cross_heads``: the deformable cross-attention's heads where they differ from the
+    self-attention's ``heads`` (LW-DETR)."""
+
+    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int,
+                 cross_heads: int | None = None) -> None:
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model=dim, n_levels=levels, n_heads=heads, n_points=points)
+        self.cross_attn = MSDeformAttn(d_model=dim, n_levels=levels,
+                                       n_heads=cross_heads or heads, n_points=points)
         self.norm1 = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)

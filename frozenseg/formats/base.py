@@ -108,6 +108,16 @@ def positive(name: str, value, kind: type = int):
     return kind(value)
 
 
+def refuse_unsupported(family: str, checks: list[tuple[dict, dict, str]]) -> None:
+    """ValueError in one line for the first setting outside what frozenseg reproduces.
+    checks: (supported {name: accepted values}, the saved settings, what they are)."""
+    for table, settings, what in checks:
+        for name, accepted in table.items():
+            if name in settings and settings[name] not in accepted:
+                raise ValueError(f"{family} with {what} {name}={settings[name]!r} is not "
+                                 f"supported (supported: {', '.join(map(repr, accepted))})")
+
+
 def count_indexed(state_dict: StateDict, prefix: str) -> int:
     """How many ``prefix{i}.`` blocks exist (1 + the largest i), 0 if none."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")

@@ -25,6 +25,7 @@ from frozenseg.formats.base import (
     backbone_levels,
     check_duplicate,
     count_indexed,
+    refuse_unsupported,
     substitute_keys,
 )
 
@@ -63,9 +64,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     """What RT-DETR's converter derives (:func:`rt_detr.hybrid_fields`), with the HGNetV2
     backbone, the ELAN blocks' depth and width, and the FDR bins, constants and quality
     heads from shapes and the saved tensors."""
-    rt_detr.check_settings("D-FINE", args, ((SUPPORTED, "", "config"),
-                                            (BACKBONE_SUPPORTED, "backbone_config",
-                                             "backbone config")))
+    refuse_unsupported("D-FINE", [(SUPPORTED, args, "config"), (
+        BACKBONE_SUPPORTED, args.get("backbone_config") or {}, "backbone config")])
     sd = substitute_keys(state_dict, IN_MEMORY)
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     return fdr_config(sd, args, "D-FINE", FIXED, "fc1", csp_expansion=sd[

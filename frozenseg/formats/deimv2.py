@@ -13,12 +13,13 @@ its in-memory names. The DINOv3 models (a ViT with a spatial tuning adapter) and
 from __future__ import annotations
 
 from frozenseg.detector.config import DetectorConfig
-from frozenseg.formats import d_fine, rt_detr
+from frozenseg.formats import d_fine
 from frozenseg.formats.base import (
     CheckpointFormat,
     Renamed,
     StateDict,
     count_indexed,
+    refuse_unsupported,
     substitute_keys,
 )
 
@@ -68,9 +69,8 @@ def copy_shared_box_head(sd: StateDict, prefix: str, layers: int) -> list[tuple[
 def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
     """D-FINE's derivation, with the ELAN5 width and trailing convolution, the gate, the
     query_pos head's depth and width, and the SwiGLU width from shapes."""
-    rt_detr.check_settings("DEIMv2", args, ((SUPPORTED, "", "config"),
-                                            (d_fine.BACKBONE_SUPPORTED, "backbone_config",
-                                             "backbone config")))
+    refuse_unsupported("DEIMv2", [(SUPPORTED, args, "config"), (
+        d_fine.BACKBONE_SUPPORTED, args.get("backbone_config") or {}, "backbone config")])
     sd = _in_d_fine_names(state_dict)
     copy_shared_box_head(sd, BOX_HEAD, count_indexed(sd, "model.decoder.layers."))
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]

@@ -27,6 +27,7 @@ from frozenseg.formats.base import (
     count_indexed,
     merge_qkv,
     positive,
+    refuse_unsupported,
     substitute_keys,
 )
 
@@ -120,15 +121,9 @@ BACKBONE_SUPPORTED = {
 }
 
 
-def check_settings(family: str, args: dict, tables: tuple[tuple[dict, str, str], ...]) -> None:
-    """Every (table, sub-config, what) setting in ``args`` takes an accepted value, or
-    ValueError in one line: '<family> with <what> <name>=<value> is not supported'."""
-    for table, sub, what in tables:
-        settings = (args.get(sub) or {}) if sub else args
-        for name, accepted in table.items():
-            if name in settings and settings[name] not in accepted:
-                raise ValueError(f"{family} with {what} {name}={settings[name]!r} is not "
-                                 f"supported (supported: {', '.join(map(repr, accepted))})")
+def _check_args(args: dict) -> None:
+    refuse_unsupported("RT-DETR", [(SUPPORTED, args, "config"), (
+        BACKBONE_SUPPORTED, args.get("backbone_config") or {}, "backbone config")])
 
 
 def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
@@ -179,8 +174,7 @@ def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
 def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
     """Widths, depths, levels and classes from shapes; heads, queries and the AIFI levels
     from config.json (passed as args)."""
-    check_settings("RT-DETR", args, ((SUPPORTED, "", "config"),
-                                     (BACKBONE_SUPPORTED, "backbone_config", "backbone config")))
+    _check_args(args)
     sd, notes = substitute_keys(state_dict, IN_MEMORY), []
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     backbone, widths = _backbone(sd)

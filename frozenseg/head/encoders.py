@@ -97,24 +97,25 @@ class FeatureFusion(nn.Module):
     (neck off, C1 width != C) or nn.Identity. mapper: the channel mapper, a Linear
     C -> D on each pixel, or None. up2 is a x2 bilinear upsample: stride-8 pixel centres
     land exactly on stride-4 ones, and the result is cropped (or edge-padded) to C1's size.
-    ``upsample`` is that factor, E0's stride over C1's: 2 for a stride-8 first level, 8 for
-    the plain DETRs' one stride-32 level (its pixel centres land on stride-4 ones too).
+    ``memory_stride``: E's level-0 stride (8 for most; 32 for the plain DETRs' one level; 16,
+    or 14 for a patch-14 ViT, for LW-DETR's projector levels); the upsample is by
+    memory_stride / 4, whose pixel centres land on the stride-4 ones.
     forward: (e0 (B, C, H0, W0) from ImageFeatureEncoder, output) -> [F_i (D, h_i, w_i)].
     """
 
     def __init__(self, *, c1_path: nn.Module | None, mapper: nn.Module | None,
-                 upsample: int = 2) -> None:
+                 memory_stride: float = 8) -> None:
         super().__init__()
         self.c1_path = c1_path
         self.mapper = mapper
-        self.upsample = upsample
+        self.scale = memory_stride / C1_STRIDE
 
     def forward(self, e0: Tensor, output: DetectorOutput) -> list[Tensor]:
         e0_sizes = memory_layout(output).valid_sizes(0)
         maps = []
         for i, (h4, w4) in enumerate(c1_valid_sizes(output)):
             h8, w8 = e0_sizes[i]
-            fused = upsample_to(e0[i : i + 1, :, :h8, :w8], (h4, w4), self.upsample)
+            fused = upsample_to(e0[i : i + 1, :, :h8, :w8], (h4, w4), self.scale)
             if self.c1_path is not None:
                 fused = fused + self.c1_path(output.c1[i : i + 1, :, :h4, :w4]).to(fused.dtype)
             if self.mapper is not None:
@@ -132,12 +133,12 @@ def c1_valid_sizes(output: DetectorOutput) -> list[tuple[int, int]]:
             for h, w in tensor_values(output.image_sizes)]
 
 
-def upsample_to(x: Tensor, size: tuple[int, int], factor: int = 2) -> Tensor:
-    """x``factor`` bilinear upsample of (1, C, h, w), cropped or edge-padded to ``size``."""
-    if factor == 1:
+def upsample_to(x: Tensor, size: tuple[int, int], scale: float = 2.0) -> Tensor:
+    """x ``scale`` bilinear upsample of (1, C, h, w), cropped or edge-padded to ``size``."""
+    if scale == 1:
         up = x
     else:
-        up = F.interpolate(x, scale_factor=float(factor), mode="bilinear", align_corners=False)
+        up = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
     up = up[..., : size[0], : size[1]]
     pad_h, pad_w = size[0] - up.shape[-2], size[1] - up.shape[-1]
     return F.pad(up, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else up

@@ -140,11 +140,11 @@ class TrainingFreeHead(nn.Module):
     (frame "image"). Same forward contract as :class:`MaskHead`; iou_logits is None.
     """
 
-    def __init__(self, *, fuse_c1: bool, roi_size: int | None, upsample: int = 2) -> None:
+    def __init__(self, *, fuse_c1: bool, roi_size: int | None, memory_stride: float = 8) -> None:
         super().__init__()
         self.image_encoder = ImageFeatureEncoder(stack=None, dim=0, levels=0, positional=False)
         self.fusion = FeatureFusion(c1_path=nn.Identity() if fuse_c1 else None, mapper=None,
-                                    upsample=upsample)
+                                    memory_stride=memory_stride)
         self.roi_size = roi_size
 
     def forward(self, output: DetectorOutput, keep: Tensor | None = None) -> HeadOutput:
@@ -174,10 +174,10 @@ def image_frame_logits(maps: list[Tensor], sel: Selection, output: DetectorOutpu
 
 
 def build_mask_head(config: HeadConfig, *, hidden_dim: int, c1_channels: int,
-                    num_levels: int, memory_stride: int = 8) -> nn.Module:
+                    num_levels: int, memory_stride: float = 8) -> nn.Module:
     """The head ``config`` describes, for a detector of width ``hidden_dim`` (C), a stride-4
-    map of ``c1_channels`` (C1) and ``num_levels`` encoder levels, the first of stride
-    ``memory_stride``.
+    map of ``c1_channels`` (C1) and ``num_levels`` encoder levels, the first at
+    ``memory_stride`` (8 for most; 32 for the plain DETRs, 16 or 14 for LW-DETR / RF-DETR).
 
     Sizes not in the config: box-encoder FFNs keep the detector's FFN ratio
     (ffn_dim * D / C, as the paper's Table 4 parameter counts imply); the query FFN uses
@@ -189,7 +189,7 @@ def build_mask_head(config: HeadConfig, *, hidden_dim: int, c1_channels: int,
                              f"channels but the detector's width is {hidden_dim}")
         return TrainingFreeHead(fuse_c1=config.fuse_c1,
                                 roi_size=config.roi_size if config.roi_align else None,
-                                upsample=max(memory_stride // 4, 1))
+                                memory_stride=memory_stride)
     if not config.roi_align:
         raise ValueError("head.roi_align=false exists only for the training-free baseline "
                          "(head.trainable=false, Table 1)")
@@ -204,7 +204,7 @@ def build_mask_head(config: HeadConfig, *, hidden_dim: int, c1_channels: int,
         image_encoder=_image_encoder(config, hidden_dim, num_levels),
         fusion=FeatureFusion(c1_path=_c1_path(config, hidden_dim, c1_channels),
                              mapper=nn.Linear(hidden_dim, dim) if config.mapper_dim else None,
-                             upsample=max(memory_stride // 4, 1)),
+                             memory_stride=memory_stride),
         roi_size=config.roi_size,
         roi_pos=GridEmbedding(size=config.roi_size, dim=dim) if needs_pos else None,
         box_encoder=BoxFeatureEncoder(stack=box_stack, size=config.roi_size) if box_stack else None,

@@ -4,6 +4,9 @@ A backbone module has a ``channels`` list (the four stage widths) and
 ``forward(images, stages=4) -> list[Tensor]`` (the first ``stages`` maps: training
 from the feature cache recomputes only stage 1). ``BUILDERS`` maps a config's backbone name to
 its builder; the config's other backbone entries are the builder's arguments.
+
+``vit_projector`` (LW-DETR, RF-DETR) returns C1 (stride 4) and then the projector's
+levels instead of stages; it also has ``strides``, the levels' strides.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from frozenseg.detector.backbones.hgnetv2 import HGNetV2
 from frozenseg.detector.backbones.resnet import ResNet
 from frozenseg.detector.backbones.resnet_vd import ResNetVd
 from frozenseg.detector.backbones.swin import build_swin
+from frozenseg.detector.backbones.vit import build_vit_projector
 
 # Swin and FocalNet take the keyword arguments their ``*_config_from_state_dict`` derive.
 BUILDERS = {
@@ -26,6 +30,8 @@ BUILDERS = {
     "hgnetv2": HGNetV2,  # D-FINE's and DEIM's: stem and per-stage widths, blocks, kernels
     "swin": build_swin,
     "focalnet": build_focalnet,
+    # LW-DETR / RF-DETR: a windowed ViT and the multi-scale projector (its levels, not stages)
+    "vit_projector": build_vit_projector,
 }
 
 
