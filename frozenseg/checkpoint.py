@@ -37,6 +37,23 @@ _np_scalar = np.float64(0).__reduce__()[0]
 # The weights-only unpickler only BUILDs allow-listed types, so each numeric class is listed.
 _NP_DTYPE_CLASSES = tuple(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG")
 
+# numpy arrays pickle as ``_reconstruct(ndarray, (0,), b'b')`` then a BUILD with their raw bytes
+# and dtype (an object array's items are unpickled by the same restricted unpickler).
+_np_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+
+
+class MMEngineRecord:
+    """Stand-in for mmengine's ``HistoryBuffer`` (the logged scalars in a training
+    checkpoint's ``message_hub``): an attribute bag, filled from the pickle's state, that
+    never runs mmengine's code. frozenseg reads nothing from it."""
+
+
+def _method_name(owner: Any, name: str) -> str:
+    """Stand-in for ``getattr`` in a pickle: HistoryBuffer keeps bound methods
+    (``getattr(buffer, 'mean')``); this returns the name and looks nothing up."""
+    return name
+
+
 SAFE_GLOBALS: tuple[Any, ...] = (
     # DINO, Deformable DETR and H-Deformable-DETR save ``'args': args``, an argparse.Namespace:
     # a plain attribute bag, rebuilt by setting its __dict__.
@@ -52,12 +69,22 @@ SAFE_GLOBALS: tuple[Any, ...] = (
     # pickles the class as pathlib._local.PosixPath, other versions as pathlib.PosixPath.
     (pathlib.PosixPath, "pathlib.PosixPath"),
     (pathlib.PosixPath, "pathlib._local.PosixPath"),
+    # mmengine's CheckpointHook saves 'message_hub', whose logged scalars are HistoryBuffers
+    # holding numpy arrays and bound methods: rebuilt as inert records, arrays from raw bytes
+    # (both numpy module spellings), method references as their names.
+    (MMEngineRecord, "mmengine.logging.history_buffer.HistoryBuffer"),
+    (_np_reconstruct, "numpy.core.multiarray._reconstruct"),
+    (_np_reconstruct, "numpy._core.multiarray._reconstruct"),
+    np.ndarray,
+    (_method_name, "builtins.getattr"),
+    (_method_name, "__builtin__.getattr"),
 )
 """Globals (besides torch's own tensor machinery) a checkpoint may use under ``trust=False``.
 
 Each entry is data-only: constructing it cannot run code, touch files or import modules.
-Deliberately absent: numpy arrays (``numpy.core.multiarray._reconstruct``/``ndarray``; the
-DETR-family training scripts don't store any), and every model, optimizer or config class.
+Numpy arrays are rebuilt from their bytes (mmengine's message hub stores some); ``getattr``
+is never called (its stand-in returns the attribute's name). Deliberately absent: every
+model, optimizer or config class.
 """
 
 # Keys under which training scripts store the weights, in order of preference.
@@ -329,8 +356,11 @@ def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _find_args(obj: Any) -> dict | None:
-    """``ckpt['args']`` as a dict (``vars()`` of a Namespace), or None if absent."""
+    """``ckpt['args']`` as a dict (``vars()`` of a Namespace), else mmdetection's
+    ``ckpt['meta']`` (its config text and dataset classes), or None if absent."""
     args = obj.get("args") if isinstance(obj, Mapping) else None
+    if args is None and isinstance(obj, Mapping) and isinstance(obj.get("meta"), Mapping):
+        args = obj["meta"]  # mmengine / mmcv: {'meta': {'cfg' or 'config': text, ...}}
     if isinstance(args, argparse.Namespace):
         return dict(vars(args))
     return dict(args) if isinstance(args, Mapping) else None

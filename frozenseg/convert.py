@@ -189,10 +189,13 @@ def _inspect(src, *, format, num_classes, trust, config, weights
 def _label_names(args: dict, num_classes: int) -> list[str | None] | None:
     """The class names in a Hugging Face config's ``id2label``, when it names every class
     (transformers' placeholders ``LABEL_i`` name none; COCO's unused slots, "N/A", are
-    None); else None."""
+    None), or in mmdetection's meta (``dataset_meta.classes`` / ``CLASSES``); else None."""
     labels = args.get("id2label")
     if not isinstance(labels, dict):
-        return None
+        from frozenseg.formats.mmdet import class_names  # mmdetection's meta
+
+        names = class_names(args)
+        return names if names is not None and len(names) == num_classes else None
     names = [labels.get(str(i), labels.get(i)) for i in range(num_classes)]
     if not all(isinstance(n, str) for n in names) or all(
             re.fullmatch(r"LABEL_\d+", n) for n in names):

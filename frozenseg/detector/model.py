@@ -280,8 +280,9 @@ class DeformableDETR(nn.Module):
 
     def _box(self, delta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         logits = delta.clone()
+        eps = self.config.head_inverse_sigmoid_eps
         logits[..., : reference.shape[-1]] += inverse_sigmoid(
-            reference, self.config.inverse_sigmoid_eps
+            reference, self.config.inverse_sigmoid_eps if eps is None else eps
         )
         return logits.sigmoid()
 

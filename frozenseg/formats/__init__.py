@@ -8,6 +8,7 @@ from frozenseg.formats import (
     dino,
     h_deformable_detr,
     huggingface,
+    mmdet,
     rt_detr,
     rt_detr_official,
 )
@@ -17,7 +18,7 @@ FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, rt_detr.FORMAT,
-                rt_detr_official.FORMAT)
+                rt_detr_official.FORMAT, mmdet.MMDET_FORMAT, mmdet.CO_DINO_FORMAT)
 }
 
 
