@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["EMA_KEYS", "SAFE_GLOBALS", "CheckpointError", "LoadedCheckpoint", "load_checkpoint",
-           "load_training_checkpoint"]
+__all__ = ["EMA_KEYS", "MMENGINE_TRAINED", "SAFE_GLOBALS", "CheckpointError", "LoadedCheckpoint",
+           "load_checkpoint", "load_training_checkpoint"]
 
 # numpy pickles a scalar as ``scalar(dtype, raw_bytes)``; the function lives in numpy.core
 # (numpy 1.x) or numpy._core (numpy 2.x), so take it from a scalar's own reduce and register it
@@ -93,6 +93,10 @@ _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 # main.py ('ema_model'), detectron2 / detrex's EMA hook ('ema_state'), RT-DETR and its
 # descendants ({'ema': {'module': state_dict, 'updates': n}}), timm ('state_dict_ema').
 EMA_KEYS = ("ema_model", "ema_state", "ema", "state_dict_ema", "model_ema")
+# mmengine's EMAHook swaps the copies before it saves: 'state_dict' holds the average (what
+# mmdetection evaluates and publishes) and 'ema_state_dict' the trained weights, as
+# 'module.'-prefixed keys beside the average's 'steps'.
+MMENGINE_TRAINED = "ema_state_dict"
 WEIGHT_CHOICES = ("auto", "model", "ema")
 # What a model folder holds, in the order a folder is searched: Hugging Face's save_pretrained
 # (sharded or not, safetensors or pickle), else the one checkpoint file in it.
@@ -291,6 +295,10 @@ def _choose_weights(path: Path, obj: Any, weights: str) -> tuple[str | None, str
     (None, None) for a file with neither (a bare state dict, say)."""
     if not isinstance(obj, Mapping):
         return None, None
+    if isinstance(obj.get(MMENGINE_TRAINED), Mapping) and _is_state_dict(obj.get("state_dict")):
+        if weights == "model":
+            return MMENGINE_TRAINED, "state_dict"
+        return "state_dict", MMENGINE_TRAINED
     model = next((k for k in _STATE_DICT_KEYS if _weights_under(obj, k) is not None), None)
     ema = next((k for k in EMA_KEYS if _weights_under(obj, k) is not None), None)
     if weights == "ema" and ema is None:
@@ -320,6 +328,10 @@ def _find_state_dict(path: Path, obj: Any, key: str | None) -> dict[str, torch.T
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: no state dict found: the file holds a "
                               f"{type(obj).__name__}, not a dict of tensors")
+    if key == MMENGINE_TRAINED:
+        prefix = "module."
+        return {k[len(prefix):]: v for k, v in _tensors_only(obj[key]).items()
+                if k.startswith(prefix)}
     if key is not None:
         found = _weights_under(obj, key)
         return found.state_dict() if isinstance(found, torch.nn.Module) else _tensors_only(found)

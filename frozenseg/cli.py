@@ -209,7 +209,8 @@ def _print_report(report) -> None:
 
 
 FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable_detr, "
-               "h_deformable_detr, detrex_dino, huggingface, rt_detr, huggingface_rt_detr.")
+               "h_deformable_detr, detrex_dino, huggingface, rt_detr, huggingface_rt_detr, "
+               "mmdet, co_dino.")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
     "detrex's config.yaml); overrides ckpt['args']."

@@ -212,11 +212,12 @@ def _format_name(state_dict: StateDict, format: str) -> str:
 
 def _weights_notes(ckpt) -> list[str]:
     """Which copy of the weights was taken, and dtypes that are not float32."""
-    from frozenseg.checkpoint import EMA_KEYS
+    from frozenseg.checkpoint import EMA_KEYS, MMENGINE_TRAINED
 
     notes = []
     if ckpt.other_key is not None:
-        flag = "model" if ckpt.weights_key in EMA_KEYS else "ema"
+        averaged = ckpt.weights_key in EMA_KEYS or ckpt.other_key == MMENGINE_TRAINED
+        flag = "model" if averaged else "ema"
         notes.append(f"weights from ckpt[{ckpt.weights_key!r}]; the file also holds "
                      f"ckpt[{ckpt.other_key!r}] (--weights {flag} takes it)")
     dtypes = {t.dtype for t in ckpt.state_dict.values() if t.is_floating_point()}

@@ -491,5 +491,4 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
         d, "deformable_detr_refine_two_stage", hook=False),
     "mmdet-deformable-detr-shared-heads": lambda d: mmdet_checkpoint(d, "deformable_detr"),
     "co-dino-sense-x": co_dino_checkpoint,
-    "co-dino-mmdet-projects": lambda d: co_dino_checkpoint(d, mmdet3=True),
 }

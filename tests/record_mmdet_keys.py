@@ -24,6 +24,7 @@ VARIANTS = {
     "deformable_detr_refine": ("deformable_detr/deformable-detr-refine_r50_16xb2-50e_coco.py", {}),
     "deformable_detr_refine_two_stage": (
         "deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py", {}),
+    "dino_5scale_swin": ("dino/dino-5scale_swin-l_8xb2-12e_coco.py", {}),
     "deformable_detr_two_stage": (
         "deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py",
         {"with_box_refine": False}),
@@ -31,7 +32,8 @@ VARIANTS = {
 
 
 def small_config(path: str, overrides: dict) -> Config:
-    """The shipped config shrunk: 2 + 2 layers, FFN 64, 30 queries, 7 classes."""
+    """The shipped config shrunk: 2 + 2 layers, FFN 64, 30 queries, 7 classes (and a
+    narrow Swin)."""
     cfg = Config.fromfile(CONFIGS / path)
     model = cfg.model
     model.backbone.init_cfg = None
@@ -40,6 +42,10 @@ def small_config(path: str, overrides: dict) -> Config:
         coder.layer_cfg.ffn_cfg.feedforward_channels = 64
     model.num_queries = 30
     model.bbox_head.num_classes = 7
+    if model.backbone.type == "SwinTransformer":  # Swin-L's layout, 32 wide, 5 blocks
+        model.backbone.update(embed_dims=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8],
+                              window_size=7, with_cp=False)
+        model.neck.in_channels = [32, 64, 128, 256]
     model.update(overrides)
     return cfg
 

@@ -13,19 +13,22 @@ DINO and Deformable DETR (on the CPU mmcv's deformable attention needs no compil
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import official_detr
 import pytest
 import torch
 
-from frozenseg.convert import convert_checkpoint, convert_state_dict
+from frozenseg.convert import convert_checkpoint, convert_state_dict, inspect_checkpoint
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import load_detector
-from frozenseg.detector.model import build_detector
+from frozenseg.detector.model import DeformableDETR, build_detector
 from frozenseg.formats import detect_format
 from frozenseg.formats import mmdet as mmdet_format
 
@@ -42,8 +45,14 @@ MMDET_DINO = dict(variant="dino", query_init="mixed", box_refine=True,
                   head_inverse_sigmoid_eps=1e-5, num_select=300, dn_labelbook_size=6)
 DEFORMABLE = dict(variant="deformable_detr", pos_temperature=10000.0, pos_offset=-0.5,
                   num_select=100)
+# dino-5scale_swin-l's Swin, 32 wide with 5 blocks (record_mmdet_keys.py).
+SWIN = {"name": "swin", "embed_dim": 32, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 4, 8),
+        "window_size": 7, "out_indices": (0, 1, 2, 3), "mlp_ratio": 4.0, "patch_size": 4,
+        "in_chans": 3, "qkv_bias": True, "patch_norm": True}
 VARIANTS = {
     "dino_4scale": DetectorConfig(**MMDET_DINO, **SMALL),
+    "dino_5scale_swin": DetectorConfig(**MMDET_DINO, **{
+        **SMALL, "backbone": SWIN, "backbone_levels": (0, 1, 2, 3), "num_feature_levels": 5}),
     "deformable_detr": DetectorConfig(**DEFORMABLE, **SMALL),
     "deformable_detr_refine": DetectorConfig(**DEFORMABLE, **SMALL, box_refine=True),
     "deformable_detr_refine_two_stage": DetectorConfig(**DEFORMABLE, **SMALL, box_refine=True,
@@ -102,8 +111,17 @@ def _head_name(key: str, config: DetectorConfig, prefix: str) -> str | None:
     return None
 
 
+_SWIN_NAMES = [(r"^backbone\.patch_embed\.proj\.", "backbone.patch_embed.projection."),
+               (r"\.attn\.", ".attn.w_msa."), (r"\.mlp\.fc1\.", ".ffn.layers.0.0."),
+               (r"\.mlp\.fc2\.", ".ffn.layers.1."), (r"^backbone\.layers\.", "backbone.stages.")]
+
+
 def mmdet_name(key: str, config: DetectorConfig) -> str | None:
     """Canonical key -> mmdet 3.x's (None: not saved)."""
+    if key.startswith("backbone.") and config.backbone["name"] == "swin":
+        for pattern, replacement in _SWIN_NAMES:
+            key = re.sub(pattern, replacement, key)
+        return key
     if key.startswith("backbone."):
         return key
     if key.startswith("input_proj."):
@@ -130,10 +148,21 @@ def with_batch_norm_counters(layout: dict) -> dict:
     return out
 
 
+def unfold_order(tensor: torch.Tensor) -> torch.Tensor:
+    """The official PatchMerging's channels (x0..x3 concatenated) in mmdet's nn.Unfold order,
+    as mmdet's swin2mmdet converter puts them."""
+    flat = tensor.reshape(-1, tensor.shape[-1])
+    out, channels = flat.shape[0], flat.shape[1] // 4
+    unfolded = flat.reshape(out, 4, channels)[:, [0, 2, 1, 3], :].transpose(1, 2)
+    return unfolded.reshape(tensor.shape).contiguous()
+
+
 def mmdet_layout(state_dict: dict, config: DetectorConfig) -> dict:
     """A canonical state dict as mmdet 3.x saves it."""
     named = {mmdet_name(k, config): v for k, v in state_dict.items()}
-    return with_batch_norm_counters({k: v for k, v in named.items() if k is not None})
+    layout = {k: unfold_order(v) if re.search(r"\.downsample\.(reduction|norm)\.", k) else v
+              for k, v in named.items() if k is not None}
+    return with_batch_norm_counters(layout)
 
 
 def co_dino_name(key: str, config: DetectorConfig, label: str) -> str | None:
@@ -312,7 +341,8 @@ def test_conversion_loads_strictly_and_gives_back_the_canonical_weights(name):
     assert report.format == "mmdet" and report.ok, report.problem()
     assert report.config == VARIANTS[name]
     assert {k for k, _ in report.dropped} == {k for k in source if "num_batches_tracked" in k}
-    assert sorted(k for k, _ in report.derived) == [f"input_proj.{i}.0.bias" for i in range(4)]
+    assert sorted(k for k, _ in report.derived) == [
+        f"input_proj.{i}.0.bias" for i in range(VARIANTS[name].num_feature_levels)]
     assert converted.keys() == canonical.keys()
     assert all(torch.equal(converted[k], canonical[k]) for k in canonical)
 
@@ -332,12 +362,28 @@ def test_co_dino_converts_its_query_head_and_drops_the_training_only_parts(mmdet
     assert "auxiliary heads" in dropped["query_head.downsample.0.weight"]
 
 
-def test_a_swin_backbone_is_refused_by_name():
+def test_mmdet_dino_adds_the_head_reference_at_its_own_clamp():
+    """DeformableDETRHead adds inverse_sigmoid(reference) at eps 1e-5; DINO's head at 1e-3."""
+    delta, reference = torch.zeros(1, 1, 4), torch.full((1, 1, 4), 1e-4)
+    boxes = {eps: DeformableDETR._box(SimpleNamespace(config=dataclasses.replace(
+                VARIANTS["dino_4scale"], head_inverse_sigmoid_eps=eps)), delta, reference)
+             for eps in (1e-5, None)}
+    torch.testing.assert_close(boxes[1e-5], reference)
+    torch.testing.assert_close(boxes[None], torch.full((1, 1, 4), 1e-3))
+
+
+def test_another_backbone_is_refused_by_name():
     source = mmdet_layout(_random_canonical("dino_4scale"), VARIANTS["dino_4scale"])
-    swin = {k: v for k, v in source.items() if not k.startswith("backbone.")}
-    swin["backbone.patch_embed.projection.weight"] = torch.zeros(96, 3, 4, 4)
-    with pytest.raises(ValueError, match="only ResNet"):
-        convert_state_dict(swin)
+    other = {k: v for k, v in source.items() if not k.startswith("backbone.")}
+    other["backbone.stem.0.conv.weight"] = torch.zeros(32, 3, 3, 3)
+    with pytest.raises(ValueError, match="only ResNet and Swin"):
+        convert_state_dict(other)
+
+
+def test_mmdet_patch_merging_order_is_undone():
+    weight = torch.randn(8, 16)
+    torch.testing.assert_close(mmdet_format.official_merging_order(unfold_order(weight)), weight)
+    assert not torch.equal(unfold_order(weight), weight)
 
 
 @pytest.mark.parametrize("path, value", [
@@ -379,6 +425,23 @@ def test_an_mmengine_checkpoint_converts_with_its_class_names(tmp_path):
     torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
 
 
+def test_mmengine_ema_the_average_is_taken_and_the_trained_weights_on_request(tmp_path):
+    """EMAHook swaps before saving: 'state_dict' is the average, 'ema_state_dict' the trained
+    weights ('module.' keys and 'steps')."""
+    from artifacts import mmdet_checkpoint
+
+    path = mmdet_checkpoint(tmp_path, "deformable_detr_refine", hook=False, ema=True).path
+    _, report = inspect_checkpoint(path)
+    assert report.notes[0] == ("weights from ckpt['state_dict']; the file also holds "
+                               "ckpt['ema_state_dict'] (--weights model takes it)")
+    state_dict, report = inspect_checkpoint(path, weights="model")
+    assert report.ok and report.notes[0].startswith("weights from ckpt['ema_state_dict']")
+    trained = torch.load(path, weights_only=False)["ema_state_dict"]
+    assert torch.equal(state_dict["transformer.level_embed"], trained["module.level_embed"])
+    assert torch.equal(state_dict["class_embed.1.weight"],
+                       trained["module.bbox_head.cls_branches.1.weight"])
+
+
 # --- side by side with mmdetection itself -------------------------------------------------------
 
 
@@ -392,7 +455,8 @@ def _mmdet_model(name: str):
 
     register_all_modules()
     cfg = small_config(*CONFIGS[name])
-    model = MODELS.build(cfg.model)
+    model = MODELS.build(copy.deepcopy(cfg.model))
+    model.init_weights()  # some parameters are torch.Tensor(n, c) until then: garbage
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for key, tensor in model.state_dict().items():

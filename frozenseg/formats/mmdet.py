@@ -44,7 +44,11 @@ dropped and listed: the auxiliary ``rpn_head``, ``roi_head`` and ``bbox_head`` (
 pos_feats_norm, head_pos_embed}``. Co-DETR's test-time soft-NMS of the query head's top 300
 is post-processing frozenseg does not reproduce (the detections before it are equal).
 
-Backbones: ResNet-50/101 only (mmdet's Swin has its own layout, not converted yet).
+Backbones: ResNet-50/101 (mmdet's has torchvision's names), and Swin: mmdet's
+``patch_embed.projection``, ``stages.i.blocks.j.{attn.w_msa, ffn.layers}``,
+``stages.i.downsample`` -> the official names, the patch merging's channels put back in the
+official order (mmdet gathers 2x2 patches with nn.Unfold; see
+:func:`official_merging_order`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from frozenseg.detector.backbones.swin import swin_config_from_state_dict
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats.base import (
     CheckpointFormat,
@@ -107,10 +112,36 @@ def _neck(mapped: int) -> list:
     ]
 
 
+# mmdet's SwinTransformer -> the official names the canonical Swin keeps.
+_SWIN = [
+    (r"^backbone\.patch_embed\.projection\.", "backbone.patch_embed.proj."),
+    (r"^backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.",
+     r"backbone.layers.\1.blocks.\2.attn."),
+    (r"^backbone\.stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.",
+     r"backbone.layers.\1.blocks.\2.mlp.fc1."),
+    (r"^backbone\.stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.",
+     r"backbone.layers.\1.blocks.\2.mlp.fc2."),
+    (r"^backbone\.stages\.(\d+)\.", r"backbone.layers.\1."),
+]
+_MERGING = re.compile(r"^backbone\.stages\.\d+\.downsample\.(reduction|norm)\.")
+
+
+def official_merging_order(tensor: torch.Tensor) -> torch.Tensor:
+    """mmdet's PatchMerging gathers each 2x2 patch with nn.Unfold, channel c*4 + k for the
+    offsets k = (0,0), (0,1), (1,0), (1,1) (row, column); the official one concatenates
+    x0..x3, channel j*C + c for (0,0), (1,0), (0,1), (1,1). Its reduction's input columns
+    and norm, from the first order to the second (the inverse of mmdet's swin2mmdet)."""
+    flat = tensor.reshape(-1, tensor.shape[-1])
+    out, channels = flat.shape[0], flat.shape[1] // 4
+    reordered = flat.reshape(out, channels, 4)[:, :, [0, 2, 1, 3]].transpose(1, 2)
+    return reordered.reshape(tensor.shape).contiguous()
+
+
 def _mmdet_rules(sd: StateDict) -> list:
     """mmdet 3.x DINO / Deformable DETR names -> canonical ones."""
     dino = "decoder.ref_point_head.layers.0.weight" in sd
     return [
+        *_SWIN,
         *_neck(count_indexed(sd, "neck.convs.")),
         (r"^level_embed$", "transformer.level_embed"),
         (r"^query_embedding\.", "transformer.tgt_embed." if dino else "query_embed."),
@@ -133,6 +164,7 @@ def _mmdet_rules(sd: StateDict) -> list:
 def _co_dino_rules(sd: StateDict) -> list:
     """Co-DINO's query head (mmcv 1.x layer names) -> canonical ones."""
     return [
+        *_SWIN,
         *_neck(count_indexed(sd, "neck.convs.")),
         (r"^query_head\.transformer\.level_embeds$", "transformer.level_embed"),
         (r"^query_head\.transformer\.query_embed\.", "transformer.tgt_embed."),
@@ -188,6 +220,8 @@ def _rename(state_dict: StateDict, rules: list, training_only: list) -> Renamed:
         why = _why_dropped(key, training_only)
         if why is not None:
             out.dropped.append((key, why))
+        elif _MERGING.match(key):
+            out.put(key, _rename_key(key, rules), official_merging_order(tensor))
         else:
             out.put(key, _rename_key(key, rules), tensor)
     for key in [k for k in out.state_dict if re.match(r"^input_proj\.\d+\.0\.weight$", k)]:
@@ -293,9 +327,16 @@ def _canonical(state_dict: StateDict, rules: list, training_only: list) -> State
 
 
 def _backbone(sd: StateDict, model: Mapping) -> tuple[dict, list[int]]:
+    """The backbone spec for :func:`build_backbone` and its four stage widths: ResNet
+    (mmdet's has torchvision's names) or Swin (renamed to the official names)."""
+    inner = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if any(".attn.relative_position_bias_table" in k for k in inner):
+        if _get(model, "backbone.use_abs_pos_embed", False):
+            raise ValueError("mmdetection Swin with use_abs_pos_embed=True is not supported")
+        spec = {"name": "swin", **swin_config_from_state_dict(inner)}
+        return spec, [spec["embed_dim"] * 2**i for i in range(4)]
     if "backbone.conv1.weight" not in sd:
-        raise ValueError("unsupported mmdetection backbone: only ResNet is converted "
-                         "(mmdet's Swin layout is not supported yet)")
+        raise ValueError("unsupported mmdetection backbone: only ResNet and Swin are converted")
     for path, accepted in (("backbone.style", "pytorch"), ("backbone.deep_stem", False)):
         value = _get(model, path, accepted)
         if value != accepted:
