@@ -25,9 +25,8 @@ import official_detr
 import pytest
 import torch
 
-from frozenseg.convert import convert_checkpoint, convert_state_dict, inspect_checkpoint
+from frozenseg.convert import convert_state_dict, inspect_checkpoint
 from frozenseg.detector.config import DetectorConfig
-from frozenseg.detector.frozen import load_detector
 from frozenseg.detector.model import DeformableDETR, build_detector
 from frozenseg.formats import detect_format
 from frozenseg.formats import mmdet as mmdet_format
@@ -316,6 +315,18 @@ def test_the_recorded_config_text_and_the_shapes_give_the_config(name):
     assert mmdet_format.derive_mmdet(layout, {"cfg": config_text(name)}) == (VARIANTS[name], [])
 
 
+def test_the_improved_dino_position_embedding_comes_from_the_config():
+    """dino-4scale_r50_improved: temperature 10000 and offset -0.5, which no weight shows."""
+    with torch.device("meta"):
+        layout = mmdet_layout(build_detector(VARIANTS["dino_4scale"]).state_dict(),
+                              VARIANTS["dino_4scale"])
+    saved = {"model": {"positional_encoding": {"num_feats": 128, "normalize": True,
+                                               "offset": -0.5, "temperature": 10000},
+                       "test_cfg": {"max_per_img": 300}}}
+    config, notes = mmdet_format.derive_mmdet(layout, {"cfg": saved})
+    assert (config.pos_temperature, config.pos_offset, notes) == (10000.0, -0.5, [])
+
+
 def test_without_a_config_the_family_defaults_are_assumed_and_said():
     source = mmdet_layout(_random_canonical("dino_4scale"), VARIANTS["dino_4scale"])
     config, notes = mmdet_format.derive_mmdet(source, {})
@@ -408,21 +419,15 @@ def test_the_config_text_is_read_as_data_and_never_run(tmp_path):
 # --- files as mmengine and mmcv write them -----------------------------------------------------
 
 
-def test_an_mmengine_checkpoint_converts_with_its_class_names(tmp_path):
+def test_an_mmengine_checkpoint_carries_its_class_names(tmp_path):
+    """CheckpointHook's file (message hub, optimizer, schedulers) loads safely; its config
+    text leaves nothing assumed and dataset_meta names the classes (the corpus checks the
+    outputs, tests/test_checkpoint_corpus.py)."""
     from artifacts import mmdet_checkpoint
 
-    artifact = mmdet_checkpoint(tmp_path / "source", "dino_4scale")
-    report = convert_checkpoint(artifact.path, tmp_path / "out")
-    assert report.format == "mmdet" and report.config == VARIANTS["dino_4scale"]
-    meta = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert meta["classes"]["names"] == list(CLASSES)
-    detector = load_detector(tmp_path / "out")
-    images, padding = official_detr.images_and_padding()
-    with torch.no_grad():
-        got = detector.model(images, padding)
-    logits, boxes = artifact.reference(images, padding)
-    torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
-    torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
+    _, report = inspect_checkpoint(mmdet_checkpoint(tmp_path, "dino_4scale").path)
+    assert report.ok and report.format == "mmdet" and report.notes == []
+    assert report.config == VARIANTS["dino_4scale"] and report.class_names == list(CLASSES)
 
 
 def test_mmengine_ema_the_average_is_taken_and_the_trained_weights_on_request(tmp_path):
