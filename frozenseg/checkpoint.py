@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["EMA_KEYS", "SAFE_GLOBALS", "CheckpointError", "LoadedCheckpoint", "load_checkpoint",
-           "load_training_checkpoint"]
+__all__ = ["EMA_KEYS", "MMENGINE_TRAINED", "SAFE_GLOBALS", "CheckpointError", "LoadedCheckpoint",
+           "load_checkpoint", "load_training_checkpoint"]
 
 # numpy pickles a scalar as ``scalar(dtype, raw_bytes)``; the function lives in numpy.core
 # (numpy 1.x) or numpy._core (numpy 2.x), so take it from a scalar's own reduce and register it
@@ -36,6 +36,23 @@ _np_scalar = np.float64(0).__reduce__()[0]
 # on the instance, whose class is one of the per-dtype classes (numpy.dtypes.Float64DType, ...).
 # The weights-only unpickler only BUILDs allow-listed types, so each numeric class is listed.
 _NP_DTYPE_CLASSES = tuple(type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG")
+
+# numpy arrays pickle as ``_reconstruct(ndarray, (0,), b'b')`` then a BUILD with their raw bytes
+# and dtype (an object array's items are unpickled by the same restricted unpickler).
+_np_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+
+
+class MMEngineRecord:
+    """Stand-in for mmengine's ``HistoryBuffer`` (the logged scalars in a training
+    checkpoint's ``message_hub``): an attribute bag, filled from the pickle's state, that
+    never runs mmengine's code. frozenseg reads nothing from it."""
+
+
+def _method_name(owner: Any, name: str) -> str:
+    """Stand-in for ``getattr`` in a pickle: HistoryBuffer keeps bound methods
+    (``getattr(buffer, 'mean')``); this returns the name and looks nothing up."""
+    return name
+
 
 SAFE_GLOBALS: tuple[Any, ...] = (
     # DINO, Deformable DETR and H-Deformable-DETR save ``'args': args``, an argparse.Namespace:
@@ -52,12 +69,22 @@ SAFE_GLOBALS: tuple[Any, ...] = (
     # pickles the class as pathlib._local.PosixPath, other versions as pathlib.PosixPath.
     (pathlib.PosixPath, "pathlib.PosixPath"),
     (pathlib.PosixPath, "pathlib._local.PosixPath"),
+    # mmengine's CheckpointHook saves 'message_hub', whose logged scalars are HistoryBuffers
+    # holding numpy arrays and bound methods: rebuilt as inert records, arrays from raw bytes
+    # (both numpy module spellings), method references as their names.
+    (MMEngineRecord, "mmengine.logging.history_buffer.HistoryBuffer"),
+    (_np_reconstruct, "numpy.core.multiarray._reconstruct"),
+    (_np_reconstruct, "numpy._core.multiarray._reconstruct"),
+    np.ndarray,
+    (_method_name, "builtins.getattr"),
+    (_method_name, "__builtin__.getattr"),
 )
 """Globals (besides torch's own tensor machinery) a checkpoint may use under ``trust=False``.
 
 Each entry is data-only: constructing it cannot run code, touch files or import modules.
-Deliberately absent: numpy arrays (``numpy.core.multiarray._reconstruct``/``ndarray``; the
-DETR-family training scripts don't store any), and every model, optimizer or config class.
+Numpy arrays are rebuilt from their bytes (mmengine's message hub stores some); ``getattr``
+is never called (its stand-in returns the attribute's name). Deliberately absent: every
+model, optimizer or config class.
 """
 
 # Keys under which training scripts store the weights, in order of preference.
@@ -66,6 +93,10 @@ _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 # main.py ('ema_model'), detectron2 / detrex's EMA hook ('ema_state'), RT-DETR and its
 # descendants ({'ema': {'module': state_dict, 'updates': n}}), timm ('state_dict_ema').
 EMA_KEYS = ("ema_model", "ema_state", "ema", "state_dict_ema", "model_ema")
+# mmengine's EMAHook swaps the copies before it saves: 'state_dict' holds the average (what
+# mmdetection evaluates and publishes) and 'ema_state_dict' the trained weights, as
+# 'module.'-prefixed keys beside the average's 'steps'.
+MMENGINE_TRAINED = "ema_state_dict"
 WEIGHT_CHOICES = ("auto", "model", "ema")
 # What a model folder holds, in the order a folder is searched: Hugging Face's save_pretrained
 # (sharded or not, safetensors or pickle), else the one checkpoint file in it.
@@ -264,6 +295,10 @@ def _choose_weights(path: Path, obj: Any, weights: str) -> tuple[str | None, str
     (None, None) for a file with neither (a bare state dict, say)."""
     if not isinstance(obj, Mapping):
         return None, None
+    if isinstance(obj.get(MMENGINE_TRAINED), Mapping) and _is_state_dict(obj.get("state_dict")):
+        if weights == "model":
+            return MMENGINE_TRAINED, "state_dict"
+        return "state_dict", MMENGINE_TRAINED
     model = next((k for k in _STATE_DICT_KEYS if _weights_under(obj, k) is not None), None)
     ema = next((k for k in EMA_KEYS if _weights_under(obj, k) is not None), None)
     if weights == "ema" and ema is None:
@@ -293,6 +328,10 @@ def _find_state_dict(path: Path, obj: Any, key: str | None) -> dict[str, torch.T
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: no state dict found: the file holds a "
                               f"{type(obj).__name__}, not a dict of tensors")
+    if key == MMENGINE_TRAINED:
+        prefix = "module."
+        return {k[len(prefix):]: v for k, v in _tensors_only(obj[key]).items()
+                if k.startswith(prefix)}
     if key is not None:
         found = _weights_under(obj, key)
         return found.state_dict() if isinstance(found, torch.nn.Module) else _tensors_only(found)
@@ -329,8 +368,11 @@ def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _find_args(obj: Any) -> dict | None:
-    """``ckpt['args']`` as a dict (``vars()`` of a Namespace), or None if absent."""
+    """``ckpt['args']`` as a dict (``vars()`` of a Namespace), else mmdetection's
+    ``ckpt['meta']`` (its config text and dataset classes), or None if absent."""
     args = obj.get("args") if isinstance(obj, Mapping) else None
+    if args is None and isinstance(obj, Mapping) and isinstance(obj.get("meta"), Mapping):
+        args = obj["meta"]  # mmengine / mmcv: {'meta': {'cfg' or 'config': text, ...}}
     if isinstance(args, argparse.Namespace):
         return dict(vars(args))
     return dict(args) if isinstance(args, Mapping) else None

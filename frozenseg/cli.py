@@ -213,7 +213,7 @@ FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable
                "detr, conditional_detr, huggingface_detr, huggingface_conditional_detr, "
                "huggingface_dab_detr, huggingface_d_fine (D-FINE, DEIM), huggingface_deimv2, "
                "huggingface_grounding_dino (open vocabulary: its tokenizer files beside it), "
-               "huggingface_lw_detr (LW-DETR and RF-DETR).")
+               "huggingface_lw_detr (LW-DETR and RF-DETR), mmdet, co_dino.")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
     "detrex's config.yaml); overrides ckpt['args']."

@@ -189,10 +189,13 @@ def _inspect(src, *, format, num_classes, trust, config, weights
 def _label_names(args: dict, num_classes: int) -> list[str | None] | None:
     """The class names in a Hugging Face config's ``id2label``, when it names every class
     (transformers' placeholders ``LABEL_i`` name none; COCO's unused slots, "N/A", are
-    None); else None."""
+    None), or in mmdetection's meta (``dataset_meta.classes`` / ``CLASSES``); else None."""
     labels = args.get("id2label")
     if not isinstance(labels, dict):
-        return None
+        from frozenseg.formats.mmdet import class_names  # mmdetection's meta
+
+        names = class_names(args)
+        return names if names is not None and len(names) == num_classes else None
     names = [labels.get(str(i), labels.get(i)) for i in range(num_classes)]
     if not all(isinstance(n, str) for n in names) or all(
             re.fullmatch(r"LABEL_\d+", n) for n in names):
@@ -209,11 +212,12 @@ def _format_name(state_dict: StateDict, format: str) -> str:
 
 def _weights_notes(ckpt) -> list[str]:
     """Which copy of the weights was taken, and dtypes that are not float32."""
-    from frozenseg.checkpoint import EMA_KEYS
+    from frozenseg.checkpoint import EMA_KEYS, MMENGINE_TRAINED
 
     notes = []
     if ckpt.other_key is not None:
-        flag = "model" if ckpt.weights_key in EMA_KEYS else "ema"
+        averaged = ckpt.weights_key in EMA_KEYS or ckpt.other_key == MMENGINE_TRAINED
+        flag = "model" if averaged else "ema"
         notes.append(f"weights from ckpt[{ckpt.weights_key!r}]; the file also holds "
                      f"ckpt[{ckpt.other_key!r}] (--weights {flag} takes it)")
     dtypes = {t.dtype for t in ckpt.state_dict.values() if t.is_floating_point()}

@@ -10,11 +10,18 @@ reference it must reproduce: the model the file was written from.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import re
+import sys
+import types
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import official_detr
 import torch
 import yaml
@@ -460,6 +467,108 @@ def rt_detr_official_checkpoint(folder: Path, version: str, *, released: bool = 
     return Artifact(path, "rt_detr", canonical_reference(ema), RT_DETR_SMALL)
 
 
+# --- mmdetection (mmengine's CheckpointHook, mmcv 1.x's save_checkpoint) ----------------------
+
+PALETTE = [(220, 20, 60), (119, 11, 32), (0, 0, 142), (0, 0, 230), (106, 0, 228),
+           (0, 60, 100), (0, 80, 100)]
+
+
+@contextlib.contextmanager
+def _as_mmengine_history_buffer():
+    """A class that pickles as mmengine's HistoryBuffer does (its name, numpy arrays, and the
+    bound methods in ``_statistics_methods``), without mmengine: registered under mmengine's
+    module names while ``torch.save`` runs."""
+    class HistoryBuffer:
+        def __init__(self, values: list[float]) -> None:
+            self.max_length = 1000000
+            self._log_history = np.array(values)
+            self._count_history = np.ones(len(values), dtype=np.int64)
+            self._statistics_methods = {"min": self.min, "max": self.max, "mean": self.mean,
+                                        "current": self.current}
+
+        def min(self): return self._log_history.min()  # noqa: E704
+        def max(self): return self._log_history.max()  # noqa: E704
+        def mean(self): return self._log_history.mean()  # noqa: E704
+        def current(self): return self._log_history[-1]  # noqa: E704
+
+    names = ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer")
+    modules = {name: types.ModuleType(name) for name in names}
+    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = names[-1], "HistoryBuffer"
+    modules[names[-1]].HistoryBuffer = HistoryBuffer
+    with mock.patch.dict(sys.modules, modules):
+        yield HistoryBuffer
+
+
+def _mmengine_training_parts(model: torch.nn.Module, buffer: type) -> dict:
+    """What CheckpointHook saves beside the weights: the message hub (logged scalars as
+    HistoryBuffers), the optimizer wrapper's and the parameter schedulers' states."""
+    optimizer, _ = training_state(model)
+    hub = {"log_scalars": collections.OrderedDict(
+               [("train/loss", buffer([2.5, 2.25])), ("train/lr", buffer([1e-4, 1e-4]))]),
+           "runtime_info": collections.OrderedDict(epoch=12, iter=7330, max_epochs=12),
+           "resumed_keys": collections.OrderedDict(epoch=True, iter=True)}
+    schedulers = [{"begin": 0, "end": 12, "by_epoch": True, "milestones": Counter({11: 1}),
+                   "gamma": 0.1, "param_name": "lr", "base_values": [1e-4], "last_step": 12,
+                   "_global_step": 12, "verbose": False, "_last_value": [1e-5]}]
+    return {"message_hub": hub, "optimizer": optimizer, "param_schedulers": schedulers}
+
+
+def mmdet_checkpoint(folder: Path, name: str = "dino_4scale", *, hook: bool = True,
+                     ema: bool = False) -> Artifact:
+    """``epoch_12.pth`` as mmengine's CheckpointHook writes it for mmdet 3.x: {'meta' (the
+    config text, dataset classes and palette), 'state_dict', 'message_hub', 'optimizer',
+    'param_schedulers'}; ``hook=False``: a released model (publish_model keeps {'meta',
+    'state_dict'}). ``ema``: EMAHook's save, where 'state_dict' holds the averaged weights
+    and 'ema_state_dict' the trained ones as ``module.``-prefixed keys with 'steps'.
+    Heads that one module serves (no box refinement) share one storage, as saved."""
+    from test_convert_mmdet import CLASSES, RECORDED, VARIANTS, canonical_model, mmdet_layout
+
+    config = VARIANTS[name]
+    model = canonical_model(config, seed=8)
+    layout = mmdet_layout(model.state_dict(), config)
+    if not config.box_refine:
+        for key in [k for k in layout if re.match(r"^bbox_head\.(cls|reg)_branches\.\d+\.", k)]:
+            layout[key] = layout[re.sub(r"_branches\.\d+\.", "_branches.0.", key)]
+    meta = {"epoch": 12, "iter": 7330, "cfg": RECORDED[name]["cfg"], "seed": 0,
+            "experiment_name": f"{name}_20221202_182705", "time": "20221202_182705",
+            "mmengine_version": "0.10.7",
+            "dataset_meta": {"classes": CLASSES, "palette": PALETTE}}
+    payload = {"meta": meta, "state_dict": layout}
+    with _as_mmengine_history_buffer() as buffer:
+        if hook:
+            payload.update(_mmengine_training_parts(build_detector(config), buffer))
+        if ema:
+            trained = canonical_model(config, seed=9)
+            payload["ema_state_dict"] = {
+                **{f"module.{k}": v for k, v in mmdet_layout(trained.state_dict(),
+                                                             config).items()},
+                "steps": torch.tensor(7330)}
+        path = _save(payload, folder / "epoch_12.pth")
+    return Artifact(path, "mmdet", canonical_reference(model), config)
+
+
+def co_dino_checkpoint(folder: Path, *, mmdet3: bool = False) -> Artifact:
+    """Co-DETR's Co-DINO with its auxiliary heads: Sense-X's mmcv 1.x save_checkpoint
+    ({'meta': {'config' text, 'CLASSES', ...}, 'state_dict', 'optimizer'}), or mmdetection's
+    projects/CO-DETR through mmengine (``mmdet3``). Only the query head is the reference."""
+    from test_convert_mmdet import CLASSES, CO_DINO, CO_DINO_CONFIG, canonical_model, co_dino_layout
+
+    model = canonical_model(CO_DINO, seed=10)
+    layout = co_dino_layout(model.state_dict(), CO_DINO, mmdet3=mmdet3)
+    optimizer, _ = training_state(build_detector(CO_DINO))
+    if mmdet3:
+        meta = {"cfg": CO_DINO_CONFIG, "dataset_meta": {"classes": CLASSES, "palette": PALETTE},
+                "epoch": 12, "iter": 7330, "mmengine_version": "0.10.7"}
+    else:
+        meta = {"env_info": "sys.platform: linux\nPyTorch: 1.11.0", "config": CO_DINO_CONFIG,
+                "seed": 0, "exp_name": "co_dino_5scale_r50_1x_coco.py", "epoch": 12,
+                "iter": 87960, "mmcv_version": "1.5.0", "time": "Thu Jul 20 10:21:35 2023",
+                "CLASSES": CLASSES, "mmdet_version": "2.25.3"}
+    path = _save({"meta": meta, "state_dict": layout, "optimizer": optimizer},
+                 folder / ("epoch_12.pth" if mmdet3 else "co_dino_5scale_r50_1x_coco.pth"))
+    return Artifact(path, "co_dino", canonical_reference(model), CO_DINO)
+
+
 def _focalnet() -> dict:
     from test_convert_dino import FOCALNET
 
@@ -504,4 +613,10 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-lw-detr-p3-p5": lambda d: lw_detr_folder(d, "lw-p3p5"),
     "huggingface-lw-detr-p4": lambda d: lw_detr_folder(d, "lw-p4"),
     "huggingface-rf-detr": lambda d: lw_detr_folder(d, "rf"),
+    "mmdet-dino-checkpoint-hook": lambda d: mmdet_checkpoint(d),
+    "mmdet-dino-ema": lambda d: mmdet_checkpoint(d, hook=False, ema=True),
+    "mmdet-deformable-detr-two-stage-released": lambda d: mmdet_checkpoint(
+        d, "deformable_detr_refine_two_stage", hook=False),
+    "mmdet-deformable-detr-shared-heads": lambda d: mmdet_checkpoint(d, "deformable_detr"),
+    "co-dino-sense-x": co_dino_checkpoint,
 }

@@ -390,8 +390,9 @@ class DeformableDETR(nn.Module):
         if self.config.box_delta == "scaled":
             return scaled_box(reference, delta)
         logits = delta.clone()
+        eps = self.config.head_inverse_sigmoid_eps
         logits[..., : reference.shape[-1]] += inverse_sigmoid(
-            reference, self.config.inverse_sigmoid_eps
+            reference, self.config.inverse_sigmoid_eps if eps is None else eps
         )
         return logits.sigmoid()
 

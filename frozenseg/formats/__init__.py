@@ -14,6 +14,7 @@ from frozenseg.formats import (
     huggingface,
     huggingface_detr,
     lw_detr,
+    mmdet,
     rt_detr,
     rt_detr_official,
 )
@@ -24,7 +25,8 @@ FORMATS: dict[str, CheckpointFormat] = {
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, d_fine.FORMAT, deimv2.FORMAT, rt_detr.FORMAT,
                 grounding_dino.FORMAT, rt_detr_official.FORMAT, *huggingface_detr.FORMATS,
-                detr.FORMAT, detr.CONDITIONAL_FORMAT, lw_detr.FORMAT)
+                detr.FORMAT, detr.CONDITIONAL_FORMAT, lw_detr.FORMAT, mmdet.MMDET_FORMAT,
+                mmdet.CO_DINO_FORMAT)
 }
 
 

@@ -25,6 +25,7 @@ from frozenseg.formats.base import (
     backbone_levels,
     check_duplicate,
     count_indexed,
+    merge_qkv,
     refuse_unsupported,
     substitute_keys,
 )
@@ -157,7 +158,7 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
         else:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
-    rt_detr._merge_qkv(out)
+    merge_qkv(out, rt_detr.QKV, ("q", "k", "v"))
     return out
 
 

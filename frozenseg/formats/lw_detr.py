@@ -22,11 +22,12 @@ from frozenseg.formats.base import (
     StateDict,
     apply_rules,
     count_indexed,
+    merge_qkv,
     positive,
     refuse_unsupported,
     substitute_keys,
 )
-from frozenseg.formats.rt_detr import _merge_qkv
+from frozenseg.formats.rt_detr import QKV
 
 VIT = "model.backbone.backbone."
 PROJ = "model.backbone.projector."
@@ -265,7 +266,7 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
             rest[key] = tensor
     renamed = Renamed()
     apply_rules(rest, RULES, renamed)
-    _merge_qkv(renamed)
+    merge_qkv(renamed, QKV, ("q", "k", "v"))
     for name, target in renamed.renamed:
         out.renamed.append((source.get(name, name), target))
     out.kept += renamed.kept
