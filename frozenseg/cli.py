@@ -210,7 +210,7 @@ def _print_report(report) -> None:
 
 FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable_detr, "
                "h_deformable_detr, detrex_dino, huggingface, rt_detr, huggingface_rt_detr, "
-               "detr, conditional_detr, huggingface_detr, huggingface_conditional_detr, "
+               "detr, conditional_detr, dab_detr, huggingface_detr, huggingface_conditional_detr, "
                "huggingface_dab_detr.")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "

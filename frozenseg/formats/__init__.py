@@ -20,7 +20,7 @@ FORMATS: dict[str, CheckpointFormat] = {
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, rt_detr.FORMAT,
                 rt_detr_official.FORMAT, *huggingface_detr.FORMATS, detr.FORMAT,
-                detr.CONDITIONAL_FORMAT)
+                detr.CONDITIONAL_FORMAT, detr.DAB_FORMAT)
 }
 
 
