@@ -305,23 +305,30 @@ def detr_official_layout(state_dict: dict, variant: str = "detr") -> dict:
             out[re.sub(r"^backbone\.", "backbone.0.body.", key)] = tensor
     for key, parts in stacks.items():
         out[key] = torch.cat([parts[p] for p in "qkv"])
-    return {k.replace(".cross_attn.", f".{cross}."): v for k, v in out.items()}
+    if variant == "dab_detr":  # bbox_embed is also the decoder's (one module, saved twice)
+        out.update({f"transformer.decoder.{k}": v for k, v in out.items()
+                    if k.startswith("bbox_embed.")})
+    return {re.sub(r"^patterns\.", "transformer.patterns.",
+                   k.replace(".cross_attn.", f".{cross}.")): v for k, v in out.items()}
 
 
-def detr_official_checkpoint(folder: Path, variant: str = "detr") -> Artifact:
-    """``checkpoint.pth`` of DETR's (or Conditional DETR's) main.py: {model, optimizer,
-    lr_scheduler, epoch, args}, from a random transformers model (the reference:
+def detr_official_checkpoint(folder: Path, variant: str = "detr", **settings) -> Artifact:
+    """``checkpoint.pth`` of DETR's (Conditional DETR's, DAB-DETR's) main.py: {model,
+    optimizer, lr_scheduler, epoch, args}, from a random transformers model (the reference:
     transformers running it)."""
     from test_convert_detr import random_hf_model
 
     from frozenseg.convert import convert_state_dict
 
-    hf, config_json = random_hf_model(variant)
+    hf, config_json = random_hf_model(variant, **settings)
     canonical, report = convert_state_dict(hf.state_dict(), args=config_json)
     optimizer, scheduler = training_state(build_detector(report.config))
+    dab = {"pe_temperatureH": 20, "pe_temperatureW": 20, "transformer_activation": "prelu",
+           "num_patterns": report.config.num_patterns, "query_scale_type": "cond_elewise",
+           "modulate_hw_attn": True, "iter_update": True} if variant == "dab_detr" else {}
     args = argparse.Namespace(hidden_dim=64, nheads=2, enc_layers=2, dec_layers=2,
                               dim_feedforward=48, num_queries=12, position_embedding="sine",
-                              dilation=False, pre_norm=False, masks=False, lr=1e-4)
+                              dilation=False, pre_norm=False, masks=False, lr=1e-4, **dab)
     path = _save({"model": detr_official_layout(canonical, variant), "optimizer": optimizer,
                   "lr_scheduler": scheduler, "epoch": 49, "args": args},
                  folder / "checkpoint.pth")
@@ -608,6 +615,8 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-deimv2-shared-box-head": lambda d: d_fine_folder(
         d, "no-gate-shared-box-head-no-trailing-conv", "deimv2"),
     "huggingface-grounding-dino": grounding_dino_folder,
+    "dab-detr-main": lambda d: detr_official_checkpoint(d, "dab_detr", num_patterns=2,
+                                                        keep_query_pos=True),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
     "rt-detr-v2-released": lambda d: rt_detr_official_checkpoint(d, "v2", released=True),
     "huggingface-lw-detr-p3-p5": lambda d: lw_detr_folder(d, "lw-p3p5"),

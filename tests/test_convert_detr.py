@@ -184,17 +184,22 @@ def test_unsupported_settings_are_refused_in_one_line(variant, setting, value):
     assert f"{setting}={value!r}" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("variant", ["detr", "conditional_detr"])
+OFFICIAL = {"detr": {}, "conditional_detr": {},
+            "dab_detr": dict(num_patterns=2, keep_query_pos=True)}
+
+
+@pytest.mark.parametrize("variant", OFFICIAL)
 def test_an_official_checkpoint_matches_transformers(tmp_path, variant):
-    """facebookresearch/detr's and Atten4Vis/ConditionalDETR's layouts (nn.MultiheadAttention's
-    stacked in_proj, backbone.0.body., DETR's multihead_attn) convert to what transformers
+    """facebookresearch/detr's, Atten4Vis/ConditionalDETR's and IDEA-Research/DAB-DETR's
+    layouts (nn.MultiheadAttention's stacked in_proj, backbone.0.body., DETR's multihead_attn,
+    DAB's transformer.patterns and twice-saved box head) convert to what transformers
     computes for the same weights."""
     from artifacts import detr_official_checkpoint
 
     from frozenseg.convert import convert_checkpoint
     from frozenseg.detector.frozen import load_detector
 
-    artifact = detr_official_checkpoint(tmp_path / "detr", variant)
+    artifact = detr_official_checkpoint(tmp_path / "detr", variant, **OFFICIAL[variant])
     report = convert_checkpoint(artifact.path, tmp_path / "converted")
     assert report.format == variant and report.config == artifact.config and not report.notes
     images, valid = images_and_masks()
@@ -205,13 +210,15 @@ def test_an_official_checkpoint_matches_transformers(tmp_path, variant):
     torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize(("setting", "value"), [("pre_norm", True),
-                                                ("position_embedding", "learned")])
-def test_an_official_detr_setting_frozenseg_does_not_compute_is_refused(tmp_path, setting,
-                                                                          value):
+@pytest.mark.parametrize(("variant", "setting", "value"), [
+    ("detr", "pre_norm", True), ("detr", "position_embedding", "learned"),
+    ("dab_detr", "query_scale_type", "cond_scalar"), ("dab_detr", "pe_temperatureW", 10000),
+])
+def test_an_official_setting_frozenseg_does_not_compute_is_refused(tmp_path, variant, setting,
+                                                                     value):
     from artifacts import detr_official_checkpoint
 
-    artifact = detr_official_checkpoint(tmp_path / "detr")
+    artifact = detr_official_checkpoint(tmp_path / "detr", variant)
     ckpt = torch.load(artifact.path, weights_only=False)
     setattr(ckpt["args"], setting, value)
     with pytest.raises(ValueError, match="not supported") as err:

@@ -10,8 +10,8 @@ attention encoder with DETR's normalised sine positions, and one of three decode
                  content part and a spatial part (the sine of the reference point, scaled by
                  an MLP of the content from the second layer on).
 ``anchor``       DAB-DETR: learned 4-d anchor boxes; each layer's query position is an MLP
-                 of the anchor's sine embedding, its spatial query is modulated by the
-                 predicted over the anchor's width and height, and the box head refines the
+                 of the anchor's sine embedding, its spatial query is modulated by a
+                 predicted width and height over the anchor's, and the box head refines the
                  anchor after every layer.
 
 The model answers the canonical model's interface (``encode``, ``initial_queries``,
@@ -206,26 +206,33 @@ class PlainDecoder(nn.Module):
 
     def forward(self, content, reference, query_pos, memory, pos, padding, box_head,
                 inverse_sigmoid_eps: float):
-        tgt, states, references, c = content, [], [], content.shape[-1]
+        tgt, states, references = content, [], []
         for i, layer in enumerate(self.layers):
-            sine = None
-            if self.kind != "plain":
-                sine = box_position_embedding(reference, num_feats=c // 2, order="yxwh").to(tgt)
-            if self.kind == "anchor":
-                query_pos = self.ref_point_head(sine)
-                sine = sine[..., :c] * (1 if i == 0 else self.query_scale(tgt))
-                size = self.ref_anchor_head(tgt).sigmoid() / reference[..., 2:]  # (w, h)
-                sine = torch.cat([sine[..., : c // 2] * size[..., 1:],  # y part: by height
-                                  sine[..., c // 2:] * size[..., :1]], -1)  # x part: by width
-            elif self.kind == "conditional" and i > 0:
-                sine = sine * self.query_scale(tgt)
+            query_pos, sine = self._positions(i, tgt, reference, query_pos)
             tgt = layer(tgt, memory, pos, padding, query_pos, sine)
             states.append(self.norm(tgt))
             references.append(reference)
-            if self.kind == "anchor":
+            if self.kind == "anchor":  # the box head on the raw output refines the anchor
                 reference = (box_head(tgt)
                              + inverse_sigmoid(reference, inverse_sigmoid_eps)).sigmoid().detach()
         return states, references
+
+    def _positions(self, i: int, tgt, reference, query_pos):
+        """Layer i's query position and spatial query (the reference's sine embedding,
+        y before x, scaled by an MLP of the content after the first layer)."""
+        if self.kind == "plain":
+            return query_pos, None
+        c = tgt.shape[-1]
+        sine = box_position_embedding(reference, num_feats=c // 2, order="yxwh").to(tgt)
+        if self.kind == "anchor":
+            query_pos, sine = self.ref_point_head(sine), sine[..., :c]
+        if i > 0:
+            sine = sine * self.query_scale(tgt)
+        if self.kind == "anchor":  # attention modulated by a predicted size over the anchor's
+            size = self.ref_anchor_head(tgt).sigmoid() / reference[..., 2:]  # (w, h)
+            sine = torch.cat([sine[..., : c // 2] * size[..., 1:],  # y part: by height
+                              sine[..., c // 2:] * size[..., :1]], -1)  # x part: by width
+        return query_pos, sine
 
 
 class PlainTransformer(nn.Module):

@@ -25,8 +25,8 @@ FORMATS: dict[str, CheckpointFormat] = {
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, d_fine.FORMAT, deimv2.FORMAT, rt_detr.FORMAT,
                 grounding_dino.FORMAT, rt_detr_official.FORMAT, *huggingface_detr.FORMATS,
-                detr.FORMAT, detr.CONDITIONAL_FORMAT, lw_detr.FORMAT, mmdet.MMDET_FORMAT,
-                mmdet.CO_DINO_FORMAT)
+                detr.FORMAT, detr.CONDITIONAL_FORMAT, detr.DAB_FORMAT, lw_detr.FORMAT,
+                mmdet.MMDET_FORMAT, mmdet.CO_DINO_FORMAT)
 }
 
 
