@@ -146,8 +146,8 @@ def _check(out: Path, steps: int, images: int, detector: Path) -> None:
     if detector == DETECTOR and not detector.is_file():
         raise DemoError(f"{DETECTOR}: no shipped detector in this build yet (it is trained "
                         "with recipes/synth_detector.yaml); pass --detector CHECKPOINT")
-    if not detector.is_file():
-        raise DemoError(f"{detector}: no such checkpoint")
+    if not detector.exists():
+        raise DemoError(f"{detector}: no such checkpoint (a file, or a save_pretrained folder)")
 
 
 def demo_recipe(out: str | Path, steps: int = DEFAULT_STEPS):
@@ -197,7 +197,6 @@ def _synth(folder: Path, images: int, hooks: DemoHooks):
 def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
     """Skipped when ``folder`` holds a conversion of this very file (its config.json
     records the source's sha256) with the synthetic dataset's class names."""
-    from frozenseg.cache.store import sha256_file
     from frozenseg.convert import convert_checkpoint
     from frozenseg.data.synth import THINGS
     from frozenseg.detector.folder import DetectorFolderError, read_meta
@@ -207,7 +206,7 @@ def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
         meta = read_meta(folder)
     except DetectorFolderError:
         meta = {}
-    if (meta.get("sha256") == sha256_file(detector)
+    if (meta.get("sha256") == _digest(detector)
             and meta.get("classes", {}).get("names") == names):
         return True, f"{meta['format']}, {len(names)} classes", folder
     with hooks.images("Converting the detector") as update:
@@ -216,6 +215,15 @@ def _convert(detector: Path, folder: Path, trust: bool, hooks: DemoHooks):
         if update:
             update(1, 1)
     return False, f"{report.format}, {report.config.num_classes} classes", folder
+
+
+def _digest(detector: Path) -> str:
+    """What a conversion records of its source: a file's sha256; a folder's weights' (as
+    ``load_checkpoint`` finds them)."""
+    from frozenseg.cache.store import sha256_file
+    from frozenseg.checkpoint import load_checkpoint
+
+    return sha256_file(detector) if detector.is_file() else load_checkpoint(detector).sha256
 
 
 def _cache(recipe, hooks: DemoHooks):

@@ -43,7 +43,7 @@ def random_hf_model(version: str = "v1", backbone: str = "bottleneck", **setting
         encoder_hidden_dim=encoder_dim, encoder_in_channels=width[1:], encoder_ffn_dim=48,
         encoder_attention_heads=2, d_model=32, decoder_in_channels=[encoder_dim] * 3,
         decoder_ffn_dim=64, decoder_layers=2, decoder_attention_heads=2, num_queries=20,
-        num_labels=5, **settings,
+        num_labels=settings.pop("num_labels", 5), **settings,
     )
     return perturb(lively(model_class(config))), config.to_dict()
 

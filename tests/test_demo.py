@@ -108,6 +108,22 @@ def test_bad_input_is_one_line_and_exit_code_1(tmp_path):
         run_demo(tmp_path / "demo", detector=tmp_path / "missing.pth")
 
 
+def test_the_demo_runs_on_an_rt_detr_folder_of_the_shapes_classes(tmp_path):
+    """Another family's detector as users have it: a transformers save_pretrained folder
+    (RT-DETR, random weights, the shapes' 8 classes). Every stage runs on it; the head reads
+    the hybrid encoder's maps (memory_layer null)."""
+    from test_convert_rt_detr import random_hf_model
+
+    model, _ = random_hf_model(num_labels=8)
+    model.save_pretrained(tmp_path / "rt_detr")
+    summary = run_demo(tmp_path / "demo", steps=2, images=20, detector=tmp_path / "rt_detr")
+    assert [s.name for s in summary.stages] == STAGES
+    assert summary.stage("convert").detail.startswith("huggingface_rt_detr, 8 classes")
+    assert summary.mask_ap is not None and summary.box_ap is not None
+    again = run_demo(tmp_path / "demo", steps=2, images=20, detector=tmp_path / "rt_detr")
+    assert again.stage("convert").reused   # the folder's weights' digest matched
+
+
 def test_help():
     result = runner.invoke(app, ["demo", "--help"])
     assert result.exit_code == 0 and "--steps" in result.output
