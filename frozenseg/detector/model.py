@@ -189,7 +189,7 @@ class DeformableTransformer(nn.Module):
     def __init__(self, config: DetectorConfig, channels: list[int]) -> None:
         super().__init__()
         c = config.hidden_dim
-        if config.encoder != "hybrid":
+        if config.encoder in ("deformable", "fusion"):  # the encoders that read level_embed
             self.level_embed = nn.Parameter(torch.zeros(config.num_feature_levels, c))
         if config.encoder != "none":
             self.encoder = build_encoder(config, channels)
@@ -234,9 +234,10 @@ class DeformableDETR(nn.Module):
 
     @property
     def encoder_layers(self) -> int:
-        """How many encoder states ``encode`` returns: one per deformable encoder layer, or
-        one for the hybrid encoder (its fused maps)."""
-        return 1 if self.config.encoder == "hybrid" else self.config.enc_layers
+        """How many encoder states ``encode`` returns: one per deformable (or fusion) encoder
+        layer; one for the hybrid encoder (its fused maps) and for none (the backbone's
+        levels)."""
+        return self.config.enc_layers if self.config.encoder in ("deformable", "fusion") else 1
 
     def init_for_training(self, prior_prob: float = 0.01) -> None:
         """Deformable DETR's and DINO's initialisation, for training from random weights.
@@ -254,7 +255,7 @@ class DeformableDETR(nn.Module):
         for module in self.transformer.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()
-        if self.config.encoder != "hybrid":
+        if hasattr(self.transformer, "level_embed"):
             nn.init.normal_(self.transformer.level_embed)
         classifiers, box_heads = list(self.class_embed), list(self.bbox_embed)
         if self.config.two_stage:
