@@ -117,8 +117,11 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
             out.dropped.append((key, "batch norm counter (frozen batch norm keeps none)"))
         elif key.startswith("transformer.decoder.bbox_embed."):  # DAB-DETR's, the same module
             original = key[len("transformer.decoder."):]
-            check_duplicate(state_dict, key, original)
-            out.dropped.append((key, f"duplicate of {original}"))
+            if original in state_dict:
+                check_duplicate(state_dict, key, original)
+                out.dropped.append((key, f"duplicate of {original}"))
+            else:  # a file that kept only the decoder's name for it
+                rest[original] = tensor
         else:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
