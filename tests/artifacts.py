@@ -392,6 +392,138 @@ def lw_detr_folder(folder: Path, variant: str) -> Artifact:
                     huggingface_reference(folder, type(model).__name__))
 
 
+# --- official D-FINE / DEIM (Peterande/D-FINE's and ShihuaHuang95/DEIM's solver) -----------
+
+def _d_fine_backbone(m: re.Match) -> str:
+    key = re.sub(r"^embedder\.", "stem.", m[1])
+    key = re.sub(r"^encoder\.stages\.", "stages.", key)
+    key = re.sub(r"(^|\.)convolution\.", r"\1conv.", key)
+    return "backbone." + re.sub(r"(^|\.)normalization\.", r"\1bn.", key)
+
+
+# transformers' saved D-FINE names -> the official modules' (HGNetv2, HybridEncoder with
+# RepNCSPELAN4 cv1..cv4 and SCDown, DFINETransformer), first matching rule.
+D_FINE_OFFICIAL = [
+    (r"^model\.backbone\.model\.(.*)$", _d_fine_backbone),
+    (r"^model\.(encoder|decoder)_input_proj\.(\d+)\.0\.", r"\1.input_proj.\2.conv."),
+    (r"^model\.(encoder|decoder)_input_proj\.(\d+)\.1\.", r"\1.input_proj.\2.norm."),
+    (r"^model\.encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn_layer_norm\.",
+     r"encoder.encoder.\1.layers.\2.norm1."),
+    (r"^model\.encoder\.encoder\.(\d+)\.layers\.(\d+)\.final_layer_norm\.",
+     r"encoder.encoder.\1.layers.\2.norm2."),
+    (r"^model\.encoder\.encoder\.(\d+)\.layers\.(\d+)\.fc([12])\.",
+     r"encoder.encoder.\1.layers.\2.linear\3."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv1\.", r"encoder.\1_blocks.\2.cv1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.csp_rep1\.", r"encoder.\1_blocks.\2.cv2.0."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv2\.", r"encoder.\1_blocks.\2.cv2.1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.csp_rep2\.", r"encoder.\1_blocks.\2.cv3.0."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv3\.", r"encoder.\1_blocks.\2.cv3.1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv4\.", r"encoder.\1_blocks.\2.cv4."),
+    (r"^model\.encoder\.downsample_convs\.(\d+)\.conv([12])\.",
+     r"encoder.downsample_convs.\1.0.cv\2."),
+    (r"^model\.encoder\.", "encoder."),
+    (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.",
+     r"decoder.decoder.layers.\1.norm1."),
+    (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.decoder.layers.\1.norm3."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.", r"decoder.decoder.layers.\1.cross_attn."),
+    (r"^model\.decoder\.layers\.(\d+)\.fc([12])\.", r"decoder.decoder.layers.\1.linear\2."),
+    (r"^model\.decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."),
+    (r"^model\.decoder\.class_embed\.", "decoder.dec_score_head."),
+    (r"^model\.decoder\.bbox_embed\.", "decoder.dec_bbox_head."),
+    (r"^model\.decoder\.", "decoder."),
+    (r"^model\.enc_output\.0\.", "decoder.enc_output.proj."),
+    (r"^model\.enc_output\.1\.", "decoder.enc_output.norm."),
+    (r"^model\.weight_embedding\.", "decoder.tgt_embed."),
+    (r"^model\.", "decoder."),
+]
+QKV_SPLIT = re.compile(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$")
+
+
+def d_fine_official_layout(hf_state_dict: dict) -> dict:
+    """A transformers D-FINE state dict in the official solver's keys: q, k, v stacked into
+    ``in_proj``, the FDR constants also under ``decoder.decoder`` (the decoder registers the
+    transformer's parameters again), the backbone's batch-norm counters, and the anchors of
+    eval_spatial_size; the top-level copies of the heads dropped (the official model has
+    them once)."""
+    from frozenseg.formats.base import substitute_keys
+    from frozenseg.formats.d_fine import IN_MEMORY
+
+    out, qkv = {}, collections.defaultdict(dict)
+    for key, tensor in substitute_keys(hf_state_dict, IN_MEMORY).items():
+        if key.startswith(("class_embed.", "bbox_embed.")):
+            continue
+        for pattern, replacement in D_FINE_OFFICIAL:
+            if re.match(pattern, key):
+                key = re.sub(pattern, replacement, key, count=1)
+                break
+        if m := QKV_SPLIT.match(key):
+            qkv[f"{m[1]}.in_proj_{m[3]}"][m[2]] = tensor
+            continue
+        out[key] = tensor
+        if key.startswith("backbone.") and key.endswith("running_var"):
+            out[key.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    for name in ("up", "reg_scale"):
+        out[f"decoder.decoder.{name}"] = out[f"decoder.{name}"]
+    out["decoder.anchors"], out["decoder.valid_mask"] = torch.zeros(1, 8400, 4), torch.ones(
+        1, 8400, 1, dtype=torch.bool)
+    return out
+
+
+def d_fine_official_yaml(args: dict, family: str = "D-FINE") -> dict:
+    """The YAML sections of the config a transformers D-FINE ``args`` (config.json) was
+    made from, as D-FINE's (and DEIM's) configs spell them."""
+    levels = args["num_feature_levels"]
+    return {
+        "model": "DEIM" if family == "DEIM" else "DFINE",
+        "HGNetv2": {"name": "B0", "use_lab": True, "return_idx": [1, 2, 3][3 - levels:]},
+        "HybridEncoder": {"hidden_dim": args["encoder_hidden_dim"],
+                          "use_encoder_idx": args["encode_proj_layers"],
+                          "nhead": args["encoder_attention_heads"],
+                          "dim_feedforward": args["encoder_ffn_dim"],
+                          "enc_act": "gelu", "act": "silu", "pe_temperature": 10000,
+                          "expansion": args["hidden_expansion"],
+                          "depth_mult": args["depth_mult"]},
+        "DFINETransformer": {"hidden_dim": args["d_model"], "num_levels": levels,
+                             "num_layers": args["decoder_layers"], "eval_idx": -1,
+                             "num_queries": args["num_queries"],
+                             "nhead": args["decoder_attention_heads"],
+                             "num_points": [args["decoder_n_points"]] * levels
+                             if isinstance(args["decoder_n_points"], int)
+                             else args["decoder_n_points"],
+                             "reg_max": args["max_num_bins"], "reg_scale": args["reg_scale"],
+                             "cross_attn_method": "default",
+                             "query_select_method": "default"},
+    }
+
+
+def d_fine_official_checkpoint(folder: Path, variant: str = "s", *, family: str = "D-FINE",
+                               released: bool = False) -> Artifact:
+    """What D-FINE's (DEIM's) solver saves (``{'date', 'last_epoch', 'model', 'ema':
+    {'module', 'updates'}, 'optimizer', 'lr_scheduler'}``), or a released file (``{'model'}``
+    only), written from a random transformers model, with its YAML config beside it."""
+    from test_convert_d_fine import VARIANTS, random_hf_model
+
+    hf, args = random_hf_model(**VARIANTS[variant])
+    layout = d_fine_official_layout(hf.state_dict())
+    if released:
+        payload = {"model": layout}
+    else:
+        other, _ = random_hf_model(**VARIANTS[variant])
+        optimizer, scheduler = training_state(torch.nn.Linear(4, 4))
+        payload = {"date": "2024-10-18T12:00:00", "last_epoch": 71, "optimizer": optimizer,
+                   "lr_scheduler": scheduler, "ema": {"module": layout, "updates": 5000},
+                   "model": d_fine_official_layout(perturb(other, seed=3).state_dict())}
+    path = _save(payload, folder / ("dfine_hgnetv2_s_coco.pth" if released else "last.pth"))
+    (folder / "config.yaml").write_text(yaml.safe_dump(d_fine_official_yaml(args, family)))
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = hf(pixel_values=images)
+        return out.logits, out.pred_boxes
+    return Artifact(path, "d_fine", run)
+
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
 
 RT_DETR_SMALL = DetectorConfig(
@@ -615,6 +747,11 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-deimv2-shared-box-head": lambda d: d_fine_folder(
         d, "no-gate-shared-box-head-no-trailing-conv", "deimv2"),
     "huggingface-grounding-dino": grounding_dino_folder,
+    "d-fine-solver": lambda d: d_fine_official_checkpoint(d, "s"),
+    "d-fine-released-projected": lambda d: d_fine_official_checkpoint(
+        d, "plain-projected", released=True),
+    "deim-solver-two-levels": lambda d: d_fine_official_checkpoint(d, "n-two-levels",
+                                                                   family="DEIM"),
     "dab-detr-main": lambda d: detr_official_checkpoint(d, "dab_detr", num_patterns=2,
                                                         keep_query_pos=True),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
