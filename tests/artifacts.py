@@ -392,6 +392,60 @@ def lw_detr_folder(folder: Path, variant: str) -> Artifact:
                     huggingface_reference(folder, type(model).__name__))
 
 
+# --- official RF-DETR (roboflow/rf-detr's main.py) ------------------------------------------
+
+def rf_detr_official_args(config: dict) -> argparse.Namespace:
+    """The training arguments RF-DETR's main.py saves, for a transformers RF-DETR config."""
+    bb = config["backbone_config"]
+    return argparse.Namespace(
+        encoder="dinov2_windowed_small", out_feature_indexes=bb["out_indices"],
+        num_windows=bb["num_windows"], dec_layers=config["decoder_layers"], two_stage=True,
+        projector_scale=["P4"], hidden_dim=config["d_model"], patch_size=bb["patch_size"],
+        sa_nheads=config["decoder_self_attention_heads"],
+        ca_nheads=config["decoder_cross_attention_heads"],
+        dec_n_points=config["decoder_n_points"], bbox_reparam=True, lite_refpoint_refine=True,
+        layer_norm=True, num_classes=config["num_labels"], resolution=64,
+        group_detr=config["group_detr"], num_queries=config["num_queries"], num_select=12,
+        positional_encoding_size=6, segmentation_head=False, use_ema=True, lr=1e-4,
+        output_dir=Path("output"), class_names=[f"class {i}" for i in range(5)])
+
+
+def rf_detr_official_checkpoint(folder: Path, *, released: bool = False) -> Artifact:
+    """What RF-DETR's main.py saves (``{'model', 'optimizer', 'lr_scheduler', 'epoch',
+    'args', 'ema_model'}``), or a released file (``{'model', 'args'}``): the keys as its
+    modules name them, which is the layout transformers' save_pretrained writes (read back
+    from a saved folder). DINOv2's heads are 64 channels wide, as RF-DETR's configs have them."""
+    from safetensors.torch import load_file
+    from test_convert_lw_detr import random_hf_model
+
+    def official(seed: int):
+        model, config = random_hf_model(family="rf", windows=2, out_indices=[1, 2, 3],
+                                        hidden_size=128, num_attention_heads=2)
+        if seed:
+            perturb(model, seed=seed)
+        model.save_pretrained(folder / f"hf{seed}")
+        return model, config, load_file(folder / f"hf{seed}" / "model.safetensors")
+
+    reference, config, layout = official(0)
+    payload = {"model": layout, "args": rf_detr_official_args(config)}
+    if not released:
+        _, _, trained = official(4)
+        optimizer, scheduler = training_state(torch.nn.Linear(4, 4))
+        payload.update(model=trained, ema_model=layout, optimizer=optimizer,
+                       lr_scheduler=scheduler, epoch=11)
+    path = _save(payload, folder / ("rf-detr-base.pth" if released else "checkpoint.pth"))
+    for seed in (0, 4):
+        for file in (folder / f"hf{seed}").glob("*"):
+            file.unlink()
+        if (folder / f"hf{seed}").exists():
+            (folder / f"hf{seed}").rmdir()
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = reference(pixel_values=images, pixel_mask=(~padding).long())
+        return out.logits, out.pred_boxes
+    return Artifact(path, "huggingface_lw_detr", run)
+
 # --- official D-FINE / DEIM (Peterande/D-FINE's and ShihuaHuang95/DEIM's solver) -----------
 
 def _d_fine_backbone(m: re.Match) -> str:
@@ -759,6 +813,8 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-lw-detr-p3-p5": lambda d: lw_detr_folder(d, "lw-p3p5"),
     "huggingface-lw-detr-p4": lambda d: lw_detr_folder(d, "lw-p4"),
     "huggingface-rf-detr": lambda d: lw_detr_folder(d, "rf"),
+    "rf-detr-main": rf_detr_official_checkpoint,
+    "rf-detr-released": lambda d: rf_detr_official_checkpoint(d, released=True),
     "mmdet-dino-checkpoint-hook": lambda d: mmdet_checkpoint(d),
     "mmdet-dino-ema": lambda d: mmdet_checkpoint(d, hook=False, ema=True),
     "mmdet-deformable-detr-two-stage-released": lambda d: mmdet_checkpoint(
