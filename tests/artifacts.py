@@ -404,7 +404,7 @@ def rf_detr_official_args(config: dict) -> argparse.Namespace:
         sa_nheads=config["decoder_self_attention_heads"],
         ca_nheads=config["decoder_cross_attention_heads"],
         dec_n_points=config["decoder_n_points"], bbox_reparam=True, lite_refpoint_refine=True,
-        layer_norm=True, num_classes=config["num_labels"], resolution=64,
+        layer_norm=True, num_classes=len(config["id2label"]), resolution=64,
         group_detr=config["group_detr"], num_queries=config["num_queries"], num_select=12,
         positional_encoding_size=6, segmentation_head=False, use_ema=True, lr=1e-4,
         output_dir=Path("output"), class_names=[f"class {i}" for i in range(5)])
