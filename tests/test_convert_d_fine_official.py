@@ -117,7 +117,9 @@ def test_the_converted_model_reproduces_transformers():
 @pytest.mark.parametrize(("section", "setting", "value"), [
     ("DFINETransformer", "cross_attn_method", "discrete"),
     ("DFINETransformer", "query_select_method", "agnostic"),
-    ("DFINETransformer", "activation", "silu"),
+    ("DFINETransformer", "activation", "silu"),  # DEIM's released configs
+    ("DFINETransformer", "mlp_act", "silu"),
+    ("HybridEncoder", "version", "rt_detrv2"),
     ("DFINETransformer", "eval_idx", 1),
     ("HybridEncoder", "enc_act", "relu"),
 ])
@@ -145,3 +147,41 @@ def test_the_formats_tell_the_layouts_apart():
     assert detect_format(layout).name == "d_fine"
     assert not FORMATS["rt_detr"].matches(layout)
     assert not FORMATS["d_fine"].matches(hf.state_dict())
+
+
+def test_a_config_reads_its_includes_and_deims_silu_decoder_is_refused(tmp_path):
+    """D-FINE's and DEIM's configs name their bases in ``__include__`` (relative paths, the
+    file's own settings last): DEIM's base sets the decoder's activations to silu, which
+    frozenseg does not reproduce, so the DEIM file is refused, naming the setting."""
+    import yaml as pyyaml
+
+    from frozenseg.convert import convert_checkpoint, read_training_config
+
+    hf, layout, settings = official()
+    (tmp_path / "base").mkdir()
+    (tmp_path / "deim").mkdir()
+    base = {key: value for key, value in settings.items() if key != "DFINETransformer"}
+    base["DFINETransformer"] = {**settings["DFINETransformer"], "num_queries": 300}
+    (tmp_path / "base" / "dfine.yml").write_text(pyyaml.safe_dump(base))
+    (tmp_path / "base" / "deim.yml").write_text(pyyaml.safe_dump(
+        {"DFINETransformer": {"activation": "silu", "mlp_act": "silu"}}))
+    top = {"__include__": ["../base/dfine.yml"],
+           "DFINETransformer": {"num_queries": settings["DFINETransformer"]["num_queries"]}}
+    (tmp_path / "deim" / "dfine.yml").write_text(pyyaml.safe_dump(top))
+    (tmp_path / "deim" / "deim.yml").write_text(pyyaml.safe_dump(
+        {"__include__": ["./dfine.yml", "../base/deim.yml"]}))
+    read = read_training_config(tmp_path / "deim" / "dfine.yml")
+    assert read["DFINETransformer"] == settings["DFINETransformer"]
+    assert read["HybridEncoder"] == settings["HybridEncoder"]
+    torch.save({"model": layout}, tmp_path / "deim.pth")
+    _, report = convert_state_dict(layout, args=read)
+    assert report.ok and not report.notes
+    with pytest.raises(ValueError, match="activation='silu'") as err:
+        convert_checkpoint(tmp_path / "deim.pth", tmp_path / "out",
+                           config=tmp_path / "deim" / "deim.yml")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    (tmp_path / "deim" / "deim.yml").write_text(pyyaml.safe_dump(
+        {"__include__": ["../base/gone.yml"]}))
+    with pytest.raises(ValueError, match="gone.yml is not there"):
+        convert_checkpoint(tmp_path / "deim.pth", tmp_path / "out",
+                           config=tmp_path / "deim" / "deim.yml")

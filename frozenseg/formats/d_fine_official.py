@@ -79,10 +79,13 @@ ANCHORS = re.compile(r"^decoder\.(anchors|valid_mask)$")
 SECOND_CONSTANT = re.compile(r"^decoder\.decoder\.(up|reg_scale)$")
 
 # YAML settings that change the computation without changing a key or a shape.
+# DEIM's released configs (configs/base/deim.yml) set activation and mlp_act to silu: the
+# canonical FDR decoder has ReLU only, so those are refused.
 SUPPORTED = {
-    "HybridEncoder": {"enc_act": ("gelu",), "act": ("silu",), "normalize_before": (False,)},
-    "DFINETransformer": {"activation": ("relu",), "cross_attn_method": ("default",),
-                         "query_select_method": ("default",)},
+    "HybridEncoder": {"enc_act": ("gelu",), "act": ("silu",), "normalize_before": (False,),
+                      "version": ("dfine",)},
+    "DFINETransformer": {"activation": ("relu",), "mlp_act": ("relu",),
+                         "cross_attn_method": ("default",), "query_select_method": ("default",)},
     "HGNetv2": {"use_lab": (True, False)},
 }
 
@@ -95,7 +98,7 @@ def transformers_args(args: dict) -> dict:
     """The YAML's settings under the names of transformers' D-FINE config.json, which
     :func:`d_fine.derive_config` reads (absent ones stay absent)."""
     sections = _sections(args)
-    refuse_unsupported("D-FINE", [(table, sections[name], f"{name}")
+    refuse_unsupported("D-FINE/DEIM", [(table, sections[name], name)
                                   for name, table in SUPPORTED.items()])
     encoder, decoder = sections["HybridEncoder"], sections["DFINETransformer"]
     out = {}
