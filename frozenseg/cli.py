@@ -211,10 +211,10 @@ def _print_report(report) -> None:
 FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable_detr, "
                "h_deformable_detr, detrex_dino, huggingface, rt_detr, huggingface_rt_detr, "
                "detr, conditional_detr, dab_detr, huggingface_detr, "
-               "huggingface_conditional_detr, huggingface_dab_detr, huggingface_d_fine (D-FINE, "
-               "DEIM), huggingface_deimv2, huggingface_grounding_dino (open vocabulary: its "
-               "tokenizer files beside it), huggingface_lw_detr (LW-DETR and RF-DETR), mmdet, "
-               "co_dino.")
+               "huggingface_conditional_detr, huggingface_dab_detr, d_fine (official D-FINE, "
+               "DEIM), huggingface_d_fine (D-FINE, DEIM), huggingface_deimv2, "
+               "huggingface_grounding_dino (open vocabulary: its tokenizer files beside it), "
+               "huggingface_lw_detr (LW-DETR and RF-DETR), mmdet, co_dino.")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
     "detrex's config.yaml); overrides ckpt['args']."

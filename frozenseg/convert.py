@@ -292,11 +292,12 @@ def _companion_files(src: str | Path, report: ConversionReport) -> dict[str, byt
         raise ConversionError(str(err)) from None
 
 
-def read_training_config(path: str | Path) -> dict:
+def read_training_config(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict:
     """A training config as a dict: JSON, or YAML with Python tags ignored (never run).
 
     detrex / detectron2 save config.yaml with ``!!python/name:`` tags for callables;
-    those entries come back as None, which no converter reads.
+    those entries come back as None, which no converter reads. ``__include__`` bases
+    (RT-DETR's, D-FINE's, DEIM's configs) are read and merged under the file's settings.
     """
     import yaml
 
@@ -314,7 +315,30 @@ def read_training_config(path: str | Path) -> dict:
         ) from err
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a mapping of training settings")
-    return data
+    return _with_includes(data, path, _seen or (path.resolve(),))
+
+
+def _with_includes(data: dict, path: Path, seen: tuple[Path, ...]) -> dict:
+    """RT-DETR's, D-FINE's and DEIM's YAML configs name their bases in ``__include__``
+    (paths relative to the file): the bases merged in order, the file's own settings last."""
+    includes = data.pop("__include__", None) or []
+    merged: dict = {}
+    for name in [includes] if isinstance(includes, str) else includes:
+        base = (path.parent / str(name)).resolve()
+        if base in seen or not base.is_file():
+            why = "includes itself" if base in seen else "is not there"
+            raise ConversionError(f"{path}: its __include__ {name} {why}")
+        _merge(merged, read_training_config(base, _seen=(*seen, base)))
+    return _merge(merged, data)
+
+
+def _merge(into: dict, settings: dict) -> dict:
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
 
 
 def _sidecar_config(weights: Path) -> dict:

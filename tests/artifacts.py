@@ -392,6 +392,192 @@ def lw_detr_folder(folder: Path, variant: str) -> Artifact:
                     huggingface_reference(folder, type(model).__name__))
 
 
+# --- official RF-DETR (roboflow/rf-detr's main.py) ------------------------------------------
+
+def rf_detr_official_args(config: dict) -> argparse.Namespace:
+    """The training arguments RF-DETR's main.py saves, for a transformers RF-DETR config."""
+    bb = config["backbone_config"]
+    return argparse.Namespace(
+        encoder="dinov2_windowed_small", out_feature_indexes=bb["out_indices"],
+        num_windows=bb["num_windows"], dec_layers=config["decoder_layers"], two_stage=True,
+        projector_scale=["P4"], hidden_dim=config["d_model"], patch_size=bb["patch_size"],
+        sa_nheads=config["decoder_self_attention_heads"],
+        ca_nheads=config["decoder_cross_attention_heads"],
+        dec_n_points=config["decoder_n_points"], bbox_reparam=True, lite_refpoint_refine=True,
+        layer_norm=True, num_classes=len(config["id2label"]), resolution=64,
+        group_detr=config["group_detr"], num_queries=config["num_queries"], num_select=12,
+        positional_encoding_size=6, segmentation_head=False, use_ema=True, lr=1e-4,
+        output_dir=Path("output"), class_names=[f"class {i}" for i in range(5)])
+
+
+def rf_detr_official_checkpoint(folder: Path, *, released: bool = False) -> Artifact:
+    """What RF-DETR's main.py saves (``{'model', 'optimizer', 'lr_scheduler', 'epoch',
+    'args', 'ema_model'}``), or a released file (``{'model', 'args'}``): the keys as its
+    modules name them, which is the layout transformers' save_pretrained writes (read back
+    from a saved folder). DINOv2's heads are 64 channels wide, as RF-DETR's configs have them."""
+    from safetensors.torch import load_file
+    from test_convert_lw_detr import random_hf_model
+
+    def official(seed: int):
+        model, config = random_hf_model(family="rf", windows=2, out_indices=[1, 2, 3],
+                                        hidden_size=128, num_attention_heads=2)
+        if seed:
+            perturb(model, seed=seed)
+        model.save_pretrained(folder / f"hf{seed}")
+        return model, config, load_file(folder / f"hf{seed}" / "model.safetensors")
+
+    reference, config, layout = official(0)
+    payload = {"model": layout, "args": rf_detr_official_args(config)}
+    if not released:
+        _, _, trained = official(4)
+        optimizer, scheduler = training_state(torch.nn.Linear(4, 4))
+        payload.update(model=trained, ema_model=layout, optimizer=optimizer,
+                       lr_scheduler=scheduler, epoch=11)
+    path = _save(payload, folder / ("rf-detr-base.pth" if released else "checkpoint.pth"))
+    for seed in (0, 4):
+        for file in (folder / f"hf{seed}").glob("*"):
+            file.unlink()
+        if (folder / f"hf{seed}").exists():
+            (folder / f"hf{seed}").rmdir()
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = reference(pixel_values=images, pixel_mask=(~padding).long())
+        return out.logits, out.pred_boxes
+    return Artifact(path, "huggingface_lw_detr", run)
+
+# --- official D-FINE / DEIM (Peterande/D-FINE's and ShihuaHuang95/DEIM's solver) -----------
+
+def _d_fine_backbone(m: re.Match) -> str:
+    key = re.sub(r"^embedder\.", "stem.", m[1])
+    key = re.sub(r"^encoder\.stages\.", "stages.", key)
+    key = re.sub(r"(^|\.)convolution\.", r"\1conv.", key)
+    return "backbone." + re.sub(r"(^|\.)normalization\.", r"\1bn.", key)
+
+
+# transformers' saved D-FINE names -> the official modules' (HGNetv2, HybridEncoder with
+# RepNCSPELAN4 cv1..cv4 and SCDown, DFINETransformer), first matching rule.
+D_FINE_OFFICIAL = [
+    (r"^model\.backbone\.model\.(.*)$", _d_fine_backbone),
+    (r"^model\.(encoder|decoder)_input_proj\.(\d+)\.0\.", r"\1.input_proj.\2.conv."),
+    (r"^model\.(encoder|decoder)_input_proj\.(\d+)\.1\.", r"\1.input_proj.\2.norm."),
+    (r"^model\.encoder\.encoder\.(\d+)\.layers\.(\d+)\.self_attn_layer_norm\.",
+     r"encoder.encoder.\1.layers.\2.norm1."),
+    (r"^model\.encoder\.encoder\.(\d+)\.layers\.(\d+)\.final_layer_norm\.",
+     r"encoder.encoder.\1.layers.\2.norm2."),
+    (r"^model\.encoder\.encoder\.(\d+)\.layers\.(\d+)\.fc([12])\.",
+     r"encoder.encoder.\1.layers.\2.linear\3."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv1\.", r"encoder.\1_blocks.\2.cv1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.csp_rep1\.", r"encoder.\1_blocks.\2.cv2.0."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv2\.", r"encoder.\1_blocks.\2.cv2.1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.csp_rep2\.", r"encoder.\1_blocks.\2.cv3.0."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv3\.", r"encoder.\1_blocks.\2.cv3.1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv4\.", r"encoder.\1_blocks.\2.cv4."),
+    (r"^model\.encoder\.downsample_convs\.(\d+)\.conv([12])\.",
+     r"encoder.downsample_convs.\1.0.cv\2."),
+    (r"^model\.encoder\.", "encoder."),
+    (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.",
+     r"decoder.decoder.layers.\1.norm1."),
+    (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.decoder.layers.\1.norm3."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.", r"decoder.decoder.layers.\1.cross_attn."),
+    (r"^model\.decoder\.layers\.(\d+)\.fc([12])\.", r"decoder.decoder.layers.\1.linear\2."),
+    (r"^model\.decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."),
+    (r"^model\.decoder\.class_embed\.", "decoder.dec_score_head."),
+    (r"^model\.decoder\.bbox_embed\.", "decoder.dec_bbox_head."),
+    (r"^model\.decoder\.", "decoder."),
+    (r"^model\.enc_output\.0\.", "decoder.enc_output.proj."),
+    (r"^model\.enc_output\.1\.", "decoder.enc_output.norm."),
+    (r"^model\.weight_embedding\.", "decoder.tgt_embed."),
+    (r"^model\.", "decoder."),
+]
+QKV_SPLIT = re.compile(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$")
+
+
+def d_fine_official_layout(hf_state_dict: dict) -> dict:
+    """A transformers D-FINE state dict in the official solver's keys: q, k, v stacked into
+    ``in_proj``, the FDR constants also under ``decoder.decoder`` (the decoder registers the
+    transformer's parameters again), the backbone's batch-norm counters, and the anchors of
+    eval_spatial_size; the top-level copies of the heads dropped (the official model has
+    them once)."""
+    from frozenseg.formats.base import substitute_keys
+    from frozenseg.formats.d_fine import IN_MEMORY
+
+    out, qkv = {}, collections.defaultdict(dict)
+    for key, tensor in substitute_keys(hf_state_dict, IN_MEMORY).items():
+        if key.startswith(("class_embed.", "bbox_embed.")):
+            continue
+        for pattern, replacement in D_FINE_OFFICIAL:
+            if re.match(pattern, key):
+                key = re.sub(pattern, replacement, key, count=1)
+                break
+        if m := QKV_SPLIT.match(key):
+            qkv[f"{m[1]}.in_proj_{m[3]}"][m[2]] = tensor
+            continue
+        out[key] = tensor
+        if key.startswith("backbone.") and key.endswith("running_var"):
+            out[key.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    for name in ("up", "reg_scale"):
+        out[f"decoder.decoder.{name}"] = out[f"decoder.{name}"]
+    out["decoder.anchors"], out["decoder.valid_mask"] = torch.zeros(1, 8400, 4), torch.ones(
+        1, 8400, 1, dtype=torch.bool)
+    return out
+
+
+def d_fine_official_yaml(args: dict, family: str = "D-FINE") -> dict:
+    """The YAML sections of the config a transformers D-FINE ``args`` (config.json) was
+    made from, as D-FINE's (and DEIM's) configs spell them."""
+    levels = args["num_feature_levels"]
+    return {
+        "model": "DEIM" if family == "DEIM" else "DFINE",
+        "HGNetv2": {"name": "B0", "use_lab": True, "return_idx": [1, 2, 3][3 - levels:]},
+        "HybridEncoder": {"hidden_dim": args["encoder_hidden_dim"],
+                          "use_encoder_idx": args["encode_proj_layers"],
+                          "nhead": args["encoder_attention_heads"],
+                          "dim_feedforward": args["encoder_ffn_dim"],
+                          "enc_act": "gelu", "act": "silu", "pe_temperature": 10000,
+                          "expansion": args["hidden_expansion"],
+                          "depth_mult": args["depth_mult"]},
+        "DFINETransformer": {"hidden_dim": args["d_model"], "num_levels": levels,
+                             "num_layers": args["decoder_layers"], "eval_idx": -1,
+                             "num_queries": args["num_queries"],
+                             "nhead": args["decoder_attention_heads"],
+                             "num_points": [args["decoder_n_points"]] * levels
+                             if isinstance(args["decoder_n_points"], int)
+                             else args["decoder_n_points"],
+                             "reg_max": args["max_num_bins"], "reg_scale": args["reg_scale"],
+                             "cross_attn_method": "default",
+                             "query_select_method": "default"},
+    }
+
+
+def d_fine_official_checkpoint(folder: Path, variant: str = "s", *, family: str = "D-FINE",
+                               released: bool = False) -> Artifact:
+    """What D-FINE's (DEIM's) solver saves (``{'date', 'last_epoch', 'model', 'ema':
+    {'module', 'updates'}, 'optimizer', 'lr_scheduler'}``), or a released file (``{'model'}``
+    only), written from a random transformers model, with its YAML config beside it."""
+    from test_convert_d_fine import VARIANTS, random_hf_model
+
+    hf, args = random_hf_model(**VARIANTS[variant])
+    layout = d_fine_official_layout(hf.state_dict())
+    if released:
+        payload = {"model": layout}
+    else:
+        other, _ = random_hf_model(**VARIANTS[variant])
+        optimizer, scheduler = training_state(torch.nn.Linear(4, 4))
+        payload = {"date": "2024-10-18T12:00:00", "last_epoch": 71, "optimizer": optimizer,
+                   "lr_scheduler": scheduler, "ema": {"module": layout, "updates": 5000},
+                   "model": d_fine_official_layout(perturb(other, seed=3).state_dict())}
+    path = _save(payload, folder / ("dfine_hgnetv2_s_coco.pth" if released else "last.pth"))
+    (folder / "config.yaml").write_text(yaml.safe_dump(d_fine_official_yaml(args, family)))
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = hf(pixel_values=images)
+        return out.logits, out.pred_boxes
+    return Artifact(path, "d_fine", run)
+
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
 
 RT_DETR_SMALL = DetectorConfig(
@@ -615,6 +801,11 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-deimv2-shared-box-head": lambda d: d_fine_folder(
         d, "no-gate-shared-box-head-no-trailing-conv", "deimv2"),
     "huggingface-grounding-dino": grounding_dino_folder,
+    "d-fine-solver": lambda d: d_fine_official_checkpoint(d, "s"),
+    "d-fine-released-projected": lambda d: d_fine_official_checkpoint(
+        d, "plain-projected", released=True),
+    "deim-solver-two-levels": lambda d: d_fine_official_checkpoint(d, "n-two-levels",
+                                                                   family="DEIM"),
     "dab-detr-main": lambda d: detr_official_checkpoint(d, "dab_detr", num_patterns=2,
                                                         keep_query_pos=True),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),
@@ -622,6 +813,8 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-lw-detr-p3-p5": lambda d: lw_detr_folder(d, "lw-p3p5"),
     "huggingface-lw-detr-p4": lambda d: lw_detr_folder(d, "lw-p4"),
     "huggingface-rf-detr": lambda d: lw_detr_folder(d, "rf"),
+    "rf-detr-main": rf_detr_official_checkpoint,
+    "rf-detr-released": lambda d: rf_detr_official_checkpoint(d, released=True),
     "mmdet-dino-checkpoint-hook": lambda d: mmdet_checkpoint(d),
     "mmdet-dino-ema": lambda d: mmdet_checkpoint(d, hook=False, ema=True),
     "mmdet-deformable-detr-two-stage-released": lambda d: mmdet_checkpoint(

@@ -27,8 +27,9 @@ SIZE = (64, 96)  # multiples of patch x window side, as both originals require
 
 
 def random_hf_model(family: str = "lw", scales=(1.0,), windows: int = 4,
-                    out_indices=(1, 3, 4)):
-    """A small random Lw/RfDetrForObjectDetection and its config as a dict (config.json)."""
+                    out_indices=(1, 3, 4), **vit):
+    """A small random Lw/RfDetrForObjectDetection and its config as a dict (config.json);
+    ``vit``: ViT settings over VIT's."""
     torch.manual_seed(0)
     decoder = dict(d_model=32, decoder_ffn_dim=48, decoder_layers=2, decoder_n_points=2,
                    decoder_self_attention_heads=2, decoder_cross_attention_heads=4,
@@ -41,7 +42,7 @@ def random_hf_model(family: str = "lw", scales=(1.0,), windows: int = 4,
                                            projector_scale_factors=list(scales), **decoder)
         model = transformers.LwDetrForObjectDetection(config)
     else:
-        backbone = transformers.RfDetrDinov2Config(**VIT, image_size=48,
+        backbone = transformers.RfDetrDinov2Config(**{**VIT, **vit}, image_size=48,
                                                    out_indices=list(out_indices),
                                                    num_windows=windows)
         config = transformers.RfDetrConfig(backbone_config=backbone, **decoder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from frozenseg.formats import (
     d_fine,
+    d_fine_official,
     deformable_detr,
     deimv2,
     detr,
@@ -24,7 +25,8 @@ FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, d_fine.FORMAT, deimv2.FORMAT, rt_detr.FORMAT,
-                grounding_dino.FORMAT, rt_detr_official.FORMAT, *huggingface_detr.FORMATS,
+                grounding_dino.FORMAT, d_fine_official.FORMAT, rt_detr_official.FORMAT,
+                *huggingface_detr.FORMATS,
                 detr.FORMAT, detr.CONDITIONAL_FORMAT, detr.DAB_FORMAT, lw_detr.FORMAT,
                 mmdet.MMDET_FORMAT, mmdet.CO_DINO_FORMAT)
 }

@@ -9,6 +9,11 @@ holds in memory: LW-DETR's ViT attention under its old names (``attention.attent
 .encoder``, ``projector.stages``, ``transformer.decoder.layers.i.norm1`` ...); both spellings
 and the in-memory one are read (mapped onto the in-memory names first). Group DETR's extra
 query groups and proposal heads train only: the first group is kept, the others dropped.
+
+RF-DETR's own training script (roboflow/rf-detr) saves that layout too, in
+``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'ema_model'}`` (released weights:
+``{'model', 'args'}``): its ``args`` (an argparse.Namespace) are read as config.json's
+settings (:func:`official_args`), DINOv2's heads from its width (64 channels a head).
 """
 
 from __future__ import annotations
@@ -123,6 +128,31 @@ BACKBONE_SUPPORTED = {
 }
 
 
+# RF-DETR's training arguments that change the computation: frozenseg reproduces these.
+OFFICIAL_SUPPORTED = {
+    "encoder": ("dinov2_windowed_small", "dinov2_windowed_base"),
+    "two_stage": (True,), "bbox_reparam": (True,), "lite_refpoint_refine": (True,),
+    "layer_norm": (True,), "segmentation_head": (False,), "projector_scale": (["P4"], ("P4",)),
+}
+# RF-DETR's argument -> config.json's name (backbone_config's for the ViT's).
+OFFICIAL_NAMES = {"sa_nheads": "decoder_self_attention_heads",
+                  "ca_nheads": "decoder_cross_attention_heads", "num_queries": "num_queries",
+                  "group_detr": "group_detr", "dec_layers": "decoder_layers"}
+OFFICIAL_BACKBONE = {"out_feature_indexes": "out_indices", "num_windows": "num_windows"}
+
+
+def official_args(args: dict) -> dict:
+    """RF-DETR's training arguments (``ckpt['args']``) as config.json's settings; other
+    args (a config.json) as they are."""
+    if "out_feature_indexes" not in args or "backbone_config" in args:
+        return args
+    refuse_unsupported("RF-DETR", [(OFFICIAL_SUPPORTED, args, "args")])
+    out = {new: args[old] for old, new in OFFICIAL_NAMES.items() if old in args}
+    out["backbone_config"] = {new: args[old] for old, new in OFFICIAL_BACKBONE.items()
+                              if old in args}
+    return out
+
+
 def _family(sd: StateDict) -> str:
     return "RF-DETR" if f"{VIT}embeddings.cls_token" in sd else "LW-DETR"
 
@@ -132,6 +162,7 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     layout and the ViT's output layers from config.json (passed as args)."""
     sd, notes = substitute_keys(state_dict, TO_MEMORY), []
     family = _family(sd)
+    args = official_args(args)
     refuse_unsupported(family, [(SUPPORTED, args, "config"), (
         BACKBONE_SUPPORTED, args.get("backbone_config") or {}, "backbone config")])
     c = sd["model.enc_output.0.weight"].shape[0]
@@ -281,7 +312,8 @@ def _sources(state_dict: StateDict) -> dict[str, str]:
 
 FORMAT = CheckpointFormat(
     name="huggingface_lw_detr",
-    description="Hugging Face LwDetrForObjectDetection / RfDetrForObjectDetection",
+    description="Hugging Face LwDetrForObjectDetection / RfDetrForObjectDetection, official "
+                "RF-DETR (roboflow/rf-detr) checkpoints",
     signature=(
         r"^(model\.)?(backbone\.backbone\.embeddings|backbone\.0\.encoder\.encoder\.embeddings)\.",
         r"^(model\.|transformer\.)?enc_out_class_embed\.0\.weight$",
