@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from pathlib import Path
 
 import typer
@@ -398,7 +399,7 @@ def _rate_column(unit: str = "img/s"):
 @_one_line_errors("out", "recipe")
 def cache(
     recipe: Path = typer.Argument(None, help="A recipe: caches its train split with its "
-                                  "detector (path, top_k, memory_layer) into data.cache, "
+                                  "detector (path, top_k, memory_layer, prompt) into data.cache, "
                                   "data.views views at data.scale; the flags below that name "
                                   "these are then ignored."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides of the recipe, "
@@ -425,6 +426,8 @@ def cache(
                                   "stride-4 map (large; training then skips the backbone)."),
     verify: Path = typer.Option(None, "--verify", help="Check every shard of this cache's "
                                 "sha256 and exit (1 naming a bad shard)."),
+    prompt: str = typer.Option(None, "--prompt", help="Open vocabulary (Grounding DINO): what "
+                               "to find, e.g. \"cat . dog .\" (a recipe: detector.prompt)."),
 ) -> None:
     """Run the frozen detector once over a dataset into a feature cache (or --verify one)."""
     from frozenseg.data import CocoInstances
@@ -444,6 +447,7 @@ def cache(
             _fail(f"missing {', '.join(missing)} (or pass a RECIPE, or --verify DIR)")
         job = {"detector": detector, "dataset": CocoInstances(images, annotations),
                "out_dir": out, "memory_layer": memory_layer, "top_k": top_k, "views": views,
+               "prompt": prompt,
                "seed": seed, "transform": evaluation(short, max_size) if views == 1
                else cache_views(views, short / 800)}
     out, views = job["out_dir"], job["views"]
@@ -511,12 +515,22 @@ class _ProgressUpdate:
 
 
 def _load_recipe(path: Path, overrides: list[str]):
+    """The recipe, and (mode head, its detector folder at hand) detector.prompt checked
+    against the detector: either is a one-line error naming the file."""
     from frozenseg.recipe import load_recipe
 
     try:
-        return load_recipe(path, overrides)
+        loaded = load_recipe(path, overrides)
     except (ValueError, OSError) as err:
         _fail(_error_line(err))
+    if loaded.mode == "head" and Path(loaded.detector.path).is_dir():
+        from frozenseg.head.task import check_prompt
+
+        try:
+            check_prompt(loaded)
+        except ValueError as err:
+            _fail(_naming(path, err))
+    return loaded
 
 
 @app.command()
@@ -676,26 +690,13 @@ _RECIPE_OPTION = typer.Option(None, "--recipe", help="Use this recipe instead of
                               "(needed for the training-free baseline).")
 _PROMPT_OPTION = typer.Option(None, "--prompt", help="Open vocabulary (Grounding DINO): what to "
                               "find, phrases separated by ' . ', e.g. \"cat . dog .\"; each "
-                              "phrase is a class.")
+                              "phrase is a class. Default: the recipe's detector.prompt.")
 
 
-def _apply_prompt(detector, prompt: str | None) -> None:
-    """Give an open-vocabulary detector its prompt; refuse a missing one, or one for a
-    detector with a fixed set of classes."""
-    if prompt is None:
-        if detector.config.open_vocabulary:
-            _fail("--prompt is needed: Grounding DINO finds what a prompt names, e.g. "
-                  "--prompt \"cat . dog .\"")
-        return
-    if not detector.config.open_vocabulary:
-        _fail(f"--prompt is for an open-vocabulary detector (Grounding DINO); this "
-              f"{detector.config.variant} detector has a fixed set of classes")
-    detector.set_prompt(prompt)
-
-
-def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
+def _trained(head: Path | None, recipe: Path | None, detector: Path | None,
+             prompt: str | None = None):
     """The MaskFrozenDETR on the best device: the head checkpoint's own recipe unless one
-    is given; ``--detector`` replaces the recipe's detector path."""
+    is given; ``--detector`` and ``--prompt`` replace the recipe's detector path and prompt."""
     import torch
 
     from frozenseg.head.segmenter import MaskFrozenDETR
@@ -704,6 +705,8 @@ def _trained(head: Path | None, recipe: Path | None, detector: Path | None):
     if head is None and recipe is None:
         _fail("--head CKPT is needed (or --recipe for the training-free baseline)")
     overrides = [f"detector.path={detector}"] if detector is not None else []
+    if prompt is not None:  # a YAML double-quoted string: any text stays text
+        overrides.append(f"detector.prompt={json.dumps(prompt)}")
     loaded = _load_recipe(recipe, overrides) if recipe is not None else None
     found, model, resolved = load_trained(head, recipe=loaded,
                                           overrides=[] if loaded else overrides)
@@ -777,9 +780,8 @@ def export(
 
     if format not in ("json", "onnx"):
         _fail(f"--format {format}: expected json or onnx")
-    model = _trained(head, recipe, detector)
-    _apply_prompt(model.detector, prompt)
-    if format == "onnx" and prompt is not None:
+    model = _trained(head, recipe, detector, prompt)
+    if format == "onnx" and model.detector.prompt is not None:
         _fail("--format onnx: Grounding DINO's text side is not exported; use json")
     if format == "onnx":
         _export_onnx(model.detector, model.head, out, height, width, dynamic)
@@ -846,8 +848,7 @@ def predict(
     from frozenseg.detector.classes import classes_for
     from frozenseg.head.overlay import predict_overlays
 
-    model = _trained(head, recipe, detector)
-    _apply_prompt(model.detector, prompt)
+    model = _trained(head, recipe, detector, prompt)
     dataset = _images(images, None, model.recipe.data.scale)
     classes, names = classes_for(model.detector.classes, dataset.category_ids,
                                  dataset.category_names)

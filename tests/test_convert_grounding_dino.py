@@ -22,7 +22,9 @@ from frozenseg.detector.model import build_detector
 transformers = pytest.importorskip("transformers")
 
 PROMPT = "cat . red car . dog ."
-WORDS = ["cat", "dog", "red", "car", "a", "bird"]
+# + the synthetic shapes' category names' wordpieces ("c_shape": "c", "_", "shape")
+WORDS = ["cat", "dog", "red", "car", "a", "bird", "ellipse", "rectangle", "triangle", "ring",
+         "star", "cross", "c", "_", "shape", "dot", "pair"]
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -210,7 +212,8 @@ def test_cli_export_and_predict_take_a_prompt(saved, tmp_path):
     assert len(results) == 5 and {r["category_id"] for r in results} <= {0, 1}
     missing = runner.invoke(app, ["export", "--recipe", str(recipe), "--images", str(images),
                                   "--out", str(tmp_path / "none.json")])
-    assert missing.exit_code != 0 and "--prompt is needed" in missing.output
+    assert missing.exit_code != 0 and "detector.prompt is missing" in missing.output
+    assert str(recipe) in missing.output and "--prompt" in missing.output
     result = runner.invoke(app, ["predict", str(images), "--recipe", str(recipe), "--out",
                                  str(tmp_path / "overlays"), "--prompt", "red car .",
                                  "--min-side", "0"])

@@ -51,7 +51,7 @@ def save_detector(det: FrozenDetector, folder, source: str):
     return folder
 
 
-def recipe(tmp_path, data, detector_dir, *overrides, **sections):
+def recipe(tmp_path, data, detector_dir, /, *overrides, **sections):
     body = {
         "base": str(REPO_RECIPES / "synth_tiny.yaml"),
         "detector": {"path": str(detector_dir), "top_k": 7, "memory_layer": 1},

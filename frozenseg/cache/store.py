@@ -67,6 +67,13 @@ class CacheError(ValueError):
     """The cache cannot be written or read as asked; the message is one line saying why."""
 
 
+def prompt_identity(detector) -> dict:
+    """{"prompt": its text} for a prompted detector; {} otherwise (caches of closed-set
+    detectors keep the identity they had before prompts)."""
+    prompt = getattr(detector, "prompt", None)
+    return {"prompt": prompt.text} if prompt is not None else {}
+
+
 def shard_name(j: int) -> str:
     return f"shard-{j:05d}.safetensors"
 

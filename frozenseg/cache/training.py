@@ -18,7 +18,13 @@ import torch
 from torch.utils.data import Dataset
 
 from frozenseg.boxes import to_normalized
-from frozenseg.cache.store import CachedImage, CacheError, FeatureCache, sha256_file
+from frozenseg.cache.store import (
+    CachedImage,
+    CacheError,
+    FeatureCache,
+    prompt_identity,
+    sha256_file,
+)
 from frozenseg.data.collate import collate
 from frozenseg.detector.output import DetectorOutput, batch_outputs
 
@@ -71,22 +77,27 @@ class CachedTrainingSet(Dataset):
 
 def check_made_by(cache: FeatureCache, detector_dir: str | Path, detector) -> None:
     """Raise CacheError (naming both) unless ``cache`` was written by the converted detector
-    in ``detector_dir`` with ``detector``'s top-K and memory layer."""
+    in ``detector_dir`` with ``detector``'s top-K, memory layer and prompt."""
     from frozenseg.detector.folder import config_path
 
     made = cache.index["recipe"]
     config = config_path(detector_dir)
     mine = {"config": sha256_file(config), "top_k": detector.top_k,
-            "memory_layer": detector.memory_layer}
+            "memory_layer": detector.memory_layer, **prompt_identity(detector)}
     theirs = {"config": made["detector"].get("config_sha256", "(a detector object)"),
-              "top_k": made["top_k"], "memory_layer": made["memory_layer"]}
+              "top_k": made["top_k"], "memory_layer": made["memory_layer"],
+              **{k: v for k, v in made["detector"].items() if k == "prompt"}}
     if mine != theirs:
         source = made["detector"].get("source") or "?"
-        raise CacheError(
-            f"{cache.dir} was made by detector {source} (config sha256 "
-            f"{theirs['config'][:12]}, top-k {theirs['top_k']}, memory layer "
-            f"{theirs['memory_layer']}), not by {detector_dir} (config sha256 "
-            f"{mine['config'][:12]}, top-k {mine['top_k']}, memory layer {mine['memory_layer']})")
+        raise CacheError(f"{cache.dir} was made by detector {source} ({_made(theirs)}), not "
+                         f"by {detector_dir} ({_made(mine)})")
+
+
+def _made(identity: dict) -> str:
+    """check_made_by's identity in words."""
+    prompt = f", prompt {identity['prompt']!r}" if "prompt" in identity else ""
+    return (f"config sha256 {identity['config'][:12]}, top-k {identity['top_k']}, memory "
+            f"layer {identity['memory_layer']}{prompt}")
 
 
 def collate_cached(batch: list) -> TrainingBatch | None:

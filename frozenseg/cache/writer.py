@@ -40,6 +40,7 @@ from frozenseg.cache.store import (
     CacheError,
     bad_shards,
     pack_shard,
+    prompt_identity,
     read_index,
     sha256_file,
     shard_metadata,
@@ -59,7 +60,7 @@ _QUERY_EXTRA_BYTES = 4 * 4 + 4 + 8
 
 def recipe_cache_job(recipe) -> dict:
     """``write_cache``'s arguments for what a recipe trains on: its train split, through
-    its detector (top-K, memory layer), in ``data.views`` views at ``data.scale``, into
+    its detector (top-K, memory layer, prompt), in ``data.views`` views at ``data.scale``, into
     ``data.cache``. ``frozenseg cache RECIPE`` and the demo both write this."""
     from frozenseg.data.coco import CocoInstances
     from frozenseg.engine.data import cache_views
@@ -71,22 +72,25 @@ def recipe_cache_job(recipe) -> dict:
             "dataset": CocoInstances(split.images, split.annotations),
             "transform": cache_views(recipe.data.views, recipe.data.scale),
             "views": recipe.data.views, "seed": recipe.train.seed,
-            "top_k": recipe.detector.top_k, "memory_layer": recipe.detector.memory_layer}
+            "top_k": recipe.detector.top_k, "memory_layer": recipe.detector.memory_layer,
+            "prompt": recipe.detector.prompt}
 
 
 def write_cache(
     detector, dataset, out_dir: str | Path, *, dtype: str = "fp16", shard_size: int = 256,
     max_gb: float | None = None, resume: bool = False, transform: Transform | None = None,
     views: int = 1, seed: int = 0, store_c1: bool = False, top_k: int = 100,
-    memory_layer: int | None = None, device: str | torch.device | None = None, state=None,
+    memory_layer: int | None = None, prompt: str | None = None,
+    device: str | torch.device | None = None, state=None,
     progress: Callable[[int, int], None] | None = None,
     on_shard: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Cache ``detector``'s outputs on ``dataset`` into ``out_dir``; return the index dict.
 
-    detector: a FrozenDetector (its own top_k and memory_layer are used) or the folder
-    ``frozenseg convert`` wrote (loaded with ``top_k`` and ``memory_layer``).
+    detector: a FrozenDetector (its own top_k, memory_layer and prompt are used) or the folder
+    ``frozenseg convert`` wrote (loaded with ``top_k``, ``memory_layer`` and, for an
+    open-vocabulary detector, ``prompt``). The prompt is part of the cache's identity.
     dataset: a :class:`frozenseg.data.CocoInstances`; its own transform is ignored: each
     entry gets a view sampled from ``transform`` (module docstring).
     dtype: fp32 | fp16 | bf16 | int8, for memory, queries and c1 (the rest stays full).
@@ -102,7 +106,7 @@ def write_cache(
     """
     _check_arguments(dtype, shard_size, views)
     state = state or _SingleProcess()
-    detector, detector_id = _detector(detector, top_k, memory_layer)
+    detector, detector_id = _detector(detector, top_k, memory_layer, prompt)
     if device is not None:
         detector = detector.to(device)
     transform = transform or (evaluation() if views == 1 else scale_flip())
@@ -165,17 +169,21 @@ def _entries(dataset, transform: Transform, views: int, seed: int) -> list[tuple
             for i, im in enumerate(dataset.images) for k in range(views)]
 
 
-def _detector(detector, top_k: int, memory_layer: int | None):
-    """(FrozenDetector, identity dict): a folder's config.json hash, or the weights' hash."""
+def _detector(detector, top_k: int, memory_layer: int | None, prompt: str | None):
+    """(FrozenDetector, identity dict): a folder's config.json hash, or the weights' hash,
+    and the prompt of an open-vocabulary detector."""
     if isinstance(detector, (str, os.PathLike)):
         from frozenseg.detector.folder import config_path, read_meta
         from frozenseg.detector.frozen import load_detector
 
         model = load_detector(detector, top_k=top_k, memory_layer=memory_layer)
+        if prompt is not None:
+            model.set_prompt(prompt)
         meta = read_meta(detector)
         return model, {"config_sha256": sha256_file(config_path(detector)),
-                       "source": meta.get("source", ""), "source_sha256": meta.get("sha256", "")}
-    return detector, {"weights_sha256": _weights_sha256(detector)}
+                       "source": meta.get("source", ""), "source_sha256": meta.get("sha256", ""),
+                       **prompt_identity(model)}
+    return detector, {"weights_sha256": _weights_sha256(detector), **prompt_identity(detector)}
 
 
 def _weights_sha256(detector) -> str:
@@ -229,6 +237,7 @@ def _identity(recipe: dict) -> str:
     det = recipe["detector"]
     who = (f"detector {det.get('source') or '?'} (config sha256 {det['config_sha256'][:12]})"
            if "config_sha256" in det else f"detector weights sha256 {det['weights_sha256'][:12]}")
+    who += f", prompt {det['prompt']!r}" if "prompt" in det else ""
     data = recipe["dataset"]
     return (f"{who}, dataset {data['annotations']} (sha256 {data['sha256'][:12]}), "
             f"dtype {recipe['dtype']}, memory layer {recipe['memory_layer']}, "

@@ -21,6 +21,7 @@ Shapes: B batch, S image positions, T text tokens, Q queries, C width.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,12 @@ def tokenize(tokenizer, text: str) -> Prompt:
     prompt = Prompt.from_ids(text, ids, tokenizer.convert_ids_to_tokens(ids))
     if not prompt.phrases:
         raise ValueError(f"the prompt {text!r} has no phrase between its separators")
+    # Phrases are named by the text between separators ("c_shape", not the wordpieces'
+    # "c _ shape"), so that a dataset's category names match them.
+    names = [part.strip() for part in re.split(r"[.?]", text) if part.strip()]
+    if len(names) == len(prompt.phrases):
+        prompt.phrases = [(name, span) for name, (_, span) in
+                          zip(names, prompt.phrases, strict=True)]
     return prompt
 
 

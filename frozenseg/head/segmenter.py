@@ -22,7 +22,8 @@ from torch import nn
 
 from frozenseg.data.transforms import Transform
 from frozenseg.detector.folder import write_detector
-from frozenseg.detector.frozen import FrozenDetector, load_detector
+from frozenseg.detector.frozen import FrozenDetector
+from frozenseg.detector.grounding import TOKENIZER_FOLDER
 from frozenseg.files import atomic_folder
 from frozenseg.head.network import HeadOutput, build_mask_head
 from frozenseg.recipe import Recipe, recipe_from_dict, recipe_to_dict
@@ -92,9 +93,9 @@ class MaskFrozenDETR(nn.Module):
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{folder / CONFIG_FILE}: not a frozenseg model config "
                              f"({type(err).__name__}: {err})") from None
-        detector = load_detector(folder / meta.get("detector", DETECTOR_DIR),
-                                 top_k=recipe.detector.top_k,
-                                 memory_layer=recipe.detector.memory_layer)
+        from frozenseg.head.task import recipe_detector
+
+        detector = recipe_detector(recipe, folder / meta.get("detector", DETECTOR_DIR))
         head = build_mask_head(recipe.head, **detector.head_dims)
         weights = folder / HEAD_FILE
         if weights.is_file():
@@ -115,15 +116,19 @@ class MaskFrozenDETR(nn.Module):
 
         folder = Path(folder).absolute()
         _check_replaceable(folder, overwrite)
-        det = self.detector
+        det, recipe = self.detector, recipe_to_dict(self.recipe)
+        open_vocabulary = det.config.open_vocabulary  # its classes are the prompt's phrases
         with atomic_folder(folder) as staging:
             write_detector(staging / DETECTOR_DIR, det.model.state_dict(), det.config,
                            format="frozenseg", source=str(self.recipe.detector.path),
-                           class_names=det.classes["names"])
+                           class_names=None if open_vocabulary else det.classes["names"])
+            if open_vocabulary:  # the prompt as set now travels with the model
+                det.tokenizer.save_pretrained(staging / DETECTOR_DIR / TOKENIZER_FOLDER)
+                recipe["detector"]["prompt"] = det.prompt.text if det.prompt else None
             head = {k: v.contiguous() for k, v in self.head.state_dict().items()}
             if head:
                 save_file(head, staging / HEAD_FILE)
-            config = {"recipe": recipe_to_dict(self.recipe), "detector": DETECTOR_DIR}
+            config = {"recipe": recipe, "detector": DETECTOR_DIR}
             (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             (staging / CARD_FILE).write_text(model_card(self))
         return folder
@@ -155,7 +160,8 @@ def model_card(model: MaskFrozenDETR) -> str:
         f"- head: {params / 1e6:.2f} M parameters, trained "
         f"{recipe.train.iterations} steps at lr {recipe.train.lr:g}",
         f"- trained on: {recipe.data.train.annotations}",
-        f"- classes: {', '.join(names[:20])}" + (" ..." if len(names) > 20 else ""), "",
+        f"- classes: {', '.join(names[:20])}" + (" ..." if len(names) > 20 else ""),
+        *([f"- prompt: {recipe.detector.prompt}"] if recipe.detector.prompt else []), "",
         "```python", "import frozenseg", "",
         'model = frozenseg.MaskFrozenDETR.from_pretrained("THIS_FOLDER")',
         "predictor = frozenseg.Predictor(model)",

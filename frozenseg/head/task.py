@@ -21,6 +21,8 @@ from frozenseg.data.coco import CocoInstances
 from frozenseg.data.collate import collate
 from frozenseg.data.transforms import Transform
 from frozenseg.detector.classes import ClassMapping, match_classes
+from frozenseg.detector.config import DetectorConfig
+from frozenseg.detector.folder import read_config
 from frozenseg.detector.frozen import FrozenDetector, load_detector
 from frozenseg.detector.output import batch_outputs
 from frozenseg.engine.data import LiveTrainingSet, eval_transform, train_transform
@@ -28,13 +30,39 @@ from frozenseg.engine.task import TrainingError
 from frozenseg.head.loss import MaskCriterion, MaskLossWeights
 from frozenseg.head.network import build_mask_head, count_parameters, estimate_flops
 from frozenseg.head.step import head_losses
-from frozenseg.recipe import Recipe
+from frozenseg.recipe import Recipe, RecipeError
 
 
-def recipe_detector(recipe: Recipe) -> FrozenDetector:
-    """The FrozenDetector at ``detector.path``, with the recipe's top-K and memory layer."""
-    return load_detector(recipe.detector.path, top_k=recipe.detector.top_k,
-                         memory_layer=recipe.detector.memory_layer)
+def recipe_detector(recipe: Recipe, path: str | Path | None = None) -> FrozenDetector:
+    """The FrozenDetector at ``path`` (default ``detector.path``), with the recipe's top-K,
+    memory layer and prompt. RecipeError (one line) for a prompt that does not fit it."""
+    section = recipe.detector
+    path = path or section.path
+    detector = load_detector(path, top_k=section.top_k, memory_layer=section.memory_layer)
+    check_prompt(recipe, detector.config, path)
+    if section.prompt is not None:
+        try:
+            detector.set_prompt(section.prompt)
+        except ValueError as err:
+            raise RecipeError(f"detector.prompt: {err}") from None
+    return detector
+
+
+def check_prompt(recipe: Recipe, config: DetectorConfig | None = None,
+                 path: str | Path | None = None) -> None:
+    """RecipeError (one line) unless ``detector.prompt`` is given exactly when the detector
+    (``config``, default read from ``path`` or ``detector.path``) is open-vocabulary."""
+    path = path or recipe.detector.path
+    config = config or read_config(path)
+    prompt = recipe.detector.prompt
+    if prompt is None and config.open_vocabulary:
+        raise RecipeError(f"detector.prompt is missing: {path} is Grounding DINO, which finds "
+                          "what a prompt names (detector.prompt: 'cat . dog .'; export and "
+                          "predict: --prompt)")
+    if prompt is not None and not config.open_vocabulary:
+        raise RecipeError(f"detector.prompt is for an open-vocabulary detector (Grounding "
+                          f"DINO); {path} is a {config.variant} detector with a fixed set of "
+                          "classes: leave the prompt out")
 
 
 def build_criterion(recipe: Recipe) -> MaskCriterion:

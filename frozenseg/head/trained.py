@@ -12,7 +12,7 @@ from torch import nn
 from frozenseg.checkpoint import load_training_checkpoint
 from frozenseg.head.network import build_mask_head
 from frozenseg.head.task import recipe_detector
-from frozenseg.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from frozenseg.recipe import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 
 
 def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe | None = None,
@@ -22,7 +22,8 @@ def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe 
     checkpoint: a ``last.pt`` / ``best.pt`` the trainer wrote; it carries its recipe.
       None with a ``recipe`` whose head has no parameters: the training-free baseline.
     recipe: use this recipe instead of the checkpoint's. overrides: ``key=value`` applied
-      to the recipe, e.g. ``detector.path=DIR`` for the detector folder on this machine.
+      to the recipe, e.g. ``detector.path=DIR`` for the detector folder on this machine
+      (``detector.prompt=...``: another prompt for an open-vocabulary detector).
     A detector the run fine-tuned gets its trained weights from the checkpoint.
     Raises ValueError (one line, naming the file) for anything that does not fit.
     """
@@ -33,11 +34,14 @@ def load_trained(checkpoint: str | os.PathLike | None = None, *, recipe: Recipe 
         recipe = _checkpoint_recipe(Path(checkpoint), state, overrides)
     elif overrides:
         recipe = recipe_from_dict(recipe_to_dict(recipe), "recipe", overrides)
-    detector = recipe_detector(recipe)
+    where = str(checkpoint)
+    try:
+        detector = recipe_detector(recipe)
+    except RecipeError as err:  # detector.prompt: name the checkpoint that carries it
+        raise RecipeError(f"{where}: {err}" if checkpoint is not None else str(err)) from None
     head = build_mask_head(recipe.head, **detector.head_dims)
     if checkpoint is None and any(p.requires_grad for p in head.parameters()):
         raise ValueError("this recipe's head has trainable parameters: a checkpoint is needed")
-    where = str(checkpoint)
     if "head" in state:
         _load_weights(head, state["head"], where, "head")
     if "detector" in state:

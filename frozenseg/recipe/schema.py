@@ -33,6 +33,10 @@ class DetectorSection:
     memory_layer: int | None = 4
     finetune: Literal["frozen", "partial", "full"] = "frozen"  # Table 16
     finetune_lr_factor: float = 0.1     # the detector's lr = train.lr x this (Table 16)
+    # Open vocabulary (Grounding DINO): what to find, phrases separated by " . " ("cat .
+    # dog ."); each phrase is a class, matched to the dataset's categories by name. Needed
+    # for an open-vocabulary detector, refused (when its folder is read) for any other.
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.top_k >= 1, "detector.top_k", "at least 1", self.top_k)
@@ -40,6 +44,8 @@ class DetectorSection:
                "at least 1 (layers count from 1) or null", self.memory_layer)
         _check(self.finetune_lr_factor > 0, "detector.finetune_lr_factor", "positive",
                self.finetune_lr_factor)
+        _check(self.prompt is None or self.prompt.strip(" .?") != "", "detector.prompt",
+               "phrases separated by ' . ' (e.g. 'cat . dog .') or null", self.prompt)
 
 
 @dataclass
