@@ -32,7 +32,7 @@ setting favours the box-reading head, and the RF-DETR head's figures are a floor
 Steps are fixed (defaults chosen so that the training minutes roughly match on a 2-core
 CPU); minutes are reported, never used to stop. Torch runs on one thread.
 
-Run (about 11 minutes; the table is in BENCHMARKS.md):
+Run (11 to 14 minutes on 2 shared cores; the table is in BENCHMARKS.md):
     PYTHONPATH=. python -m benchmarks.peer_rf_detr
 """
 
