@@ -153,13 +153,16 @@ def sampling_points(state_dict: StateDict, heads: int, levels: int) -> dict[str,
         "enc_n_points": "transformer.encoder.layers.0.self_attn.attention_weights.weight",
         "dec_n_points": "transformer.decoder.layers.0.cross_attn.attention_weights.weight",
     }
-    points = {}
-    for name, key in rows.items():
-        n, rest = divmod(state_dict[key].shape[0], heads * levels)
-        if rest:
-            raise ValueError(f"{key} has {state_dict[key].shape[0]} rows, not a multiple of "
-                             f"{heads} heads x {levels} levels")
-        points[name] = n
+    return {name: points_per_head(state_dict, key, heads, levels) for name, key in rows.items()}
+
+
+def points_per_head(state_dict: StateDict, key: str, heads: int, levels: int) -> int:
+    """Sampling points per head and level, from an attention-weight tensor of heads x
+    levels x points rows; ValueError naming ``key`` when the rows do not divide."""
+    points, rest = divmod(state_dict[key].shape[0], heads * levels)
+    if rest:
+        raise ValueError(f"{key} has {state_dict[key].shape[0]} rows, not a multiple of "
+                         f"{heads} heads x {levels} levels")
     return points
 
 

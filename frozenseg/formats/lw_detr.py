@@ -28,6 +28,7 @@ from frozenseg.formats.base import (
     apply_rules,
     count_indexed,
     merge_qkv,
+    points_per_head,
     positive,
     refuse_unsupported,
     substitute_keys,
@@ -170,12 +171,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     levels = len(backbone["scales"])
     self_heads = _setting(args, "decoder_self_attention_heads", 8, notes)
     cross_heads = _setting(args, "decoder_cross_attention_heads", 16, notes)
-    points, rest = divmod(
-        sd["model.decoder.layers.0.cross_attn.attention_weights.weight"].shape[0],
-        cross_heads * levels)
-    if rest:
-        raise ValueError(f"decoder attention weights are not a multiple of {cross_heads} "
-                         f"heads x {levels} levels")
+    points = points_per_head(sd, "model.decoder.layers.0.cross_attn.attention_weights.weight",
+                             cross_heads, levels)
     rows = sd["model.query_feat.weight"].shape[0]
     queries = _setting(args, "num_queries", rows // _setting(args, "group_detr", 13, notes),
                        notes)

@@ -26,6 +26,7 @@ from frozenseg.formats.base import (
     check_duplicate,
     count_indexed,
     merge_qkv,
+    points_per_head,
     positive,
     refuse_unsupported,
     substitute_keys,
@@ -137,12 +138,8 @@ def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
     if args.get("decoder_n_levels", levels) != levels:
         raise ValueError(f"decoder_n_levels={args['decoder_n_levels']} differs from the "
                          f"{levels} feature levels: not supported")
-    points, rest = divmod(
-        sd["model.decoder.layers.0.encoder_attn.attention_weights.weight"].shape[0],
-        heads * levels)
-    if rest:
-        raise ValueError(f"decoder attention weights are not a multiple of {heads} heads x "
-                         f"{levels} levels")
+    points = points_per_head(sd, "model.decoder.layers.0.encoder_attn.attention_weights.weight",
+                             heads, levels)
     check_points_scale(sd, points_scale, points, levels)
     aifi = tuple(args.get("encode_proj_layers", [levels - 1]))
     if len(aifi) != count_indexed(sd, "model.encoder.encoder."):
