@@ -361,6 +361,9 @@ def synth(
     max_size: int = typer.Option(320, "--max-size", help="Largest image side, pixels."),
     min_object: int = typer.Option(8, "--min-object", help="Smallest shape's size, pixels."),
     image_format: str = typer.Option("jpg", "--image-format", help="jpg (quality 90) or png."),
+    world: str = typer.Option(
+        "scenes", "--world", help="scenes (textured, up to 10 shapes) or plain (calm, up to 4)."
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a synth dataset made with other parameters."
     ),
@@ -374,7 +377,7 @@ def synth(
         task = bar.add_task("Rendering", total=images)
         summary = make_dataset(
             out, images=images, seed=seed, min_size=min_size, max_size=max_size,
-            min_object=min_object, image_format=image_format, overwrite=overwrite,
+            min_object=min_object, image_format=image_format, world=world, overwrite=overwrite,
             progress=lambda done, total: bar.update(task, completed=done),
         )
     what = "already there, reused" if summary.reused else f"wrote in {summary.seconds:.1f} s"

@@ -17,7 +17,10 @@ form the val split. A thing's panoptic segment id is its instance annotation id
 
 Images show thing shapes (filled ellipses, rotated rectangles, triangles, rings, stars,
 crosses, C-shapes, pairs of dots; flat, striped, checkered or shaded) over stuff regions
-(sky, ground, water, foliage). Later shapes are drawn over earlier ones; masks are the visible
+(sky, ground, water, foliage). Two worlds: ``scenes`` (the default: up to 10 shapes, textured
+stuff, crowds, sensor noise) and ``plain`` (up to 4 mostly flat shapes over a smooth sky and
+ground, little noise, no crowds: a world a small DETR learns from random weights on a CPU,
+still with the rings' holes and the crosses' thin arms that make masks matter). Later shapes are drawn over earlier ones; masks are the visible
 parts, and a shape left with too little visible area is dropped (its pixels become void).
 Shapes are rasterised by pycocotools from their polygons, so a polygon annotation decodes to
 exactly the pixels the image shows; masks that no single polygon describes (holes, several
@@ -54,8 +57,24 @@ _IDS_PER_IMAGE = 100
 _EMPTY_EVERY, _EMPTY_AT = 32, 7
 _MIN_AREA = 12  # pixels: a shape seen less than this is dropped
 _MIN_VISIBLE = 0.15  # fraction of its own area a shape must keep when occluded
-_MAX_INSTANCES = 10
-_CROWD_P = 0.15  # per image; ~2% of the annotations
+
+
+@dataclass(frozen=True)
+class World:
+    """What a synthetic scene may hold; the shapes and classes are the same in every world."""
+
+    max_instances: int
+    crowd_p: float  # per image; ~2% of the annotations in scenes
+    patterns: tuple[float, float, float, float]  # p(flat, stripes, checker, shading)
+    noise: tuple[float, float]  # sensor noise std, drawn per image
+    textured_stuff: bool  # water and foliage, shaded ground; else a smooth sky and ground
+
+
+WORLDS = {
+    "scenes": World(10, 0.15, (0.55, 0.2, 0.1, 0.15), (1.0, 9.0), True),
+    "plain": World(4, 0.0, (0.85, 0.05, 0.0, 0.10), (1.0, 3.0), False),
+}
+DEFAULT_WORLD = "scenes"
 
 
 @dataclass(frozen=True)
@@ -125,6 +144,7 @@ def synth(
     min_object: int = MIN_OBJECT,
     val_fraction: float = 0.2,
     image_format: str = "jpg",
+    world: str = DEFAULT_WORLD,
     overwrite: bool = False,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -133,13 +153,15 @@ def synth(
 
     ``images`` in all (at least 2: one train, one val), sides drawn from
     ``[min_size, max_size]`` pixels; shapes from ``min_object`` pixels to 60% of the
-    shorter side (log-uniform: many small, few large). Same arguments, same bytes. If
+    shorter side (log-uniform: many small, few large), in ``world`` (a key of
+    :data:`WORLDS`). Same arguments, same bytes. If
     ``out_dir/synth.json`` already records these arguments nothing is done. A folder
     holding a dataset made with other arguments is only replaced with ``overwrite=True``.
     ``workers`` threads render (default: up to 4 CPU cores; the output does not depend on
     it). ``progress(done, total)`` is called after each image.
     """
-    params = _params(images, seed, min_size, max_size, min_object, val_fraction, image_format)
+    params = _params(images, seed, min_size, max_size, min_object, val_fraction, image_format,
+                     world)
     out = Path(out_dir)
     reused = _existing(out, params, overwrite)
     if reused is not None:
@@ -169,7 +191,8 @@ _OWNED = ("images/train", "images/val", "panoptic_train", "panoptic_val", "seman
           "panoptic_val.json", "semantic_categories.json", "synth.json", _MARKER)
 
 
-def _params(images, seed, min_size, max_size, min_object, val_fraction, image_format) -> dict:
+def _params(images, seed, min_size, max_size, min_object, val_fraction, image_format,
+            world) -> dict:
     """Validate the arguments; return them as the dict synth.json records."""
     images, seed, min_size, max_size, min_object = (
         _as_int(v) for v in (images, seed, min_size, max_size, min_object))
@@ -187,6 +210,7 @@ def _params(images, seed, min_size, max_size, min_object, val_fraction, image_fo
         (isinstance(val_fraction, numbers.Real) and 0 < val_fraction < 1,
          f"val_fraction must lie in (0, 1), got {val_fraction!r}"),
         (image_format in ("jpg", "png"), f"image_format must be jpg or png, got {image_format!r}"),
+        (world in WORLDS, f"world must be one of {', '.join(WORLDS)}, got {world!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -195,6 +219,8 @@ def _params(images, seed, min_size, max_size, min_object, val_fraction, image_fo
     params = {"version": SYNTH_VERSION, "seed": seed, "images": images, "train": images - val,
               "val": val, "min_size": min_size, "max_size": max_size,
               "image_format": image_format, "min_object": min_object}
+    if world != DEFAULT_WORLD:  # recorded only when chosen: older datasets' records stay valid
+        params["world"] = world
     return params
 
 
@@ -294,7 +320,8 @@ def _make_image(out: Path, split: str, index: int, params: dict):
     rng = np.random.default_rng([params["seed"], index])
     height, width = (int(v) for v in rng.integers(params["min_size"], params["max_size"] + 1, 2))
     pixels, segments = _render(rng, height, width, params.get("min_object", MIN_OBJECT),
-                               empty=index % _EMPTY_EVERY == _EMPTY_AT)
+                               empty=index % _EMPTY_EVERY == _EMPTY_AT,
+                               world=WORLDS[params.get("world", DEFAULT_WORLD)])
     stem, ext = f"{image_id:06d}", params["image_format"]
     ids = np.zeros((height, width), np.int32)  # 0 = void
     infos, anns = [], []
@@ -350,26 +377,28 @@ def _semantic(ids: np.ndarray, segments: list[_Segment], image_id: int) -> np.nd
 # ------------------------------------------------------------------------------ the scene
 
 
-def _render(rng: np.random.Generator, h: int, w: int, min_object: int, empty: bool):
+def _render(rng: np.random.Generator, h: int, w: int, min_object: int, empty: bool,
+            world: World):
     """Pixels (uint8 H×W×3) and the visible segments (things first, then stuff)."""
-    stuff_map, canvas = _stuff(rng, h, w)
+    stuff_map, canvas = (_stuff if world.textured_stuff else _plain_stuff)(rng, h, w)
     owner = np.full((h, w), -1, np.int16)  # which shape is on top at each pixel
-    shapes = [] if empty else _draw_things(rng, canvas, owner, min_object)
+    shapes = [] if empty else _draw_things(rng, canvas, owner, min_object, world)
     things = _visible_things(shapes, owner)
     segments = things + _stuff_segments(stuff_map, owner)
-    return _finish(rng, canvas), segments
+    return _finish(rng, canvas, world.noise), segments
 
 
-def _draw_things(rng, canvas: np.ndarray, owner: np.ndarray, min_object: int) -> list[tuple]:
+def _draw_things(rng, canvas: np.ndarray, owner: np.ndarray, min_object: int,
+                 world: World) -> list[tuple]:
     """Paint the shapes bottom to top; return (category_id, full mask, polygon, crowd) each."""
     h, w = owner.shape
-    count = int(rng.integers(1, _MAX_INSTANCES + 1))
+    count = int(rng.integers(1, world.max_instances + 1))
     # Log-uniform sizes to 60% of the shorter side: COCO-like many small, few large.
     sizes = np.exp(rng.uniform(math.log(min_object), math.log(0.6 * min(h, w)), count))
     # Mostly large first (painter's order, like a scene's background objects) with shuffling.
     order = np.argsort(-(np.log(sizes) + rng.normal(0, 0.7, count)))
     specs = [("thing", float(sizes[k])) for k in order]
-    if rng.random() < _CROWD_P:
+    if rng.random() < world.crowd_p:
         specs.insert(int(rng.integers(0, len(specs) + 1)), ("crowd", 0.0))
     drawn = []
     for kind, size in specs:
@@ -377,7 +406,7 @@ def _draw_things(rng, canvas: np.ndarray, owner: np.ndarray, min_object: int) ->
                                    else _thing(rng, h, w, size))
         if not mask.any():
             continue
-        _paint(rng, canvas, mask)
+        _paint(rng, canvas, mask, world.patterns)
         owner[mask] = len(drawn)
         drawn.append((category, mask, polygon, int(kind == "crowd")))
     return drawn
@@ -407,12 +436,12 @@ def _stuff_segments(stuff_map: np.ndarray, owner: np.ndarray) -> list[_Segment]:
     return segments
 
 
-def _finish(rng, canvas: np.ndarray) -> np.ndarray:
+def _finish(rng, canvas: np.ndarray, noise: tuple[float, float]) -> np.ndarray:
     """Per-image colour jitter (contrast, brightness, white balance) and sensor noise."""
     mean = canvas[::4, ::4].mean(axis=(0, 1))  # a subsample is plenty for a mean colour
     contrast, brightness = rng.uniform(0.75, 1.25), rng.uniform(-25, 25)
     gains = rng.uniform(0.9, 1.1, 3).astype(np.float32)
-    sigma = rng.uniform(1.0, 9.0)
+    sigma = rng.uniform(*noise)
     # In place, folded into one scale and one offset per channel: this runs on every pixel.
     canvas *= (contrast * gains).astype(np.float32)
     canvas += ((mean * (1 - contrast) + brightness) * gains).astype(np.float32)
@@ -449,6 +478,20 @@ def _stuff(rng, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         if where.any():  # np.where beats boolean-index assignment on whole images
             np.copyto(canvas, texture(rng, h, w, y, x), where=where[..., None])
     return labels, canvas
+
+
+def _plain_stuff(rng, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plain world's background: a smooth ground, under a sky behind a straight horizon
+    in half the images (the others look down). No texture for the shapes to hide in."""
+    y = np.arange(h, dtype=np.float32)[:, None]
+    x = np.arange(w, dtype=np.float32)[None, :]
+    labels = np.full((h, w), GROUND, np.uint8)
+    if rng.random() < 0.5:
+        labels[np.broadcast_to(y < h * rng.uniform(0.2, 0.5), (h, w))] = SKY
+    base = _jitter(rng, [(120, 95, 60), (95, 130, 60), (125, 125, 120)][int(rng.integers(3))])
+    ground = base * (0.9 + 0.2 * y / h)[..., None]
+    canvas = np.where((labels == SKY)[..., None], _sky(rng, h, w, y, x), ground)
+    return labels, canvas.astype(np.float32)
 
 
 def _wave(rng, x: np.ndarray, amplitude: float) -> np.ndarray:
@@ -647,7 +690,7 @@ def _raster(polygons: list[list[float]], h: int, w: int) -> np.ndarray:
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
-def _paint(rng, canvas: np.ndarray, mask: np.ndarray) -> None:
+def _paint(rng, canvas: np.ndarray, mask: np.ndarray, patterns) -> None:
     """Fill ``mask`` with a colour that stands out from what is under it, maybe textured."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -659,15 +702,15 @@ def _paint(rng, canvas: np.ndarray, mask: np.ndarray) -> None:
             break
     y = np.arange(y1 - y0, dtype=np.float32)[:, None]
     x = np.arange(x1 - x0, dtype=np.float32)[None, :]
-    pattern = _pattern(rng, y, x)
+    pattern = _pattern(rng, y, x, patterns)
     other = np.clip(color * rng.uniform(0.4, 0.7) + rng.uniform(0, 80), 0, 255)
     fill = color + (other - color) * pattern[..., None]
     region[inside] = fill[inside]
 
 
-def _pattern(rng, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _pattern(rng, y: np.ndarray, x: np.ndarray, patterns) -> np.ndarray:
     """Mixing weight in [0, 1] over a box: flat, stripes, checker or a shading ramp."""
-    kind = rng.choice(4, p=(0.55, 0.2, 0.1, 0.15))
+    kind = rng.choice(4, p=patterns)
     if kind == 0:
         return np.zeros(np.broadcast_shapes(y.shape, x.shape), np.float32)
     if kind == 1:
