@@ -22,10 +22,8 @@ from frozenseg.boxes import to_normalized
 from frozenseg.detector import folder, grounding
 from frozenseg.detector.classes import class_map
 from frozenseg.detector.config import DetectorConfig, normalize
-from frozenseg.detector.model import DeformableDETR, Encoded, Queries, RawDetection, build_detector
+from frozenseg.detector.model import DeformableDETR, Encoded, RawDetection, build_detector
 from frozenseg.detector.output import DetectorOutput
-from frozenseg.detector.position import box_position_embedding
-from frozenseg.detector.transformer import inverse_sigmoid
 from frozenseg.ops.levels import shapes_tensor, start_index
 
 DEFAULT_TOP_K = 100  # detections per image: COCO evaluation's maxDets
@@ -238,7 +236,7 @@ class FrozenDetector(nn.Module):
             normalised = to_normalized(image_boxes.to(memory), sizes[i], clip=True)
             given = labels[i].to(memory.device) if labels is not None else None
             anchors = normalised * self._canvas_scale(sizes)[i].to(normalised)
-            raw = self._decode_boxes(anchors, given, _select(encoded, i))
+            raw = self.model.decode_boxes(anchors, given, _select(encoded, i))
             probs = self._probabilities(self._class_logits(raw.logits[-1][0]))
             states[i, :n], out_boxes[i, :n] = raw.decoder_states[-1][0], normalised
             scores[i, :n], predicted = probs.max(-1)
@@ -246,35 +244,6 @@ class FrozenDetector(nn.Module):
         mask = torch.arange(width, device=memory.device)[None] < torch.tensor(
             [len(b) for b in boxes], device=memory.device)[:, None]
         return self._assemble(encoded, sizes, states, out_boxes, scores, out_labels, mask)
-
-    def _decode_boxes(self, boxes: torch.Tensor, labels: torch.Tensor | None,
-                      encoded: Encoded) -> RawDetection:
-        """The decoder's outputs for (N, 4) normalised boxes of one image; the plain DETRs
-        say how they take boxes (``PlainDETR.decode_boxes``)."""
-        if self.config.encoder == "plain":
-            return self.model.decode_boxes(boxes, encoded)
-        return self.model.decode(self._box_queries(boxes, labels), encoded)
-
-    def _box_queries(self, boxes: torch.Tensor, labels: torch.Tensor | None) -> Queries:
-        """(N, 4) normalised boxes -> queries of one image, built as each variant builds them."""
-        model, t, c = self.model, self.model.transformer, self.config.hidden_dim
-        query_pos = content = None
-        if hasattr(t, "pos_trans"):  # two-stage: query_pos and content from the box itself
-            sine = box_position_embedding(boxes, num_feats=c // 2).to(boxes.dtype)
-            query_pos, content = t.pos_trans_norm(t.pos_trans(sine)).split(c, dim=-1)
-        elif self.config.query_init == "learned":
-            query_pos, content = model.query_embed.weight.mean(0).split(c)
-            query_pos = query_pos.expand(len(boxes), -1)
-        if self.config.query_init == "mixed":
-            content = t.tgt_embed.weight.mean(0)
-        if content is None:  # selected tokens as content (RT-DETR): the mean label embedding
-            content = model.label_enc.weight[: self.config.num_classes].mean(0)
-        if labels is not None and hasattr(model, "label_enc"):
-            content = model.label_enc(labels)
-        content = content.expand(len(boxes), -1)
-        reference = inverse_sigmoid(boxes, self.config.inverse_sigmoid_eps).sigmoid()
-        return Queries(content[None], reference[None],
-                       None if query_pos is None else query_pos[None])
 
     def preprocess(self, images):
         """Normalise and pad: (B, 3, H, W) batch, (B, H, W) padding mask, (B, 2) sizes."""

@@ -375,6 +375,33 @@ class DeformableDETR(nn.Module):
                  for head, s, ref in zip(self.bbox_embed, states, references, strict=True)]
         return RawDetection(logits=logits, boxes=boxes, decoder_states=states, encoded=encoded)
 
+    def decode_boxes(self, boxes: torch.Tensor, labels: torch.Tensor | None,
+                     encoded: Encoded) -> RawDetection:
+        """The decoder's outputs for (N, 4) normalised cxcywh boxes of one image (a batch of
+        one), each box a query built as this variant builds its own: two-stage models take
+        the box's position embedding as query_pos and content, learned-query models the
+        mean learned query; ``labels`` (N,), where given, become the content through the
+        label embedding (DINO's denoising queries)."""
+        t, c = self.transformer, self.config.hidden_dim
+        query_pos = content = None
+        if hasattr(t, "pos_trans"):  # two-stage: query_pos and content from the box itself
+            sine = box_position_embedding(boxes, num_feats=c // 2).to(boxes.dtype)
+            query_pos, content = t.pos_trans_norm(t.pos_trans(sine)).split(c, dim=-1)
+        elif self.config.query_init == "learned":
+            query_pos, content = self.query_embed.weight.mean(0).split(c)
+            query_pos = query_pos.expand(len(boxes), -1)
+        if self.config.query_init == "mixed":
+            content = t.tgt_embed.weight.mean(0)
+        if content is None:  # selected tokens as content (RT-DETR): the mean label embedding
+            content = self.label_enc.weight[: self.config.num_classes].mean(0)
+        if labels is not None and hasattr(self, "label_enc"):
+            content = self.label_enc(labels)
+        content = content.expand(len(boxes), -1)
+        reference = inverse_sigmoid(boxes, self.config.inverse_sigmoid_eps).sigmoid()
+        queries = Queries(content[None], reference[None],
+                          None if query_pos is None else query_pos[None])
+        return self.decode(queries, encoded)
+
     def _decode_fdr(self, queries: Queries, encoded: Encoded) -> RawDetection:
         """D-FINE: the decoder gives each layer's boxes (from its distributions); the class
         logits of a layer are raised by its quality head."""

@@ -351,8 +351,10 @@ class PlainDETR(nn.Module):
         return RawDetection(logits=[self.class_embed(s) for s in states], boxes=boxes,
                             decoder_states=states, encoded=encoded)
 
-    def decode_boxes(self, boxes: torch.Tensor, encoded: Encoded) -> RawDetection:
-        """Queries for external boxes (N, 4) normalised cxcywh, of one image (a batch of one).
+    def decode_boxes(self, boxes: torch.Tensor, labels: torch.Tensor | None,
+                     encoded: Encoded) -> RawDetection:
+        """Queries for external boxes (N, 4) normalised cxcywh, of one image (a batch of one);
+        ``labels`` are not read: no plain DETR embeds a class into a query.
 
         DAB-DETR takes them as its anchors, with its content as for its own queries: zero,
         or the mean of its learned patterns. DETR's queries carry no box (a learned
