@@ -1,10 +1,13 @@
-"""How close converted D-FINE and DEIMv2 models come to transformers' own outputs.
+"""How close converted D-FINE, DEIM and DEIMv2 models come to transformers' own outputs.
 
 For every variant of ``tests/test_convert_d_fine.py`` and ``tests/test_convert_deimv2.py``
 (small random-weight models with noise, no tied scores): convert the model's state dict,
 run both on the tests' two 96x128 images (fp32, CPU) and print the largest absolute
-difference of every decoder layer's state, the last layer's logits and its boxes. The
-tests require 1e-4.
+difference of every decoder layer's state, the last layer's logits and its boxes. Then the
+released configs in the official layout (``tests/test_convert_d_fine_official.py``):
+D-FINE's and DEIM's points [3, 6, 3], DEIM's SiLU decoder and heads (its reference:
+transformers' D-FINE with DEIM's heads swapped in), converted from the state dict and YAML.
+The tests require 1e-4.
 
 Run (from the repository root):
     PYTHONPATH=.:tests python benchmarks/exactness_d_fine.py
@@ -17,14 +20,18 @@ from __future__ import annotations
 import test_convert_d_fine
 import test_convert_deimv2
 import torch
+from test_convert_d_fine_official import official
 from test_convert_rt_detr import images
 
 from frozenseg.convert import convert_state_dict
 from frozenseg.detector.model import build_detector
 
 
-def differences(hf, args: dict) -> tuple[float, float, float]:
-    converted, report = convert_state_dict(hf.state_dict(), args=args)
+def differences(hf, args: dict, state_dict: dict | None = None
+                ) -> tuple[float, float, float]:
+    """Against ``hf``, the conversion of ``state_dict`` (default: hf's) with ``args``."""
+    converted, report = convert_state_dict(
+        hf.state_dict() if state_dict is None else state_dict, args=args)
     ours = build_detector(report.config).eval()
     ours.load_state_dict(converted, strict=True)
     with torch.no_grad():
@@ -39,8 +46,14 @@ def main() -> None:
     print("| family | variant | decoder states | logits | boxes |\n| --- | --- | --- | --- | --- |")
     for family, tests in (("D-FINE", test_convert_d_fine), ("DEIMv2", test_convert_deimv2)):
         for name, variant in tests.VARIANTS.items():
-            figures = differences(*tests.random_hf_model(**variant))
-            print(f"| {family} | {name} | " + " | ".join(f"{float(x):.1e}" for x in figures) + " |")
+            row(family, name, differences(*tests.random_hf_model(**variant)))
+    for family in ("D-FINE", "DEIM"):
+        hf, layout, yaml = official("released-points", family)
+        row(f"{family} (official layout)", "released-points", differences(hf, yaml, layout))
+
+
+def row(family: str, variant: str, figures) -> None:
+    print(f"| {family} | {variant} | " + " | ".join(f"{float(x):.1e}" for x in figures) + " |")
 
 
 if __name__ == "__main__":

@@ -527,7 +527,9 @@ def d_fine_official_layout(hf_state_dict: dict) -> dict:
 
 def d_fine_official_yaml(args: dict, family: str = "D-FINE") -> dict:
     """The YAML sections of the config a transformers D-FINE ``args`` (config.json) was
-    made from, as D-FINE's (and DEIM's) configs spell them."""
+    made from, as D-FINE's (and DEIM's) configs spell them; DEIM's ``mlp_act`` is its
+    ``activation`` (both SiLU in its released configs: the model was made with
+    ``test_convert_d_fine.DEIM``)."""
     levels = args["num_feature_levels"]
     return {
         "model": "DEIM" if family == "DEIM" else "DFINE",
@@ -547,6 +549,9 @@ def d_fine_official_yaml(args: dict, family: str = "D-FINE") -> dict:
                              if isinstance(args["decoder_n_points"], int)
                              else args["decoder_n_points"],
                              "reg_max": args["max_num_bins"], "reg_scale": args["reg_scale"],
+                             "activation": args["decoder_activation_function"],
+                             **({"mlp_act": args["decoder_activation_function"]}
+                                if family == "DEIM" else {}),
                              "cross_attn_method": "default",
                              "query_select_method": "default"},
     }
@@ -557,14 +562,15 @@ def d_fine_official_checkpoint(folder: Path, variant: str = "s", *, family: str 
     """What D-FINE's (DEIM's) solver saves (``{'date', 'last_epoch', 'model', 'ema':
     {'module', 'updates'}, 'optimizer', 'lr_scheduler'}``), or a released file (``{'model'}``
     only), written from a random transformers model, with its YAML config beside it."""
-    from test_convert_d_fine import VARIANTS, random_hf_model
+    from test_convert_d_fine import DEIM, VARIANTS, random_hf_model
 
-    hf, args = random_hf_model(**VARIANTS[variant])
+    activations = DEIM if family == "DEIM" else {}
+    hf, args = random_hf_model(**VARIANTS[variant], **activations)
     layout = d_fine_official_layout(hf.state_dict())
     if released:
         payload = {"model": layout}
     else:
-        other, _ = random_hf_model(**VARIANTS[variant])
+        other, _ = random_hf_model(**VARIANTS[variant], **activations)
         optimizer, scheduler = training_state(torch.nn.Linear(4, 4))
         payload = {"date": "2024-10-18T12:00:00", "last_epoch": 71, "optimizer": optimizer,
                    "lr_scheduler": scheduler, "ema": {"module": layout, "updates": 5000},
@@ -806,6 +812,10 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
         d, "plain-projected", released=True),
     "deim-solver-two-levels": lambda d: d_fine_official_checkpoint(d, "n-two-levels",
                                                                    family="DEIM"),
+    "d-fine-released-points": lambda d: d_fine_official_checkpoint(d, "released-points",
+                                                                   released=True),
+    "deim-solver-released-config": lambda d: d_fine_official_checkpoint(
+        d, "released-points", family="DEIM"),
     "dab-detr-main": lambda d: detr_official_checkpoint(d, "dab_detr", num_patterns=2,
                                                         keep_query_pos=True),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_convert_rt_detr import assert_ranks_as_the_post_processor, images, lively
@@ -35,12 +37,24 @@ VARIANTS = {
     "n-two-levels": dict(backbone="lab", levels=2),
     "bins-16": dict(backbone="lab", max_num_bins=16, reg_scale=8.0, up=0.25, lqe_hidden_dim=8,
                     top_prob_values=3, lqe_layers=3),
+    # The released configs' points per level (D-FINE's and DEIM's num_points: [3, 6, 3]).
+    "released-points": dict(backbone="lab", decoder_n_points=[3, 6, 3]),
+    # Two levels of unequal counts, and the FFN's SiLU (DEIM's activation).
+    "two-levels-points-silu": dict(backbone="plain", levels=2, decoder_n_points=[2, 5],
+                                   decoder_activation_function="silu"),
 }
 
+# DEIM's released activations (its configs/base/deim.yml): SiLU in the decoder's FFN and
+# quality heads (activation) and in its MLP heads (mlp_act).
+DEIM = dict(decoder_activation_function="silu", head_act="silu")
 
-def random_hf_model(backbone: str = "lab", family: str = "DFine", **settings):
+
+def random_hf_model(backbone: str = "lab", family: str = "DFine", head_act: str = "relu",
+                    **settings):
     """A small random DFineForObjectDetection (or ``family="Deimv2"``: Deimv2...) and its
-    config as a dict (config.json)."""
+    config as a dict (config.json). ``head_act``: the activation of the MLP and quality
+    heads, which transformers keeps at ReLU and DEIM's released configs set to SiLU: its
+    heads are then swapped for DFineMLPs of that activation, as DEIM's code builds them."""
     torch.manual_seed(0)
     spec = BACKBONES[backbone]
     encoder_dim = settings.pop("encoder_hidden_dim", 32)
@@ -58,7 +72,25 @@ def random_hf_model(backbone: str = "lab", family: str = "DFine", **settings):
         **{"depth_mult": 0.34, "lqe_hidden_dim": 16, "max_num_bins": 8, **settings},
     )
     model = getattr(transformers, f"{family}ForObjectDetection")(config)
+    if head_act != "relu":
+        deim_heads(model, head_act)
     return perturb(lively(model)), config.to_dict()
+
+
+def deim_heads(model, act: str) -> None:
+    """DEIM's DFINETransformer: ``mlp_act`` in the query_pos, proposal box, first-layer box
+    and distribution heads, the decoder's ``activation`` in the quality heads (LQE)."""
+    from transformers.models.d_fine.modeling_d_fine import DFineMLP
+
+    inner = model.model
+    for owner, name in ((inner.decoder, "query_pos_head"), (inner, "enc_bbox_head")):
+        old = getattr(owner, name)
+        dims = [layer.in_features for layer in old.layers] + [old.layers[-1].out_features]
+        setattr(owner, name, DFineMLP(dims[0], dims[1], dims[-1], len(old.layers), act))
+    # The decoder runs its own copies of the top-level box heads.
+    for mlp in [inner.decoder.pre_bbox_head, *model.bbox_embed, *inner.decoder.bbox_embed,
+                *(lqe.reg_conf for lqe in inner.decoder.lqe_layers)]:
+        mlp.act = DFineMLP(1, 1, 1, 1, act).act
 
 
 @pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
@@ -143,13 +175,65 @@ def test_a_checkpoint_file_with_an_unsupported_setting_names_the_file(tmp_path):
     assert "\n" not in message and not (tmp_path / "out").exists()
 
 
-def test_per_level_point_counts_are_refused():
-    hf, args = random_hf_model()
-    state_dict = dict(hf.state_dict())
-    key = "model.decoder.layers.0.encoder_attn.num_points_scale"
-    state_dict[key] = torch.tensor([1 / 2] * 2 + [1 / 4] * 4 + [1 / 6] * 6)
-    with pytest.raises(ValueError, match="per-level point counts"):
+def test_per_level_points_are_read_from_the_scales_and_padded():
+    """[3, 6, 3] from num_points_scale; each head's 12 rows scattered into 3 levels of 6
+    points, the padding's rows zero."""
+    hf, args = random_hf_model(**VARIANTS["released-points"])
+    converted, report = convert_state_dict(hf.state_dict(), args=args)
+    assert report.config.dec_n_points == (3, 6, 3)
+    source = hf.state_dict()["model.decoder.layers.1.encoder_attn.attention_weights.weight"]
+    rows = converted["transformer.decoder.layers.1.cross_attn.attention_weights.weight"]
+    assert source.shape == (2 * 12, 32) and rows.shape == (2 * 3 * 6, 32)
+    rows = rows.view(2, 3, 6, 32)
+    for head, (level, start, n) in itertools.product(range(2), [(0, 0, 3), (1, 3, 6),
+                                                                (2, 9, 3)]):
+        assert torch.equal(rows[head, level, :n], source[head * 12 + start:][:n])
+        assert not rows[head, level, n:].any()
+    offsets = converted["transformer.decoder.layers.0.cross_attn.sampling_offsets.bias"]
+    assert offsets.shape == (2 * 3 * 6 * 2,) and not offsets.view(2, 3, 6, 2)[:, 0, 3:].any()
+    assert any("padded to 6" in how for _, how in report.derived)
+
+
+@pytest.mark.parametrize("mistake", ["one scale", "no mask", "rows at the end"])
+def test_each_part_of_the_padding_matters(mistake):
+    """The converted model matches transformers (above); each way of getting the padding
+    wrong moves the logits far beyond the tests' 1e-4."""
+    hf, args = random_hf_model(**VARIANTS["released-points"])
+    converted, report = convert_state_dict(hf.state_dict(), args=args)
+    ours = build_detector(report.config).eval()
+    ours.load_state_dict(converted)
+    for i, layer in enumerate(ours.transformer.decoder.layers):
+        attention = layer.cross_attn
+        if mistake == "one scale":  # every level's offsets in units of size / 6
+            attention.level_points.fill_(6.0)
+        elif mistake == "no mask":  # the padded points share the softmax at logit 0
+            attention.padded = False
+        else:  # each head's 12 rows then 6 zero rows, not level by level
+            source = hf.state_dict()[
+                f"model.decoder.layers.{i}.encoder_attn.attention_weights.weight"]
+            rows = torch.cat([source.view(2, 12, 32), source.new_zeros(2, 6, 32)], 1)
+            attention.attention_weights.weight.data = rows.reshape(36, 32)
+    with torch.no_grad():
+        expected = hf(pixel_values=images()).logits
+        got = ours(images(), torch.zeros(2, 96, 128, dtype=torch.bool)).logits[-1]
+    assert (got - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"model.decoder.layers.1.encoder_attn.num_points_scale": torch.tensor(
+        [1 / 4] * 12)}, "differs from model.decoder.layers.0"),
+    ({"model.decoder.layers.0.encoder_attn.num_points_scale": torch.tensor(
+        [1 / 3] * 2 + [1 / 6] * 10)}, "is not 1 / n for each of a level's n points"),
+    ({"decoder_n_points": [4, 4, 4]}, "the config [4, 4, 4]"),
+])
+def test_sampling_scales_that_disagree_are_refused_in_one_line(change, message):
+    hf, args = random_hf_model(**VARIANTS["released-points"])
+    keys = {k: v for k, v in change.items() if k.startswith("model.")}
+    state_dict = {**hf.state_dict(), **keys}
+    args = {**args, **{k: v for k, v in change.items() if k not in keys}}
+    with pytest.raises(ValueError) as err:
         convert_state_dict(state_dict, args=args)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_rt_detr_does_not_claim_d_fine_keys():

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from artifacts import d_fine_official_layout, d_fine_official_yaml
-from test_convert_d_fine import VARIANTS, random_hf_model
+from test_convert_d_fine import DEIM, VARIANTS, random_hf_model
 from test_convert_rt_detr import images
 
 from frozenseg.convert import convert_state_dict
@@ -68,9 +68,11 @@ TRANSFORMERS_ONLY = re.compile(r"^model\.|^(class|bbox)_embed\.|convolution|norm
                                r"embedder|csp_rep|encoder_attn|_layer_norm|[qkv]_proj|fc[12]\.")
 
 
-def official(variant: str = "s"):
-    hf, args = random_hf_model(**VARIANTS[variant])
-    return hf, d_fine_official_layout(hf.state_dict()), d_fine_official_yaml(args)
+def official(variant: str = "s", family: str = "D-FINE"):
+    """A random transformers model (DEIM's: with its activations, ``DEIM``), its state dict
+    in the official layout, and the YAML it was made from."""
+    hf, args = random_hf_model(**VARIANTS[variant], **(DEIM if family == "DEIM" else {}))
+    return hf, d_fine_official_layout(hf.state_dict()), d_fine_official_yaml(args, family)
 
 
 def test_the_written_layout_has_the_official_modules_names():
@@ -86,7 +88,8 @@ def test_the_written_layout_has_the_official_modules_names():
         projected)
 
 
-@pytest.mark.parametrize("variant", ["s", "plain-projected", "n-two-levels", "bins-16"])
+@pytest.mark.parametrize("variant", ["s", "plain-projected", "n-two-levels", "bins-16",
+                                     "released-points", "two-levels-points-silu"])
 def test_converts_to_what_the_transformers_folder_converts_to(variant):
     """Key by key, the same canonical tensors and the same config."""
     hf, layout, yaml = official(variant)
@@ -102,9 +105,15 @@ def test_converts_to_what_the_transformers_folder_converts_to(variant):
     assert "decoder.anchors" in dropped and "decoder.decoder.up" in dropped
 
 
-def test_the_converted_model_reproduces_transformers():
-    hf, layout, yaml = official("s")
+@pytest.mark.parametrize(("variant", "family"), [
+    ("s", "D-FINE"), ("released-points", "D-FINE"), ("released-points", "DEIM")])
+def test_the_converted_model_reproduces_transformers(variant, family):
+    """DEIM's released config (points [3, 6, 3], SiLU in the FFN and every head) against
+    transformers' D-FINE with DEIM's heads swapped in."""
+    hf, layout, yaml = official(variant, family)
     converted, report = convert_state_dict(layout, args=yaml)
+    heads = "silu" if family == "DEIM" else "relu"
+    assert (report.config.mlp_activation, report.config.lqe_activation) == (heads, heads)
     ours = build_detector(report.config).eval()
     ours.load_state_dict(converted, strict=True)
     with torch.no_grad():
@@ -117,8 +126,8 @@ def test_the_converted_model_reproduces_transformers():
 @pytest.mark.parametrize(("section", "setting", "value"), [
     ("DFINETransformer", "cross_attn_method", "discrete"),
     ("DFINETransformer", "query_select_method", "agnostic"),
-    ("DFINETransformer", "activation", "silu"),  # DEIM's released configs
-    ("DFINETransformer", "mlp_act", "silu"),
+    ("DFINETransformer", "activation", "gelu"),
+    ("DFINETransformer", "mlp_act", "gelu"),
     ("HybridEncoder", "version", "rt_detrv2"),
     ("DFINETransformer", "eval_idx", 1),
     ("HybridEncoder", "enc_act", "relu"),
@@ -132,14 +141,14 @@ def test_yaml_settings_frozenseg_does_not_reproduce_are_refused_in_one_line(
     assert f"{setting}={value!r}" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_per_level_point_counts_are_refused():
-    """The released configs' num_points [3, 6, 3]: the op takes one count on every level."""
-    _, layout, yaml = official()
-    for layer in range(3):
-        layout[f"decoder.decoder.layers.{layer}.cross_attn.num_points_scale"] = torch.tensor(
-            [1 / 3] * 3 + [1 / 6] * 6 + [1 / 3] * 3)
-    with pytest.raises(ValueError, match="per-level point counts"):
+def test_a_silu_decoder_without_the_model_it_configures_is_refused():
+    """DEIM's quality heads take the decoder's activation and D-FINE's do not: a YAML whose
+    ``model`` names neither cannot say which."""
+    _, layout, yaml = official("released-points", "DEIM")
+    del yaml["model"]
+    with pytest.raises(ValueError, match="without model: DEIM or DFINE") as err:
         convert_state_dict(layout, args=yaml)
+    assert "\n" not in str(err.value)
 
 
 def test_the_formats_tell_the_layouts_apart():
@@ -149,19 +158,20 @@ def test_the_formats_tell_the_layouts_apart():
     assert not FORMATS["d_fine"].matches(hf.state_dict())
 
 
-def test_a_config_reads_its_includes_and_deims_silu_decoder_is_refused(tmp_path):
+def test_a_config_reads_its_includes_and_deims_silu_decoder(tmp_path):
     """D-FINE's and DEIM's configs name their bases in ``__include__`` (relative paths, the
     file's own settings last): DEIM's base sets the decoder's activations to silu, which
-    frozenseg does not reproduce, so the DEIM file is refused, naming the setting."""
+    the converted DEIM file takes."""
     import yaml as pyyaml
 
     from frozenseg.convert import convert_checkpoint, read_training_config
 
-    hf, layout, settings = official()
+    _, layout, settings = official("released-points", "DEIM")
     (tmp_path / "base").mkdir()
     (tmp_path / "deim").mkdir()
-    base = {key: value for key, value in settings.items() if key != "DFINETransformer"}
-    base["DFINETransformer"] = {**settings["DFINETransformer"], "num_queries": 300}
+    decoder = {k: v for k, v in settings["DFINETransformer"].items()
+               if k not in ("activation", "mlp_act")}
+    base = {**settings, "model": "DEIM", "DFINETransformer": {**decoder, "num_queries": 300}}
     (tmp_path / "base" / "dfine.yml").write_text(pyyaml.safe_dump(base))
     (tmp_path / "base" / "deim.yml").write_text(pyyaml.safe_dump(
         {"DFINETransformer": {"activation": "silu", "mlp_act": "silu"}}))
@@ -170,18 +180,22 @@ def test_a_config_reads_its_includes_and_deims_silu_decoder_is_refused(tmp_path)
     (tmp_path / "deim" / "dfine.yml").write_text(pyyaml.safe_dump(top))
     (tmp_path / "deim" / "deim.yml").write_text(pyyaml.safe_dump(
         {"__include__": ["./dfine.yml", "../base/deim.yml"]}))
-    read = read_training_config(tmp_path / "deim" / "dfine.yml")
+    read = read_training_config(tmp_path / "deim" / "deim.yml")
     assert read["DFINETransformer"] == settings["DFINETransformer"]
     assert read["HybridEncoder"] == settings["HybridEncoder"]
     torch.save({"model": layout}, tmp_path / "deim.pth")
-    _, report = convert_state_dict(layout, args=read)
+    report = convert_checkpoint(tmp_path / "deim.pth", tmp_path / "out",
+                                config=tmp_path / "deim" / "deim.yml")
     assert report.ok and not report.notes
-    with pytest.raises(ValueError, match="activation='silu'") as err:
-        convert_checkpoint(tmp_path / "deim.pth", tmp_path / "out",
-                           config=tmp_path / "deim" / "deim.yml")
-    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    config = report.config
+    assert (config.activation, config.mlp_activation, config.lqe_activation) == ("silu",) * 3
+    assert config.dec_n_points == (3, 6, 3)
+    # Without DEIM's base the same weights read as D-FINE's ReLU decoder.
+    _, relu = convert_state_dict(layout, args=read_training_config(tmp_path / "deim" /
+                                                                   "dfine.yml"))
+    assert (relu.config.activation, relu.config.mlp_activation) == ("relu", "relu")
     (tmp_path / "deim" / "deim.yml").write_text(pyyaml.safe_dump(
         {"__include__": ["../base/gone.yml"]}))
     with pytest.raises(ValueError, match="gone.yml is not there"):
-        convert_checkpoint(tmp_path / "deim.pth", tmp_path / "out",
+        convert_checkpoint(tmp_path / "deim.pth", tmp_path / "out2",
                            config=tmp_path / "deim" / "deim.yml")

@@ -18,6 +18,8 @@ VARIANTS = {
         use_gateway=False, share_bbox_head=True, encoder_has_trailing_conv=False,
         hidden_expansion=0.5, backbone="plain"),
     "projected": dict(encoder_hidden_dim=48, depth_mult=0.67),
+    # Per-level points (D-FINE's released [3, 6, 3]) go through D-FINE's converter too.
+    "released-points": dict(decoder_n_points=[3, 6, 3]),
 }
 
 

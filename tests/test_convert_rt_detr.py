@@ -123,12 +123,13 @@ def test_settings_the_op_does_not_take_are_refused_in_one_line(setting, value, m
 
 
 def test_per_level_point_counts_are_refused():
+    """RT-DETR v2's converter does not scatter per-level points (D-FINE's does)."""
     hf, args = random_hf_model(version="v2")
     state_dict = dict(hf.state_dict())
-    key = "model.decoder.layers.0.encoder_attn.n_points_scale"
-    state_dict[key] = torch.tensor([1 / 2] * 2 + [1 / 4] * 4 + [1 / 6] * 6)
-    with pytest.raises(ValueError, match="per-level point counts"):
-        convert_state_dict(state_dict, args=args)
+    for key in [k for k in state_dict if k.endswith("encoder_attn.n_points_scale")]:
+        state_dict[key] = torch.tensor([1 / 2] * 2 + [1 / 4] * 4 + [1 / 6] * 6)
+    with pytest.raises(ValueError, match=r"per-level point counts \[2, 4, 6\]"):
+        convert_state_dict(state_dict, args={**args, "decoder_n_points": [2, 4, 6]})
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -106,3 +106,50 @@ def test_bad_reference_points_raise():
 def test_head_dim_must_divide():
     with pytest.raises(ValueError, match="not divisible"):
         MSDeformAttn(d_model=30, n_heads=8)
+
+
+def test_per_level_points_equal_attention_over_the_real_points_only():
+    """Points [1, 3]: padded to 3 per level, the result equals D-FINE's definition, one
+    softmax over each head's 4 real points and box offsets in units of size / its level's
+    count, computed level by level without padding."""
+    torch.manual_seed(3)
+    counts = (1, 3)
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=counts,
+                         projections=False).double()
+    assert layer.attention_weights.weight.shape == (2 * 2 * 3, 16)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    shapes = torch.tensor([[5, 6], [3, 2]])
+    query = torch.randn(2, 4, 16, dtype=torch.float64)
+    memory = torch.randn(2, 36, 16, dtype=torch.float64)
+    ref = torch.rand(2, 4, 1, 4, dtype=torch.float64) * 0.5 + 0.25
+    out = layer(query, ref.expand(-1, -1, 2, -1), memory, shapes, None)
+    real = [(level, k) for level, n in enumerate(counts) for k in range(n)]
+    logits = layer.attention_weights(query).view(2, 4, 2, 2, 3)
+    weights = torch.stack([logits[..., lv, k] for lv, k in real], -1).softmax(-1)
+    offsets = layer.sampling_offsets(query).view(2, 4, 2, 2, 3, 2)
+    value = memory.view(2, 36, 2, 8)
+    expected = 0
+    for i, (level, k) in enumerate(real):
+        location = ref[:, :, None, :, None, :2] + offsets[:, :, :, level:level + 1, k:k + 1] / (
+            counts[level]) * ref[:, :, None, :, None, 2:] * 0.5
+        start = 0 if level == 0 else 30
+        one_level = value[:, start:start + int(shapes[level].prod())]
+        expected = expected + ms_deform_attn_reference(
+            one_level, shapes[level:level + 1], location, weights[..., i, None, None])
+    # the op samples in float32 (module docstring of ops.functional)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_per_level_points_start_on_their_level_and_padding_at_the_reference():
+    layer = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=[3, 6, 3])
+    bias = layer.sampling_offsets.bias.view(2, 3, 6, 2)
+    torch.testing.assert_close(bias[0, 1, :, 0], torch.arange(1.0, 7.0))
+    torch.testing.assert_close(bias[0, 0, :3, 0], torch.arange(1.0, 4.0))
+    assert not bias[:, 0, 3:].any() and not bias[:, 2, 3:].any()
+    assert set(layer.state_dict()) == {"sampling_offsets.weight", "sampling_offsets.bias",
+                                       "attention_weights.weight", "attention_weights.bias",
+                                       "value_proj.weight", "value_proj.bias",
+                                       "output_proj.weight", "output_proj.bias"}
+    with pytest.raises(ValueError, match="one per"):
+        MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=[3, 6])

@@ -113,7 +113,8 @@ class DetectorConfig:
     # the query-position projection kept in every cross-attention (not only the first);
     # num_patterns learned contents, each paired with every anchor.
     encoder_pos_scale: bool = False
-    activation: Literal["relu", "prelu"] = "relu"
+    # The decoder layers' FFN activation (DAB-DETR's PReLU; DEIM's SiLU in the FDR decoder).
+    activation: Literal["relu", "prelu", "silu"] = "relu"
     keep_query_pos: bool = False
     num_patterns: int = 0
     # DETR: a softmax classifier with a last "no object" logit (num_classes + 1 outputs), one
@@ -145,6 +146,11 @@ class DetectorConfig:
     fdr_gateway: bool = True
     ref_point_layers: int = 2
     ref_point_hidden_dim: int | None = None
+    # The FDR decoder's MLP heads (query_pos, proposal box, first-layer box and distribution
+    # heads) and its quality heads: ReLU in D-FINE and transformers; DEIM's configs take SiLU
+    # for the heads (``mlp_act``) and its quality heads follow the FFN (``activation``).
+    mlp_activation: Literal["relu", "silu"] = "relu"
+    lqe_activation: Literal["relu", "silu"] = "relu"
     enc_n_points: int = 4
     # The decoder's cross-attention heads where they differ from its self-attention's
     # (LW-DETR, RF-DETR: 16 and 8; None: nheads).
@@ -157,7 +163,9 @@ class DetectorConfig:
     # LW-DETR / RF-DETR: each query has a learned box delta (``transformer.refpoint_embed``)
     # that moves its selected proposal (``scaled``) into the reference the decoder reads.
     anchor_delta: bool = False
-    dec_n_points: int = 4
+    # Sampling points per head on every decoder level, or one count per level (D-FINE's
+    # released [3, 6, 3]: padded to the largest in the attention, ``ops.MSDeformAttn``).
+    dec_n_points: int | tuple[int, ...] = 4
     num_queries: int = 300
     num_classes: int = 91
     query_init: QueryInit = "learned"
@@ -232,8 +240,9 @@ class DetectorConfig:
         if unknown:
             raise ValueError(f"unknown detector config keys: {', '.join(unknown)}")
         data = dict(data)
-        for key in ("image_mean", "image_std", "backbone_levels", "aifi_levels"):
-            if key in data:
+        for key in ("image_mean", "image_std", "backbone_levels", "aifi_levels",
+                    "dec_n_points"):
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         if "backbone" in data:  # JSON turns the backbone's tuples into lists
             data["backbone"] = {k: tuple(v) if isinstance(v, list) else v

@@ -22,6 +22,8 @@ Shapes: B batch, Q queries, C width, S memory positions; boxes normalised (cx, c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,12 +65,15 @@ class SwiGLU(nn.Module):
 
 
 class GatedDecoderLayer(nn.Module):
-    """style "d_fine": LayerNorms and a Linear-ReLU-Linear FFN (``linear1``, ``linear2``);
-    "deimv2": RMSNorms and a SwiGLU FFN (``mlp``). Without ``gateway`` (DEIMv2's option) the
-    cross-attention is added to its input and normed (``norm1``)."""
+    """style "d_fine": LayerNorms and a Linear-activation-Linear FFN (``linear1``,
+    ``linear2``; ReLU, DEIM's SiLU); "deimv2": RMSNorms and a SwiGLU FFN (``mlp``). Without
+    ``gateway`` (DEIMv2's option) the cross-attention is added to its input and normed
+    (``norm1``). ``points``: per head on every level, or one count per level (D-FINE's
+    released [3, 6, 3], padded in the attention: :class:`MSDeformAttn`)."""
 
-    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int, points: int,
-                 activation: str = "relu", style: str = "d_fine", gateway: bool = True) -> None:
+    def __init__(self, *, dim: int, ffn_dim: int, levels: int, heads: int,
+                 points: int | Sequence[int], activation: str = "relu", style: str = "d_fine",
+                 gateway: bool = True) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = norm(style, dim)
@@ -107,11 +112,12 @@ class GatedDecoderLayer(nn.Module):
 class QualityHead(nn.Module):
     """LQE: logits (B, Q, K) + MLP(top-k probabilities and their mean, per edge)."""
 
-    def __init__(self, *, bins: int, top_k: int, hidden_dim: int, layers: int) -> None:
+    def __init__(self, *, bins: int, top_k: int, hidden_dim: int, layers: int,
+                 activation: str = "relu") -> None:
         super().__init__()
         self.bins, self.top_k = bins, top_k
         self.reg_conf = MLP(in_dim=4 * (top_k + 1), hidden_dim=hidden_dim, out_dim=1,
-                            num_layers=layers)
+                            num_layers=layers, activation=activation)
 
     def forward(self, logits: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
         b, q, _ = corners.shape
@@ -146,14 +152,17 @@ def distance_to_box(origin: torch.Tensor, distance: torch.Tensor, reg_scale: flo
 
 
 class FDRDecoder(nn.Module):
-    """The layers, query_pos head (box -> C), first-layer box head and quality heads."""
+    """The layers, query_pos head (box -> C), first-layer box head (``activation``: its
+    MLP's) and quality heads."""
 
     def __init__(self, *, layers: list[GatedDecoderLayer], ref_point_head: MLP, dim: int,
-                 bins: int, reg_scale: float, up: float, quality: list[QualityHead]) -> None:
+                 bins: int, reg_scale: float, up: float, quality: list[QualityHead],
+                 activation: str = "relu") -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.ref_point_head = ref_point_head
-        self.pre_bbox_head = MLP(in_dim=dim, hidden_dim=dim, out_dim=4, num_layers=3)
+        self.pre_bbox_head = MLP(in_dim=dim, hidden_dim=dim, out_dim=4, num_layers=3,
+                                 activation=activation)
         self.lqe_layers = nn.ModuleList(quality)
         self.bins, self.reg_scale, self.up = bins, reg_scale, up
 

@@ -161,14 +161,17 @@ def build_decoder(config: DetectorConfig) -> nn.Module:
             layers=[GatedDecoderLayer(dim=c, ffn_dim=config.dim_feedforward,
                                       levels=config.num_feature_levels, heads=config.nheads,
                                       points=config.dec_n_points, style=config.fdr_layer,
-                                      gateway=config.fdr_gateway)
+                                      gateway=config.fdr_gateway, activation=config.activation)
                     for _ in range(config.dec_layers)],
             ref_point_head=MLP(in_dim=4, hidden_dim=config.ref_point_hidden_dim or 2 * c,
-                               out_dim=c, num_layers=config.ref_point_layers),
+                               out_dim=c, num_layers=config.ref_point_layers,
+                               activation=config.mlp_activation),
             dim=c, bins=config.fdr_bins, reg_scale=config.fdr_reg_scale, up=config.fdr_up,
             quality=[QualityHead(bins=config.fdr_bins, top_k=config.lqe_top_k,
-                                 hidden_dim=config.lqe_hidden_dim, layers=config.lqe_layers)
-                     for _ in range(config.dec_layers)])
+                                 hidden_dim=config.lqe_hidden_dim, layers=config.lqe_layers,
+                                 activation=config.lqe_activation)
+                     for _ in range(config.dec_layers)],
+            activation=config.mlp_activation)
     # Grounding DINO's layers attend to the text before the image.
     layer = grounding.TextDecoderLayer if config.open_vocabulary else DecoderLayer
     return Decoder(
@@ -200,7 +203,8 @@ class DeformableTransformer(nn.Module):
         self.enc_output = nn.Linear(c, c)
         self.enc_output_norm = nn.LayerNorm(c)
         self.enc_out_class_embed = class_head(config)
-        self.enc_out_bbox_embed = MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3)
+        self.enc_out_bbox_embed = MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3,
+                                      activation=config.mlp_activation)
         if not config.ref_point_head:
             self.pos_trans = nn.Linear(2 * c, 2 * c)
             self.pos_trans_norm = nn.LayerNorm(2 * c)
@@ -228,7 +232,8 @@ class DeformableDETR(nn.Module):
         # D-FINE's box heads predict a distribution over fdr_bins + 1 offsets per edge.
         box_dim = 4 * (config.fdr_bins + 1) if config.decoder == "fdr" else 4
         self.bbox_embed = nn.ModuleList(
-            MLP(in_dim=c, hidden_dim=c, out_dim=box_dim, num_layers=3)
+            MLP(in_dim=c, hidden_dim=c, out_dim=box_dim, num_layers=3,
+                activation=config.mlp_activation)
             for _ in range(config.dec_layers)
         )
 

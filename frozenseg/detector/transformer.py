@@ -19,20 +19,25 @@ from torch.utils.checkpoint import checkpoint
 from frozenseg.detector.position import box_position_embedding
 from frozenseg.ops import MSDeformAttn
 
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
 
 class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (DETR's box head)."""
+    """``num_layers`` linear layers with ReLU between them (DETR's box head; DEIM's heads
+    take SiLU: ``activation``)."""
 
-    def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+    def __init__(self, *, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int,
+                 activation: str = "relu") -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.layers = nn.ModuleList(
             nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
         )
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+            x = layer(x) if i == len(self.layers) - 1 else self.activation(layer(x))
         return x
 
 
@@ -40,8 +45,6 @@ def inverse_sigmoid(x: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
-
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 def run_layer(stack: nn.Module, layer: nn.Module, *args):

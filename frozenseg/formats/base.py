@@ -166,6 +166,56 @@ def points_per_head(state_dict: StateDict, key: str, heads: int, levels: int) ->
     return points
 
 
+def level_points(state_dict: StateDict, key: str, scales: re.Pattern, heads: int, levels: int,
+                 saved: int | list[int] | None = None) -> int | tuple[int, ...]:
+    """Sampling points per level of a D-FINE (or RT-DETR v2) attention whose weight tensor
+    ``key`` has heads x sum(points) rows: one count (an int) where every level has the same,
+    else one per level (a tuple). The counts are read from the saved sampling scales (keys
+    matching ``scales``: 1 / n for each of a level's n points, every layer alike), else from
+    ``saved`` (the config's count or list), else the rows split evenly; the config, where
+    saved, must agree with the scales."""
+    total = points_per_head(state_dict, key, heads, 1)
+    tensors = [(k, state_dict[k].float()) for k in state_dict if scales.match(k)]
+    given = None if saved is None else [saved] * levels if isinstance(saved, int) else list(
+        saved)
+    counts = _counts_from_scale(*tensors[0]) if tensors else given or [total // levels] * levels
+    for other, scale in tensors[1:]:
+        if not torch.equal(scale, tensors[0][1]):
+            raise ValueError(f"{other} differs from {tensors[0][0]}: the layers sample "
+                             "different point counts, which is not supported")
+    if len(counts) != levels or sum(counts) != total or given not in (None, counts):
+        raise ValueError(f"{key} has {total} points per head, the config {saved!r}: not "
+                         f"{levels} levels of {counts} points")
+    return counts[0] if len(set(counts)) == 1 else tuple(counts)
+
+
+def _counts_from_scale(key: str, scale: torch.Tensor) -> list[int]:
+    """[n_1, n_2, ...] from a sampling-scale vector of n_1 values 1 / n_1, then n_2 of 1 / n_2..."""
+    counts, start = [], 0
+    while start < len(scale):
+        n = round(1.0 / float(scale[start])) if scale[start] > 0 else 0
+        block = scale[start:start + n]
+        if n < 1 or len(block) != n or not torch.allclose(block, torch.full((n,), 1.0 / n)):
+            raise ValueError(f"{key} is not 1 / n for each of a level's n points")
+        counts.append(n)
+        start += n
+    return counts
+
+
+def pad_level_points(tensor: torch.Tensor, heads: int, counts: tuple[int, ...],
+                     coords: int = 1) -> torch.Tensor:
+    """A checkpoint's per-level points -> :class:`frozenseg.ops.MSDeformAttn`'s padded
+    layout. Rows heads x sum(counts) x coords (each head's points level after level, x and
+    y for ``coords=2``) become heads x levels x max(counts) x coords, the padded points'
+    rows zero (the attention masks them out)."""
+    rest = tensor.shape[1:]
+    rows = tensor.reshape(heads, sum(counts), coords, *rest)
+    out = tensor.new_zeros(heads, len(counts), max(counts), coords, *rest)
+    for level, part in enumerate(rows.split(list(counts), dim=1)):
+        out[:, level, : counts[level]] = part
+    return out.reshape(-1, *rest)
+
+
 def merge_qkv(out: Renamed, pattern: re.Pattern, names: tuple[str, str, str],
               target: str = "{prefix}.in_proj_{kind}") -> None:
     """Separate query, key, value projections -> one stacked tensor (nn.MultiheadAttention's

@@ -7,8 +7,11 @@ the widths agree, and the FDR decoder (gated layers, distribution box heads, the
 first-layer ``pre_bbox_head``, LQE quality heads). The FDR constants ``reg_scale`` and
 ``up`` are saved as tensors and read into the config. transformers 5's in-memory names
 (``encoder.aifi``, ``o_proj``, ``mlp.layers.k``) are read as well as the saved ones.
-Settings frozenseg does not reproduce (layers after ``eval_idx``, the "discrete" sampling,
-per-level point counts, other activations) are refused in one line.
+Per-level point counts (the released ``decoder_n_points`` [3, 6, 3]) are read from the
+saved ``num_points_scale`` and the cross-attention's heads x sum(points) rows scattered
+into the attention's padded layout; the FFN's activation (ReLU or SiLU) is
+``decoder_activation_function``. Settings frozenseg does not reproduce (layers after
+``eval_idx``, the "discrete" sampling, other activations) are refused in one line.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from frozenseg.formats.base import (
     check_duplicate,
     count_indexed,
     merge_qkv,
+    pad_level_points,
     refuse_unsupported,
     substitute_keys,
 )
@@ -38,6 +42,9 @@ IN_MEMORY = [
 ]
 BACKBONE = "model.backbone.model."
 NUM_POINTS_SCALE = re.compile(r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.num_points_scale$")
+# The cross-attention's rows per sampling point (canonical names): x, y offsets; weights.
+POINT_ROWS = re.compile(
+    r"^transformer\.decoder\.layers\.\d+\.cross_attn\.(sampling_offsets|attention_weights)\.")
 CONSTANTS = {"model.decoder.reg_scale": "fdr_reg_scale", "model.decoder.up": "fdr_up"}
 
 
@@ -53,7 +60,7 @@ RULES = [
 
 FIXED = {**rt_detr.FIXED, "variant": "d_fine", "hybrid_fusion": "elan", "decoder": "fdr"}
 
-SUPPORTED = rt_detr.SUPPORTED
+SUPPORTED = {**rt_detr.SUPPORTED, "decoder_activation_function": ("relu", "silu")}
 BACKBONE_SUPPORTED = {
     "hidden_act": ("relu",),
     "stem_strides": ([2, 1, 1, 2, 1], (2, 1, 1, 2, 1)),
@@ -61,16 +68,19 @@ BACKBONE_SUPPORTED = {
 }
 
 
-def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
+def derive_config(state_dict: StateDict, args: dict, **fields
+                  ) -> tuple[DetectorConfig, list[str]]:
     """What RT-DETR's converter derives (:func:`rt_detr.hybrid_fields`), with the HGNetV2
-    backbone, the ELAN blocks' depth and width, and the FDR bins, constants and quality
-    heads from shapes and the saved tensors."""
+    backbone, the ELAN blocks' depth and width, the FFN's activation, and the FDR bins,
+    constants and quality heads from shapes and the saved tensors. ``fields``: what the
+    caller knows beyond transformers' config (the official YAML's head activations)."""
     refuse_unsupported("D-FINE", [(SUPPORTED, args, "config"), (
         BACKBONE_SUPPORTED, args.get("backbone_config") or {}, "backbone config")])
     sd = substitute_keys(state_dict, IN_MEMORY)
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     return fdr_config(sd, args, "D-FINE", FIXED, "fc1", csp_expansion=sd[
-        "model.encoder.fpn_blocks.0.csp_rep1.conv1.conv.weight"].shape[0] / encoder_dim)
+        "model.encoder.fpn_blocks.0.csp_rep1.conv1.conv.weight"].shape[0] / encoder_dim,
+        activation=args.get("decoder_activation_function", "relu"), **fields)
 
 
 def fdr_config(sd: StateDict, args: dict, family: str, fixed: dict, ffn: str, **fields
@@ -149,7 +159,7 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
         if key.endswith("num_batches_tracked"):
             out.dropped.append((key, "batch norm counter (frozen batch norm keeps none)"))
         elif NUM_POINTS_SCALE.match(key):
-            out.dropped.append((key, "sampling scale, checked: 1 / points"))
+            out.dropped.append((key, "sampling scale, read: 1 / its level's points"))
         elif key in CONSTANTS:
             out.dropped.append((key, f"read into the config ({CONSTANTS[key]})"))
         elif rt_detr.TOP_HEADS.match(key) and f"model.decoder.{key}" in sd:
@@ -159,7 +169,21 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
     merge_qkv(out, rt_detr.QKV, ("q", "k", "v"))
+    if isinstance(config.dec_n_points, tuple):
+        out.derived += _pad_points(out.state_dict, config)
     return out
+
+
+def _pad_points(sd: StateDict, config: DetectorConfig) -> list[tuple[str, str]]:
+    """Per-level point counts: each cross-attention's heads x sum(points) rows scattered, in
+    place, into the attention's heads x levels x max(points) layout; the (key, how) of each."""
+    done = []
+    for key in [k for k in sd if POINT_ROWS.match(k)]:
+        coords = 2 if POINT_ROWS.match(key)[1] == "sampling_offsets" else 1
+        sd[key] = pad_level_points(sd[key], config.nheads, config.dec_n_points, coords)
+        done.append((key, f"points {list(config.dec_n_points)} per level padded to "
+                          f"{max(config.dec_n_points)}, the padding's rows zero"))
+    return done
 
 
 FORMAT = CheckpointFormat(

@@ -12,8 +12,10 @@ constants ``up`` / ``reg_scale``, registered twice, and the anchors of eval_spat
 They are read as transformers' D-FINE names and converted by
 :mod:`frozenseg.formats.d_fine`, which both families share. The settings are in the YAML
 config (``--config``, or config.yaml beside the weights): its ``HybridEncoder`` and
-``DFINETransformer`` sections are read; the settings frozenseg does not reproduce are
-refused in one line.
+``DFINETransformer`` sections are read (per-level ``num_points``; DEIM's SiLU
+``activation`` and ``mlp_act``, which ``model: DEIM`` applies to more heads than D-FINE's
+code does), and its ``model``; the settings frozenseg does not reproduce are refused in one
+line.
 """
 
 from __future__ import annotations
@@ -79,12 +81,12 @@ ANCHORS = re.compile(r"^decoder\.(anchors|valid_mask)$")
 SECOND_CONSTANT = re.compile(r"^decoder\.decoder\.(up|reg_scale)$")
 
 # YAML settings that change the computation without changing a key or a shape.
-# DEIM's released configs (configs/base/deim.yml) set activation and mlp_act to silu: the
-# canonical FDR decoder has ReLU only, so those are refused.
+# DEIM's released configs (configs/base/deim.yml) set activation and mlp_act to silu.
+ACTIVATIONS = ("relu", "silu")
 SUPPORTED = {
     "HybridEncoder": {"enc_act": ("gelu",), "act": ("silu",), "normalize_before": (False,),
                       "version": ("dfine",)},
-    "DFINETransformer": {"activation": ("relu",), "mlp_act": ("relu",),
+    "DFINETransformer": {"activation": ACTIVATIONS, "mlp_act": ACTIVATIONS,
                          "cross_attn_method": ("default",), "query_select_method": ("default",)},
     "HGNetv2": {"use_lab": (True, False)},
 }
@@ -108,7 +110,9 @@ def transformers_args(args: dict) -> dict:
             ("encode_proj_layers", encoder, "use_encoder_idx"),
             ("positional_encoding_temperature", encoder, "pe_temperature"),
             ("num_queries", decoder, "num_queries"), ("eval_idx", decoder, "eval_idx"),
-            ("num_feature_levels", decoder, "num_levels")):
+            ("num_feature_levels", decoder, "num_levels"),
+            ("decoder_n_points", decoder, "num_points"),
+            ("decoder_activation_function", decoder, "activation")):
         if name in section:
             out[target] = section[name]
     if "decoder_attention_heads" in out and "encoder_attention_heads" not in out:
@@ -144,10 +148,23 @@ def to_transformers(state_dict: StateDict) -> tuple[StateDict, dict[str, str], l
     return out, source, dropped
 
 
+def head_activations(args: dict) -> dict[str, str]:
+    """The activations of the heads transformers' D-FINE keeps at ReLU: DEIM's MLP heads
+    take ``mlp_act``, and its quality heads the decoder's ``activation``; D-FINE's code
+    (``model: DFINE``) has ReLU quality heads and no ``mlp_act``."""
+    decoder = _sections(args)["DFINETransformer"]
+    activation = decoder.get("activation", "relu")
+    if activation != "relu" and args.get("model") not in ("DEIM", "DFINE"):
+        raise ValueError(f"activation={activation!r} without model: DEIM or DFINE in the "
+                         "config: DEIM's quality heads take it, D-FINE's do not")
+    return {"mlp_activation": decoder.get("mlp_act", "relu"),
+            "lqe_activation": activation if args.get("model") == "DEIM" else "relu"}
+
+
 def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
     hf_args = transformers_args(args)
     sd, _, _ = to_transformers(state_dict)
-    config, notes = d_fine.derive_config(sd, hf_args)
+    config, notes = d_fine.derive_config(sd, hf_args, **head_activations(args))
     notes = [note.replace("config.json ", "YAML ") for note in notes]
     return config, notes
 

@@ -35,7 +35,9 @@ TO_D_FINE = [
     *d_fine.IN_MEMORY,
 ]
 FIXED = {**d_fine.FIXED, "hybrid_fusion": "elan5", "fdr_layer": "deimv2"}
-SUPPORTED = {**d_fine.SUPPORTED, "encoder_fuse_op": ("sum",), "encoder_type": ("hybrid",)}
+# DEIMv2's decoder_activation_function is its query_pos head's (its FFN is a SwiGLU).
+SUPPORTED = {**d_fine.SUPPORTED, "decoder_activation_function": ("relu",),
+             "encoder_fuse_op": ("sum",), "encoder_type": ("hybrid",)}
 BOX_HEAD = "model.decoder.bbox_embed."
 QUERY_POS = "model.decoder.query_pos_head.layers."
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats.base import (
     CheckpointFormat,
@@ -25,8 +23,8 @@ from frozenseg.formats.base import (
     backbone_levels,
     check_duplicate,
     count_indexed,
+    level_points,
     merge_qkv,
-    points_per_head,
     positive,
     refuse_unsupported,
     substitute_keys,
@@ -138,9 +136,8 @@ def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
     if args.get("decoder_n_levels", levels) != levels:
         raise ValueError(f"decoder_n_levels={args['decoder_n_levels']} differs from the "
                          f"{levels} feature levels: not supported")
-    points = points_per_head(sd, "model.decoder.layers.0.encoder_attn.attention_weights.weight",
-                             heads, levels)
-    check_points_scale(sd, points_scale, points, levels)
+    points = level_points(sd, "model.decoder.layers.0.encoder_attn.attention_weights.weight",
+                          points_scale, heads, levels, args.get("decoder_n_points"))
     aifi = tuple(args.get("encode_proj_layers", [levels - 1]))
     if len(aifi) != count_indexed(sd, "model.encoder.encoder."):
         raise ValueError(f"encode_proj_layers {list(aifi)} does not match the "
@@ -181,8 +178,10 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
         raise ValueError(f"{feature_levels} decoder levels from {levels} encoder maps: only "
                          "num_feature_levels equal to the encoder's maps is supported")
     csp_hidden = sd["model.encoder.fpn_blocks.0.conv1.conv.weight"].shape[0]
+    shared = hybrid_fields(sd, args, levels, notes, N_POINTS_SCALE)
+    refuse_level_points(shared["dec_n_points"])
     config = DetectorConfig(
-        **{**FIXED, **hybrid_fields(sd, args, levels, notes, N_POINTS_SCALE)},
+        **{**FIXED, **shared},
         backbone=backbone, backbone_levels=stages,
         csp_blocks=count_indexed(sd, "model.encoder.fpn_blocks.0.bottlenecks."),
         csp_expansion=csp_hidden / encoder_dim,
@@ -202,14 +201,12 @@ def _heads(args: dict, c: int, notes: list[str]) -> int:
     return positive("encoder_attention_heads", encoder)
 
 
-def check_points_scale(sd: StateDict, pattern: re.Pattern, points: int, levels: int) -> None:
-    """v2's sampling scales (keys matching ``pattern``: 1 / points per sampling point) must
-    be the uniform ones: per-level point counts do not fit the op's layout."""
-    for key, scale in sd.items():
-        if pattern.match(key) and not torch.allclose(
-                scale.float(), torch.full((levels * points,), 1.0 / points)):
-            raise ValueError(f"{key} is not {points} points on each of {levels} levels: "
-                             "RT-DETR v2 with per-level point counts is not supported")
+def refuse_level_points(points: int | tuple[int, ...]) -> None:
+    """RT-DETR v2's per-level point counts: its converters do not scatter them into the
+    attention's padded layout (D-FINE's do), so they are refused."""
+    if isinstance(points, tuple):
+        raise ValueError(f"RT-DETR v2 with per-level point counts {list(points)} is not "
+                         "supported")
 
 
 def _backbone(sd: StateDict) -> tuple[dict, list[int]]:

@@ -25,11 +25,12 @@ from frozenseg.formats.base import (
     apply_rules,
     backbone_levels,
     count_indexed,
+    level_points,
     positive,
     saved_or_assumed,
     substitute_keys,
 )
-from frozenseg.formats.rt_detr import FIXED, check_points_scale, query_selection_rules
+from frozenseg.formats.rt_detr import FIXED, query_selection_rules, refuse_level_points
 
 # v1 / v2 spellings of the same Sequential children -> one.
 SPELLINGS = [
@@ -96,12 +97,9 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     if encoder.get("nhead", heads) != heads:
         raise ValueError(f"encoder ({encoder['nhead']}) and decoder ({heads}) attention heads "
                          "differ: not supported")
-    points, rest = divmod(sd["decoder.decoder.layers.0.cross_attn.attention_weights.weight"]
-                          .shape[0], heads * levels)
-    if rest or isinstance(decoder.get("num_points"), list) and len(
-            set(decoder["num_points"])) > 1:
-        raise ValueError("RT-DETR v2 with per-level point counts is not supported")
-    check_points_scale(sd, POINTS_SCALE, points, levels)
+    points = level_points(sd, "decoder.decoder.layers.0.cross_attn.attention_weights.weight",
+                          POINTS_SCALE, heads, levels, decoder.get("num_points"))
+    refuse_level_points(points)
     if sd["decoder.enc_score_head.weight"].shape[0] == 1:
         raise ValueError("a class-agnostic query selection (query_select_method: agnostic) "
                          "is not supported")

@@ -3,6 +3,12 @@
 Parameter names (``sampling_offsets``, ``attention_weights``, ``value_proj``,
 ``output_proj``) and their layouts are Deformable DETR's, so its checkpoints and
 those of DINO, H-Deformable-DETR, detrex and Mask DINO load as they are.
+
+Per-level point counts (D-FINE's ``num_points: [3, 6, 3]``): the op takes one count P on
+every level, so each level is padded to the largest count. Its rows stay heads x levels x
+P; a padded point's attention logit is -inf before the softmax, so its weight is exactly
+zero and the real points share the softmax as if the padding were not there. Converters
+scatter a checkpoint's heads x sum(points) rows into this layout (padded rows zero).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ from frozenseg.ops.levels import level_shapes, shapes_tensor
 
 class MSDeformAttn(nn.Module):
     def __init__(
-        self, *, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-        projections: bool = True,
+        self, *, d_model: int = 256, n_levels: int = 4, n_heads: int = 8,
+        n_points: int | Sequence[int] = 4, projections: bool = True,
     ) -> None:
-        """``projections=False``: no value and output projections (D-FINE's decoder attends
-        to the memory itself and returns the sampled values as they are)."""
+        """``n_points``: sampling points per head on every level, or one count per level
+        (padded to the largest: module docstring). ``projections=False``: no value and
+        output projections (D-FINE's decoder attends to the memory itself and returns the
+        sampled values as they are)."""
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -34,22 +42,36 @@ class MSDeformAttn(nn.Module):
                 f"MSDeformAttn head dim {head_dim} is not a power of 2; the CUDA kernel is "
                 "fastest with 32 or 64", stacklevel=2,
             )
+        counts = [n_points] * n_levels if isinstance(n_points, int) else list(n_points)
+        if len(counts) != n_levels or min(counts) < 1:
+            raise ValueError(f"n_points={n_points!r}: expected a positive count, or one per "
+                             f"each of {n_levels} levels")
         self.d_model, self.n_levels = d_model, n_levels
-        self.n_heads, self.n_points = n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.n_heads, self.n_points, self.level_counts = n_heads, max(counts), tuple(counts)
+        # Not saved (they follow from n_points): each level's count (L, 1), the unit of box
+        # offsets (box size / count), and which of its P points are padding (L, P).
+        self.register_buffer("level_points", torch.tensor(counts, dtype=torch.float32)[:, None],
+                             persistent=False)
+        self.register_buffer("padding", torch.arange(self.n_points)[None] >= torch.tensor(
+            counts)[:, None], persistent=False)
+        self.padded = min(counts) < self.n_points  # a Python bool: no sync in forward
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * self.n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * self.n_points)
         self.value_proj = nn.Linear(d_model, d_model) if projections else nn.Identity()
         self.output_proj = nn.Linear(d_model, d_model) if projections else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Deformable DETR's init: point k of head h starts k+1 steps out along direction h."""
+        """Deformable DETR's init: point k of head h starts k+1 steps out along direction h
+        (padded points at the reference)."""
         nn.init.constant_(self.sampling_offsets.weight, 0.0)
         angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
         grid = torch.stack([angles.cos(), angles.sin()], -1)
         grid = grid / grid.abs().max(-1, keepdim=True)[0]
         grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
-        grid *= torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        steps = torch.tensor([[k + 1.0 if k < n else 0.0 for k in range(self.n_points)]
+                              for n in self.level_counts])
+        grid *= steps.view(1, self.n_levels, self.n_points, 1)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.flatten())
         nn.init.constant_(self.attention_weights.weight, 0.0)
@@ -88,8 +110,10 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(n, s, m, self.d_model // m)
         offsets = self.sampling_offsets(query).view(n, q, m, lv, p, 2)
-        weights = self.attention_weights(query).view(n, q, m, lv * p)
-        weights = weights.float().softmax(-1).view(n, q, m, lv, p)
+        weights = self.attention_weights(query).view(n, q, m, lv * p).float()
+        if self.padded:
+            weights = weights.masked_fill(self.padding.flatten(), float("-inf"))
+        weights = weights.softmax(-1).view(n, q, m, lv, p)
         locations = self.sampling_locations(reference_points, offsets, shapes)
         out = ms_deform_attn(value, shapes, input_level_start_index, locations, weights)
         return self.output_proj(out)
@@ -109,7 +133,7 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 4:
             centre = reference_points[:, :, None, :, None, :2]
             half_size = reference_points[:, :, None, :, None, 2:] * 0.5
-            return centre + offsets / self.n_points * half_size
+            return centre + offsets / self.level_points[..., None] * half_size
         raise ValueError(
             "reference_points must have shape (N, Q, L, 2) or (N, Q, L, 4), "
             f"got {tuple(reference_points.shape)}"
