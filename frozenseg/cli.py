@@ -215,11 +215,16 @@ FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable
                "huggingface_conditional_detr, huggingface_dab_detr, d_fine (official D-FINE, "
                "DEIM), huggingface_d_fine (D-FINE, DEIM), huggingface_deimv2, "
                "huggingface_grounding_dino (open vocabulary: its tokenizer files beside it), "
+               "grounding_dino (official Grounding DINO: --config, --tokenizer), "
                "huggingface_lw_detr (LW-DETR and RF-DETR), mmdet, co_dino.")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
-    "detrex's config.yaml); overrides ckpt['args']."
+    "detrex's config.yaml; or Python, read as data: the official Grounding DINO's "
+    "GroundingDINO_SwinT_OGC.py); overrides ckpt['args']."
 )
+TOKENIZER_HELP = ("Grounding DINO: the folder of its tokenizer files (vocab.txt or "
+                  "tokenizer.json: bert-base-uncased's for the official models), when they "
+                  "are not beside the checkpoint.")
 DETECTOR_HELP = ("The checkpoint: a .pth/.pt/.bin/.safetensors file, a sharded "
                  "*.index.json, or a folder holding one (e.g. a save_pretrained folder).")
 WEIGHTS_HELP = ("auto: the EMA copy where the file has one (what the projects evaluate); "
@@ -252,13 +257,15 @@ def convert(
     to: str = typer.Option("frozenseg", "--to", help="frozenseg: a detector folder; dino: "
                            "one .pth file in the official DINO layout (a DINO detector only, "
                            "e.g. a joint-mode run with maskdino.query_init=mixed)."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
 ) -> None:
     """Convert a DETR-family checkpoint into a verified frozen detector."""
     if to not in ("frozenseg", "dino"):
         _fail(f"--to {to}: expected frozenseg or dino")
     options = {"format": format, "num_classes": num_classes,
                "names": _read_class_names(class_names), "trust": trust_checkpoint,
-               "config": config, "weights": weights, "overwrite": overwrite}
+               "config": config, "weights": weights, "overwrite": overwrite,
+               "tokenizer": tokenizer}
     if to == "dino":
         _convert_to_dino(detector, out, options)
         return
@@ -287,7 +294,8 @@ def _convert_to_folder(detector: Path, out: Path, options: dict):
                                   num_classes=options["num_classes"],
                                   class_names=options["names"], trust=options["trust"],
                                   config=options["config"], weights=options["weights"],
-                                  overwrite=options["overwrite"])
+                                  overwrite=options["overwrite"],
+                                  tokenizer=options["tokenizer"])
 
 
 def _convert_to_dino(detector: Path, out: Path, options: dict) -> None:

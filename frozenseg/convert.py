@@ -18,7 +18,7 @@ import torch
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.folder import check_output_folder, config_json, weights_bytes, write_files
 from frozenseg.formats import FORMATS, detect_format
-from frozenseg.formats.base import Renamed, StateDict
+from frozenseg.formats.base import Renamed, StateDict, python_config
 
 
 class ConversionError(ValueError):
@@ -260,9 +260,12 @@ def convert_checkpoint(
     src: str | Path, out_dir: str | Path, *, format: str = "auto",
     num_classes: int | None = None, class_names: list[str] | None = None, trust: bool = False,
     config: str | Path | None = None, weights: str = "auto", overwrite: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> ConversionReport:
     """What ``frozenseg convert`` does: :func:`inspect_checkpoint`, then write atomically.
-    ``out_dir`` must not exist, or be a detector folder frozenseg wrote and ``overwrite``."""
+    ``out_dir`` must not exist, or be a detector folder frozenseg wrote and ``overwrite``.
+    ``tokenizer``: the folder of an open-vocabulary detector's tokenizer files, when they
+    are not beside the checkpoint (the official Grounding DINO's bert-base-uncased)."""
     check_output_folder(out_dir, overwrite=overwrite)
     _, report, serialised = _inspect(src, format=format, num_classes=num_classes,
                                      trust=trust, config=config, weights=weights)
@@ -275,12 +278,12 @@ def convert_checkpoint(
     meta = config_json(report.config, format=report.format, source=report.source,
                        sha256=report.sha256, class_names=class_names)
     write_files(out_dir, serialised, meta, overwrite=overwrite,
-                extra=_companion_files(src, report))
+                extra=_companion_files(tokenizer or src, report))
     return report
 
 
 def _companion_files(src: str | Path, report: ConversionReport) -> dict[str, bytes]:
-    """Files beside the weights the detector needs at run time: an open-vocabulary
+    """Files the detector needs at run time, in ``src`` or beside it: an open-vocabulary
     detector's tokenizer."""
     if not report.config.open_vocabulary:
         return {}
@@ -293,7 +296,9 @@ def _companion_files(src: str | Path, report: ConversionReport) -> dict[str, byt
 
 
 def read_training_config(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> dict:
-    """A training config as a dict: JSON, or YAML with Python tags ignored (never run).
+    """A training config as a dict: JSON, YAML with Python tags ignored, or a Python file's
+    top-level assignments read as data (Grounding DINO's ``GroundingDINO_SwinT_OGC.py``);
+    nothing in it is run.
 
     detrex / detectron2 save config.yaml with ``!!python/name:`` tags for callables;
     those entries come back as None, which no converter reads. ``__include__`` bases
@@ -308,10 +313,11 @@ def read_training_config(path: str | Path, *, _seen: tuple[Path, ...] = ()) -> d
     path = Path(path)
     try:
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
-    except (OSError, ValueError, yaml.YAMLError) as err:
+        readers = {".json": json.loads, ".py": python_config}
+        data = readers.get(path.suffix, lambda t: yaml.load(t, Loader=_Loader))(text)
+    except (OSError, ValueError, SyntaxError, yaml.YAMLError) as err:
         raise ConversionError(
-            f"{path}: not a readable JSON or YAML config ({_one_line(err)})"
+            f"{path}: not a readable JSON, YAML or Python config ({_one_line(err)})"
         ) from err
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: expected a mapping of training settings")

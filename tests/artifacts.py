@@ -13,6 +13,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -30,6 +31,7 @@ from weights import perturb
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.model import build_detector
 from frozenseg.formats import dino, rt_detr
+from frozenseg.formats.base import rename_key
 
 # (images, padding True on padding) -> last decoder layer's (logits, normalised cxcywh boxes)
 Reference = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -101,6 +103,23 @@ def share_heads(layout: dict, *, across_layers: bool, layers: int) -> dict:
         source = f"{m[2]}_embed.{index}.{m[4]}"
         out[key] = out[source] if source in out else layout[key]
     return out
+
+
+def converts_like_transformers(hf: torch.nn.Module, layout: dict, args: dict, format: str):
+    """An official layout written from the transformers model ``hf`` converts, with nothing
+    assumed, to the config and (key by key) the canonical tensors ``hf`` converts to.
+    Returns the layout's conversion report."""
+    from frozenseg.convert import convert_state_dict
+
+    expected, hf_report = convert_state_dict(hf.state_dict(), args=hf.config.to_dict())
+    got, report = convert_state_dict(layout, args=args)
+    assert report.format == format and report.ok, report.problem()
+    assert not [n for n in report.notes if "assumed" in n], report.notes
+    assert report.config == hf_report.config
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    return report
 
 
 def _save(payload: dict, path: Path) -> Path:
@@ -380,6 +399,164 @@ def grounding_dino_folder(folder: Path) -> Artifact:
 
 
 
+# --- official Grounding DINO (IDEA-Research/GroundingDINO) ----------------------------------
+
+_HF_BLOCK = r"^model\.backbone\.model\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+_BLOCK = r"backbone.0.layers.\1.blocks.\2."
+_HF_ENC, _HF_DEC = r"^model\.encoder\.layers\.(\d+)\.", r"^model\.decoder\.layers\.(\d+)\."
+_TEXT, _FUSION = r"transformer.encoder.text_layers.\1.", r"transformer.encoder.fusion_layers.\1."
+_ENC, _DEC = r"transformer.encoder.layers.\1.", r"transformer.decoder.layers.\1."
+# transformers' saved GroundingDino names -> the official modules' (transformers'
+# convert_grounding_dino_to_hf.py, read backwards), first matching rule.
+GROUNDING_DINO_OFFICIAL = [
+    (r"^model\.backbone\.model\.embeddings\.patch_embeddings\.projection\.",
+     "backbone.0.patch_embed.proj."),
+    (r"^model\.backbone\.model\.embeddings\.norm\.", "backbone.0.patch_embed.norm."),
+    (_HF_BLOCK + r"layernorm_before\.", _BLOCK + "norm1."),
+    (_HF_BLOCK + r"layernorm_after\.", _BLOCK + "norm2."),
+    (_HF_BLOCK + r"attention\.output\.dense\.", _BLOCK + "attn.proj."),
+    (_HF_BLOCK + r"attention\.self\.", _BLOCK + "attn."),
+    (_HF_BLOCK + r"intermediate\.dense\.", _BLOCK + "mlp.fc1."),
+    (_HF_BLOCK + r"output\.dense\.", _BLOCK + "mlp.fc2."),
+    (r"^model\.backbone\.model\.encoder\.layers\.(\d+)\.downsample\.",
+     r"backbone.0.layers.\1.downsample."),
+    (r"^model\.backbone\.model\.hidden_states_norms\.stage(\d)\.",
+     lambda m: f"backbone.0.norm{int(m[1]) - 1}."),
+    (r"^model\.text_backbone\.", "bert."),
+    (r"^model\.text_projection\.", "feat_map."),
+    (r"^model\.input_proj_vision\.", "input_proj."),
+    (_HF_ENC + r"text_enhancer_layer\.layer_norm_before\.", _TEXT + "norm1."),
+    (_HF_ENC + r"text_enhancer_layer\.layer_norm_after\.", _TEXT + "norm2."),
+    (_HF_ENC + r"text_enhancer_layer\.fc([12])\.", _TEXT + r"linear\2."),
+    (_HF_ENC + r"text_enhancer_layer\.", _TEXT),
+    (_HF_ENC + r"fusion_layer\.vision_param$", _FUSION + "gamma_v"),
+    (_HF_ENC + r"fusion_layer\.text_param$", _FUSION + "gamma_l"),
+    (_HF_ENC + r"fusion_layer\.layer_norm_vision\.", _FUSION + "layer_norm_v."),
+    (_HF_ENC + r"fusion_layer\.layer_norm_text\.", _FUSION + "layer_norm_l."),
+    (_HF_ENC + r"fusion_layer\.attn\.(values_|out_)?vision_proj\.", _FUSION + r"attn.\2v_proj."),
+    (_HF_ENC + r"fusion_layer\.attn\.(values_|out_)?text_proj\.", _FUSION + r"attn.\2l_proj."),
+    (_HF_ENC + r"deformable_layer\.self_attn_layer_norm\.", _ENC + "norm1."),
+    (_HF_ENC + r"deformable_layer\.final_layer_norm\.", _ENC + "norm2."),
+    (_HF_ENC + r"deformable_layer\.fc([12])\.", _ENC + r"linear\2."),
+    (_HF_ENC + r"deformable_layer\.", _ENC),
+    (_HF_DEC + r"encoder_attn_layer_norm\.", _DEC + "norm1."),
+    (_HF_DEC + r"self_attn_layer_norm\.", _DEC + "norm2."),
+    (_HF_DEC + r"final_layer_norm\.", _DEC + "norm3."),
+    (_HF_DEC + r"encoder_attn_text_layer_norm\.", _DEC + "catext_norm."),
+    (_HF_DEC + r"encoder_attn_text\.", _DEC + "ca_text."),
+    (_HF_DEC + r"encoder_attn\.", _DEC + "cross_attn."),
+    (_HF_DEC + r"fc([12])\.", _DEC + r"linear\2."),
+    (_HF_DEC, _DEC),
+    (r"^model\.decoder\.layer_norm\.", "transformer.decoder.norm."),
+    (r"^model\.decoder\.reference_points_head\.", "transformer.decoder.ref_point_head."),
+    (r"^model\.decoder\.bbox_embed\.", "transformer.decoder.bbox_embed."),
+    (r"^model\.encoder_output_bbox_embed\.", "transformer.enc_out_bbox_embed."),
+    (r"^model\.query_position_embeddings\.", "transformer.tgt_embed."),
+    (r"^model\.(enc_output|enc_output_norm|level_embed)\b", r"transformer.\1"),
+]
+# separate q, k, v -> the official stacked ones: Swin's qkv, nn.MultiheadAttention's in_proj
+_STACKED = [(re.compile(r"^(backbone\.0\..*\.attn)\.(query|key|value)\.(weight|bias)$"),
+             "{}.qkv.{}"),
+            (re.compile(r"^(transformer\..*\.(?:self_attn|ca_text))\.(query|key|value)\."
+                        r"(weight|bias)$"), "{}.in_proj_{}")]
+
+
+def grounding_dino_official_layout(hf_state_dict: dict) -> dict:
+    """A transformers GroundingDino state dict in the official model's keys, with what the
+    official modules also save: each Swin block's relative_position_index, BERT's pooler and
+    (older transformers) position_ids buffer; transformers' Swin's final norm, which the
+    official backbone does not have, left out. Tied tensors stay tied (the box heads)."""
+    from frozenseg.detector.backbones.swin import relative_position_index
+    from frozenseg.formats.grounding_dino import SWIN_UNUSED, _saved_names
+
+    out, stacked = {}, collections.defaultdict(dict)
+    for key, tensor in _saved_names(hf_state_dict).items():
+        if SWIN_UNUSED.match(key):
+            continue
+        key = rename_key(key, GROUNDING_DINO_OFFICIAL) or key
+        for pattern, target in _STACKED:
+            if m := pattern.match(key):
+                stacked[target.format(m[1], m[3])][m[2]] = tensor
+                break
+        else:
+            out[key] = tensor
+    for key, parts in stacked.items():
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    for key, table in list(out.items()):
+        if key.endswith(".attn.relative_position_bias_table"):
+            index = relative_position_index((math.isqrt(table.shape[0]) + 1) // 2)
+            out[key.replace("_bias_table", "_index")] = index
+    width = out["bert.embeddings.word_embeddings.weight"].shape[1]
+    positions = out["bert.embeddings.position_embeddings.weight"].shape[0]
+    pooler = torch.nn.Linear(width, width)
+    out.update({"bert.embeddings.position_ids": torch.arange(positions)[None],
+                "bert.pooler.dense.weight": pooler.weight.detach(),
+                "bert.pooler.dense.bias": pooler.bias.detach()})
+    return out
+
+
+# GroundingDINO_SwinT_OGC.py as released, its model sizes replaced by the tiny model's.
+GROUNDING_DINO_CONFIG = dict(
+    batch_size=1, modelname="groundingdino", backbone="swin_T_224_1k",
+    position_embedding="sine", pe_temperatureH=20, pe_temperatureW=20,
+    return_interm_indices=[1, 2, 3], backbone_freeze_keywords=None, enc_layers=2,
+    dec_layers=2, pre_norm=False, dim_feedforward=64, hidden_dim=64, dropout=0.0, nheads=8,
+    num_queries=20, query_dim=4, num_patterns=0, num_feature_levels=4, enc_n_points=4,
+    dec_n_points=4, two_stage_type="standard", two_stage_bbox_embed_share=False,
+    two_stage_class_embed_share=False, transformer_activation="relu",
+    dec_pred_bbox_embed_share=True, dn_box_noise_scale=1.0, dn_label_noise_ratio=0.5,
+    dn_label_coef=1.0, dn_bbox_coef=1.0, embed_init_tgt=True, dn_labelbook_size=2000,
+    max_text_len=256, text_encoder_type="bert-base-uncased", use_text_enhancer=True,
+    use_fusion_layer=True, use_checkpoint=True, use_transformer_ckpt=True,
+    use_text_cross_attention=True, text_dropout=0.0, fusion_dropout=0.0, fusion_droppath=0.1,
+    sub_sentence_present=True,
+)
+
+
+def grounding_dino_official_config(settings: dict = GROUNDING_DINO_CONFIG) -> str:
+    """The config file's text, one ``name = value`` a line as the official ones are."""
+    return "".join(f"{name} = {value!r}\n" for name, value in settings.items())
+
+
+def grounding_dino_official_checkpoint(folder: Path, *, released: bool = False) -> Artifact:
+    """What a DETR-style training run of the official model saves (``{model, optimizer,
+    lr_scheduler, epoch, args}``, args an argparse Namespace holding the config's settings
+    and the command line's), or a released ``{model}`` file beside its config; written from
+    a random transformers model (its keys by the inverse of transformers' mapping), with
+    bert-base-uncased's tokenizer files as the hub has them (vocab.txt and a
+    tokenizer_config.json naming no class) beside it."""
+    import transformers
+    from test_convert_grounding_dino import PROMPT, tiny_vocab
+    from test_convert_grounding_dino_official import official_size_model
+
+    model = official_size_model()
+    layout = grounding_dino_official_layout(model.state_dict())
+    if released:
+        payload = {"model": layout}
+        (folder / "GroundingDINO_SwinT_OGC.py").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "GroundingDINO_SwinT_OGC.py").write_text(grounding_dino_official_config())
+    else:
+        optimizer, scheduler = training_state(torch.nn.Linear(4, 4))
+        args = argparse.Namespace(config_file="config/cfg_odvg.py", output_dir="logs/gdino",
+                                  device="cuda", seed=42, lr=1e-4, world_size=8,
+                                  **GROUNDING_DINO_CONFIG)
+        payload = {"model": layout, "optimizer": optimizer, "lr_scheduler": scheduler,
+                   "epoch": 3, "args": args}
+    name = "groundingdino_swint_ogc.pth" if released else "checkpoint0003.pth"
+    path = _save(payload, folder / name)
+    tokenizer = transformers.BertTokenizer(vocab=tiny_vocab(folder))
+    (folder / "tokenizer_config.json").write_text('{"do_lower_case": true, '
+                                                  '"model_max_length": 512}')
+    text = tokenizer(PROMPT, return_tensors="pt")
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = model(pixel_values=images, pixel_mask=(~padding).long(),
+                        **{k: v.expand(len(images), -1) for k, v in text.items()})
+        return out.logits, out.pred_boxes
+    return Artifact(path, "grounding_dino", run, prompt=PROMPT)
+
+
 def lw_detr_folder(folder: Path, variant: str) -> Artifact:
     """``save_pretrained`` of a transformers LwDetrForObjectDetection (its ViT attention
     under the old names) or RfDetrForObjectDetection (Roboflow's own key layout) +
@@ -506,10 +683,7 @@ def d_fine_official_layout(hf_state_dict: dict) -> dict:
     for key, tensor in substitute_keys(hf_state_dict, IN_MEMORY).items():
         if key.startswith(("class_embed.", "bbox_embed.")):
             continue
-        for pattern, replacement in D_FINE_OFFICIAL:
-            if re.match(pattern, key):
-                key = re.sub(pattern, replacement, key, count=1)
-                break
+        key = rename_key(key, D_FINE_OFFICIAL) or key
         if m := QKV_SPLIT.match(key):
             qkv[f"{m[1]}.in_proj_{m[3]}"][m[2]] = tensor
             continue
@@ -620,10 +794,7 @@ def rt_detr_official_layout(state_dict: dict, version: str) -> dict:
     ]
     out = {}
     for key, tensor in state_dict.items():
-        for pattern, replacement in rules:
-            if re.match(pattern, key):
-                key = re.sub(pattern, replacement, key, count=1)
-                break
+        key = rename_key(key, rules) or key
         out[key] = tensor
         if key.endswith("running_var") and not key.startswith("backbone."):
             out[key.replace("running_var", "num_batches_tracked")] = torch.tensor(1000)
@@ -807,6 +978,7 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-deimv2-shared-box-head": lambda d: d_fine_folder(
         d, "no-gate-shared-box-head-no-trailing-conv", "deimv2"),
     "huggingface-grounding-dino": grounding_dino_folder,
+    "grounding-dino-official-training": grounding_dino_official_checkpoint,
     "d-fine-solver": lambda d: d_fine_official_checkpoint(d, "s"),
     "d-fine-released-projected": lambda d: d_fine_official_checkpoint(
         d, "plain-projected", released=True),

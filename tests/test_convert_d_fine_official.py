@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from artifacts import d_fine_official_layout, d_fine_official_yaml
+from artifacts import converts_like_transformers, d_fine_official_layout, d_fine_official_yaml
 from test_convert_d_fine import DEIM, VARIANTS, random_hf_model
 from test_convert_rt_detr import images
 
@@ -93,14 +93,7 @@ def test_the_written_layout_has_the_official_modules_names():
 def test_converts_to_what_the_transformers_folder_converts_to(variant):
     """Key by key, the same canonical tensors and the same config."""
     hf, layout, yaml = official(variant)
-    expected, hf_report = convert_state_dict(hf.state_dict(), args=hf.config.to_dict())
-    got, report = convert_state_dict(layout, args=yaml)
-    assert report.format == "d_fine" and report.ok, report.problem()
-    assert not [n for n in report.notes if "assumed" in n], report.notes
-    assert report.config == hf_report.config
-    assert got.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
+    report = converts_like_transformers(hf, layout, yaml, "d_fine")
     dropped = dict(report.dropped)
     assert "decoder.anchors" in dropped and "decoder.decoder.up" in dropped
 

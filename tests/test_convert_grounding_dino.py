@@ -52,11 +52,12 @@ BACKBONES = {
 }
 
 
-def random_hf_model(backbone: str = "swin"):
+def random_hf_model(backbone: str = "swin", **settings):
     """A small random GroundingDinoForObjectDetection (a tiny Swin or ResNet-50, a one-layer
-    BERT), with noise on every weight so no proposal ties."""
+    BERT), with noise on every weight so no proposal ties. ``settings``: GroundingDinoConfig
+    arguments that replace the small ones."""
     torch.manual_seed(0)
-    config = transformers.GroundingDinoConfig(
+    small = dict(
         use_timm_backbone=False, use_pretrained_backbone=False,
         backbone_config=BACKBONES[backbone](),
         text_config=transformers.BertConfig(vocab_size=1100, hidden_size=32,
@@ -66,6 +67,7 @@ def random_hf_model(backbone: str = "swin"):
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20,
         max_text_len=32,
     )
+    config = transformers.GroundingDinoConfig(**{**small, **settings})
     return perturb(transformers.GroundingDinoForObjectDetection(config))
 
 

@@ -11,6 +11,7 @@ from frozenseg.formats import (
     detrex,
     dino,
     grounding_dino,
+    grounding_dino_official,
     h_deformable_detr,
     huggingface,
     huggingface_detr,
@@ -25,7 +26,8 @@ FORMATS: dict[str, CheckpointFormat] = {
     fmt.name: fmt
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, d_fine.FORMAT, deimv2.FORMAT, rt_detr.FORMAT,
-                grounding_dino.FORMAT, d_fine_official.FORMAT, rt_detr_official.FORMAT,
+                grounding_dino.FORMAT, grounding_dino_official.FORMAT, d_fine_official.FORMAT,
+                rt_detr_official.FORMAT,
                 *huggingface_detr.FORMATS,
                 detr.FORMAT, detr.CONDITIONAL_FORMAT, detr.DAB_FORMAT, lw_detr.FORMAT,
                 mmdet.MMDET_FORMAT, mmdet.CO_DINO_FORMAT)

@@ -8,6 +8,7 @@ Converters are pure: state dict in, state dict out, with a record of every chang
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 from collections.abc import Callable
@@ -68,14 +69,67 @@ def apply_rules(source: StateDict, rules: list[Rule], out: Renamed) -> list[str]
     """
     unmatched = []
     for key, tensor in source.items():
-        for pattern, replacement in rules:
-            if re.match(pattern, key):
-                out.put(key, re.sub(pattern, replacement, key, count=1), tensor)
-                break
-        else:
+        new = rename_key(key, rules)
+        if new is None:
             unmatched.append(key)
-            out.put(key, key, tensor)
+        out.put(key, key if new is None else new, tensor)
     return unmatched
+
+
+def rename_key(key: str, rules: list[Rule]) -> str | None:
+    """``key`` renamed by the first (regex, replacement) rule that matches it; None if none
+    does."""
+    for pattern, replacement in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key, count=1)
+    return None
+
+
+Translation = Callable[[StateDict], tuple[StateDict, dict[str, str], list[tuple[str, str]]]]
+
+
+def read_through(inner: CheckpointFormat, *, name: str, description: str,
+                 signature: tuple[str, ...], translate: Translation,
+                 settings: Callable[[dict], tuple[dict, list[str]]],
+                 config_name: str,
+                 fields: Callable[[dict], dict] | None = None) -> CheckpointFormat:
+    """A format whose keys are translated into ``inner``'s (an official layout into
+    transformers' names), so that both share one converter.
+
+    ``translate(state_dict)`` gives (the translated keys, each translated key's original,
+    the originals left out with why); ``settings(args)`` gives (the training config in
+    ``inner``'s terms, notes). The record of the rename is told in the original keys, and
+    ``inner``'s notes name ``config_name`` where they say config.json. ``fields(args)``,
+    where given, are config fields the original settings say and ``inner``'s do not (DEIM's
+    head activations), passed to ``inner.derive_config``."""
+    def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
+        inner_args, notes = settings(args)
+        extra = fields(args) if fields else {}
+        config, more = inner.derive_config(translate(state_dict)[0], inner_args, **extra)
+        return config, notes + [n.replace("config.json ", f"{config_name} ") for n in more]
+
+    def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
+        translated, source, dropped = translate(state_dict)
+        return _told_in_source_names(inner.rename(translated, config), source, dropped)
+
+    return CheckpointFormat(name=name, description=description, signature=signature,
+                            derive_config=derive_config, rename=rename)
+
+
+def _told_in_source_names(inner: Renamed, source: dict[str, str],
+                          dropped: list[tuple[str, str]]) -> Renamed:
+    """``inner``'s record in the original keys; several translated keys from one original
+    (a stacked projection split) are reported once."""
+    out = Renamed(state_dict=inner.state_dict, derived=inner.derived, dropped=list(dropped))
+    seen: set[tuple[str, str]] = set()
+    for old, new in inner.renamed:
+        pair = (source.get(old, old), new)
+        if pair not in seen:
+            seen.add(pair)
+            out.renamed.append(pair)
+    out.renamed += [(source.get(k, k), k) for k in inner.kept]
+    out.dropped += [(source.get(k, k), why) for k, why in inner.dropped]
+    return out
 
 
 def substitute_keys(state_dict: StateDict, substitutions: list[tuple[str, str]]) -> StateDict:
@@ -116,6 +170,40 @@ def refuse_unsupported(family: str, checks: list[tuple[dict, dict, str]]) -> Non
             if name in settings and settings[name] not in accepted:
                 raise ValueError(f"{family} with {what} {name}={settings[name]!r} is not "
                                  f"supported (supported: {', '.join(map(repr, accepted))})")
+
+
+class Opaque:
+    """An expression of a Python config that is not plain data (a name, arithmetic)."""
+
+
+def _literal(node: ast.AST):
+    """Plain data of a config expression: literals, lists, tuples, dicts and ``dict(...)``
+    calls; anything else is an :class:`Opaque` (nothing is evaluated)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict):
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _literal(node.operand)
+        return -value if isinstance(value, (int, float)) else Opaque()
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "dict" and not node.args):
+        return {k.arg: _literal(k.value) for k in node.keywords if k.arg is not None}
+    return Opaque()
+
+
+def python_config(text: str) -> dict:
+    """The top-level assignments of a Python config (mmengine's dumps, Grounding DINO's
+    ``GroundingDINO_SwinT_OGC.py``) that are plain data, read with ``ast``: nothing in the
+    text is run. Nested values that are not data are :class:`Opaque`. SyntaxError (or
+    ValueError) when the text is not Python."""
+    settings = {target.id: _literal(stmt.value) for stmt in ast.parse(text).body
+                if isinstance(stmt, ast.Assign)
+                for target in stmt.targets if isinstance(target, ast.Name)}
+    return {name: value for name, value in settings.items() if not isinstance(value, Opaque)}
 
 
 def count_indexed(state_dict: StateDict, prefix: str) -> int:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import re
 
-from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats import d_fine
 from frozenseg.formats.base import (
-    CheckpointFormat,
-    Renamed,
     StateDict,
     check_duplicate,
+    read_through,
     refuse_unsupported,
+    rename_key,
 )
 
 
@@ -134,11 +133,7 @@ def to_transformers(state_dict: StateDict) -> tuple[StateDict, dict[str, str], l
             check_duplicate(state_dict, key, f"decoder.{m[1]}")
             dropped.append((key, f"duplicate of decoder.{m[1]}"))
             continue
-        new = key
-        for pattern, replacement in RULES:
-            if re.match(pattern, key):
-                new = re.sub(pattern, replacement, key, count=1)
-                break
+        new = rename_key(key, RULES) or key
         if m := IN_PROJ.match(new):
             for name, part in zip("qkv", tensor.chunk(3), strict=True):
                 out[f"{m[1]}.{name}_proj.{m[2]}"] = part
@@ -161,30 +156,8 @@ def head_activations(args: dict) -> dict[str, str]:
             "lqe_activation": activation if args.get("model") == "DEIM" else "relu"}
 
 
-def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
-    hf_args = transformers_args(args)
-    sd, _, _ = to_transformers(state_dict)
-    config, notes = d_fine.derive_config(sd, hf_args, **head_activations(args))
-    notes = [note.replace("config.json ", "YAML ") for note in notes]
-    return config, notes
-
-
-def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
-    sd, source, dropped = to_transformers(state_dict)
-    inner = d_fine.rename(sd, config)
-    out = Renamed(state_dict=inner.state_dict, derived=inner.derived, dropped=dropped)
-    seen: set[tuple[str, str]] = set()
-    for old, new in inner.renamed:
-        pair = (source.get(old, old), new)
-        if pair not in seen:
-            seen.add(pair)
-            out.renamed.append(pair)
-    out.renamed += [(source.get(k, k), k) for k in inner.kept]
-    out.dropped += [(source.get(k, k), why) for k, why in inner.dropped]
-    return out
-
-
-FORMAT = CheckpointFormat(
+FORMAT = read_through(
+    d_fine.FORMAT,
     name="d_fine",
     description="official D-FINE / DEIM (Peterande/D-FINE, ShihuaHuang95/DEIM layout)",
     signature=(
@@ -194,6 +167,8 @@ FORMAT = CheckpointFormat(
         r"^decoder\.decoder\.lqe_layers\.0\.reg_conf\.layers\.0\.weight$",
         r"^decoder\.dec_bbox_head\.0\.layers\.0\.weight$",
     ),
-    derive_config=derive_config,
-    rename=rename,
+    translate=to_transformers,
+    settings=lambda args: (transformers_args(args), []),
+    config_name="YAML",
+    fields=head_activations,
 )

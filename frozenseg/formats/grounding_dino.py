@@ -15,6 +15,7 @@ saved one.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -271,19 +272,40 @@ def _place_box_heads(heads: StateDict, config: DetectorConfig, out: Renamed) -> 
 
 
 def tokenizer_files(source: str | Path) -> dict[str, bytes]:
-    """The prompt tokenizer's files beside the weights (as GroundingDinoProcessor.save_pretrained
-    writes them), keyed by their place in the detector folder; ValueError naming the folder
-    when there is none."""
+    """The prompt tokenizer's files in ``source`` (a folder) or beside it (a file), as
+    GroundingDinoProcessor.save_pretrained writes them or as the hub keeps
+    bert-base-uncased, keyed by their place in the detector folder; ValueError naming the
+    folder when there is none."""
     from frozenseg.detector.grounding import TOKENIZER_FOLDER
 
+    if not Path(source).exists():
+        raise ValueError(f"{source}: no such folder (the tokenizer files' folder)")
     folder = Path(source) if Path(source).is_dir() else Path(source).parent
     found = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES
              if (folder / name).is_file()}
     if not ({"tokenizer.json", "vocab.txt"} & set(found)):
-        raise ValueError(f"{folder}: Grounding DINO needs its tokenizer beside the weights "
-                         "(tokenizer.json or vocab.txt): save the processor there with "
-                         "GroundingDinoProcessor.save_pretrained")
+        raise ValueError(f"{folder}: Grounding DINO needs its tokenizer files (tokenizer.json "
+                         "or vocab.txt: bert-base-uncased's for the official models, or what "
+                         "GroundingDinoProcessor.save_pretrained writes) beside the weights, "
+                         "or in the folder --tokenizer names")
+    found["tokenizer_config.json"] = _naming_the_class(folder / "tokenizer_config.json",
+                                                       found.get("tokenizer_config.json"))
     return {f"{TOKENIZER_FOLDER}/{name}": data for name, data in found.items()}
+
+
+def _naming_the_class(path: Path, config: bytes | None) -> bytes:
+    """tokenizer_config.json naming its tokenizer class: the hub's bert-base-uncased names
+    none (transformers reads the class from the model's config.json, which the detector
+    folder does not hold), and Grounding DINO's text encoder is always BERT."""
+    try:
+        settings = json.loads(config) if config else {}
+    except ValueError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    if "tokenizer_class" in settings:
+        return config
+    return json.dumps({**settings, "tokenizer_class": "BertTokenizer"}, indent=2).encode()
 
 
 FORMAT = CheckpointFormat(

@@ -53,7 +53,6 @@ official order (mmdet gathers 2x2 patches with nn.Unfold; see
 
 from __future__ import annotations
 
-import ast
 import re
 from collections.abc import Callable, Mapping
 
@@ -63,11 +62,13 @@ from frozenseg.detector.backbones.swin import swin_config_from_state_dict
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.formats.base import (
     CheckpointFormat,
+    Opaque,
     Renamed,
     StateDict,
     backbone_levels,
     count_indexed,
     positive,
+    python_config,
     sampling_points,
 )
 
@@ -245,38 +246,13 @@ def rename_co_dino(state_dict: StateDict, config: DetectorConfig) -> Renamed:
 # --- the config text mmengine / mmcv save in meta, read as data ---------------------------
 
 
-class _Opaque:
-    """An expression of the config text that is not plain data (a name, arithmetic)."""
-
-
-def _literal(node: ast.AST):
-    """Plain data of a config expression: literals, lists, tuples, dicts and ``dict(...)``
-    calls; anything else is an :class:`_Opaque` (nothing is evaluated)."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, (ast.List, ast.Tuple)):
-        items = [_literal(e) for e in node.elts]
-        return items if isinstance(node, ast.List) else tuple(items)
-    if isinstance(node, ast.Dict):
-        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True)}
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        value = _literal(node.operand)
-        return -value if isinstance(value, (int, float)) else _Opaque()
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id == "dict" and not node.args):
-        return {k.arg: _literal(k.value) for k in node.keywords if k.arg is not None}
-    return _Opaque()
-
-
 def parse_config_text(text: str) -> dict:
     """The top-level assignments of an mmengine / mmcv config dump, as data ({} if the text
     is not Python)."""
     try:
-        tree = ast.parse(text)
+        return python_config(text)
     except (SyntaxError, ValueError):
         return {}
-    return {target.id: _literal(stmt.value) for stmt in tree.body if isinstance(stmt, ast.Assign)
-            for target in stmt.targets if isinstance(target, ast.Name)}
 
 
 def _settings(args: Mapping) -> dict:
@@ -297,7 +273,7 @@ def _get(node, path: str, default=None):
             node = node[part]
         else:
             return default
-    return default if isinstance(node, _Opaque) else node
+    return default if isinstance(node, Opaque) else node
 
 
 class _Reader:
