@@ -241,6 +241,7 @@ def test_interrupted_run_is_redone_and_foreign_folders_are_refused(tmp_path):
     ({"images": 10, "min_size": 300, "max_size": 200}, "min_size"),
     ({"images": 10, "image_format": "gif"}, "image_format"),
     ({"images": 10, "min_size": 64, "min_object": 40}, "min_object"),
+    ({"images": 10, "world": "moon"}, "world must be one of scenes, plain"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, kwargs, message):
     with pytest.raises(SynthError, match=message):
@@ -277,3 +278,39 @@ def test_the_project_dataset_reads_it(dataset):
     assert len(data) == 16 and data.num_classes == 8
     image, target = data[0]
     assert image.shape[0] == 3 and target["masks"].shape[1:] == image.shape[1:]
+
+
+def _background_roughness(image: np.ndarray, things: np.ndarray) -> float:
+    """Mean absolute difference between neighbouring background pixels (texture + noise)."""
+    gray = image.astype(np.float32).mean(-1)
+    free = ~things[:, 1:] & ~things[:, :-1]
+    return float(np.abs(np.diff(gray, axis=1))[free].mean())
+
+
+def test_the_plain_world_is_calmer_and_keeps_the_shapes(dataset, tmp_path):
+    """world="plain": at most 4 shapes, no crowds, a smoother background than the scenes';
+    the same classes (rings keep their holes), the same files and checks."""
+    plain = tmp_path / "plain"
+    synth(plain, images=N_IMAGES, seed=0, world="plain")
+    record = json.loads((plain / "synth.json").read_text())
+    assert record["params"]["world"] == "plain"
+    # The default world is not recorded, so datasets made before worlds existed are reused.
+    assert "world" not in json.loads((dataset / "synth.json").read_text())["params"]
+    roughness = {}
+    for name, root in (("plain", plain), ("scenes", dataset)):
+        coco = COCO(str(root / "instances_train.json"))
+        per_image = [len(coco.getAnnIds(imgIds=i)) for i in coco.getImgIds()]
+        anns = coco.loadAnns(coco.getAnnIds())
+        if name == "plain":
+            assert max(per_image) <= 4 and not any(a["iscrowd"] for a in anns)
+            rings = [a for a in anns if a["category_id"] == 7]
+            assert all(a["area"] < a["bbox"][2] * a["bbox"][3] for a in rings)
+        values = []
+        for info in coco.loadImgs(coco.getImgIds()):
+            image = np.asarray(Image.open(root / "images" / "train" / info["file_name"]))
+            things = np.zeros(image.shape[:2], bool)
+            for a in coco.loadAnns(coco.getAnnIds(imgIds=info["id"])):
+                things |= coco.annToMask(a).astype(bool)
+            values.append(_background_roughness(image, things))
+        roughness[name] = float(np.mean(values))
+    assert roughness["plain"] < 0.5 * roughness["scenes"], roughness
