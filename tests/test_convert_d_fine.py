@@ -205,7 +205,9 @@ def test_each_part_of_the_padding_matters(mistake):
     for i, layer in enumerate(ours.transformer.decoder.layers):
         attention = layer.cross_attn
         if mistake == "one scale":  # every level's offsets in units of size / 6
-            attention.level_points.fill_(6.0)
+            mask = attention._padding(torch.device("cpu"))  # the mask as it was
+            attention._padding = lambda device, mask=mask: mask
+            attention.level_counts = (6, 6, 6)
         elif mistake == "no mask":  # the padded points share the softmax at logit 0
             attention.padded = False
         else:  # each head's 12 rows then 6 zero rows, not level by level

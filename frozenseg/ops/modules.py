@@ -48,18 +48,20 @@ class MSDeformAttn(nn.Module):
                              f"each of {n_levels} levels")
         self.d_model, self.n_levels = d_model, n_levels
         self.n_heads, self.n_points, self.level_counts = n_heads, max(counts), tuple(counts)
-        # Not saved (they follow from n_points): each level's count (L, 1), the unit of box
-        # offsets (box size / count), and which of its P points are padding (L, P).
-        self.register_buffer("level_points", torch.tensor(counts, dtype=torch.float32)[:, None],
-                             persistent=False)
-        self.register_buffer("padding", torch.arange(self.n_points)[None] >= torch.tensor(
-            counts)[:, None], persistent=False)
-        self.padded = min(counts) < self.n_points  # a Python bool: no sync in forward
+        # Python values, not buffers: they follow from n_points, and a buffer left out of
+        # the state dict stays empty in a model built on the meta device and then loaded.
+        self.padded = min(counts) < self.n_points
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * self.n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * self.n_points)
         self.value_proj = nn.Linear(d_model, d_model) if projections else nn.Identity()
         self.output_proj = nn.Linear(d_model, d_model) if projections else nn.Identity()
         self.reset_parameters()
+
+    def _padding(self, device: torch.device) -> torch.Tensor:
+        """(L * P,) bool: which of each level's P points are padding."""
+        points = torch.arange(self.n_points, device=device)
+        counts = torch.tensor(self.level_counts, device=device)
+        return (points[None] >= counts[:, None]).flatten()
 
     def reset_parameters(self) -> None:
         """Deformable DETR's init: point k of head h starts k+1 steps out along direction h
@@ -112,7 +114,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, q, m, lv, p, 2)
         weights = self.attention_weights(query).view(n, q, m, lv * p).float()
         if self.padded:
-            weights = weights.masked_fill(self.padding.flatten(), float("-inf"))
+            weights = weights.masked_fill(self._padding(weights.device), float("-inf"))
         weights = weights.softmax(-1).view(n, q, m, lv, p)
         locations = self.sampling_locations(reference_points, offsets, shapes)
         out = ms_deform_attn(value, shapes, input_level_start_index, locations, weights)
@@ -133,7 +135,10 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 4:
             centre = reference_points[:, :, None, :, None, :2]
             half_size = reference_points[:, :, None, :, None, 2:] * 0.5
-            return centre + offsets / self.level_points[..., None] * half_size
+            if self.padded:  # box offsets in units of box size / each level's own count
+                counts = offsets.new_tensor(self.level_counts)[:, None, None]
+                return centre + offsets / counts * half_size
+            return centre + offsets / self.n_points * half_size
         raise ValueError(
             "reference_points must have shape (N, Q, L, 2) or (N, Q, L, 4), "
             f"got {tuple(reference_points.shape)}"
