@@ -623,6 +623,129 @@ def rf_detr_official_checkpoint(folder: Path, *, released: bool = False) -> Arti
         return out.logits, out.pred_boxes
     return Artifact(path, "huggingface_lw_detr", run)
 
+# --- official LW-DETR (Atten4Vis/LW-DETR's main.py) -----------------------------------------
+
+# transformers' in-memory LwDetr name -> the official module's (models/backbone/vit.py,
+# projector.py, transformer.py, lwdetr.py), first matching rule.
+_LW_VIT = r"^model\.backbone\.backbone\."
+_LW_BLOCK = _LW_VIT + r"encoder\.layer\.(\d+)\."
+_LW_LEVEL = r"^model\.backbone\.projector\.scale_layers\.(\d+)\."
+_LW_DEC = r"^model\.decoder\.layers\.(\d+)\."
+LW_DETR_OFFICIAL = [
+    (_LW_VIT + r"embeddings\.position_embeddings$", "backbone.0.encoder.pos_embed"),
+    (_LW_VIT + r"embeddings\.projection\.", "backbone.0.encoder.patch_embed.proj."),
+    (_LW_BLOCK + r"layernorm_before\.", r"backbone.0.encoder.blocks.\1.norm1."),
+    (_LW_BLOCK + r"layernorm_after\.", r"backbone.0.encoder.blocks.\1.norm2."),
+    (_LW_BLOCK + r"attention\.o_proj\.", r"backbone.0.encoder.blocks.\1.attn.proj."),
+    (_LW_BLOCK + r"attention\.q_proj\.bias$", r"backbone.0.encoder.blocks.\1.attn.q_bias"),
+    (_LW_BLOCK + r"attention\.v_proj\.bias$", r"backbone.0.encoder.blocks.\1.attn.v_bias"),
+    (_LW_BLOCK + r"attention\.", r"backbone.0.encoder.blocks.\1.attn."),
+    (_LW_BLOCK + r"intermediate\.", r"backbone.0.encoder.blocks.\1.mlp."),
+    (_LW_BLOCK, r"backbone.0.encoder.blocks.\1."),
+    (_LW_LEVEL + r"sampling_layers\.(\d+)\.layers\.",
+     r"backbone.0.projector.stages_sampling.\1.\2."),
+    (_LW_LEVEL + r"projector_layer\.bottlenecks\.(\d+)\.conv([12])\.",
+     r"backbone.0.projector.stages.\1.0.m.\2.cv\3."),
+    (_LW_LEVEL + r"projector_layer\.conv([12])\.", r"backbone.0.projector.stages.\1.0.cv\2."),
+    (_LW_LEVEL + r"layer_norm\.", r"backbone.0.projector.stages.\1.1."),
+    (_LW_DEC + r"self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
+    (_LW_DEC + r"cross_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
+    (_LW_DEC + r"layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
+    (_LW_DEC + r"mlp\.fc([12])\.", r"transformer.decoder.layers.\1.linear\2."),
+    (_LW_DEC + r"self_attn\.o_proj\.", r"transformer.decoder.layers.\1.self_attn.out_proj."),
+    (_LW_DEC, r"transformer.decoder.layers.\1."),
+    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
+    (r"^model\.decoder\.", "transformer.decoder."),
+    (r"^model\.(enc_output|enc_output_norm|enc_out_class_embed|enc_out_bbox_embed)\.",
+     r"transformer.\1."),
+    (r"^model\.reference_point_embed\.", "refpoint_embed."),
+    (r"^model\.query_feat\.", "query_feat."),
+]
+# separate q, k, v -> the ViT's stacked qkv (no bias: CAE's q_bias / v_bias stand apart) and
+# nn.MultiheadAttention's in_proj
+_LW_STACKED = [(re.compile(r"^(backbone\.0\.encoder\.blocks\.\d+\.attn)\.([qkv])_proj\.weight$"),
+                "{}.qkv.weight"),
+               (re.compile(r"^(transformer\.decoder\.layers\.\d+\.self_attn)\.([qkv])_proj\."
+                           r"(weight|bias)$"), "{}.in_proj_{}")]
+
+
+def lw_detr_official_layout(hf_state_dict: dict) -> dict:
+    """A transformers LwDetr state dict in the official model's keys (ConvX's batch norm is
+    ``bn``)."""
+    out, stacked = {}, collections.defaultdict(dict)
+    for key, tensor in hf_state_dict.items():
+        key = rename_key(key, LW_DETR_OFFICIAL) or key
+        if key.startswith("backbone.0.projector."):
+            key = key.replace(".norm.", ".bn.")
+        for pattern, target in _LW_STACKED:
+            if m := pattern.match(key):
+                stacked[target.format(m[1], *m.groups()[2:])][m[2]] = tensor
+                break
+        else:
+            out[key] = tensor
+    for key, parts in stacked.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def lw_detr_official_model(scales=(2.0, 0.5), out_indices=(1, 3, 4), seed: int = 0):
+    """A random transformers LwDetr the official code could build: 12 ViT heads and 16
+    windows (both fixed there), the last ViT block an output (asserted there)."""
+    from test_convert_lw_detr import random_hf_model
+
+    model, config = random_hf_model(family="lw", scales=scales, windows=16,
+                                    out_indices=out_indices, num_attention_heads=12)
+    return (perturb(model, seed=seed) if seed else model), config
+
+
+def lw_detr_official_args(config: dict, **overrides) -> argparse.Namespace:
+    """What LW-DETR's main.py saves as ``args`` for a model of transformers' ``config``."""
+    bb = config["backbone_config"]
+    levels = {2.0: "P3", 1.0: "P4", 0.5: "P5"}
+    args = dict(
+        lr=1e-4, lr_encoder=1.5e-4, batch_size=4, weight_decay=1e-4, epochs=60, lr_drop=60,
+        lr_vit_layer_decay=0.8, lr_component_decay=0.7, dropout=0, drop_path=0,
+        pretrained_encoder="pretrain_weights/caev2_tiny_300e_objects365.pth",
+        encoder="vit_tiny", vit_encoder_num_layers=bb["num_hidden_layers"],
+        window_block_indexes=list(bb["window_block_indices"]),
+        out_feature_indexes=[i - 1 for i in bb["out_indices"]], position_embedding="sine",
+        dec_layers=config["decoder_layers"], dim_feedforward=config["decoder_ffn_dim"],
+        hidden_dim=config["d_model"], sa_nheads=config["decoder_self_attention_heads"],
+        ca_nheads=config["decoder_cross_attention_heads"], num_queries=config["num_queries"],
+        group_detr=config["group_detr"], two_stage=True,
+        projector_scale=[levels[s] for s in config["projector_scale_factors"]],
+        lite_refpoint_refine=True, num_select=100, dec_n_points=config["decoder_n_points"],
+        decoder_norm="LN", bbox_reparam=True, aux_loss=True, ia_bce_loss=True,
+        dataset_file="coco", square_resize_div_64=True, output_dir="output/lwdetr_tiny_coco",
+        use_ema=True, ema_decay=0.9997, device="cuda", seed=42, resume="", eval=False,
+        world_size=8, distributed=True)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def lw_detr_official_checkpoint(folder: Path, *, released: bool = False,
+                                scales=(2.0, 0.5)) -> Artifact:
+    """What LW-DETR's main.py saves each epoch (``{'model', 'optimizer', 'lr_scheduler',
+    'epoch', 'args', 'ema_model'}``, the EMA copy the one evaluated) or a released file
+    (``LWDETR_*_60e_coco.pth``: ``{'model', 'args'}``), written from a random transformers
+    LwDetr by the inverse of the official -> transformers mapping."""
+    reference, config = lw_detr_official_model(scales)
+    layout = lw_detr_official_layout(reference.state_dict())
+    payload = {"model": layout, "args": lw_detr_official_args(config)}
+    if not released:
+        trained, _ = lw_detr_official_model(scales, seed=4)
+        optimizer, scheduler = training_state(torch.nn.Linear(4, 4))
+        payload.update(model=lw_detr_official_layout(trained.state_dict()), ema_model=layout,
+                       optimizer=optimizer, lr_scheduler=scheduler, epoch=3)
+    name = "LWDETR_tiny_60e_coco.pth" if released else "checkpoint.pth"
+    path = _save(payload, folder / name)
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = reference(pixel_values=images, pixel_mask=(~padding).long())
+        return out.logits, out.pred_boxes
+    return Artifact(path, "lw_detr", run)
+
+
 # --- official D-FINE / DEIM (Peterande/D-FINE's and ShihuaHuang95/DEIM's solver) -----------
 
 def _d_fine_backbone(m: re.Match) -> str:
@@ -997,6 +1120,9 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-rf-detr": lambda d: lw_detr_folder(d, "rf"),
     "rf-detr-main": rf_detr_official_checkpoint,
     "rf-detr-released": lambda d: rf_detr_official_checkpoint(d, released=True),
+    "lw-detr-main-p3-p5": lw_detr_official_checkpoint,
+    "lw-detr-released-p4": lambda d: lw_detr_official_checkpoint(d, released=True,
+                                                                 scales=(1.0,)),
     "mmdet-dino-checkpoint-hook": lambda d: mmdet_checkpoint(d),
     "mmdet-dino-ema": lambda d: mmdet_checkpoint(d, hook=False, ema=True),
     "mmdet-deformable-detr-two-stage-released": lambda d: mmdet_checkpoint(

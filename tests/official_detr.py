@@ -32,7 +32,8 @@ REPOS = {
     "deformable_detr": THIRD_PARTY / "Deformable-DETR",
     "h_deformable_detr": THIRD_PARTY / "H-Deformable-DETR",
 }
-SHADOWED = ("models", "util", "MultiScaleDeformableAttention", "mmcv_custom", "mmdet")
+SHADOWED = ("models", "util", "MultiScaleDeformableAttention", "mmcv_custom", "mmdet",
+            "fairscale")
 
 
 def available(name: str) -> bool:
@@ -40,11 +41,14 @@ def available(name: str) -> bool:
 
 
 def _stubs() -> dict[str, types.ModuleType]:
-    """Stand-ins for the compiled op and for mmcv/mmdet (used only to load pretrained Swin)."""
+    """Stand-ins for the compiled op, for mmcv/mmdet (used only to load pretrained Swin) and
+    for fairscale (LW-DETR's activation checkpointing, which inference never turns on)."""
     stubs = {name: types.ModuleType(name) for name in
-             ("MultiScaleDeformableAttention", "mmcv_custom", "mmdet", "mmdet.utils")}
+             ("MultiScaleDeformableAttention", "mmcv_custom", "mmdet", "mmdet.utils",
+              "fairscale", "fairscale.nn", "fairscale.nn.checkpoint")}
     stubs["mmcv_custom"].load_checkpoint = lambda *a, **k: None
     stubs["mmdet.utils"].get_root_logger = lambda *a, **k: None
+    stubs["fairscale.nn.checkpoint"].checkpoint_wrapper = lambda module, **k: module
     return stubs
 
 

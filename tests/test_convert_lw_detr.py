@@ -36,7 +36,7 @@ def random_hf_model(family: str = "lw", scales=(1.0,), windows: int = 4,
                    num_queries=12, group_detr=3, num_labels=5, c2f_num_blocks=2)
     if family == "lw":
         backbone = transformers.LwDetrViTConfig(
-            **VIT, image_size=64, pretrain_image_size=48, window_block_indices=[0, 2],
+            **{**VIT, **vit}, image_size=64, pretrain_image_size=48, window_block_indices=[0, 2],
             out_indices=list(out_indices), num_windows=windows)
         config = transformers.LwDetrConfig(backbone_config=backbone,
                                            projector_scale_factors=list(scales), **decoder)

@@ -16,6 +16,7 @@ from frozenseg.formats import (
     huggingface,
     huggingface_detr,
     lw_detr,
+    lw_detr_official,
     mmdet,
     rt_detr,
     rt_detr_official,
@@ -27,7 +28,7 @@ FORMATS: dict[str, CheckpointFormat] = {
     for fmt in (huggingface.FORMAT, dino.FORMAT, deformable_detr.FORMAT, h_deformable_detr.FORMAT,
                 detrex.FORMAT, d_fine.FORMAT, deimv2.FORMAT, rt_detr.FORMAT,
                 grounding_dino.FORMAT, grounding_dino_official.FORMAT, d_fine_official.FORMAT,
-                rt_detr_official.FORMAT,
+                rt_detr_official.FORMAT, lw_detr_official.FORMAT,
                 *huggingface_detr.FORMATS,
                 detr.FORMAT, detr.CONDITIONAL_FORMAT, detr.DAB_FORMAT, lw_detr.FORMAT,
                 mmdet.MMDET_FORMAT, mmdet.CO_DINO_FORMAT)
