@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
+import yaml
+from artifacts import rt_detr_official_layout
 from weights import perturb
 
-from frozenseg.convert import convert_state_dict
-from frozenseg.detector.frozen import FrozenDetector
+from frozenseg.convert import convert_checkpoint, convert_state_dict
+from frozenseg.detector.frozen import FrozenDetector, load_detector
 from frozenseg.detector.model import build_detector
 
 transformers = pytest.importorskip("transformers")
@@ -28,8 +33,10 @@ VARIANTS = {
 }
 
 
-def random_hf_model(version: str = "v1", backbone: str = "bottleneck", **settings):
-    """A small random RTDetr(V2)ForObjectDetection and its config as a dict (config.json)."""
+def random_hf_model(version: str = "v1", backbone: str = "bottleneck",
+                    points: list[int] | None = None, **settings):
+    """A small random RTDetr(V2)ForObjectDetection and its config as a dict (config.json);
+    ``points``: v2 with one sampling point count per decoder level (:func:`per_level_attention`)."""
     torch.manual_seed(0)
     config_class, model_class = {
         "v1": (transformers.RTDetrConfig, transformers.RTDetrForObjectDetection),
@@ -45,7 +52,27 @@ def random_hf_model(version: str = "v1", backbone: str = "bottleneck", **setting
         decoder_ffn_dim=64, decoder_layers=2, decoder_attention_heads=2, num_queries=20,
         num_labels=settings.pop("num_labels", 5), **settings,
     )
-    return perturb(lively(model_class(config))), config.to_dict()
+    model = model_class(config)
+    if points is None:
+        return perturb(lively(model)), config.to_dict()
+    per_level_attention(model, points)
+    return perturb(lively(model)), {**config.to_dict(), "decoder_n_points": points}
+
+
+def per_level_attention(model: torch.nn.Module, points: list[int]) -> None:
+    """RT-DETR v2's decoder attention with ``points[l]`` sampling points on level l, laid out
+    as the official code's ``num_points: [...]`` (heads x sum(points) rows, each head's
+    points level after level; ``n_points_scale`` 1 / n for each of a level's n points).
+    transformers 5's config takes one count, but its attention's sampling splits the points
+    by ``n_points_list`` and scales them by ``n_points_scale``: only its views read
+    n_levels x n_points, so they are set to one "level" of all the points."""
+    for layer in model.model.decoder.layers:
+        attn = layer.encoder_attn
+        rows = attn.n_heads * sum(points)
+        attn.sampling_offsets = torch.nn.Linear(attn.d_model, rows * 2)
+        attn.attention_weights = torch.nn.Linear(attn.d_model, rows)
+        attn.n_points_list, attn.n_levels, attn.n_points = list(points), 1, sum(points)
+        attn.n_points_scale = torch.tensor([1 / n for n in points for _ in range(n)])
 
 
 @torch.no_grad()
@@ -122,14 +149,65 @@ def test_settings_the_op_does_not_take_are_refused_in_one_line(setting, value, m
     assert mention in str(err.value) and "\n" not in str(err.value)
 
 
-def test_per_level_point_counts_are_refused():
-    """RT-DETR v2's converter does not scatter per-level points (D-FINE's does)."""
-    hf, args = random_hf_model(version="v2")
-    state_dict = dict(hf.state_dict())
-    for key in [k for k in state_dict if k.endswith("encoder_attn.n_points_scale")]:
-        state_dict[key] = torch.tensor([1 / 2] * 2 + [1 / 4] * 4 + [1 / 6] * 6)
-    with pytest.raises(ValueError, match=r"per-level point counts \[2, 4, 6\]"):
-        convert_state_dict(state_dict, args={**args, "decoder_n_points": [2, 4, 6]})
+UNEVEN_POINTS = [2, 5, 3]  # uneven, so the attention pads levels 0 and 2
+
+
+def assert_reproduces(detector: torch.nn.Module, hf: torch.nn.Module, width: int = 128) -> None:
+    """``detector``'s last-layer logits and boxes are transformers' (``hf``'s), to 1e-4, on
+    :func:`images` cut to ``width``."""
+    pixels = images()[..., :width]
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels)
+        got = detector(pixels, torch.zeros(2, 96, width, dtype=torch.bool))
+    torch.testing.assert_close(got.logits[-1], expected.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.boxes[-1], expected.pred_boxes, atol=1e-4, rtol=0)
+
+
+def test_per_level_point_counts_convert_from_a_folder(tmp_path):
+    """A save_pretrained folder of v2 with points [2, 5, 3]: the counts are read from the
+    saved n_points_scale, agree with config.json, and the rows are scattered as D-FINE's."""
+    hf, args = random_hf_model(version="v2", points=UNEVEN_POINTS)
+    hf.save_pretrained(tmp_path / "hf")
+    # transformers writes its one count; a folder of this model says one per level
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps({**config, "decoder_n_points": UNEVEN_POINTS}))
+    report = convert_checkpoint(tmp_path / "hf", tmp_path / "out")
+    assert report.config.dec_n_points == tuple(UNEVEN_POINTS)
+    assert_reproduces(load_detector(tmp_path / "out").model, hf.eval())
+
+
+def test_per_level_point_counts_convert_from_an_official_file(tmp_path):
+    """A released RT-DETR v2 file ({'ema': {'module'}}, its YAML beside) with num_points
+    [2, 5, 3]: the attention rows and num_points_scale are transformers' (the official row
+    layout), every other tensor its canonical conversion written in the official names.
+    It converts to the folder's tensors; the official AIFI grid is transformers 5's only on
+    square maps, so the outputs are compared on square images."""
+    hf, args = random_hf_model(version="v2", points=UNEVEN_POINTS)
+    canonical, _ = convert_state_dict(hf.state_dict(), args=args)
+    layout = rt_detr_official_layout(canonical, "v2")
+    for key, tensor in hf.state_dict().items():
+        if m := re.match(r"model\.decoder\.layers\.(\d+)\.encoder_attn\.(sampling_offsets\.|"
+                         r"attention_weights\.|n_points_scale)(.*)", key):
+            name = "num_points_scale" if m[2] == "n_points_scale" else m[2] + m[3]
+            layout[f"decoder.decoder.layers.{m[1]}.cross_attn.{name}"] = tensor
+    torch.save({"ema": {"module": layout}}, tmp_path / "rtdetrv2_r50vd_coco.pth")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "HybridEncoder": {"nhead": 2, "use_encoder_idx": [2]},
+        "RTDETRTransformerv2": {"nhead": 2, "num_queries": 20, "num_points": UNEVEN_POINTS}}))
+    report = convert_checkpoint(tmp_path / "rtdetrv2_r50vd_coco.pth", tmp_path / "out")
+    assert report.format == "rt_detr" and report.config.dec_n_points == tuple(UNEVEN_POINTS)
+    detector = load_detector(tmp_path / "out").model
+    assert detector.state_dict().keys() == canonical.keys()
+    assert all(torch.equal(detector.state_dict()[k], canonical[k]) for k in canonical)
+    assert_reproduces(detector, hf.eval(), width=96)
+
+
+def test_per_level_point_counts_the_scales_contradict_are_refused():
+    hf, args = random_hf_model(version="v2", points=UNEVEN_POINTS)
+    with pytest.raises(ValueError, match=r"not 3 levels of \[2, 5, 3\] points") as err:
+        convert_state_dict(hf.state_dict(), args={**args, "decoder_n_points": [3, 5, 2]})
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -304,6 +304,27 @@ def pad_level_points(tensor: torch.Tensor, heads: int, counts: tuple[int, ...],
     return out.reshape(-1, *rest)
 
 
+# The decoder cross-attention's rows per sampling point (canonical names): x, y offsets; weights.
+POINT_ROWS = re.compile(
+    r"^transformer\.decoder\.layers\.\d+\.cross_attn\.(sampling_offsets|attention_weights)\.")
+
+
+def pad_decoder_points(out: Renamed, config: DetectorConfig) -> None:
+    """Per-level point counts (``config.dec_n_points`` a tuple): each decoder
+    cross-attention's heads x sum(points) rows scattered, in place, into the attention's
+    heads x levels x max(points) layout, each recorded in ``out.derived``. One count on
+    every level is the layout already: nothing to do."""
+    counts = config.dec_n_points
+    if not isinstance(counts, tuple):
+        return
+    sd = out.state_dict
+    for key in [k for k in sd if POINT_ROWS.match(k)]:
+        coords = 2 if POINT_ROWS.match(key)[1] == "sampling_offsets" else 1
+        sd[key] = pad_level_points(sd[key], config.nheads, counts, coords)
+        out.derived.append((key, f"points {list(counts)} per level padded to {max(counts)}, "
+                                  "the padding's rows zero"))
+
+
 def merge_qkv(out: Renamed, pattern: re.Pattern, names: tuple[str, str, str],
               target: str = "{prefix}.in_proj_{kind}") -> None:
     """Separate query, key, value projections -> one stacked tensor (nn.MultiheadAttention's

@@ -29,7 +29,7 @@ from frozenseg.formats.base import (
     check_duplicate,
     count_indexed,
     merge_qkv,
-    pad_level_points,
+    pad_decoder_points,
     refuse_unsupported,
     substitute_keys,
 )
@@ -42,9 +42,6 @@ IN_MEMORY = [
 ]
 BACKBONE = "model.backbone.model."
 NUM_POINTS_SCALE = re.compile(r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.num_points_scale$")
-# The cross-attention's rows per sampling point (canonical names): x, y offsets; weights.
-POINT_ROWS = re.compile(
-    r"^transformer\.decoder\.layers\.\d+\.cross_attn\.(sampling_offsets|attention_weights)\.")
 CONSTANTS = {"model.decoder.reg_scale": "fdr_reg_scale", "model.decoder.up": "fdr_up"}
 
 
@@ -169,21 +166,8 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
     merge_qkv(out, rt_detr.QKV, ("q", "k", "v"))
-    if isinstance(config.dec_n_points, tuple):
-        out.derived += _pad_points(out.state_dict, config)
+    pad_decoder_points(out, config)
     return out
-
-
-def _pad_points(sd: StateDict, config: DetectorConfig) -> list[tuple[str, str]]:
-    """Per-level point counts: each cross-attention's heads x sum(points) rows scattered, in
-    place, into the attention's heads x levels x max(points) layout; the (key, how) of each."""
-    done = []
-    for key in [k for k in sd if POINT_ROWS.match(k)]:
-        coords = 2 if POINT_ROWS.match(key)[1] == "sampling_offsets" else 1
-        sd[key] = pad_level_points(sd[key], config.nheads, config.dec_n_points, coords)
-        done.append((key, f"points {list(config.dec_n_points)} per level padded to "
-                          f"{max(config.dec_n_points)}, the padding's rows zero"))
-    return done
 
 
 FORMAT = CheckpointFormat(

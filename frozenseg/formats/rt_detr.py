@@ -5,9 +5,12 @@ transformers 5 keeps these models in memory under new names (``encoder.aifi``,
 old ones (``encoder.encoder``, ``self_attn.out_proj``, ``fc1``); both are read. The
 backbone is transformers' ``RTDetrResNet`` (ResNet-vd), mapped onto the official PResNet
 names; the hybrid encoder's convolutions already have the official names. v2 differs only
-in its decoder's deformable attention (a per-level point count, an offset scale, a
-"discrete" sampling method): the released default (the same points on every level, 0.5,
-"default") is RT-DETR v1's attention, and the others are refused.
+in its decoder's deformable attention (per-level point counts, an offset scale, a
+"discrete" sampling method). Its released setting (the same points on every level, 0.5,
+"default") is RT-DETR v1's attention. Per-level counts (``decoder_n_points`` a list; read
+from the saved ``n_points_scale``, 1 / n for each of a level's n points) are converted as
+D-FINE's are: each head's sum(points) rows, level after level, scattered into the
+attention's padded layout. Other offset scales and "discrete" sampling are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from frozenseg.formats.base import (
     count_indexed,
     level_points,
     merge_qkv,
+    pad_decoder_points,
     positive,
     refuse_unsupported,
     substitute_keys,
@@ -179,7 +183,6 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
                          "num_feature_levels equal to the encoder's maps is supported")
     csp_hidden = sd["model.encoder.fpn_blocks.0.conv1.conv.weight"].shape[0]
     shared = hybrid_fields(sd, args, levels, notes, N_POINTS_SCALE)
-    refuse_level_points(shared["dec_n_points"])
     config = DetectorConfig(
         **{**FIXED, **shared},
         backbone=backbone, backbone_levels=stages,
@@ -199,14 +202,6 @@ def _heads(args: dict, c: int, notes: list[str]) -> int:
         raise ValueError(f"encoder ({encoder}) and decoder ({decoder}) attention heads differ: "
                          "not supported")
     return positive("encoder_attention_heads", encoder)
-
-
-def refuse_level_points(points: int | tuple[int, ...]) -> None:
-    """RT-DETR v2's per-level point counts: its converters do not scatter them into the
-    attention's padded layout (D-FINE's do), so they are refused."""
-    if isinstance(points, tuple):
-        raise ValueError(f"RT-DETR v2 with per-level point counts {list(points)} is not "
-                         "supported")
 
 
 def _backbone(sd: StateDict) -> tuple[dict, list[int]]:
@@ -232,7 +227,7 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
         if key.endswith("num_batches_tracked"):
             out.dropped.append((key, "batch norm counter (frozen batch norm keeps none)"))
         elif N_POINTS_SCALE.match(key):
-            out.dropped.append((key, "v2's sampling scale, checked: 1 / points"))
+            out.dropped.append((key, "v2's sampling scale, read: 1 / its level's points"))
         elif TOP_HEADS.match(key) and f"model.decoder.{key}" in sd:
             check_duplicate(sd, key, f"model.decoder.{key}")
             out.dropped.append((key, f"duplicate of model.decoder.{key}"))
@@ -240,6 +235,7 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
     merge_qkv(out, QKV, ("q", "k", "v"))
+    pad_decoder_points(out, config)
     return out
 
 

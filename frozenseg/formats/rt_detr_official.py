@@ -10,7 +10,9 @@ spell a few Sequential children differently (``0``/``1`` or ``conv``/``norm``,
 ``proj``/``norm``): both are read. The model's settings are in its YAML config, not in
 the file: pass it with ``--config`` (or keep it beside the weights as config.yaml); its
 ``HybridEncoder`` and ``RTDETRTransformer`` / ``RTDETRTransformerv2`` sections are read,
-and what is missing is assumed as the released configs have it, with a note.
+and what is missing is assumed as the released configs have it, with a note. v2's
+per-level point counts (``num_points`` a list) are read from its saved
+``num_points_scale`` and scattered into the attention's padded layout, as D-FINE's are.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from frozenseg.formats.base import (
     backbone_levels,
     count_indexed,
     level_points,
+    pad_decoder_points,
     positive,
     saved_or_assumed,
     substitute_keys,
 )
-from frozenseg.formats.rt_detr import FIXED, query_selection_rules, refuse_level_points
+from frozenseg.formats.rt_detr import FIXED, query_selection_rules
 
 # v1 / v2 spellings of the same Sequential children -> one.
 SPELLINGS = [
@@ -99,7 +102,6 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
                          "differ: not supported")
     points = level_points(sd, "decoder.decoder.layers.0.cross_attn.attention_weights.weight",
                           POINTS_SCALE, heads, levels, decoder.get("num_points"))
-    refuse_level_points(points)
     if sd["decoder.enc_score_head.weight"].shape[0] == 1:
         raise ValueError("a class-agnostic query selection (query_select_method: agnostic) "
                          "is not supported")
@@ -149,12 +151,13 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
         if key.endswith("num_batches_tracked"):
             out.dropped.append((key, "batch norm counter (frozen batch norm keeps none)"))
         elif POINTS_SCALE.match(key):
-            out.dropped.append((key, "v2's sampling scale, checked: 1 / points"))
+            out.dropped.append((key, "v2's sampling scale, read: 1 / its level's points"))
         elif ANCHORS.match(key):
             out.dropped.append((key, "anchors of eval_spatial_size (made for every size)"))
         else:
             rest[key] = tensor
     apply_rules(rest, RULES, out)
+    pad_decoder_points(out, config)
     return out
 
 
