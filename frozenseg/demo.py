@@ -2,8 +2,8 @@
 
 :func:`run_demo` runs, in one folder, each stage of the real workflow:
 
-1. ``synth``: the synthetic COCO-format dataset (``synth/``, 20% of it val), its shapes
-   from 24 px as in the shipped detector's training data;
+1. ``synth``: the synthetic COCO-format dataset (``synth/``, 20% of it val) in the plain
+   world, its shapes from 32 px: as the shipped detector's last training data;
 2. ``convert``: ``assets/synth_dino.pth`` (official DINO layout) into ``detector/``;
 3. ``cache``: the frozen detector's features over the train split (``cache/``);
 4. ``train``: the head of ``assets/demo.yaml`` from the detector's own detections, for a
@@ -41,7 +41,8 @@ DETECTOR = ASSETS / "synth_dino.pth"
 RECIPE = ASSETS / "demo.yaml"
 DEFAULT_IMAGES = 200        # 160 train, 40 val
 DEFAULT_STEPS = 240         # of head training: about 2.5 minutes on 2 idle cores
-MIN_OBJECT = 24             # px, the smallest shape: as the shipped detector's training data
+MIN_OBJECT = 32             # px, the smallest shape: as the shipped detector's training data
+WORLD = "plain"             # the synthetic world it was last trained in
 OVERLAYS = 6                # val images drawn
 OVERLAY_SCORE = 0.2         # drawn from this score when val chose none (nothing matched)
 RESULTS, OVERLAYS_DIR = "results", "overlays"
@@ -189,8 +190,8 @@ def _synth(folder: Path, images: int, hooks: DemoHooks):
     from frozenseg.data.synth import synth
 
     with hooks.images("Rendering the synthetic dataset") as update:
-        made = synth(folder, images=images, seed=0, min_object=MIN_OBJECT, overwrite=True,
-                     progress=update)
+        made = synth(folder, images=images, seed=0, min_object=MIN_OBJECT, world=WORLD,
+                     overwrite=True, progress=update)
     return made.reused, f"{made.train} train + {made.val} val images", folder
 
 
