@@ -20,7 +20,8 @@ crosses, C-shapes, pairs of dots; flat, striped, checkered or shaded) over stuff
 (sky, ground, water, foliage). Two worlds: ``scenes`` (the default: up to 10 shapes, textured
 stuff, crowds, sensor noise) and ``plain`` (up to 4 mostly flat shapes over a smooth sky and
 ground, little noise, no crowds: a world a small DETR learns from random weights on a CPU,
-still with the rings' holes and the crosses' thin arms that make masks matter). Later shapes are drawn over earlier ones; masks are the visible
+still with the rings' holes and the crosses' thin arms that make masks matter).
+Later shapes are drawn over earlier ones; masks are the visible
 parts, and a shape left with too little visible area is dropped (its pixels become void).
 Shapes are rasterised by pycocotools from their polygons, so a polygon annotation decodes to
 exactly the pixels the image shows; masks that no single polygon describes (holes, several
