@@ -365,7 +365,7 @@ def d_fine_folder(folder: Path, variant: str, family: str = "d_fine") -> Artifac
 
     tests = importlib.import_module(f"test_convert_{family}")
     model, _ = tests.random_hf_model(**tests.VARIANTS[variant])
-    model.save_pretrained(folder)
+    model.save_pretrained(folder)  # DEIMv2 with DINOv3 (``family="deimv2_dinov3"``) too
     if family == "d_fine":
         return Artifact(folder, "huggingface_d_fine",
                         huggingface_reference(folder, type(model).__name__))
@@ -1100,6 +1100,7 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "huggingface-deimv2": lambda d: d_fine_folder(d, "n", "deimv2"),
     "huggingface-deimv2-shared-box-head": lambda d: d_fine_folder(
         d, "no-gate-shared-box-head-no-trailing-conv", "deimv2"),
+    "huggingface-deimv2-dinov3": lambda d: d_fine_folder(d, "l", "deimv2_dinov3"),
     "huggingface-grounding-dino": grounding_dino_folder,
     "grounding-dino-official-training": grounding_dino_official_checkpoint,
     "d-fine-solver": lambda d: d_fine_official_checkpoint(d, "s"),

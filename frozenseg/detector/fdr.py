@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
-from frozenseg.detector.transformer import ACTIVATIONS, MLP, inverse_sigmoid, run_layer
+from frozenseg.detector.transformer import (
+    ACTIVATIONS,
+    MLP,
+    GatedFFN,
+    inverse_sigmoid,
+    run_layer,
+)
 from frozenseg.ops import MSDeformAttn
 
 
@@ -49,19 +55,6 @@ class Gate(nn.Module):
     def forward(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         g1, g2 = self.gate(torch.cat([residual, update], -1)).sigmoid().chunk(2, -1)
         return self.norm(g1 * residual + g2 * update)
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), ``hidden_dim`` wide (DEIMv2's FFN)."""
-
-    def __init__(self, *, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim)
-        self.up_proj = nn.Linear(dim, hidden_dim)
-        self.down_proj = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class GatedDecoderLayer(nn.Module):
@@ -87,7 +80,7 @@ class GatedDecoderLayer(nn.Module):
             self.linear1 = nn.Linear(dim, ffn_dim)
             self.linear2 = nn.Linear(ffn_dim, dim)
         else:
-            self.mlp = SwiGLU(dim=dim, hidden_dim=ffn_dim)
+            self.mlp = GatedFFN(dim=dim, hidden_dim=ffn_dim)
         self.norm3 = norm(style, dim)
         self.activation = ACTIVATIONS[activation]
 

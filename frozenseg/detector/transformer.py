@@ -41,6 +41,21 @@ class MLP(nn.Module):
         return x
 
 
+class GatedFFN(nn.Module):
+    """down(act(gate(x)) * up(x)), ``hidden_dim`` wide: SwiGLU with SiLU (DEIMv2's decoder
+    FFN), DINOv3's gated MLP with its ``hidden_act``."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, activation: str = "silu") -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim)
+        self.up_proj = nn.Linear(dim, hidden_dim)
+        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.activation = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
 def inverse_sigmoid(x: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

@@ -80,14 +80,16 @@ def derive_config(state_dict: StateDict, args: dict, **fields
         activation=args.get("decoder_activation_function", "relu"), **fields)
 
 
-def fdr_config(sd: StateDict, args: dict, family: str, fixed: dict, ffn: str, **fields
+def fdr_config(sd: StateDict, args: dict, family: str, fixed: dict, ffn: str, *,
+               backbone: tuple[dict, list[int]] | None = None, **fields
                ) -> tuple[DetectorConfig, list[str]]:
     """The config of a D-FINE-architecture model (transformers' D-FINE names): ``fixed`` and
     ``fields`` (what the family derives itself) over what they share; ``ffn``: the decoder
-    FFN's first projection (its width is dim_feedforward)."""
+    FFN's first projection (its width is dim_feedforward); ``backbone``: the backbone spec
+    and its four widths where it is not the HGNetV2 under ``model.backbone.model.``."""
     notes: list[str] = []
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
-    backbone, widths = _backbone(sd)
+    backbone, widths = backbone or _backbone(sd)
     stages, levels = backbone_levels(sd, "model.encoder_input_proj.", widths)
     projections = "model.decoder_input_proj.0.0.weight" in sd
     feature_levels = args.get("num_feature_levels", levels)

@@ -13,7 +13,7 @@ its in-memory names. The DINOv3 models (a ViT with a spatial tuning adapter) and
 from __future__ import annotations
 
 from frozenseg.detector.config import DetectorConfig
-from frozenseg.formats import d_fine
+from frozenseg.formats import d_fine, deimv2_dinov3
 from frozenseg.formats.base import (
     CheckpointFormat,
     Renamed,
@@ -32,6 +32,7 @@ TO_D_FINE = [
      r"model.encoder_input_proj.\1.1."),
     (r"^model\.decoder_input_proj\.(\d+)\.conv\.", r"model.decoder_input_proj.\1.0."),
     (r"^model\.decoder_input_proj\.(\d+)\.norm\.", r"model.decoder_input_proj.\1.1."),
+    *deimv2_dinov3.TO_D_FINE,
     *d_fine.IN_MEMORY,
 ]
 FIXED = {**d_fine.FIXED, "hybrid_fusion": "elan5", "fdr_layer": "deimv2"}
@@ -43,10 +44,8 @@ QUERY_POS = "model.decoder.query_pos_head.layers."
 
 
 def _in_d_fine_names(state_dict: StateDict) -> StateDict:
-    """The state dict in D-FINE's names (refusing the models frozenseg does not build)."""
-    if any(k.startswith("model.conv_encoder.backbone.") for k in state_dict):
-        raise ValueError("DEIMv2 with a DINOv3 backbone (and its spatial tuning adapter) is "
-                         "not supported: only the HGNetV2 models")
+    """The state dict in D-FINE's names (refusing the models frozenseg does not build); a
+    DINOv3 backbone's keys stay under ``model.conv_encoder.``."""
     if any(k.startswith("model.encoder.bi_fusion_conv.") for k in state_dict):
         raise ValueError("DEIMv2 with encoder_type='lite' is not supported (supported: "
                          "'hybrid')")
@@ -71,23 +70,33 @@ def copy_shared_box_head(sd: StateDict, prefix: str, layers: int) -> list[tuple[
 def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
     """D-FINE's derivation, with the ELAN5 width and trailing convolution, the gate, the
     query_pos head's depth and width, and the SwiGLU width from shapes."""
-    refuse_unsupported("DEIMv2", [(SUPPORTED, args, "config"), (
-        d_fine.BACKBONE_SUPPORTED, args.get("backbone_config") or {}, "backbone config")])
-    sd = _in_d_fine_names(state_dict)
+    backbone_settings = args.get("backbone_config") or {}
+    refuse_unsupported("DEIMv2", [(SUPPORTED, args, "config")])
+    sd, notes, fixed, backbone = _in_d_fine_names(state_dict), [], FIXED, None
+    if deimv2_dinov3.is_dinov3(sd):
+        backbone = deimv2_dinov3.backbone_spec(sd, backbone_settings, notes)
+        fixed = {**FIXED, **deimv2_dinov3.FIXED}
+    else:
+        refuse_unsupported("DEIMv2", [(d_fine.BACKBONE_SUPPORTED, backbone_settings,
+                                       "backbone config")])
     copy_shared_box_head(sd, BOX_HEAD, count_indexed(sd, "model.decoder.layers."))
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     csp = "model.encoder.fpn_blocks.0.csp_rep1."
-    return d_fine.fdr_config(
-        sd, args, "DEIMv2", FIXED, "mlp.gate_proj",
+    config, more = d_fine.fdr_config(
+        sd, args, "DEIMv2", fixed, "mlp.gate_proj", backbone=backbone,
         csp_expansion=sd[f"{csp}conv1.conv.weight"].shape[0] // 2 / encoder_dim,
         csp_trailing_conv=f"{csp}conv2.conv.weight" in sd,
         fdr_gateway="model.decoder.layers.0.gateway.gate.weight" in sd,
         ref_point_layers=count_indexed(sd, QUERY_POS),
         ref_point_hidden_dim=sd[f"{QUERY_POS}0.weight"].shape[0])
+    return config, notes + more
 
 
 def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
-    out = d_fine.rename(_in_d_fine_names(state_dict), config)
+    backbone, rest = deimv2_dinov3.split(_in_d_fine_names(state_dict))
+    out = d_fine.rename(rest, config)
+    if backbone:
+        deimv2_dinov3.rename_backbone(backbone, config.backbone, out)
     out.derived.extend(copy_shared_box_head(out.state_dict, "bbox_embed.", config.dec_layers))
     return out
 

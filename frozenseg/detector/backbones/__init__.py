@@ -6,7 +6,8 @@ from the feature cache recomputes only stage 1). ``BUILDERS`` maps a config's ba
 its builder; the config's other backbone entries are the builder's arguments.
 
 ``vit_projector`` (LW-DETR, RF-DETR) returns C1 (stride 4) and then the projector's
-levels instead of stages; it also has ``strides``, the levels' strides.
+levels instead of stages; it also has ``strides``, the levels' strides. ``dinov3_sta``
+(DEIMv2 S-X) returns its adapter's stride-4 map, then three levels at strides 8, 16, 32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from frozenseg.detector.backbones.focalnet import build_focalnet
 from frozenseg.detector.backbones.hgnetv2 import HGNetV2
 from frozenseg.detector.backbones.resnet import ResNet
 from frozenseg.detector.backbones.resnet_vd import ResNetVd
+from frozenseg.detector.backbones.sta import build_dinov3_sta
 from frozenseg.detector.backbones.swin import build_swin
 from frozenseg.detector.backbones.vit import build_vit_projector
 
@@ -32,6 +34,8 @@ BUILDERS = {
     "focalnet": build_focalnet,
     # LW-DETR / RF-DETR: a windowed ViT and the multi-scale projector (its levels, not stages)
     "vit_projector": build_vit_projector,
+    # DEIMv2 S-X: DINOv3's ViT beside the spatial tuning adapter (``sta.py``)
+    "dinov3_sta": build_dinov3_sta,
 }
 
 

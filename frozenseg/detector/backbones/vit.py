@@ -1,5 +1,6 @@
 """Windowed plain ViTs: LW-DETR's (a CAE-pretrained ViT) and RF-DETR's (DINOv2), and the
-backbone that puts the multi-scale projector on top of either.
+backbone that puts the multi-scale projector on top of either. Their block (with rotary
+positions and a gated MLP where asked) is also DINOv3's (:mod:`.dinov3`).
 
 Both keep their tokens split into ``window_side`` x ``window_side`` windows of the patch
 grid from the embedding on, as a (B * windows, tokens per window, C) batch: a windowed
@@ -36,10 +37,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from frozenseg.detector.projector import MultiScaleProjector
+from frozenseg.detector.transformer import ACTIVATIONS, GatedFFN
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on the last ``len(cos)`` tokens of (N, heads, S, head_dim) queries
+    or keys: each half-split pair (x_i, x_{i + d/2}) turned by its angle; the tokens before
+    them (class and register tokens) are left as they are."""
+    prefix, patches = x.split((x.shape[-2] - cos.shape[0], cos.shape[0]), dim=-2)
+    first, second = patches.chunk(2, dim=-1)
+    turned = patches * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([prefix, turned], dim=-2)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over (N, S, C) with separate q/k/v projections."""
+    """Multi-head self-attention over (N, S, C) with separate q/k/v projections; with
+    ``rope`` (cos, sin tables of the patch tokens, DINOv3's), rotary positions on q and k.
+    """
 
     def __init__(self, *, dim: int, heads: int, key_bias: bool) -> None:
         super().__init__()
@@ -49,44 +65,52 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         n, s, c = x.shape
         q, k, v = (p(x).view(n, s, self.heads, c // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(n, s, c))
 
 
 class Mlp(nn.Module):
-    def __init__(self, *, dim: int, hidden: int) -> None:
+    def __init__(self, *, dim: int, hidden: int, activation: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 class Block(nn.Module):
-    """A pre-norm block with layer scales; ``windowed`` attends within windows only."""
+    """A pre-norm block with layer scales; ``windowed`` attends within windows only.
+    ``gated``: the MLP is a gated one (DINOv3's SwiGLU-style ``GatedFFN``), of
+    ``activation``."""
 
     def __init__(self, *, dim: int, heads: int, mlp_dim: int, key_bias: bool, eps: float,
-                 windowed: bool) -> None:
+                 windowed: bool, gated: bool = False, activation: str = "gelu") -> None:
         super().__init__()
         self.windowed = windowed
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim=dim, heads=heads, key_bias=key_bias)
         self.gamma1 = nn.Parameter(torch.ones(dim))
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim=dim, hidden=mlp_dim)
+        self.mlp = (GatedFFN(dim=dim, hidden_dim=mlp_dim, activation=activation) if gated
+                    else Mlp(dim=dim, hidden=mlp_dim, activation=activation))
         self.gamma2 = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, windows: int) -> torch.Tensor:
-        """x: (B * windows, S, C), each image's windows consecutive."""
+    def forward(self, x: torch.Tensor, windows: int = 1, rope: Rope | None = None
+                ) -> torch.Tensor:
+        """x: (B * windows, S, C), each image's windows consecutive; ``rope``: rotary
+        position tables for the last tokens (:class:`Attention`)."""
         h = self.norm1(x)
         if not self.windowed:
             h = h.reshape(x.shape[0] // windows, windows * x.shape[1], x.shape[2])
-        x = x + self.attn(h).reshape(x.shape) * self.gamma1
+        x = x + self.attn(h, rope).reshape(x.shape) * self.gamma1
         return x + self.mlp(self.norm2(x)) * self.gamma2
 
 
