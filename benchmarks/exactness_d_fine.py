@@ -1,7 +1,8 @@
 """How close converted D-FINE, DEIM and DEIMv2 models come to transformers' own outputs.
 
-For every variant of ``tests/test_convert_d_fine.py`` and ``tests/test_convert_deimv2.py``
-(small random-weight models with noise, no tied scores): convert the model's state dict,
+For every variant of ``tests/test_convert_d_fine.py``, ``tests/test_convert_deimv2.py`` and
+``tests/test_convert_deimv2_dinov3.py`` (DEIMv2 S-X's DINOv3 backbone; small random-weight
+models with noise, no tied scores): convert the model's state dict,
 run both on the tests' two 96x128 images (fp32, CPU) and print the largest absolute
 difference of every decoder layer's state, the last layer's logits and its boxes. Then the
 released configs in the official layout (``tests/test_convert_d_fine_official.py``):
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import test_convert_d_fine
 import test_convert_deimv2
+import test_convert_deimv2_dinov3
 import torch
 from test_convert_d_fine_official import official
 from test_convert_rt_detr import images
@@ -44,7 +46,8 @@ def differences(hf, args: dict, state_dict: dict | None = None
 
 def main() -> None:
     print("| family | variant | decoder states | logits | boxes |\n| --- | --- | --- | --- | --- |")
-    for family, tests in (("D-FINE", test_convert_d_fine), ("DEIMv2", test_convert_deimv2)):
+    for family, tests in (("D-FINE", test_convert_d_fine), ("DEIMv2", test_convert_deimv2),
+                          ("DEIMv2 DINOv3", test_convert_deimv2_dinov3)):
         for name, variant in tests.VARIANTS.items():
             row(family, name, differences(*tests.random_hf_model(**variant)))
     for family in ("D-FINE", "DEIM"):

@@ -128,7 +128,7 @@ class DetectorConfig:
     # offsets weighted by a function of fdr_up and fdr_reg_scale, refined layer on layer
     # from the first layer's box, and logits raised by a quality head (LQE: an MLP of
     # lqe_layers, lqe_hidden_dim wide, over each edge's lqe_top_k probabilities and mean).
-    # DEIMv2 (HGNetV2 models): "elan5" fusion (RepNCSPELAN5, whose CSP blocks split one
+    # DEIMv2 (HGNetV2 and DINOv3 models): "elan5" fusion (RepNCSPELAN5, whose CSP blocks split one
     # convolution, with a trailing 3x3 when csp_trailing_conv) on levels merged by a sum;
     # decoder layers ("deimv2") with RMSNorm and a SwiGLU FFN, a gate or not
     # (fdr_gateway), and a query_pos head of ref_point_layers, ref_point_hidden_dim wide

@@ -1,4 +1,5 @@
-"""Hugging Face ``Deimv2ForObjectDetection`` folders with an HGNetV2 backbone (DEIMv2-N's kind).
+"""Hugging Face ``Deimv2ForObjectDetection`` folders with the hybrid encoder: an HGNetV2
+backbone (DEIMv2-N's kind) or DINOv3 with the spatial tuning adapter (S, M, L, X).
 
 DEIMv2 is D-FINE's architecture (:mod:`frozenseg.formats.d_fine`, whose derivation this
 reuses) with: the backbone and its input projections under ``model.conv_encoder``;
@@ -6,8 +7,9 @@ RepNCSPELAN5 fusion blocks (CSP blocks that split one convolution, with a traili
 not) on levels merged by a sum; decoder layers with RMSNorm, a SwiGLU FFN and the gate or
 not; a three-layer query_pos head; optionally one box head shared by every layer (saved
 once, under one layer's index: copied to the others). transformers 5 saves DEIMv2 under
-its in-memory names. The DINOv3 models (a ViT with a spatial tuning adapter) and the
-"lite" encoder (Atto, Femto, Pico) are refused in one line.
+its in-memory names. The DINOv3 models' backbone, its settings and names are
+:mod:`frozenseg.formats.deimv2_dinov3`'s; the projections of its fused maps are D-FINE's
+encoder input projections. The "lite" encoder (Atto, Femto, Pico) is refused in one line.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
 
 FORMAT = CheckpointFormat(
     name="huggingface_deimv2",
-    description="Hugging Face Deimv2ForObjectDetection (HGNetV2 models)",
+    description="Hugging Face Deimv2ForObjectDetection (HGNetV2 and DINOv3 models)",
     signature=(
         r"^model\.conv_encoder\.",
         r"^model\.enc_score_head\.weight$",
