@@ -12,6 +12,7 @@ from weights import perturb
 
 from frozenseg.convert import convert_checkpoint
 from frozenseg.detector.backbones import dinov3
+from frozenseg.detector.config import IMAGENET_MEAN, IMAGENET_STD, normalize
 from frozenseg.detector.folder import read_config, read_weights
 from frozenseg.detector.frozen import load_detector
 from frozenseg.detector.model import build_detector
@@ -86,6 +87,25 @@ def test_converted_folder_matches_transformers(variant, tmp_path):
     (logits, boxes), (want_logits, want_boxes) = outputs(ours), outputs(hf, hf=True)
     torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(boxes, want_boxes, atol=1e-4, rtol=0)
+
+
+def test_the_frozen_detector_normalises_and_ranks_as_transformers(tmp_path):
+    """Images in [0, 1]: FrozenDetector's top 20 (ImageNet-normalised inside) against
+    transformers' on the pixels its image processor normalises, post-processed."""
+    hf, _ = random_hf_model(**VARIANTS["l"])
+    converted(hf, tmp_path)
+    detector = load_detector(tmp_path / "out", top_k=20)
+    pixels = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = detector(list(pixels))
+        raw = hf(pixel_values=normalize(pixels, None, IMAGENET_MEAN, IMAGENET_STD))
+    results = transformers.RTDetrImageProcessor().post_process_object_detection(
+        raw, threshold=0.0, target_sizes=[(96, 128)] * 2)
+    for i, result in enumerate(results):
+        torch.testing.assert_close(out.scores[i], result["scores"][:20], atol=1e-4, rtol=0)
+        assert torch.equal(out.labels[i], result["labels"][:20])
+        torch.testing.assert_close(out.boxes_xyxy_pixels()[i], result["boxes"][:20],
+                                   atol=1e-2, rtol=0)
 
 
 def test_the_config_says_what_the_weights_cannot(tmp_path):

@@ -69,28 +69,18 @@ def is_dinov3(state_dict: StateDict) -> bool:
 def backbone_spec(sd: StateDict, settings: dict, notes: list[str]) -> tuple[dict, list[int]]:
     """The ``dinov3_sta`` backbone spec and its four widths, from the ViT's and the
     adapter's shapes (``sd`` in D-FINE's names) and the folder's ``backbone_config``."""
-    kind = settings.get("model_type", "dinov3_vit")
-    if kind != "dinov3_vit":
-        raise ValueError(f"the weights hold a DINOv3 backbone, but the backbone config is "
-                         f"{kind!r}: the config and the weights are of different models")
-    refuse_unsupported("DEIMv2", [(SUPPORTED, settings, "backbone config")])
-    read = {name: saved_or_assumed(settings, name, default, notes, "DINOv3 backbone")
-            for name, default in DEFAULTS.items()}
+    read = _settings(settings, notes)
     patch = sd[VIT + "embeddings.patch_embeddings.weight"]
-    dim, heads, layers = patch.shape[0], read["num_attention_heads"], count_indexed(
-        sd, VIT + "layer.")
-    out_layers = tuple(settings.get("out_indices") or ())
-    if len(out_layers) != 3 or not all(0 < i <= layers for i in out_layers):
-        raise ValueError(f"DEIMv2 with backbone config out_indices={list(out_layers)} is not "
-                         f"supported (supported: three of the {layers} layers 1..{layers})")
-    if dim % heads or (dim // heads) % 4:
-        raise ValueError(f"a {dim}-wide ViT of {heads} heads: RoPE needs a head width that "
-                         "is a multiple of 4")
-    gated = f"{VIT}layer.0.mlp.gate_proj.weight" in sd
-    spec = {"name": "dinov3_sta", "dim": dim, "heads": heads, "patch": patch.shape[-1],
-            "mlp_dim": sd[f"{VIT}layer.0.mlp.up_proj.weight"].shape[0],
+    dim, layers = patch.shape[0], count_indexed(sd, VIT + "layer.")
+    out_layers = _out_layers(settings, layers)
+    if dim % read["num_attention_heads"] or (dim // read["num_attention_heads"]) % 4:
+        raise ValueError(f"a {dim}-wide ViT of {read['num_attention_heads']} heads: RoPE "
+                         "needs a head width that is a multiple of 4")
+    spec = {"name": "dinov3_sta", "dim": dim, "heads": read["num_attention_heads"],
+            "patch": patch.shape[-1], "mlp_dim": sd[f"{VIT}layer.0.mlp.up_proj.weight"].shape[0],
             "registers": sd[VIT + "embeddings.register_tokens"].shape[1],
-            "key_bias": f"{VIT}layer.0.attention.k_proj.bias" in sd, "gated_mlp": gated,
+            "key_bias": f"{VIT}layer.0.attention.k_proj.bias" in sd,
+            "gated_mlp": f"{VIT}layer.0.mlp.gate_proj.weight" in sd,
             "activation": read["hidden_act"], "rope_theta": float(read["rope_theta"]),
             "out_layers": out_layers,
             "normed": tuple(bool(read["apply_layernorm"]) or i == layers for i in out_layers),
@@ -98,6 +88,27 @@ def backbone_spec(sd: StateDict, settings: dict, notes: list[str]) -> tuple[dict
             "adapter_dim": sd[ADAPTER + "stem_conv.conv.weight"].shape[0]}
     a = spec["adapter_dim"]
     return spec, [a, dim + 2 * a, dim + 4 * a, dim + 4 * a]
+
+
+def _settings(settings: dict, notes: list[str]) -> dict:
+    """The backbone config's settings that change the computation, checked (one line for
+    the first frozenseg does not build), with transformers' defaults for those left out."""
+    kind = settings.get("model_type", "dinov3_vit")
+    if kind != "dinov3_vit":
+        raise ValueError(f"the weights hold a DINOv3 backbone, but the backbone config is "
+                         f"{kind!r}: the config and the weights are of different models")
+    refuse_unsupported("DEIMv2", [(SUPPORTED, settings, "backbone config")])
+    return {name: saved_or_assumed(settings, name, default, notes, "DINOv3 backbone")
+            for name, default in DEFAULTS.items()}
+
+
+def _out_layers(settings: dict, layers: int) -> tuple[int, ...]:
+    """out_indices: the three blocks (1..layers) whose outputs DEIMv2 reads."""
+    out_layers = tuple(settings.get("out_indices") or ())
+    if len(out_layers) != 3 or not all(0 < i <= layers for i in out_layers):
+        raise ValueError(f"DEIMv2 with backbone config out_indices={list(out_layers)} is not "
+                         f"supported (supported: three of the {layers} layers 1..{layers})")
+    return out_layers
 
 
 def rename_backbone(sd: StateDict, config_backbone: dict, out: Renamed) -> None:
