@@ -1,6 +1,7 @@
 """How close converted D-FINE, DEIM and DEIMv2 models come to transformers' own outputs.
 
-For every variant of ``tests/test_convert_d_fine.py``, ``tests/test_convert_deimv2.py`` and
+For every variant of ``tests/test_convert_d_fine.py``, ``tests/test_convert_deimv2.py`` (its
+HGNetV2 models with the hybrid and with the lite encoder) and
 ``tests/test_convert_deimv2_dinov3.py`` (DEIMv2 S-X's DINOv3 backbone; small random-weight
 models with noise, no tied scores): convert the model's state dict,
 run both on the tests' two 96x128 images (fp32, CPU) and print the largest absolute
@@ -46,10 +47,14 @@ def differences(hf, args: dict, state_dict: dict | None = None
 
 def main() -> None:
     print("| family | variant | decoder states | logits | boxes |\n| --- | --- | --- | --- | --- |")
-    for family, tests in (("D-FINE", test_convert_d_fine), ("DEIMv2", test_convert_deimv2),
-                          ("DEIMv2 DINOv3", test_convert_deimv2_dinov3)):
-        for name, variant in tests.VARIANTS.items():
-            row(family, name, differences(*tests.random_hf_model(**variant)))
+    deimv2, dinov3 = test_convert_deimv2, test_convert_deimv2_dinov3
+    for family, variants, model in (
+            ("D-FINE", test_convert_d_fine.VARIANTS, test_convert_d_fine.random_hf_model),
+            ("DEIMv2", deimv2.VARIANTS, deimv2.random_hf_model),
+            ("DEIMv2 lite", deimv2.LITE, deimv2.lite_hf_model),
+            ("DEIMv2 DINOv3", dinov3.VARIANTS, dinov3.random_hf_model)):
+        for name, variant in variants.items():
+            row(family, name, differences(*model(**variant)))
     for family in ("D-FINE", "DEIM"):
         hf, layout, yaml = official("released-points", family)
         row(f"{family} (official layout)", "released-points", differences(hf, yaml, layout))

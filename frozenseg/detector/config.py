@@ -16,7 +16,7 @@ import torch
 
 QueryInit = Literal["learned", "proposals", "mixed", "selected"]
 ProposalScore = Literal["first_class", "max_class"]
-EncoderKind = Literal["deformable", "hybrid", "plain", "fusion", "none"]
+EncoderKind = Literal["deformable", "hybrid", "lite", "plain", "fusion", "none"]
 DecoderKind = Literal["deformable", "fdr", "plain", "conditional", "anchor"]
 BoxDelta = Literal["logit", "scaled"]
 
@@ -62,6 +62,9 @@ class DetectorConfig:
                     by CSP blocks of RepVGG convolutions; its maps are ``encoder_dim`` wide and
                     the decoder reads them through 1x1 conv + batch norm projections.
                     D-FINE's fuses with RepNCSPELAN4 / SCDown (``hybrid_fusion``).
+      ``lite``      DEIMv2 Atto / Femto / Pico's (``hybrid.LiteEncoder``): no attention; one
+                    backbone map and its pooled half become two levels, fused by one FPN
+                    and one PAN step of ``hybrid_fusion`` blocks; otherwise as ``hybrid``.
       ``plain``     DETR's (``plain.py``): standard multi-head self-attention over one stride-32
                     level (a 1x1 projection of the last backbone stage) with sine positions;
                     ``decoder`` then says which of the plain-attention decoders reads it.

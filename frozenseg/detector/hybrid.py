@@ -10,6 +10,8 @@ summed, SiLU), added. Parameter names follow lyuwenyu/RT-DETR's ``HybridEncoder`
 (``input_proj``, ``encoder.i.layers.j``, ``lateral_convs``, ``fpn_blocks``,
 ``downsample_convs``, ``pan_blocks``).
 
+DEIMv2's small models replace it with :class:`LiteEncoder` (no attention, two levels).
+
 D-FINE's variant (``elan_fusion``) fuses with RepNCSPELAN4 blocks, downsamples with SCDown
 (1x1, then depthwise 3x3 stride 2) and has laterals without activation; their names are
 transformers' ``DFineHybridEncoder`` ones.
@@ -251,3 +253,44 @@ class HybridEncoder(nn.Module):
 
     def _merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b if self.merge == "sum" else torch.cat([a, b], 1)
+
+
+class LiteEncoder(nn.Module):
+    """DEIMv2's "lite" encoder (Atto, Femto, Pico): one backbone map -> two fused maps of
+    width ``dim``, at its stride and twice it.
+
+    The 1x1 input projection (conv + batch norm) gives the fine map; a 3x3 stride-2 average
+    pool (padding counted) and a 1x1 SiLU ConvNorm (``down_conv1``) the coarse one, to
+    which its global average is added before another (``bi_fusion_conv``). Then one FPN
+    step (the coarse map upsampled, nearest, added to the fine one, through
+    ``fusion_block``) and one PAN step (that output pooled and projected as before,
+    ``down_conv2``, added to the coarse map, through another): those two are the output.
+    Names follow transformers' ``Deimv2LiteEncoder`` (its single blocks as ``fpn_blocks.0``
+    and ``pan_blocks.0``)."""
+
+    def __init__(self, *, in_channels: list[int], dim: int,
+                 fusion_block: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        if len(in_channels) != 1:
+            raise ValueError(f"the lite encoder reads one backbone map, not {len(in_channels)}")
+        self.input_proj = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(in_channels[0], dim, kernel_size=1, bias=False),
+                           FrozenBatchNorm2d(dim))])
+        self.down_conv1, self.bi_fusion_conv, self.down_conv2 = (
+            ConvNorm(in_dim=dim, out_dim=dim, kernel=1, activation="silu") for _ in range(3))
+        self.fpn_blocks = nn.ModuleList([fusion_block()])
+        self.pan_blocks = nn.ModuleList([fusion_block()])
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        fine = self.input_proj[0](features[0])
+        coarse = self.down_conv1(_halved(fine))
+        coarse = self.bi_fusion_conv(coarse + F.adaptive_avg_pool2d(coarse, 1))
+        # An odd fine map is one short of twice the coarse one: the upsampled map is cropped.
+        upsampled = F.interpolate(coarse, scale_factor=2.0, mode="nearest")
+        fine = self.fpn_blocks[0](fine + upsampled[..., : fine.shape[-2], : fine.shape[-1]])
+        return [fine, self.pan_blocks[0](coarse + self.down_conv2(_halved(fine)))]
+
+
+def _halved(x: torch.Tensor) -> torch.Tensor:
+    """3x3 stride-2 average pool, zero padding counted (``nn.AvgPool2d``'s default)."""
+    return F.avg_pool2d(x, kernel_size=3, stride=2, padding=1)

@@ -37,6 +37,7 @@ from frozenseg.detector.hybrid import (
     AIFI,
     AttentionEncoderLayer,
     HybridEncoder,
+    LiteEncoder,
     csp_fusion,
     elan5_fusion,
     elan_fusion,
@@ -122,8 +123,8 @@ def class_head(config: DetectorConfig) -> nn.Module:
 
 
 def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
-    """The encoder the config names: deformable (over the projected levels) or hybrid (over
-    the backbone's maps, ``channels`` wide each)."""
+    """The encoder the config names: deformable (over the projected levels), hybrid or lite
+    (over the backbone's maps, ``channels`` wide each)."""
     ffn_dim = config.encoder_ffn_dim or config.dim_feedforward
     if config.encoder == "fusion":
         return grounding.FusionEncoder(layers=[
@@ -147,9 +148,12 @@ def build_encoder(config: DetectorConfig, channels: list[int]) -> nn.Module:
             for level in config.aifi_levels}
     fusion = {"csp": csp_fusion, "elan": elan_fusion,
               "elan5": partial(elan5_fusion, trailing=config.csp_trailing_conv),
-              }[config.hybrid_fusion]
-    return HybridEncoder(in_channels=[channels[s] for s in config.backbone_levels], dim=dim,
-                         aifi=aifi, **fusion(dim, config.csp_blocks, config.csp_expansion))
+              }[config.hybrid_fusion](dim, config.csp_blocks, config.csp_expansion)
+    in_channels = [channels[s] for s in config.backbone_levels]
+    if config.encoder == "lite":  # DEIMv2's small models: its blocks, no attention
+        return LiteEncoder(in_channels=in_channels, dim=dim,
+                           fusion_block=fusion["fusion_block"])
+    return HybridEncoder(in_channels=in_channels, dim=dim, aifi=aifi, **fusion)
 
 
 def build_decoder(config: DetectorConfig) -> nn.Module:
@@ -283,12 +287,13 @@ class DeformableDETR(nn.Module):
         c = config.hidden_dim
         if config.encoder == "none":  # the backbone's levels are the memory as they are
             return []
-        if config.encoder == "hybrid" and not config.hybrid_projections:  # D-FINE's, same widths
-            return [nn.Identity() for _ in config.backbone_levels]
-        if config.encoder == "hybrid":  # the decoder's: 1x1 conv + batch norm per encoder map
+        hybrid = config.encoder in ("hybrid", "lite")  # one decoder level per encoder map
+        if hybrid and not config.hybrid_projections:  # D-FINE's, same widths
+            return [nn.Identity() for _ in range(config.num_feature_levels)]
+        if hybrid:  # the decoder's: 1x1 conv + batch norm per encoder map
             return [nn.Sequential(nn.Conv2d(config.encoder_width, c, kernel_size=1, bias=False),
                                   FrozenBatchNorm2d(c))
-                    for _ in config.backbone_levels]
+                    for _ in range(config.num_feature_levels)]
         projections = [
             nn.Sequential(nn.Conv2d(channels[i], c, kernel_size=1), nn.GroupNorm(32, c))
             for i in config.backbone_levels
@@ -317,7 +322,7 @@ class DeformableDETR(nn.Module):
         ``features``: the backbone's maps when already computed (activation checkpointing);
         ``prompt``: the text an open-vocabulary detector reads with the image."""
         features = self.backbone(images) if features is None else features
-        if self.config.encoder == "hybrid":
+        if self.config.encoder in ("hybrid", "lite"):
             return self._encode_hybrid(features, padding_mask)
         if self.config.encoder == "none":
             return self._encode_levels(features, padding_mask)

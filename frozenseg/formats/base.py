@@ -214,14 +214,15 @@ def count_indexed(state_dict: StateDict, prefix: str) -> int:
 
 
 def backbone_levels(state_dict: StateDict, input_proj: str, stage_channels: list[int]):
-    """Which backbone stages the 1x1 input projections read, and how many levels in all."""
+    """Which backbone stages the 1x1 input projections read (the last ones), and how many
+    levels in all."""
     levels = count_indexed(state_dict, input_proj)
     from_backbone = [
         state_dict[f"{input_proj}{i}.0.weight"].shape[1] for i in range(levels)
         if state_dict[f"{input_proj}{i}.0.weight"].shape[-1] == 1
     ]
     n = len(from_backbone)
-    stages = tuple(range(4 - n, 4))
+    stages = tuple(range(len(stage_channels) - n, len(stage_channels)))
     expected = [stage_channels[s] for s in stages]
     if from_backbone != expected:
         raise ValueError(

@@ -81,16 +81,18 @@ def derive_config(state_dict: StateDict, args: dict, **fields
 
 
 def fdr_config(sd: StateDict, args: dict, family: str, fixed: dict, ffn: str, *,
-               backbone: tuple[dict, list[int]] | None = None, **fields
-               ) -> tuple[DetectorConfig, list[str]]:
+               backbone: tuple[dict, list[int]] | None = None, extra_levels: int = 0,
+               **fields) -> tuple[DetectorConfig, list[str]]:
     """The config of a D-FINE-architecture model (transformers' D-FINE names): ``fixed`` and
     ``fields`` (what the family derives itself) over what they share; ``ffn``: the decoder
     FFN's first projection (its width is dim_feedforward); ``backbone``: the backbone spec
-    and its four widths where it is not the HGNetV2 under ``model.backbone.model.``."""
+    and its four widths where it is not the HGNetV2 under ``model.backbone.model.``;
+    ``extra_levels``: the encoder's maps beyond one per input (DEIMv2's lite encoder: 1)."""
     notes: list[str] = []
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     backbone, widths = backbone or _backbone(sd)
     stages, levels = backbone_levels(sd, "model.encoder_input_proj.", widths)
+    levels += extra_levels
     projections = "model.decoder_input_proj.0.0.weight" in sd
     feature_levels = args.get("num_feature_levels", levels)
     if projections and count_indexed(sd, "model.decoder_input_proj.") != levels or (
@@ -127,15 +129,16 @@ def _backbone(sd: StateDict) -> tuple[dict, list[int]]:
     """The HGNetV2 spec and its four stage widths, from the backbone's shapes."""
     stem = BACKBONE + "embedder.stem"
     prefix = BACKBONE + "encoder.stages."
-    if f"{stem}4.convolution.weight" not in sd or count_indexed(sd, prefix) != 4:
+    stages = count_indexed(sd, prefix)
+    if f"{stem}4.convolution.weight" not in sd or stages not in (3, 4):
         raise ValueError("the backbone is not transformers' HGNetV2Backbone (a five-convolution "
-                         "stem and four stages): not supported")
+                         "stem and four stages, or three): not supported")
     spec: dict = {"name": "hgnetv2", "stem": (sd[f"{stem}1.convolution.weight"].shape[0],
                                               sd[f"{stem}4.convolution.weight"].shape[0]),
                   "lab": f"{stem}1.lab.scale" in sd}
     fields = {k: [] for k in ("in_channels", "mid_channels", "out_channels", "blocks", "layers",
                               "kernels", "light", "downsample")}
-    for i in range(4):
+    for i in range(stages):
         block = f"{prefix}{i}.blocks.0."
         light = f"{block}layers.0.conv1.convolution.weight" in sd
         first = sd[f"{block}layers.0.{'conv2.' if light else ''}convolution.weight"]

@@ -136,14 +136,17 @@ def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
     the decoder FFN's first projection, whose width is dim_feedforward."""
     c = sd["model.enc_output.0.weight"].shape[0]
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
-    heads = _heads(args, c, notes)
+    saved_aifi = count_indexed(sd, "model.encoder.encoder.")
+    heads = _heads(args, c, notes, aifi=bool(saved_aifi))
     if args.get("decoder_n_levels", levels) != levels:
         raise ValueError(f"decoder_n_levels={args['decoder_n_levels']} differs from the "
                          f"{levels} feature levels: not supported")
     points = level_points(sd, "model.decoder.layers.0.encoder_attn.attention_weights.weight",
                           points_scale, heads, levels, args.get("decoder_n_points"))
-    aifi = tuple(args.get("encode_proj_layers", [levels - 1]))
-    if len(aifi) != count_indexed(sd, "model.encoder.encoder."):
+    # No AIFI saved and encoder_layers 0: no attention (DEIMv2's lite encoder has none).
+    aifi = tuple(args.get("encode_proj_layers", [levels - 1])) if saved_aifi or args.get(
+        "encoder_layers", 1) else ()
+    if len(aifi) != saved_aifi:
         raise ValueError(f"encode_proj_layers {list(aifi)} does not match the "
                          f"{count_indexed(sd, 'model.encoder.encoder.')} AIFI encoders saved")
     if "num_queries" not in args:
@@ -151,8 +154,9 @@ def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
     if args.get("eval_size") or args.get("anchor_image_size"):
         notes.append("eval_size / anchor_image_size set: frozenseg computes the position "
                      "embedding and anchors of every input size, as at that size")
-    encoder_ffn = sd["model.encoder.encoder.0.layers.0.fc1.weight"].shape[0]
     decoder_ffn = sd[f"model.decoder.layers.0.{ffn}.weight"].shape[0]
+    aifi_ffn = sd.get("model.encoder.encoder.0.layers.0.fc1.weight")
+    encoder_ffn = decoder_ffn if aifi_ffn is None else aifi_ffn.shape[0]
     return dict(
         query_init="mixed" if "model.weight_embedding.weight" in sd else "selected",
         hidden_dim=c, num_feature_levels=levels, nheads=heads,
@@ -192,8 +196,10 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     return config, notes
 
 
-def _heads(args: dict, c: int, notes: list[str]) -> int:
-    encoder = args.get("encoder_attention_heads")
+def _heads(args: dict, c: int, notes: list[str], aifi: bool = True) -> int:
+    """The attention heads; the encoder's must be the decoder's unless it has no AIFI."""
+    encoder = args.get("encoder_attention_heads") if aifi else args.get(
+        "decoder_attention_heads")
     decoder = args.get("decoder_attention_heads", encoder)
     if encoder is None:
         encoder = decoder = c // 32

@@ -2,7 +2,8 @@
 
 A stem (``stem1``: 3x3 stride 2; ``stem2a``/``stem2b``: 2x2 convolutions on the map padded
 by one row and column at the bottom right, beside a 2x2 stride-1 max pool of it; their
-concatenation through ``stem3``, 3x3 stride 2, and ``stem4``, 1x1) then four stages. A
+concatenation through ``stem3``, 3x3 stride 2, and ``stem4``, 1x1) then four stages
+(three in DEIMv2's Atto, Femto and Pico, whose last is at stride 16). A
 stage is an optional depthwise 3x3 stride-2 ``downsample`` then HG blocks: ``layers``
 convolutions in a chain (3x3, or "light": a 1x1 then a depthwise k x k), the block input
 and every layer output concatenated and squeezed by ``aggregation`` (1x1 to half the
@@ -124,9 +125,10 @@ class HGStage(nn.Module):
 
 
 class HGNetV2(nn.Module):
-    """forward(images (B, 3, H, W)) -> the four stage maps at strides 4, 8, 16, 32.
+    """forward(images (B, 3, H, W)) -> the four stage maps at strides 4, 8, 16, 32 (three:
+    4, 8, 16).
 
-    stem: (mid, out) widths; per stage (four entries each): in/mid/out widths, HG blocks,
+    stem: (mid, out) widths; per stage (four or three entries each): in/mid/out widths, HG blocks,
     layers per block, kernel, light blocks, a downsampling convolution; lab: learnable
     affines.
     """
@@ -138,8 +140,8 @@ class HGNetV2(nn.Module):
         super().__init__()
         per_stage = (in_channels, mid_channels, out_channels, blocks, layers, kernels, light,
                      downsample)
-        if any(len(values) != 4 for values in per_stage):
-            raise ValueError("HGNetV2 needs four stages")
+        if len({len(values) for values in per_stage}) != 1 or len(in_channels) not in (3, 4):
+            raise ValueError("HGNetV2 needs four stages (or three), each described once")
         self.stem = Stem(mid=stem[0], out=stem[1], lab=lab)
         self.stages = nn.ModuleList(
             HGStage(in_dim=i, mid=m, out=o, blocks=b, layers=n, kernel=k, light=li,
