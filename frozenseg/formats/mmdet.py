@@ -73,6 +73,10 @@ from frozenseg.formats.base import (
 )
 
 RESNET_CHANNELS = [256, 512, 1024, 2048]
+# mmdet ResNet settings frozenseg's ResNet computes only at these values (DC5's dilated last
+# stage is strides (1, 2, 2, 1) and dilations (1, 1, 1, 2); no key shows it).
+RESNET_SUPPORTED = (("backbone.style", "pytorch"), ("backbone.deep_stem", False),
+                    ("backbone.strides", (1, 2, 2, 2)), ("backbone.dilations", (1, 1, 1, 1)))
 PIXEL_MEAN, PIXEL_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 _PART = {"conv": 0, "gn": 1}
 _LAYER = r"^(?:query_head\.)?(?:transformer\.)?((?:en|de)coder\.layers\.\d+\.)"
@@ -255,7 +259,7 @@ def parse_config_text(text: str) -> dict:
         return {}
 
 
-def _settings(args: Mapping) -> dict:
+def model_settings(args: Mapping) -> dict:
     """The model section of the saved config: ``meta['cfg']`` (mmengine) or
     ``meta['config']`` (mmcv 1.x), text or already a dict; {} if absent."""
     cfg = args.get("cfg", args.get("config"))
@@ -265,7 +269,7 @@ def _settings(args: Mapping) -> dict:
     return model if isinstance(model, Mapping) else {}
 
 
-def _get(node, path: str, default=None):
+def setting(node, path: str, default=None):
     for part in path.split("."):
         if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
@@ -276,7 +280,7 @@ def _get(node, path: str, default=None):
     return default if isinstance(node, Opaque) else node
 
 
-class _Reader:
+class SettingsReader:
     """Settings from the config, or a default with a note saying it was assumed."""
 
     def __init__(self, model: Mapping, notes: list[str]) -> None:
@@ -286,7 +290,7 @@ class _Reader:
         """The first path the config sets, else ``default``: noted as assumed unless it is
         the module's own default (``built_in``) and a config was saved."""
         for path in paths:
-            value = _get(self.model, path)
+            value = setting(self.model, path)
             if value is not None:
                 return value
         if not (built_in and self.model):
@@ -302,20 +306,20 @@ def _canonical(state_dict: StateDict, rules: list, training_only: list) -> State
             if _why_dropped(k, training_only) is None}
 
 
-def _backbone(sd: StateDict, model: Mapping) -> tuple[dict, list[int]]:
+def backbone_spec(sd: StateDict, model: Mapping) -> tuple[dict, list[int]]:
     """The backbone spec for :func:`build_backbone` and its four stage widths: ResNet
     (mmdet's has torchvision's names) or Swin (renamed to the official names)."""
     inner = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if any(".attn.relative_position_bias_table" in k for k in inner):
-        if _get(model, "backbone.use_abs_pos_embed", False):
+        if setting(model, "backbone.use_abs_pos_embed", False):
             raise ValueError("mmdetection Swin with use_abs_pos_embed=True is not supported")
         spec = {"name": "swin", **swin_config_from_state_dict(inner)}
         return spec, [spec["embed_dim"] * 2**i for i in range(4)]
     if "backbone.conv1.weight" not in sd:
         raise ValueError("unsupported mmdetection backbone: only ResNet and Swin are converted")
-    for path, accepted in (("backbone.style", "pytorch"), ("backbone.deep_stem", False)):
-        value = _get(model, path, accepted)
-        if value != accepted:
+    for path, accepted in RESNET_SUPPORTED:
+        value = setting(model, path, accepted)
+        if (tuple(value) if isinstance(value, list) else value) != accepted:
             raise ValueError(f"mmdetection ResNet with {path}={value!r} is not supported "
                              f"(supported: {accepted!r})")
     blocks = count_indexed(sd, "backbone.layer3.")
@@ -325,24 +329,24 @@ def _backbone(sd: StateDict, model: Mapping) -> tuple[dict, list[int]]:
     return {"name": f"resnet{depth}"}, RESNET_CHANNELS
 
 
-def _image_norm(model: Mapping) -> dict:
+def image_norm(model: Mapping) -> dict:
     """ImageNet mean/std on RGB in [0, 1], from the data preprocessor when saved."""
-    pre = _get(model, "data_preprocessor", {})
-    if _get(pre, "bgr_to_rgb", True) is not True:
+    pre = setting(model, "data_preprocessor", {})
+    if setting(pre, "bgr_to_rgb", True) is not True:
         raise ValueError("an mmdetection model fed BGR images (data_preprocessor.bgr_to_rgb "
                          "False) is not supported")
-    mean, std = _get(pre, "mean", PIXEL_MEAN), _get(pre, "std", PIXEL_STD)
+    mean, std = setting(pre, "mean", PIXEL_MEAN), setting(pre, "std", PIXEL_STD)
     return {"image_mean": tuple(round(v / 255, 10) for v in mean),
             "image_std": tuple(round(v / 255, 10) for v in std)}
 
 
-def _common(sd: StateDict, model: Mapping, read: _Reader, heads_paths: tuple[str, ...]
+def _common(sd: StateDict, model: Mapping, read: SettingsReader, heads_paths: tuple[str, ...]
             ) -> dict:
     """What every mmdetection deformable DETR derives the same way."""
     c = sd["transformer.level_embed"].shape[1]
     heads = positive("num_heads", read(heads_paths, 8, "attention heads (mmcv's default)",
                                        built_in=True))
-    backbone, channels = _backbone(sd, model)
+    backbone, channels = backbone_spec(sd, model)
     stages, levels = backbone_levels(sd, "input_proj.", channels)
     return dict(
         backbone=backbone, hidden_dim=c, backbone_levels=stages, num_feature_levels=levels,
@@ -350,30 +354,30 @@ def _common(sd: StateDict, model: Mapping, read: _Reader, heads_paths: tuple[str
         dec_layers=count_indexed(sd, "transformer.decoder.layers."),
         dim_feedforward=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
         **sampling_points(sd, heads, levels),
-        num_classes=sd["class_embed.0.weight"].shape[0], **_image_norm(model),
+        num_classes=sd["class_embed.0.weight"].shape[0], **image_norm(model),
     )
 
 
-def _position(read: _Reader, prefix: str, temperature: float, offset: float) -> dict:
+def sine_position(read: SettingsReader, prefix: str, temperature: float, offset: float) -> dict:
     """SinePositionalEncoding's settings: a saved one's entries with the class defaults
     (temperature 10000, offset 0, not normalised), else the family's with a note."""
-    saved = _get(read.model, f"{prefix}positional_encoding")
+    saved = setting(read.model, f"{prefix}positional_encoding")
     if not isinstance(saved, Mapping):
         read.notes.append(f"position embedding: not in the saved config, assumed temperature "
                           f"{temperature:g} and offset {offset:g}")
         return {"pos_temperature": temperature, "pos_offset": offset}
-    if _get(saved, "normalize", False) is not True:
+    if setting(saved, "normalize", False) is not True:
         raise ValueError("an unnormalised position embedding (positional_encoding.normalize "
                          "False) is not supported")
     return {"pos_temperature": positive("positional_encoding.temperature",
-                                        _get(saved, "temperature", 10000), float),
-            "pos_offset": float(_get(saved, "offset", 0.0))}
+                                        setting(saved, "temperature", 10000), float),
+            "pos_offset": float(setting(saved, "offset", 0.0))}
 
 
 def derive_mmdet(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, list[str]]:
     """mmdet 3.x DINO or Deformable DETR: shapes, then the saved config."""
-    model, notes = _settings(args), []
-    read = _Reader(model, notes)
+    model, notes = model_settings(args), []
+    read = SettingsReader(model, notes)
     sd = _canonical(state_dict, _mmdet_rules(state_dict), [])
     common = _common(sd, model, read, ("encoder.layer_cfg.self_attn_cfg.num_heads",))
     if "transformer.tgt_embed.weight" in sd:  # DINO
@@ -382,12 +386,12 @@ def derive_mmdet(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, 
             query_init="mixed", box_refine=True, proposal_score="max_class",
             decoder_norm=True, ref_point_head=True, inverse_sigmoid_eps=1e-3,
             head_inverse_sigmoid_eps=1e-5, dn_labelbook_size=sd["label_enc.weight"].shape[0] - 1,
-            **_position(read, "", 20.0, 0.0),
+            **sine_position(read, "", 20.0, 0.0),
             num_select=positive("max_per_img", read(("test_cfg.max_per_img",), 300,
                                                     "post-processing top-k")))
         return config, notes
     two_stage = "transformer.enc_output.weight" in sd
-    refine = _get(model, "with_box_refine")
+    refine = setting(model, "with_box_refine")
     if refine is None:
         refine = not _heads_shared(sd, common["dec_layers"])
         notes.append(f"box refinement: not in the saved config, {'on' if refine else 'off'} "
@@ -397,7 +401,7 @@ def derive_mmdet(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, 
     config = DetectorConfig(
         variant="deformable_detr", **common, num_queries=positive("num_queries", queries),
         query_init="proposals" if two_stage else "learned", box_refine=bool(refine),
-        **_position(read, "", 10000.0, -0.5),
+        **sine_position(read, "", 10000.0, -0.5),
         num_select=positive("max_per_img", read(("test_cfg.max_per_img",), 100,
                                                 "post-processing top-k")))
     return config, notes
@@ -412,12 +416,12 @@ def _heads_shared(sd: StateDict, layers: int) -> bool:
 
 def derive_co_dino(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, list[str]]:
     """Co-DINO's query head: shapes, then the saved config."""
-    model, notes = _settings(args), []
-    read = _Reader(model, notes)
+    model, notes = model_settings(args), []
+    read = SettingsReader(model, notes)
     sd = _canonical(state_dict, _co_dino_rules(state_dict), CO_DETR_TRAINING_ONLY)
     layer = "query_head.transformer.encoder.transformerlayers.attn_cfgs"
     common = _common(sd, model, read, (f"{layer}.num_heads", f"{layer}.0.num_heads"))
-    test_cfg = _get(model, "test_cfg")
+    test_cfg = setting(model, "test_cfg")
     max_per_img = ("test_cfg.0.max_per_img" if isinstance(test_cfg, (list, tuple))
                    else "test_cfg.max_per_img")
     config = DetectorConfig(
@@ -425,14 +429,14 @@ def derive_co_dino(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig
         query_init="mixed", box_refine=True, proposal_score="max_class", decoder_norm=True,
         ref_point_head=True, inverse_sigmoid_eps=1e-3,
         dn_labelbook_size=sd["label_enc.weight"].shape[0] - 1,
-        **_position(read, "query_head.", 20.0, 0.0),
+        **sine_position(read, "query_head.", 20.0, 0.0),
         num_select=positive("max_per_img", read((max_per_img,), 300, "post-processing top-k")))
     return config, notes
 
 
 def class_names(meta: Mapping) -> list[str] | None:
     """``meta['dataset_meta']['classes']`` (mmengine) or ``meta['CLASSES']`` (mmcv 1.x)."""
-    names = _get(meta, "dataset_meta.classes", meta.get("CLASSES"))
+    names = setting(meta, "dataset_meta.classes", meta.get("CLASSES"))
     if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
         return list(names)
     return None
