@@ -65,9 +65,15 @@ def seeded_weights(shapes: dict[str, list[int]], seed: int = 0) -> dict[str, tor
     """Weights any environment makes alike from a layout's shapes (one generator, keys in
     order): matrices and kernels N(0, 1 / fan-in), norm scales near 1 (a PReLU's slope near
     0.25), biases and running means N(0, 0.01), running variances in [0.5, 1.5), so that
-    a random ResNet-50 and transformer keep their activations in range."""
+    a random ResNet-50 and transformer keep their activations in range. DAB-DETR's first
+    four anchors sit at the left edge (x logit -9, sigmoid 1.2e-4), between the 1e-5 its
+    decoder clamps references at and the 1e-3 of its head, so that the two differ."""
     g = torch.Generator().manual_seed(seed)
-    return {key: _seeded(key, shape, g) for key, shape in shapes.items()}
+    weights = {key: _seeded(key, shape, g) for key, shape in shapes.items()}
+    anchors = weights.get("query_embedding.weight")
+    if anchors is not None and anchors.shape[1] == 4:
+        anchors[:4, 0] = -9.0
+    return weights
 
 
 def _seeded(key: str, shape: list[int], g: torch.Generator) -> torch.Tensor:
@@ -86,10 +92,19 @@ def _seeded(key: str, shape: list[int], g: torch.Generator) -> torch.Tensor:
 def plain_outputs(model) -> dict[str, list]:
     """The last decoder layer's logits and boxes of mmdet's ``model`` (a DETR, Conditional
     DETR or DAB-DETR holding its weights) on the tests' padded batch of two images."""
-    from mmdet.structures import DetDataSample
     from official_detr import images_and_padding
 
-    images, padding = images_and_padding()
+    logits, boxes = run_plain(model, *images_and_padding())
+    return {"logits": logits.tolist(), "boxes": boxes.tolist()}
+
+
+def run_plain(model, images: torch.Tensor, padding: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmdet's plain DETR on normalised ``images`` (B, 3, H, W) whose ``padding`` (B, H, W)
+    is True below and right of each image (none: mmdet runs without masks): the last
+    decoder layer's logits (B, Q, K) and boxes (B, Q, 4), normalised cxcywh."""
+    from mmdet.structures import DetDataSample
+
     samples = []
     for mask in padding:
         sample = DetDataSample()
@@ -99,7 +114,7 @@ def plain_outputs(model) -> dict[str, list]:
     with torch.no_grad():
         head_inputs = model.forward_transformer(model.extract_feat(images), samples)
         logits, boxes = model.bbox_head(**head_inputs)
-    return {"logits": logits[-1].tolist(), "boxes": boxes[-1].tolist()}
+    return logits[-1], boxes[-1]
 
 
 def record(path: str, overrides: dict, *, outputs: bool) -> dict:

@@ -28,7 +28,7 @@ import torch
 from frozenseg.convert import convert_state_dict, inspect_checkpoint
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.model import DeformableDETR, build_detector
-from frozenseg.formats import detect_format
+from frozenseg.formats import detect_format, mmdet_detr
 from frozenseg.formats import mmdet as mmdet_format
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "mmdet_keys.json").read_text())
@@ -455,11 +455,10 @@ def _mmdet_model(name: str):
     pytest.importorskip("mmdet.registry")
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
-    from record_mmdet_keys import VARIANTS as CONFIGS
-    from record_mmdet_keys import small_config
+    from record_mmdet_keys import PLAIN_VARIANTS, VARIANTS, small_config
 
     register_all_modules()
-    cfg = small_config(*CONFIGS[name])
+    cfg = small_config(*{**VARIANTS, **PLAIN_VARIANTS}[name])
     model = MODELS.build(copy.deepcopy(cfg.model))
     model.init_weights()  # some parameters are torch.Tensor(n, c) until then: garbage
     g = torch.Generator().manual_seed(3)
@@ -501,5 +500,168 @@ def test_side_by_side_with_mmdetection(name):
         same_size = ours(images, torch.zeros_like(padding))
     for got, size_list in ((out, sizes), (same_size, [tuple(images.shape[-2:])] * 2)):
         logits, boxes = _mmdet_outputs(model, images, size_list)
+        torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
+
+
+# --- mmdet's DETR, Conditional DETR and DAB-DETR (the plain-attention DETRs) --------------------
+
+# record_mmdet_keys.py's builds of mmdet's shipped configs: ResNet-50, 2 + 2 layers, FFN 64,
+# 30 queries, 7 classes; DETR and Conditional DETR keep 100 detections, DAB-DETR 300.
+PLAIN_COMMON = dict(backbone={"name": "resnet50"}, hidden_dim=256, nheads=8, enc_layers=2,
+                    dec_layers=2, dim_feedforward=64, num_queries=30, num_classes=7,
+                    encoder="plain", backbone_levels=(3,), num_feature_levels=1,
+                    decoder_norm=True, pos_offset=0.0)
+DAB = dict(variant="dab_detr", decoder="anchor", box_refine=True, encoder_pos_scale=True,
+           activation="prelu", pos_temperature=20.0, num_select=300,
+           head_inverse_sigmoid_eps=1e-3, **PLAIN_COMMON)
+PLAIN = {
+    "detr": DetectorConfig(variant="detr", decoder="plain", no_object_class=True,
+                           pos_temperature=10000.0, num_select=100, **PLAIN_COMMON),
+    "conditional_detr": DetectorConfig(variant="conditional_detr", decoder="conditional",
+                                       pos_temperature=10000.0, num_select=100,
+                                       **PLAIN_COMMON),
+    "dab_detr": DetectorConfig(**DAB),
+    "dab_detr_patterns": DetectorConfig(**DAB, num_patterns=3),
+}
+
+
+def _recorded_outputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmdet 3.3.0's last-layer logits and boxes for the seeded weights (the recorder's)."""
+    outputs = RECORDED[name]["outputs"]
+    return torch.tensor(outputs["logits"]), torch.tensor(outputs["boxes"])
+
+
+def _plain_outputs(config: DetectorConfig, state_dict: dict):
+    model = official_detr.load_converted(config, state_dict)
+    images, padding = official_detr.images_and_padding()
+    with torch.no_grad():
+        out = model(images, padding)
+    return out.logits[-1], out.boxes[-1]
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_an_mmengine_file_of_a_plain_detr_gives_mmdetections_outputs(name, tmp_path):
+    """CheckpointHook's file, converted as ``frozenseg convert`` does, gives the logits and
+    boxes mmdet itself computed from the same weights on a padded batch (recorded)."""
+    from artifacts import mmdet_plain_checkpoint
+
+    state_dict, report = inspect_checkpoint(mmdet_plain_checkpoint(tmp_path, name))
+    assert report.ok and report.format == "mmdet_detr", report.problem()
+    assert report.config == PLAIN[name] and report.notes == []
+    assert report.class_names == list(CLASSES)
+    assert all("num_batches_tracked" in k for k, _ in report.dropped)
+    logits, boxes = _plain_outputs(report.config, state_dict)
+    expected_logits, expected_boxes = _recorded_outputs(name)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(boxes, expected_boxes, atol=1e-4, rtol=0)
+
+
+def test_a_wrong_norm_mapping_loads_but_misses_the_recorded_outputs():
+    """A decoder layer's norms swapped (norms.0 follows self-attention, norms.1
+    cross-attention): every key and shape still fits, only the outputs tell."""
+    from record_mmdet_keys import seeded_weights
+
+    weights = seeded_weights(RECORDED["conditional_detr"]["keys"])
+    for part in ("weight", "bias"):
+        first, second = (f"decoder.layers.1.norms.{i}.{part}" for i in (0, 1))
+        weights[first], weights[second] = weights[second], weights[first]
+    converted, report = convert_state_dict(weights, args={"cfg": config_text("conditional_detr")})
+    assert report.ok
+    logits, _ = _plain_outputs(report.config, converted)
+    assert (logits - _recorded_outputs("conditional_detr")[0]).abs().max() > 1e-2
+
+
+def test_dab_detrs_head_adds_its_anchors_at_its_own_clamp():
+    """The recorded anchors at the left edge: their boxes need the head's eps 1e-3."""
+    from record_mmdet_keys import seeded_weights
+
+    converted, report = convert_state_dict(seeded_weights(RECORDED["dab_detr"]["keys"]),
+                                           args={"cfg": config_text("dab_detr")})
+    config = dataclasses.replace(report.config, head_inverse_sigmoid_eps=None)
+    _, boxes = _plain_outputs(config, converted)
+    _, expected = _recorded_outputs("dab_detr")
+    assert (boxes[:, :4, 0] - expected[:, :4, 0]).abs().min() > 1e-4
+    torch.testing.assert_close(boxes[:, 4:], expected[:, 4:], atol=1e-4, rtol=0)
+
+
+def test_the_classifier_comes_from_the_saved_loss():
+    """A DETR head trained with a sigmoid loss has no "no object" logit: its 8 outputs are
+    8 classes; without a config each family's own classifier is assumed, and said."""
+    from record_mmdet_keys import seeded_weights
+
+    weights = seeded_weights(RECORDED["detr"]["keys"])
+    saved = {"model": {"bbox_head": {"loss_cls": {"type": "FocalLoss"}, "num_classes": 8}}}
+    config, _ = mmdet_detr.derive_config(weights, {"cfg": saved})
+    assert (config.no_object_class, config.num_classes) == (False, 8)
+    config, notes = mmdet_detr.derive_config(weights, {})
+    assert config == PLAIN["detr"]
+    assert [n.split(":")[0] for n in notes] == [
+        "classifier", "attention heads", "encoder FFN activation", "decoder FFN activation",
+        "position embedding", "post-processing top-k"]
+
+
+def _without(weights: dict, prefix: str) -> dict:
+    return {k: v for k, v in weights.items() if not k.startswith(prefix)}
+
+
+# (variant, change to the config text, change to the weights, what the one line says)
+REFUSED = {
+    "dc5": ("detr", ("style='pytorch'", "style='pytorch', strides=(1, 2, 2, 1)"), None,
+            "backbone.strides=(1, 2, 2, 1) is not supported"),
+    "unnormalised-position": ("detr", ("normalize=True", "normalize=False"), None,
+                              "positional_encoding.normalize False"),
+    "classes-disagree": ("detr", ("use_sigmoid=False", "use_sigmoid=True"), None,
+                         "fc_cls has 8 outputs, not the config's num_classes=7"),
+    "gelu": ("dab_detr", ("type='PReLU'", "type='GELU'"), None,
+             "encoder FFN activation 'GELU' is not supported"),
+    "query-dim-2": ("dab_detr", None,
+                    lambda w: {**w, "query_embedding.weight": torch.zeros(30, 2)},
+                    "decoder query_dim=2 is not supported"),
+    "fix-elewise": ("dab_detr", None,
+                    lambda w: {**_without(w, "decoder.query_scale."),
+                               "decoder.query_scale.weight": torch.zeros(2, 256)},
+                    "decoder query_scale_type='fix_elewise' is not supported"),
+    "normed-neck": ("conditional_detr", None,
+                    lambda w: {**w, "neck.convs.0.gn.weight": torch.ones(256)},
+                    "this neck or backbone differs"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_frozenseg_does_not_compute_is_refused_in_one_line_naming_the_file(case, tmp_path):
+    from artifacts import mmdet_plain_checkpoint
+    from record_mmdet_keys import seeded_weights
+
+    from frozenseg.convert import ConversionError
+
+    name, text_change, weights_change, says = REFUSED[case]
+    cfg = config_text(name)
+    if text_change is not None:
+        assert text_change[0] in cfg
+        cfg = cfg.replace(*text_change)
+    weights = seeded_weights(RECORDED[name]["keys"])
+    weights = weights if weights_change is None else weights_change(weights)
+    path = mmdet_plain_checkpoint(tmp_path, name, cfg=cfg, state_dict=weights)
+    with pytest.raises(ConversionError) as error:
+        inspect_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path.name) in message and says in message, message
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_plain_detrs_side_by_side_with_mmdetection(name):
+    """mmdet's own model (its init, then noise on every weight), padded and same-size."""
+    model, cfg = _mmdet_model(name)
+    from record_mmdet_keys import run_plain
+
+    converted, report = convert_state_dict(model.state_dict(), args={"cfg": cfg.pretty_text})
+    assert report.ok and report.config == PLAIN[name], report.problem()
+    ours = official_detr.load_converted(report.config, converted)
+    images, padding = official_detr.images_and_padding()
+    for mask in (padding, torch.zeros_like(padding)):
+        with torch.no_grad():
+            got = ours(images, mask)
+        logits, boxes = run_plain(model, images, mask)
         torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
