@@ -6,8 +6,8 @@ the models are only built, and the plain DETRs run): from the repository root,
 ``tests/data/mmdet_keys.json``: per variant, the config text mmengine saves in a checkpoint's
 meta (``cfg.pretty_text``) and every state-dict key with its shape; for the plain DETRs
 (DETR, Conditional DETR, DAB-DETR) also ``outputs``: the last decoder layer's logits and
-boxes mmdet computes with :func:`seeded_weights` on ``official_detr.images_and_padding()``,
-which the tests reproduce from the converted checkpoint without mmdet.
+boxes mmdet computes with :func:`seeded_weights` on :func:`plain_inputs`, which the tests
+reproduce from the converted checkpoint without mmdet.
 """
 
 from __future__ import annotations
@@ -89,12 +89,19 @@ def _seeded(key: str, shape: list[int], g: torch.Generator) -> torch.Tensor:
     return noise * 0.1
 
 
+def plain_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two normalised images padded to 96 x 128, the second 40 x 64 (zeros below and to the
+    right), so that the stride-32 map of the plain DETRs (3 x 4) has padding too."""
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    padding = torch.zeros(2, 96, 128, dtype=torch.bool)
+    padding[1, 40:], padding[1, :, 64:] = True, True
+    return images.masked_fill(padding[:, None], 0.0), padding
+
+
 def plain_outputs(model) -> dict[str, list]:
     """The last decoder layer's logits and boxes of mmdet's ``model`` (a DETR, Conditional
-    DETR or DAB-DETR holding its weights) on the tests' padded batch of two images."""
-    from official_detr import images_and_padding
-
-    logits, boxes = run_plain(model, *images_and_padding())
+    DETR or DAB-DETR holding its weights) on :func:`plain_inputs`."""
+    logits, boxes = run_plain(model, *plain_inputs())
     return {"logits": logits.tolist(), "boxes": boxes.tolist()}
 
 

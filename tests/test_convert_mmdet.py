@@ -533,8 +533,10 @@ def _recorded_outputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _plain_outputs(config: DetectorConfig, state_dict: dict):
+    from record_mmdet_keys import plain_inputs
+
     model = official_detr.load_converted(config, state_dict)
-    images, padding = official_detr.images_and_padding()
+    images, padding = plain_inputs()
     with torch.no_grad():
         out = model(images, padding)
     return out.logits[-1], out.boxes[-1]
@@ -653,12 +655,12 @@ def test_what_frozenseg_does_not_compute_is_refused_in_one_line_naming_the_file(
 def test_plain_detrs_side_by_side_with_mmdetection(name):
     """mmdet's own model (its init, then noise on every weight), padded and same-size."""
     model, cfg = _mmdet_model(name)
-    from record_mmdet_keys import run_plain
+    from record_mmdet_keys import plain_inputs, run_plain
 
     converted, report = convert_state_dict(model.state_dict(), args={"cfg": cfg.pretty_text})
     assert report.ok and report.config == PLAIN[name], report.problem()
     ours = official_detr.load_converted(report.config, converted)
-    images, padding = official_detr.images_and_padding()
+    images, padding = plain_inputs()
     for mask in (padding, torch.zeros_like(padding)):
         with torch.no_grad():
             got = ours(images, mask)
