@@ -218,7 +218,7 @@ FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable
                "grounding_dino (official Grounding DINO: --config, --tokenizer), "
                "huggingface_lw_detr (LW-DETR and RF-DETR), lw_detr (official LW-DETR), mmdet "
                "(mmdetection DINO, Deformable DETR), mmdet_detr (mmdetection DETR, "
-               "Conditional DETR, DAB-DETR), co_dino.")
+               "Conditional DETR, DAB-DETR), mmdet2 (mmdetection 2.x Deformable DETR), co_dino.")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
     "detrex's config.yaml; or Python, read as data: the official Grounding DINO's "

@@ -1060,6 +1060,35 @@ def mmdet_plain_checkpoint(folder: Path, name: str = "detr", *, cfg: str | None 
         return _save(payload, folder / "epoch_50.pth")
 
 
+def mmdet2_checkpoint(folder: Path, name: str = "deformable_detr_refine") -> Artifact:
+    """An mmdet 2.x Deformable DETR as mmcv 1.x's save_checkpoint writes it ({'meta':
+    {'config' text, 'CLASSES', ...}, 'state_dict', 'optimizer'}); without box refinement
+    the heads one module serves share one storage, as saved."""
+    from test_convert_mmdet import (
+        CLASSES,
+        VARIANTS,
+        canonical_model,
+        mmdet2_config_text,
+        mmdet2_layout,
+    )
+
+    config = VARIANTS[name]
+    model = canonical_model(config, seed=11)
+    layout = mmdet2_layout(model.state_dict(), config)
+    if not config.box_refine:
+        for key in [k for k in layout if re.match(r"^bbox_head\.(cls|reg)_branches\.\d+\.", k)]:
+            layout[key] = layout[re.sub(r"_branches\.\d+\.", "_branches.0.", key)]
+    optimizer, _ = training_state(build_detector(config))
+    meta = {"env_info": "sys.platform: linux\nPyTorch: 1.12.1",
+            "config": mmdet2_config_text(config), "seed": 0, "exp_name": f"{name}.py",
+            "epoch": 50, "iter": 366500,
+            "mmcv_version": "1.7.1", "time": "Mon Mar 13 09:12:45 2023", "CLASSES": CLASSES,
+            "mmdet_version": "2.28.2"}
+    path = _save({"meta": meta, "state_dict": layout, "optimizer": optimizer},
+                 folder / "latest.pth")
+    return Artifact(path, "mmdet2", canonical_reference(model), config)
+
+
 def co_dino_checkpoint(folder: Path, *, mmdet3: bool = False) -> Artifact:
     """Co-DETR's Co-DINO with its auxiliary heads: Sense-X's mmcv 1.x save_checkpoint
     ({'meta': {'config' text, 'CLASSES', ...}, 'state_dict', 'optimizer'}), or mmdetection's

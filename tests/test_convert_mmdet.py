@@ -164,24 +164,91 @@ def mmdet_layout(state_dict: dict, config: DetectorConfig) -> dict:
     return with_batch_norm_counters(layout)
 
 
-def co_dino_name(key: str, config: DetectorConfig, label: str) -> str | None:
-    """Canonical key -> Co-DINO's (mmcv 1.x layer names under query_head.transformer)."""
+def co_dino_name(key: str, config: DetectorConfig, label: str,
+                 head: str = "query_head.") -> str | None:
+    """Canonical key -> Co-DINO's (mmcv 1.x layer names under query_head.transformer), or
+    with ``head`` another head's (mmdet 2.x's bbox_head.transformer)."""
     if key.startswith("backbone."):
         return key
     if key.startswith("input_proj."):
         return _neck_name(key, config)
-    t = "query_head.transformer."
+    t = f"{head}transformer."
     if m := re.match(r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.(\w+)\.(.*)$", key):
         return f"{t}{m[1]}.layers.{m[2]}.{_MMCV[m[1]].get(m[3], m[3])}.{m[4]}"
     if m := re.match(r"^transformer\.decoder\.ref_point_head\.layers\.(\d)\.(.*)$", key):
         return f"{t}decoder.ref_point_head.{2 * int(m[1])}.{m[2]}"
-    if (name := _head_name(key, config, "query_head.")) is not None:
+    if (name := _head_name(key, config, head)) is not None:
         return name
     if key == "transformer.level_embed":
         return t + "level_embeds"
     if key.startswith("label_enc."):
         return f"query_head.{label}{key[len('label_enc'):]}"
     return t + key[len("transformer."):].replace("tgt_embed", "query_embed")
+
+
+def mmdet2_layout(state_dict: dict, config: DetectorConfig) -> dict:
+    """A canonical state dict as mmdet 2.x's Deformable DETR saves it: the transformer in
+    the head (``bbox_head.transformer``, mmcv 1.x layer names), the learned queries
+    ``bbox_head.query_embedding``."""
+    def name(key: str) -> str | None:
+        if key.startswith("query_embed."):
+            return "bbox_head.query_embedding" + key[len("query_embed"):]
+        return co_dino_name(key, config, "", head="bbox_head.")
+
+    named = {name(k): v for k, v in state_dict.items()}
+    return with_batch_norm_counters({k: v for k, v in named.items() if k is not None})
+
+
+def mmdet2_config_text(config: DetectorConfig) -> str:
+    """deformable_detr_r50_16x2_50e_coco.py of mmdet 2.x (and its refine / two-stage
+    variants) shrunk as record_mmdet_keys.py shrinks mmdet 3's, as mmcv's Config dumps it."""
+    return f"""model = dict(
+    type='DeformableDETR',
+    backbone=dict(type='ResNet', depth=50, num_stages=4, out_indices=(1, 2, 3),
+                  frozen_stages=1, norm_cfg=dict(type='BN', requires_grad=False),
+                  norm_eval=True, style='pytorch', init_cfg=None),
+    neck=dict(type='ChannelMapper', in_channels=[512, 1024, 2048], kernel_size=1,
+              out_channels=256, act_cfg=None, norm_cfg=dict(type='GN', num_groups=32),
+              num_outs=4),
+    bbox_head=dict(
+        type='DeformableDETRHead', num_query={config.num_queries}, num_classes=7,
+        in_channels=2048, sync_cls_avg_factor=True, with_box_refine={config.box_refine},
+        as_two_stage={config.two_stage},
+        transformer=dict(
+            type='DeformableDetrTransformer', two_stage_num_proposals={config.num_queries},
+            encoder=dict(
+                type='DetrTransformerEncoder', num_layers=2,
+                transformerlayers=dict(
+                    type='BaseTransformerLayer',
+                    attn_cfgs=dict(type='MultiScaleDeformableAttention', embed_dims=256),
+                    feedforward_channels=64, ffn_dropout=0.1,
+                    operation_order=('self_attn', 'norm', 'ffn', 'norm'))),
+            decoder=dict(
+                type='DeformableDetrTransformerDecoder', num_layers=2,
+                return_intermediate=True,
+                transformerlayers=dict(
+                    type='DetrTransformerDecoderLayer',
+                    attn_cfgs=[dict(type='MultiheadAttention', embed_dims=256, num_heads=8,
+                                    dropout=0.1),
+                               dict(type='MultiScaleDeformableAttention', embed_dims=256)],
+                    feedforward_channels=64, ffn_dropout=0.1,
+                    operation_order=('self_attn', 'norm', 'cross_attn', 'norm', 'ffn',
+                                     'norm')))),
+        positional_encoding=dict(type='SinePositionalEncoding', num_feats=128,
+                                 normalize=True, offset=-0.5),
+        loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
+                      loss_weight=2.0),
+        loss_bbox=dict(type='L1Loss', loss_weight=5.0),
+        loss_iou=dict(type='GIoULoss', loss_weight=2.0)),
+    train_cfg=dict(assigner=dict(type='HungarianAssigner',
+                                 cls_cost=dict(type='FocalLossCost', weight=2.0),
+                                 reg_cost=dict(type='BBoxL1Cost', weight=5.0,
+                                               box_format='xywh'),
+                                 iou_cost=dict(type='IoUCost', iou_mode='giou',
+                                               weight=2.0))),
+    test_cfg=dict(max_per_img=100))
+img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+"""
 
 
 def co_dino_auxiliary(seed: int = 7) -> dict:
@@ -667,3 +734,49 @@ def test_plain_detrs_side_by_side_with_mmdetection(name):
         logits, boxes = run_plain(model, images, mask)
         torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
+
+
+# --- mmdet 2.x Deformable DETR (mmcv 1.x's save_checkpoint) -----------------------------------
+
+DEFORMABLE_VARIANTS = [n for n in VARIANTS if n.startswith("deformable_detr")]
+
+
+@pytest.mark.parametrize("name", DEFORMABLE_VARIANTS)
+def test_an_mmdet2_deformable_detr_file_reproduces_its_model(name, tmp_path):
+    """mmcv 1.x's file ({meta: {config text, CLASSES}, state_dict, optimizer}) converts, with
+    nothing assumed, to the model it was written from: the canonical Deformable DETR, which
+    computes mmdet 3's (side by side above) and so mmdet 2's, the same transformer."""
+    from artifacts import mmdet2_checkpoint
+    from official_detr import images_and_padding
+
+    artifact = mmdet2_checkpoint(tmp_path, name)
+    state_dict, report = inspect_checkpoint(artifact.path)
+    assert report.ok and report.format == "mmdet2", report.problem()
+    assert report.config == VARIANTS[name] and report.notes == []
+    assert report.class_names == list(CLASSES)
+    model = official_detr.load_converted(report.config, state_dict)
+    images, padding = images_and_padding()
+    with torch.no_grad():
+        got = model(images, padding)
+    logits, boxes = artifact.reference(images, padding)
+    torch.testing.assert_close(got.logits[-1], logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-5, rtol=0)
+
+
+def test_mmdet2s_layer_names_are_mmcvs():
+    """The encoder and decoder layers as mmcv's BaseTransformerLayer names them, built with
+    mmdet 2.x Deformable DETR's layer configs (mmcv 2 kept the class)."""
+    pytest.importorskip("mmcv.ops")
+    from mmcv.cnn.bricks.transformer import BaseTransformerLayer
+
+    config = VARIANTS["deformable_detr_refine"]
+    with torch.device("meta"):
+        layout = mmdet2_layout(build_detector(config).state_dict(), config)
+    text = mmdet_format.parse_config_text(mmdet2_config_text(config))
+    coders = text["model"]["bbox_head"]["transformer"]
+    for coder in ("encoder", "decoder"):
+        settings = {k: v for k, v in coders[coder]["transformerlayers"].items() if k != "type"}
+        layer = BaseTransformerLayer(**settings)
+        prefix = f"bbox_head.transformer.{coder}.layers.1."
+        ours = {k[len(prefix):]: list(v.shape) for k, v in layout.items() if k.startswith(prefix)}
+        assert ours == {k: list(v.shape) for k, v in layer.state_dict().items()}

@@ -32,7 +32,8 @@ FORMATS: dict[str, CheckpointFormat] = {
                 rt_detr_official.FORMAT, lw_detr_official.FORMAT,
                 *huggingface_detr.FORMATS,
                 detr.FORMAT, detr.CONDITIONAL_FORMAT, detr.DAB_FORMAT, lw_detr.FORMAT,
-                mmdet.MMDET_FORMAT, mmdet_detr.FORMAT, mmdet.CO_DINO_FORMAT)
+                mmdet.MMDET_FORMAT, mmdet_detr.FORMAT, mmdet.MMDET2_FORMAT,
+                mmdet.CO_DINO_FORMAT)
 }
 
 

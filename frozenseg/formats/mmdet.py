@@ -1,4 +1,6 @@
-"""mmdetection checkpoints: mmdet 3.x DINO and Deformable DETR, and Co-DETR's Co-DINO.
+"""mmdetection checkpoints: mmdet 3.x DINO and Deformable DETR, and Co-DETR's Co-DINO; the
+saved config read as data, the backbone and the image normalisation, for these and for mmdet
+3.x DETR, Conditional DETR and DAB-DETR (``formats/mmdet_detr.py``, the plain model).
 
 mmengine's CheckpointHook saves ``{'meta': {'cfg': <config text>, 'dataset_meta':
 {'classes': ...}, ...}, 'state_dict', 'message_hub', 'optimizer', ...}``; mmdet 2.x (and
@@ -44,7 +46,8 @@ dropped and listed: the auxiliary ``rpn_head``, ``roi_head`` and ``bbox_head`` (
 pos_feats_norm, head_pos_embed}``. Co-DETR's test-time soft-NMS of the query head's top 300
 is post-processing frozenseg does not reproduce (the detections before it are equal).
 
-Backbones: ResNet-50/101 (mmdet's has torchvision's names), and Swin: mmdet's
+Backbones: ResNet-50/101 (mmdet's has torchvision's names; style ``pytorch``, no deep stem,
+no dilated last stage), and Swin: mmdet's
 ``patch_embed.projection``, ``stages.i.blocks.j.{attn.w_msa, ffn.layers}``,
 ``stages.i.downsample`` -> the official names, the patch merging's channels put back in the
 official order (mmdet gathers 2x2 patches with nn.Unfold; see
@@ -79,7 +82,7 @@ RESNET_SUPPORTED = (("backbone.style", "pytorch"), ("backbone.deep_stem", False)
                     ("backbone.strides", (1, 2, 2, 2)), ("backbone.dilations", (1, 1, 1, 1)))
 PIXEL_MEAN, PIXEL_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 _PART = {"conv": 0, "gn": 1}
-_LAYER = r"^(?:query_head\.)?(?:transformer\.)?((?:en|de)coder\.layers\.\d+\.)"
+_LAYER = r"^(?:query_head\.|bbox_head\.)?(?:transformer\.)?((?:en|de)coder\.layers\.\d+\.)"
 # Co-DETR parts that only training runs: (key pattern, why dropped)
 CO_DETR_TRAINING_ONLY = [
     (r"^(rpn_head|roi_head|bbox_head)\.", "Co-DETR auxiliary head (training only)"),
@@ -166,6 +169,30 @@ def _mmdet_rules(sd: StateDict) -> list:
     ]
 
 
+# mmcv 1.x's BaseTransformerLayer names (Co-DINO, mmdet 2.x): attentions, ffns, norms.
+_MMCV_LAYERS = [
+    _layer(r"attentions\.0\.attn\.", "self_attn"),
+    _layer(r"attentions\.([01])\.", "{}"),
+    _layer(r"ffns\.0\.layers\.0\.0\.", "linear1"),
+    _layer(r"ffns\.0\.layers\.1\.", "linear2"),
+    _layer(r"norms\.(\d)\.", "{}"),
+]
+
+
+def _mmdet2_rules(sd: StateDict) -> list:
+    """mmdet 2.x Deformable DETR's names (its transformer inside the head) -> canonical ones."""
+    return [
+        *_SWIN,
+        *_neck(count_indexed(sd, "neck.convs.")),
+        (r"^bbox_head\.transformer\.level_embeds$", "transformer.level_embed"),
+        (r"^bbox_head\.query_embedding\.", "query_embed."),
+        (r"^bbox_head\.transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|"
+         r"reference_points)\.", r"transformer.\1."),
+        *_MMCV_LAYERS,
+        *_branch("bbox_head.", count_indexed(sd, "bbox_head.transformer.decoder.layers.")),
+    ]
+
+
 def _co_dino_rules(sd: StateDict) -> list:
     """Co-DINO's query head (mmcv 1.x layer names) -> canonical ones."""
     return [
@@ -178,11 +205,7 @@ def _co_dino_rules(sd: StateDict) -> list:
          lambda m: f"transformer.decoder.ref_point_head.layers.{int(m[1]) // 2}."),
         (r"^query_head\.transformer\.decoder\.norm\.", "transformer.decoder.norm."),
         (r"^query_head\.(dn_generator\.)?label_embedding\.", "label_enc."),
-        _layer(r"attentions\.0\.attn\.", "self_attn"),
-        _layer(r"attentions\.([01])\.", "{}"),
-        _layer(r"ffns\.0\.layers\.0\.0\.", "linear1"),
-        _layer(r"ffns\.0\.layers\.1\.", "linear2"),
-        _layer(r"norms\.(\d)\.", "{}"),
+        *_MMCV_LAYERS,
         *_branch("query_head.", count_indexed(sd, "query_head.transformer.decoder.layers.")),
     ]
 
@@ -243,6 +266,10 @@ def rename_mmdet(state_dict: StateDict, config: DetectorConfig) -> Renamed:
     return _rename(state_dict, _mmdet_rules(state_dict), [])
 
 
+def rename_mmdet2(state_dict: StateDict, config: DetectorConfig) -> Renamed:
+    return _rename(state_dict, _mmdet2_rules(state_dict), [])
+
+
 def rename_co_dino(state_dict: StateDict, config: DetectorConfig) -> Renamed:
     return _rename(state_dict, _co_dino_rules(state_dict), CO_DETR_TRAINING_ONLY)
 
@@ -259,14 +286,29 @@ def parse_config_text(text: str) -> dict:
         return {}
 
 
-def model_settings(args: Mapping) -> dict:
-    """The model section of the saved config: ``meta['cfg']`` (mmengine) or
-    ``meta['config']`` (mmcv 1.x), text or already a dict; {} if absent."""
+def saved_config(args: Mapping) -> Mapping:
+    """The saved config: ``meta['cfg']`` (mmengine) or ``meta['config']`` (mmcv 1.x), text
+    or already a dict; {} if absent."""
     cfg = args.get("cfg", args.get("config"))
     if isinstance(cfg, str):
         cfg = parse_config_text(cfg)
-    model = cfg.get("model") if isinstance(cfg, Mapping) else None
+    return cfg if isinstance(cfg, Mapping) else {}
+
+
+def model_settings(args: Mapping) -> dict:
+    """The model section of the saved config; {} if absent."""
+    model = saved_config(args).get("model")
     return model if isinstance(model, Mapping) else {}
+
+
+def with_legacy_image_norm(model: Mapping, args: Mapping) -> Mapping:
+    """mmdet 2.x keeps the normalisation beside the model (``img_norm_cfg``: mean, std,
+    to_rgb): put as mmdet 3's data_preprocessor, where the model has none."""
+    norm = saved_config(args).get("img_norm_cfg")
+    if "data_preprocessor" in model or not isinstance(norm, Mapping):
+        return model
+    pre = {key: norm[key] for key in ("mean", "std") if key in norm}
+    return {**model, "data_preprocessor": {**pre, "bgr_to_rgb": norm.get("to_rgb", True)}}
 
 
 def setting(node, path: str, default=None):
@@ -334,7 +376,7 @@ def image_norm(model: Mapping) -> dict:
     pre = setting(model, "data_preprocessor", {})
     if setting(pre, "bgr_to_rgb", True) is not True:
         raise ValueError("an mmdetection model fed BGR images (data_preprocessor.bgr_to_rgb "
-                         "False) is not supported")
+                         "or img_norm_cfg.to_rgb False) is not supported")
     mean, std = setting(pre, "mean", PIXEL_MEAN), setting(pre, "std", PIXEL_STD)
     return {"image_mean": tuple(round(v / 255, 10) for v in mean),
             "image_std": tuple(round(v / 255, 10) for v in std)}
@@ -390,21 +432,40 @@ def derive_mmdet(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, 
             num_select=positive("max_per_img", read(("test_cfg.max_per_img",), 300,
                                                     "post-processing top-k")))
         return config, notes
+    return _deformable(sd, read, common, head="", proposals="num_queries"), notes
+
+
+def derive_mmdet2(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, list[str]]:
+    """mmdet 2.x Deformable DETR: shapes, then the saved config (``meta['config']``)."""
+    model, notes = with_legacy_image_norm(model_settings(args), args), []
+    read = SettingsReader(model, notes)
+    sd = _canonical(state_dict, _mmdet2_rules(state_dict), [])
+    layer = "bbox_head.transformer.encoder.transformerlayers.attn_cfgs"
+    common = _common(sd, model, read, (f"{layer}.num_heads", f"{layer}.0.num_heads"))
+    return _deformable(sd, read, common, head="bbox_head.",
+                       proposals="bbox_head.transformer.two_stage_num_proposals"), notes
+
+
+def _deformable(sd: StateDict, read: SettingsReader, common: dict, *, head: str,
+                proposals: str) -> DetectorConfig:
+    """Deformable DETR (single-stage, box refinement, two-stage). mmdet 3.x keeps the
+    settings at the model's top level, mmdet 2.x in its head (``head``); ``proposals``: where
+    the two-stage proposal count is set."""
     two_stage = "transformer.enc_output.weight" in sd
-    refine = setting(model, "with_box_refine")
+    refine = setting(read.model, f"{head}with_box_refine")
     if refine is None:
         refine = not _heads_shared(sd, common["dec_layers"])
-        notes.append(f"box refinement: not in the saved config, {'on' if refine else 'off'} "
-                     "as the per-layer heads are " + ("separate" if refine else "one shared"))
-    queries = (read(("num_queries",), 300, "queries (two-stage proposals)") if two_stage
+        read.notes.append(f"box refinement: not in the saved config, {'on' if refine else 'off'}"
+                          " as the per-layer heads are " + ("separate" if refine
+                                                            else "one shared"))
+    queries = (read((proposals,), 300, "queries (two-stage proposals)") if two_stage
                else sd["query_embed.weight"].shape[0])
-    config = DetectorConfig(
+    return DetectorConfig(
         variant="deformable_detr", **common, num_queries=positive("num_queries", queries),
         query_init="proposals" if two_stage else "learned", box_refine=bool(refine),
-        **sine_position(read, "", 10000.0, -0.5),
+        **sine_position(read, head, 10000.0, -0.5),
         num_select=positive("max_per_img", read(("test_cfg.max_per_img",), 100,
                                                 "post-processing top-k")))
-    return config, notes
 
 
 def _heads_shared(sd: StateDict, layers: int) -> bool:
@@ -416,7 +477,7 @@ def _heads_shared(sd: StateDict, layers: int) -> bool:
 
 def derive_co_dino(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, list[str]]:
     """Co-DINO's query head: shapes, then the saved config."""
-    model, notes = model_settings(args), []
+    model, notes = with_legacy_image_norm(model_settings(args), args), []
     read = SettingsReader(model, notes)
     sd = _canonical(state_dict, _co_dino_rules(state_dict), CO_DETR_TRAINING_ONLY)
     layer = "query_head.transformer.encoder.transformerlayers.attn_cfgs"
@@ -454,6 +515,19 @@ MMDET_FORMAT = CheckpointFormat(
     ),
     derive_config=derive_mmdet,
     rename=rename_mmdet,
+)
+
+MMDET2_FORMAT = CheckpointFormat(
+    name="mmdet2",
+    description="mmdetection 2.x Deformable DETR (open-mmlab/mmdetection v2)",
+    signature=(
+        r"^neck\.convs\.0\.conv\.weight$",
+        r"^bbox_head\.transformer\.level_embeds$",
+        r"^bbox_head\.transformer\.encoder\.layers\.0\.attentions\.0\.sampling_offsets\.",
+        r"^bbox_head\.cls_branches\.0\.weight$",
+    ),
+    derive_config=derive_mmdet2,
+    rename=rename_mmdet2,
 )
 
 CO_DINO_FORMAT = CheckpointFormat(
