@@ -1177,5 +1177,8 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "mmdet-deformable-detr-two-stage-released": lambda d: mmdet_checkpoint(
         d, "deformable_detr_refine_two_stage", hook=False),
     "mmdet-deformable-detr-shared-heads": lambda d: mmdet_checkpoint(d, "deformable_detr"),
+    "mmdet2-deformable-detr-refine": mmdet2_checkpoint,
+    "mmdet2-deformable-detr-two-stage-shared-heads": lambda d: mmdet2_checkpoint(
+        d, "deformable_detr_two_stage"),
     "co-dino-sense-x": co_dino_checkpoint,
 }

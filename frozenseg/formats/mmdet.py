@@ -1,6 +1,7 @@
-"""mmdetection checkpoints: mmdet 3.x DINO and Deformable DETR, and Co-DETR's Co-DINO; the
-saved config read as data, the backbone and the image normalisation, for these and for mmdet
-3.x DETR, Conditional DETR and DAB-DETR (``formats/mmdet_detr.py``, the plain model).
+"""mmdetection checkpoints: mmdet 3.x DINO and Deformable DETR, mmdet 2.x Deformable DETR,
+and Co-DETR's Co-DINO; the saved config read as data, the backbone and the image
+normalisation, for these and for mmdet 3.x DETR, Conditional DETR and DAB-DETR
+(``formats/mmdet_detr.py``, the plain model).
 
 mmengine's CheckpointHook saves ``{'meta': {'cfg': <config text>, 'dataset_meta':
 {'classes': ...}, ...}, 'state_dict', 'message_hub', 'optimizer', ...}``; mmdet 2.x (and
@@ -45,6 +46,18 @@ dropped and listed: the auxiliary ``rpn_head``, ``roi_head`` and ``bbox_head`` (
 ``query_head.transformer.{aux_pos_trans, aux_pos_trans_norm, pos_feats_trans,
 pos_feats_norm, head_pos_embed}``. Co-DETR's test-time soft-NMS of the query head's top 300
 is post-processing frozenseg does not reproduce (the detections before it are equal).
+
+**mmdet 2.x Deformable DETR** (``mmdet/models/utils/transformer.py``'s
+DeformableDetrTransformer inside ``DeformableDETRHead``; plain, box refinement, two-stage):
+the transformer is ``bbox_head.transformer.*`` with the mmcv 1.x layer names Co-DINO keeps
+(``level_embeds``, ``encoder.layers.N.{attentions.0, ffns.0, norms}``, ``decoder.layers.N.
+{attentions.0.attn, attentions.1, ffns.0, norms}``, ``reference_points`` or two-stage's
+``enc_output(_norm)`` / ``pos_trans(_norm)``), the learned queries ``bbox_head.query_embedding``,
+the heads ``bbox_head.{cls,reg}_branches`` as in mmdet 3. It computes the official Deformable
+DETR as mmdet 3's does. Settings from ``meta['config']``: ``bbox_head.{with_box_refine,
+positional_encoding}``, ``bbox_head.transformer.two_stage_num_proposals`` (the two-stage query
+count, default 300), ``test_cfg.max_per_img``; the image normalisation from the top-level
+``img_norm_cfg`` (mean, std, to_rgb; Co-DINO's too); class names from ``meta['CLASSES']``.
 
 Backbones: ResNet-50/101 (mmdet's has torchvision's names; style ``pytorch``, no deep stem,
 no dilated last stage), and Swin: mmdet's
