@@ -1,14 +1,18 @@
-"""mmdetection checkpoints (DINO, Deformable DETR, Co-DETR's Co-DINO) convert to the
-canonical model and reproduce the original outputs.
+"""mmdetection checkpoints (DINO, Deformable DETR, DETR, Conditional DETR, DAB-DETR, mmdet 2.x
+Deformable DETR, Co-DETR's Co-DINO) convert to the canonical model and reproduce the
+original outputs.
 
 The mmdet 3.x layouts were recorded from mmdetection 3.3.0's own models, built from its
 shipped configs shrunk (``tests/record_mmdet_keys.py`` -> ``data/mmdet_keys.json``, with the
 config text mmengine saves beside the weights). State dicts in those layouts are made here
 from random canonical models by the inverse renaming and checked key by key and shape by
-shape against the recording. Co-DINO's layout is written from the source text of
-Sense-X/Co-DETR and mmdetection's ``projects/CO-DETR`` (not built here). When mmdetection,
+shape against the recording. For the plain DETRs the recording also holds mmdet's own
+outputs for seeded weights, which the converted files must reproduce without mmdet.
+Co-DINO's and mmdet 2.x's layouts are written from the source text of Sense-X/Co-DETR,
+mmdetection's ``projects/CO-DETR`` and mmdetection 2.x (not built here). When mmdetection,
 mmengine and mmcv are importable, converted models also run side by side with mmdet's own
-DINO and Deformable DETR (on the CPU mmcv's deformable attention needs no compiled op).
+DINO, Deformable DETR, DETR, Conditional DETR and DAB-DETR (on the CPU mmcv's deformable
+attention needs no compiled op).
 """
 
 from __future__ import annotations
