@@ -216,8 +216,9 @@ FORMAT_HELP = ("auto: recognised from the keys; or force one of dino, deformable
                "DEIM), huggingface_d_fine (D-FINE, DEIM), huggingface_deimv2, "
                "huggingface_grounding_dino (open vocabulary: its tokenizer files beside it), "
                "grounding_dino (official Grounding DINO: --config, --tokenizer), "
-               "huggingface_lw_detr (LW-DETR and RF-DETR), lw_detr (official LW-DETR), mmdet, "
-               "co_dino.")
+               "huggingface_lw_detr (LW-DETR and RF-DETR), lw_detr (official LW-DETR), mmdet "
+               "(mmdetection DINO, Deformable DETR), mmdet_detr (mmdetection DETR, "
+               "Conditional DETR, DAB-DETR), mmdet2 (mmdetection 2.x Deformable DETR), co_dino.")
 CONFIG_HELP = (
     "The training config, when the checkpoint does not carry it (JSON or YAML, e.g. "
     "detrex's config.yaml; or Python, read as data: the official Grounding DINO's "

@@ -1040,6 +1040,55 @@ def mmdet_checkpoint(folder: Path, name: str = "dino_4scale", *, hook: bool = Tr
     return Artifact(path, "mmdet", canonical_reference(model), config)
 
 
+def mmdet_plain_checkpoint(folder: Path, name: str = "detr", *, cfg: str | None = None,
+                           state_dict: dict | None = None) -> Path:
+    """``epoch_50.pth`` of an mmdet 3.x DETR, Conditional DETR or DAB-DETR as CheckpointHook
+    writes it, holding the recorded variant's seeded weights (``record_mmdet_keys.py``,
+    whose mmdet outputs are recorded), or ``state_dict`` in their place; ``cfg``: other
+    config text than the recorded one."""
+    from record_mmdet_keys import seeded_weights
+    from test_convert_mmdet import CLASSES, PLAIN, RECORDED
+
+    weights = seeded_weights(RECORDED[name]["keys"]) if state_dict is None else state_dict
+    meta = {"epoch": 50, "iter": 366500, "cfg": RECORDED[name]["cfg"] if cfg is None else cfg,
+            "seed": 0, "experiment_name": f"{name}_20230101_000000",
+            "mmengine_version": "0.10.7",
+            "dataset_meta": {"classes": CLASSES, "palette": PALETTE}}
+    payload = {"meta": meta, "state_dict": weights}
+    with _as_mmengine_history_buffer() as buffer:
+        payload.update(_mmengine_training_parts(build_detector(PLAIN[name]), buffer))
+        return _save(payload, folder / "epoch_50.pth")
+
+
+def mmdet2_checkpoint(folder: Path, name: str = "deformable_detr_refine") -> Artifact:
+    """An mmdet 2.x Deformable DETR as mmcv 1.x's save_checkpoint writes it ({'meta':
+    {'config' text, 'CLASSES', ...}, 'state_dict', 'optimizer'}); without box refinement
+    the heads one module serves share one storage, as saved."""
+    from test_convert_mmdet import (
+        CLASSES,
+        VARIANTS,
+        canonical_model,
+        mmdet2_config_text,
+        mmdet2_layout,
+    )
+
+    config = VARIANTS[name]
+    model = canonical_model(config, seed=11)
+    layout = mmdet2_layout(model.state_dict(), config)
+    if not config.box_refine:
+        for key in [k for k in layout if re.match(r"^bbox_head\.(cls|reg)_branches\.\d+\.", k)]:
+            layout[key] = layout[re.sub(r"_branches\.\d+\.", "_branches.0.", key)]
+    optimizer, _ = training_state(build_detector(config))
+    meta = {"env_info": "sys.platform: linux\nPyTorch: 1.12.1",
+            "config": mmdet2_config_text(config), "seed": 0, "exp_name": f"{name}.py",
+            "epoch": 50, "iter": 366500,
+            "mmcv_version": "1.7.1", "time": "Mon Mar 13 09:12:45 2023", "CLASSES": CLASSES,
+            "mmdet_version": "2.28.2"}
+    path = _save({"meta": meta, "state_dict": layout, "optimizer": optimizer},
+                 folder / "latest.pth")
+    return Artifact(path, "mmdet2", canonical_reference(model), config)
+
+
 def co_dino_checkpoint(folder: Path, *, mmdet3: bool = False) -> Artifact:
     """Co-DETR's Co-DINO with its auxiliary heads: Sense-X's mmcv 1.x save_checkpoint
     ({'meta': {'config' text, 'CLASSES', ...}, 'state_dict', 'optimizer'}), or mmdetection's
@@ -1129,5 +1178,8 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
     "mmdet-deformable-detr-two-stage-released": lambda d: mmdet_checkpoint(
         d, "deformable_detr_refine_two_stage", hook=False),
     "mmdet-deformable-detr-shared-heads": lambda d: mmdet_checkpoint(d, "deformable_detr"),
+    "mmdet2-deformable-detr-refine": mmdet2_checkpoint,
+    "mmdet2-deformable-detr-two-stage-shared-heads": lambda d: mmdet2_checkpoint(
+        d, "deformable_detr_two_stage"),
     "co-dino-sense-x": co_dino_checkpoint,
 }

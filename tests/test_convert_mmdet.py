@@ -1,14 +1,18 @@
-"""mmdetection checkpoints (DINO, Deformable DETR, Co-DETR's Co-DINO) convert to the
-canonical model and reproduce the original outputs.
+"""mmdetection checkpoints (DINO, Deformable DETR, DETR, Conditional DETR, DAB-DETR, mmdet 2.x
+Deformable DETR, Co-DETR's Co-DINO) convert to the canonical model and reproduce the
+original outputs.
 
 The mmdet 3.x layouts were recorded from mmdetection 3.3.0's own models, built from its
 shipped configs shrunk (``tests/record_mmdet_keys.py`` -> ``data/mmdet_keys.json``, with the
 config text mmengine saves beside the weights). State dicts in those layouts are made here
 from random canonical models by the inverse renaming and checked key by key and shape by
-shape against the recording. Co-DINO's layout is written from the source text of
-Sense-X/Co-DETR and mmdetection's ``projects/CO-DETR`` (not built here). When mmdetection,
+shape against the recording. For the plain DETRs the recording also holds mmdet's own
+outputs for seeded weights, which the converted files must reproduce without mmdet.
+Co-DINO's and mmdet 2.x's layouts are written from the source text of Sense-X/Co-DETR,
+mmdetection's ``projects/CO-DETR`` and mmdetection 2.x (not built here). When mmdetection,
 mmengine and mmcv are importable, converted models also run side by side with mmdet's own
-DINO and Deformable DETR (on the CPU mmcv's deformable attention needs no compiled op).
+DINO, Deformable DETR, DETR, Conditional DETR and DAB-DETR (on the CPU mmcv's deformable
+attention needs no compiled op).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from frozenseg.convert import convert_state_dict, inspect_checkpoint
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.model import DeformableDETR, build_detector
-from frozenseg.formats import detect_format
+from frozenseg.formats import detect_format, mmdet_detr
 from frozenseg.formats import mmdet as mmdet_format
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "mmdet_keys.json").read_text())
@@ -164,24 +168,91 @@ def mmdet_layout(state_dict: dict, config: DetectorConfig) -> dict:
     return with_batch_norm_counters(layout)
 
 
-def co_dino_name(key: str, config: DetectorConfig, label: str) -> str | None:
-    """Canonical key -> Co-DINO's (mmcv 1.x layer names under query_head.transformer)."""
+def co_dino_name(key: str, config: DetectorConfig, label: str,
+                 head: str = "query_head.") -> str | None:
+    """Canonical key -> Co-DINO's (mmcv 1.x layer names under query_head.transformer), or
+    with ``head`` another head's (mmdet 2.x's bbox_head.transformer)."""
     if key.startswith("backbone."):
         return key
     if key.startswith("input_proj."):
         return _neck_name(key, config)
-    t = "query_head.transformer."
+    t = f"{head}transformer."
     if m := re.match(r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.(\w+)\.(.*)$", key):
         return f"{t}{m[1]}.layers.{m[2]}.{_MMCV[m[1]].get(m[3], m[3])}.{m[4]}"
     if m := re.match(r"^transformer\.decoder\.ref_point_head\.layers\.(\d)\.(.*)$", key):
         return f"{t}decoder.ref_point_head.{2 * int(m[1])}.{m[2]}"
-    if (name := _head_name(key, config, "query_head.")) is not None:
+    if (name := _head_name(key, config, head)) is not None:
         return name
     if key == "transformer.level_embed":
         return t + "level_embeds"
     if key.startswith("label_enc."):
         return f"query_head.{label}{key[len('label_enc'):]}"
     return t + key[len("transformer."):].replace("tgt_embed", "query_embed")
+
+
+def mmdet2_layout(state_dict: dict, config: DetectorConfig) -> dict:
+    """A canonical state dict as mmdet 2.x's Deformable DETR saves it: the transformer in
+    the head (``bbox_head.transformer``, mmcv 1.x layer names), the learned queries
+    ``bbox_head.query_embedding``."""
+    def name(key: str) -> str | None:
+        if key.startswith("query_embed."):
+            return "bbox_head.query_embedding" + key[len("query_embed"):]
+        return co_dino_name(key, config, "", head="bbox_head.")
+
+    named = {name(k): v for k, v in state_dict.items()}
+    return with_batch_norm_counters({k: v for k, v in named.items() if k is not None})
+
+
+def mmdet2_config_text(config: DetectorConfig) -> str:
+    """deformable_detr_r50_16x2_50e_coco.py of mmdet 2.x (and its refine / two-stage
+    variants) shrunk as record_mmdet_keys.py shrinks mmdet 3's, as mmcv's Config dumps it."""
+    return f"""model = dict(
+    type='DeformableDETR',
+    backbone=dict(type='ResNet', depth=50, num_stages=4, out_indices=(1, 2, 3),
+                  frozen_stages=1, norm_cfg=dict(type='BN', requires_grad=False),
+                  norm_eval=True, style='pytorch', init_cfg=None),
+    neck=dict(type='ChannelMapper', in_channels=[512, 1024, 2048], kernel_size=1,
+              out_channels=256, act_cfg=None, norm_cfg=dict(type='GN', num_groups=32),
+              num_outs=4),
+    bbox_head=dict(
+        type='DeformableDETRHead', num_query={config.num_queries}, num_classes=7,
+        in_channels=2048, sync_cls_avg_factor=True, with_box_refine={config.box_refine},
+        as_two_stage={config.two_stage},
+        transformer=dict(
+            type='DeformableDetrTransformer', two_stage_num_proposals={config.num_queries},
+            encoder=dict(
+                type='DetrTransformerEncoder', num_layers=2,
+                transformerlayers=dict(
+                    type='BaseTransformerLayer',
+                    attn_cfgs=dict(type='MultiScaleDeformableAttention', embed_dims=256),
+                    feedforward_channels=64, ffn_dropout=0.1,
+                    operation_order=('self_attn', 'norm', 'ffn', 'norm'))),
+            decoder=dict(
+                type='DeformableDetrTransformerDecoder', num_layers=2,
+                return_intermediate=True,
+                transformerlayers=dict(
+                    type='DetrTransformerDecoderLayer',
+                    attn_cfgs=[dict(type='MultiheadAttention', embed_dims=256, num_heads=8,
+                                    dropout=0.1),
+                               dict(type='MultiScaleDeformableAttention', embed_dims=256)],
+                    feedforward_channels=64, ffn_dropout=0.1,
+                    operation_order=('self_attn', 'norm', 'cross_attn', 'norm', 'ffn',
+                                     'norm')))),
+        positional_encoding=dict(type='SinePositionalEncoding', num_feats=128,
+                                 normalize=True, offset=-0.5),
+        loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
+                      loss_weight=2.0),
+        loss_bbox=dict(type='L1Loss', loss_weight=5.0),
+        loss_iou=dict(type='GIoULoss', loss_weight=2.0)),
+    train_cfg=dict(assigner=dict(type='HungarianAssigner',
+                                 cls_cost=dict(type='FocalLossCost', weight=2.0),
+                                 reg_cost=dict(type='BBoxL1Cost', weight=5.0,
+                                               box_format='xywh'),
+                                 iou_cost=dict(type='IoUCost', iou_mode='giou',
+                                               weight=2.0))),
+    test_cfg=dict(max_per_img=100))
+img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+"""
 
 
 def co_dino_auxiliary(seed: int = 7) -> dict:
@@ -455,11 +526,10 @@ def _mmdet_model(name: str):
     pytest.importorskip("mmdet.registry")
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
-    from record_mmdet_keys import VARIANTS as CONFIGS
-    from record_mmdet_keys import small_config
+    from record_mmdet_keys import PLAIN_VARIANTS, VARIANTS, small_config
 
     register_all_modules()
-    cfg = small_config(*CONFIGS[name])
+    cfg = small_config(*{**VARIANTS, **PLAIN_VARIANTS}[name])
     model = MODELS.build(copy.deepcopy(cfg.model))
     model.init_weights()  # some parameters are torch.Tensor(n, c) until then: garbage
     g = torch.Generator().manual_seed(3)
@@ -503,3 +573,214 @@ def test_side_by_side_with_mmdetection(name):
         logits, boxes = _mmdet_outputs(model, images, size_list)
         torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
+
+
+# --- mmdet's DETR, Conditional DETR and DAB-DETR (the plain-attention DETRs) --------------------
+
+# record_mmdet_keys.py's builds of mmdet's shipped configs: ResNet-50, 2 + 2 layers, FFN 64,
+# 30 queries, 7 classes; DETR and Conditional DETR keep 100 detections, DAB-DETR 300.
+PLAIN_COMMON = dict(backbone={"name": "resnet50"}, hidden_dim=256, nheads=8, enc_layers=2,
+                    dec_layers=2, dim_feedforward=64, num_queries=30, num_classes=7,
+                    encoder="plain", backbone_levels=(3,), num_feature_levels=1,
+                    decoder_norm=True, pos_offset=0.0)
+DAB = dict(variant="dab_detr", decoder="anchor", box_refine=True, encoder_pos_scale=True,
+           activation="prelu", pos_temperature=20.0, num_select=300,
+           head_inverse_sigmoid_eps=1e-3, **PLAIN_COMMON)
+PLAIN = {
+    "detr": DetectorConfig(variant="detr", decoder="plain", no_object_class=True,
+                           pos_temperature=10000.0, num_select=100, **PLAIN_COMMON),
+    "conditional_detr": DetectorConfig(variant="conditional_detr", decoder="conditional",
+                                       pos_temperature=10000.0, num_select=100,
+                                       **PLAIN_COMMON),
+    "dab_detr": DetectorConfig(**DAB),
+    "dab_detr_patterns": DetectorConfig(**DAB, num_patterns=3),
+}
+
+
+def _recorded_outputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmdet 3.3.0's last-layer logits and boxes for the seeded weights (the recorder's)."""
+    outputs = RECORDED[name]["outputs"]
+    return torch.tensor(outputs["logits"]), torch.tensor(outputs["boxes"])
+
+
+def _plain_outputs(config: DetectorConfig, state_dict: dict):
+    from record_mmdet_keys import plain_inputs
+
+    model = official_detr.load_converted(config, state_dict)
+    images, padding = plain_inputs()
+    with torch.no_grad():
+        out = model(images, padding)
+    return out.logits[-1], out.boxes[-1]
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_an_mmengine_file_of_a_plain_detr_gives_mmdetections_outputs(name, tmp_path):
+    """CheckpointHook's file, converted as ``frozenseg convert`` does, gives the logits and
+    boxes mmdet itself computed from the same weights on a padded batch (recorded)."""
+    from artifacts import mmdet_plain_checkpoint
+
+    state_dict, report = inspect_checkpoint(mmdet_plain_checkpoint(tmp_path, name))
+    assert report.ok and report.format == "mmdet_detr", report.problem()
+    assert report.config == PLAIN[name] and report.notes == []
+    assert report.class_names == list(CLASSES)
+    assert all("num_batches_tracked" in k for k, _ in report.dropped)
+    logits, boxes = _plain_outputs(report.config, state_dict)
+    expected_logits, expected_boxes = _recorded_outputs(name)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(boxes, expected_boxes, atol=1e-4, rtol=0)
+
+
+def test_a_wrong_norm_mapping_loads_but_misses_the_recorded_outputs():
+    """A decoder layer's norms swapped (norms.0 follows self-attention, norms.1
+    cross-attention): every key and shape still fits, only the outputs tell."""
+    from record_mmdet_keys import seeded_weights
+
+    weights = seeded_weights(RECORDED["conditional_detr"]["keys"])
+    for part in ("weight", "bias"):
+        first, second = (f"decoder.layers.1.norms.{i}.{part}" for i in (0, 1))
+        weights[first], weights[second] = weights[second], weights[first]
+    converted, report = convert_state_dict(weights, args={"cfg": config_text("conditional_detr")})
+    assert report.ok
+    logits, _ = _plain_outputs(report.config, converted)
+    assert (logits - _recorded_outputs("conditional_detr")[0]).abs().max() > 1e-2
+
+
+def test_dab_detrs_head_adds_its_anchors_at_its_own_clamp():
+    """The recorded anchors at the left edge: their boxes need the head's eps 1e-3."""
+    from record_mmdet_keys import seeded_weights
+
+    converted, report = convert_state_dict(seeded_weights(RECORDED["dab_detr"]["keys"]),
+                                           args={"cfg": config_text("dab_detr")})
+    config = dataclasses.replace(report.config, head_inverse_sigmoid_eps=None)
+    _, boxes = _plain_outputs(config, converted)
+    _, expected = _recorded_outputs("dab_detr")
+    assert (boxes[:, :4, 0] - expected[:, :4, 0]).abs().min() > 1e-4
+    torch.testing.assert_close(boxes[:, 4:], expected[:, 4:], atol=1e-4, rtol=0)
+
+
+def test_the_classifier_comes_from_the_saved_loss():
+    """A DETR head trained with a sigmoid loss has no "no object" logit: its 8 outputs are
+    8 classes; without a config each family's own classifier is assumed, and said."""
+    from record_mmdet_keys import seeded_weights
+
+    weights = seeded_weights(RECORDED["detr"]["keys"])
+    saved = {"model": {"bbox_head": {"loss_cls": {"type": "FocalLoss"}, "num_classes": 8}}}
+    config, _ = mmdet_detr.derive_config(weights, {"cfg": saved})
+    assert (config.no_object_class, config.num_classes) == (False, 8)
+    config, notes = mmdet_detr.derive_config(weights, {})
+    assert config == PLAIN["detr"]
+    assert [n.split(":")[0] for n in notes] == [
+        "classifier", "attention heads", "encoder FFN activation", "decoder FFN activation",
+        "position embedding", "post-processing top-k"]
+
+
+def _without(weights: dict, prefix: str) -> dict:
+    return {k: v for k, v in weights.items() if not k.startswith(prefix)}
+
+
+# (variant, change to the config text, change to the weights, what the one line says)
+REFUSED = {
+    "dc5": ("detr", ("style='pytorch'", "style='pytorch', strides=(1, 2, 2, 1)"), None,
+            "backbone.strides=(1, 2, 2, 1) is not supported"),
+    "unnormalised-position": ("detr", ("normalize=True", "normalize=False"), None,
+                              "positional_encoding.normalize False"),
+    "classes-disagree": ("detr", ("use_sigmoid=False", "use_sigmoid=True"), None,
+                         "fc_cls has 8 outputs, not the config's num_classes=7"),
+    "gelu": ("dab_detr", ("type='PReLU'", "type='GELU'"), None,
+             "encoder FFN activation 'GELU' is not supported"),
+    "query-dim-2": ("dab_detr", None,
+                    lambda w: {**w, "query_embedding.weight": torch.zeros(30, 2)},
+                    "decoder query_dim=2 is not supported"),
+    "fix-elewise": ("dab_detr", None,
+                    lambda w: {**_without(w, "decoder.query_scale."),
+                               "decoder.query_scale.weight": torch.zeros(2, 256)},
+                    "decoder query_scale_type='fix_elewise' is not supported"),
+    "normed-neck": ("conditional_detr", None,
+                    lambda w: {**w, "neck.convs.0.gn.weight": torch.ones(256)},
+                    "this neck or backbone differs"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_frozenseg_does_not_compute_is_refused_in_one_line_naming_the_file(case, tmp_path):
+    from artifacts import mmdet_plain_checkpoint
+    from record_mmdet_keys import seeded_weights
+
+    from frozenseg.convert import ConversionError
+
+    name, text_change, weights_change, says = REFUSED[case]
+    cfg = config_text(name)
+    if text_change is not None:
+        assert text_change[0] in cfg
+        cfg = cfg.replace(*text_change)
+    weights = seeded_weights(RECORDED[name]["keys"])
+    weights = weights if weights_change is None else weights_change(weights)
+    path = mmdet_plain_checkpoint(tmp_path, name, cfg=cfg, state_dict=weights)
+    with pytest.raises(ConversionError) as error:
+        inspect_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path.name) in message and says in message, message
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_plain_detrs_side_by_side_with_mmdetection(name):
+    """mmdet's own model (its init, then noise on every weight), padded and same-size."""
+    model, cfg = _mmdet_model(name)
+    from record_mmdet_keys import plain_inputs, run_plain
+
+    converted, report = convert_state_dict(model.state_dict(), args={"cfg": cfg.pretty_text})
+    assert report.ok and report.config == PLAIN[name], report.problem()
+    ours = official_detr.load_converted(report.config, converted)
+    images, padding = plain_inputs()
+    for mask in (padding, torch.zeros_like(padding)):
+        with torch.no_grad():
+            got = ours(images, mask)
+        logits, boxes = run_plain(model, images, mask)
+        torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
+
+
+# --- mmdet 2.x Deformable DETR (mmcv 1.x's save_checkpoint) -----------------------------------
+
+DEFORMABLE_VARIANTS = [n for n in VARIANTS if n.startswith("deformable_detr")]
+
+
+@pytest.mark.parametrize("name", DEFORMABLE_VARIANTS)
+def test_an_mmdet2_deformable_detr_file_reproduces_its_model(name, tmp_path):
+    """mmcv 1.x's file ({meta: {config text, CLASSES}, state_dict, optimizer}) converts, with
+    nothing assumed, to the model it was written from: the canonical Deformable DETR, which
+    computes mmdet 3's (side by side above) and so mmdet 2's, the same transformer."""
+    from artifacts import mmdet2_checkpoint
+    from official_detr import images_and_padding
+
+    artifact = mmdet2_checkpoint(tmp_path, name)
+    state_dict, report = inspect_checkpoint(artifact.path)
+    assert report.ok and report.format == "mmdet2", report.problem()
+    assert report.config == VARIANTS[name] and report.notes == []
+    assert report.class_names == list(CLASSES)
+    model = official_detr.load_converted(report.config, state_dict)
+    images, padding = images_and_padding()
+    with torch.no_grad():
+        got = model(images, padding)
+    logits, boxes = artifact.reference(images, padding)
+    torch.testing.assert_close(got.logits[-1], logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-5, rtol=0)
+
+
+def test_mmdet2s_layer_names_are_mmcvs():
+    """The encoder and decoder layers as mmcv's BaseTransformerLayer names them, built with
+    mmdet 2.x Deformable DETR's layer configs (mmcv 2 kept the class)."""
+    pytest.importorskip("mmcv.ops")
+    from mmcv.cnn.bricks.transformer import BaseTransformerLayer
+
+    config = VARIANTS["deformable_detr_refine"]
+    with torch.device("meta"):
+        layout = mmdet2_layout(build_detector(config).state_dict(), config)
+    text = mmdet_format.parse_config_text(mmdet2_config_text(config))
+    coders = text["model"]["bbox_head"]["transformer"]
+    for coder in ("encoder", "decoder"):
+        settings = {k: v for k, v in coders[coder]["transformerlayers"].items() if k != "type"}
+        layer = BaseTransformerLayer(**settings)
+        prefix = f"bbox_head.transformer.{coder}.layers.1."
+        ours = {k[len(prefix):]: list(v.shape) for k, v in layout.items() if k.startswith(prefix)}
+        assert ours == {k: list(v.shape) for k, v in layer.state_dict().items()}

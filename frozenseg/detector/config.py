@@ -193,7 +193,8 @@ class DetectorConfig:
     # inverse_sigmoid clamp: 1e-5 in Deformable DETR and H-DETR, 1e-3 in DINO.
     inverse_sigmoid_eps: float = 1e-5
     # The clamp the heads' boxes use where it differs from the refinement's (None: the same):
-    # mmdetection 3's DINO refines with 1e-3 but its head adds inverse_sigmoid(ref) at 1e-5.
+    # mmdetection 3's DINO refines with 1e-3 but its head adds inverse_sigmoid(ref) at 1e-5;
+    # its DAB-DETR refines the anchors at 1e-5 and its head adds them at 1e-3.
     head_inverse_sigmoid_eps: float | None = None
     # DINO's denoising label embedding ``label_enc`` has dn_labelbook_size + 1 rows (91 + 1
     # for COCO; RT-DETR's num_classes + 1): unused at inference, kept to embed external

@@ -340,13 +340,15 @@ class PlainDETR(nn.Module):
         states, references = self.transformer.decoder(
             queries.content, queries.reference, queries.query_pos, memory, pos, encoded.mask,
             self.bbox_embed, self.config.inverse_sigmoid_eps)
+        eps = self.config.head_inverse_sigmoid_eps  # mmdet's DAB-DETR head: 1e-3
+        eps = self.config.inverse_sigmoid_eps if eps is None else eps
         boxes = []
         for state, reference in zip(states, references, strict=True):
             delta = self.bbox_embed(state)
             if reference is not None:
                 n = reference.shape[-1]
-                delta = torch.cat([delta[..., :n] + inverse_sigmoid(
-                    reference, self.config.inverse_sigmoid_eps), delta[..., n:]], -1)
+                delta = torch.cat([delta[..., :n] + inverse_sigmoid(reference, eps),
+                                   delta[..., n:]], -1)
             boxes.append(delta.sigmoid())
         return RawDetection(logits=[self.class_embed(s) for s in states], boxes=boxes,
                             decoder_states=states, encoded=encoded)

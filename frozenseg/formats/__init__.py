@@ -18,6 +18,7 @@ from frozenseg.formats import (
     lw_detr,
     lw_detr_official,
     mmdet,
+    mmdet_detr,
     rt_detr,
     rt_detr_official,
 )
@@ -31,7 +32,8 @@ FORMATS: dict[str, CheckpointFormat] = {
                 rt_detr_official.FORMAT, lw_detr_official.FORMAT,
                 *huggingface_detr.FORMATS,
                 detr.FORMAT, detr.CONDITIONAL_FORMAT, detr.DAB_FORMAT, lw_detr.FORMAT,
-                mmdet.MMDET_FORMAT, mmdet.CO_DINO_FORMAT)
+                mmdet.MMDET_FORMAT, mmdet_detr.FORMAT, mmdet.MMDET2_FORMAT,
+                mmdet.CO_DINO_FORMAT)
 }
 
 

@@ -346,6 +346,22 @@ def merge_qkv(out: Renamed, pattern: re.Pattern, names: tuple[str, str, str],
     out.renamed = [(source, targets.get(target, target)) for source, target in out.renamed]
 
 
+IN_PROJ = re.compile(r"^(.*)\.in_proj_(weight|bias)$")
+
+
+def put_split_in_proj(out: Renamed, key: str, tensor: torch.Tensor,
+                      rename: Callable[[str], str]) -> bool:
+    """nn.MultiheadAttention's stacked ``in_proj_{weight,bias}`` -> the separate q, k and v
+    projections (``{prefix}.{q,k,v}_proj.{weight,bias}``, then ``rename``d) in ``out``;
+    False (nothing put) when ``key`` is not a stacked projection."""
+    m = IN_PROJ.match(key)
+    if m is None:
+        return False
+    for part, chunk in zip("qkv", tensor.chunk(3), strict=True):
+        out.put(key, rename(f"{m[1]}.{part}_proj.{m[2]}"), chunk)
+    return True
+
+
 def check_duplicate(state_dict: StateDict, key: str, original: str) -> None:
     """A head registered twice in the original model must be saved twice the same."""
     if not torch.equal(state_dict[key], state_dict[original]):

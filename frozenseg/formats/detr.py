@@ -29,6 +29,7 @@ from frozenseg.formats.base import (
     check_duplicate,
     count_indexed,
     positive,
+    put_split_in_proj,
     saved_or_assumed,
 )
 from frozenseg.formats.huggingface_detr import FIXED
@@ -39,7 +40,6 @@ RULES = [
     (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.",
      r"transformer.decoder.layers.\1.cross_attn."),
 ]
-IN_PROJ = re.compile(r"^(.*)\.in_proj_(weight|bias)$")
 SUPPORTED = {"position_embedding": ("sine", "v2"), "dilation": (False,), "pre_norm": (False,),
              "masks": (False,), "query_scale_type": ("cond_elewise",),
              "modulate_hw_attn": (True,), "bbox_embed_diff_each_layer": (False,),
@@ -108,12 +108,9 @@ def _shapes(state_dict: StateDict, args: dict, variant: str
 def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
     out, rest = Renamed(), {}
     for key, tensor in state_dict.items():
-        if m := IN_PROJ.match(key):  # nn.MultiheadAttention's stacked q, k, v -> three
-            for part, chunk in zip("qkv", tensor.chunk(3), strict=True):
-                target = _renamed(f"{m[1]}.{part}_proj.{m[2]}")
-                out.state_dict[target] = chunk
-                out.renamed.append((key, target))
-        elif key.endswith("num_batches_tracked"):
+        if put_split_in_proj(out, key, tensor, _renamed):
+            continue
+        if key.endswith("num_batches_tracked"):
             out.dropped.append((key, "batch norm counter (frozen batch norm keeps none)"))
         elif key.startswith("transformer.decoder.bbox_embed."):  # DAB-DETR's, the same module
             original = key[len("transformer.decoder."):]

@@ -1,4 +1,7 @@
-"""mmdetection checkpoints: mmdet 3.x DINO and Deformable DETR, and Co-DETR's Co-DINO.
+"""mmdetection checkpoints: mmdet 3.x DINO and Deformable DETR, mmdet 2.x Deformable DETR,
+and Co-DETR's Co-DINO; the saved config read as data, the backbone and the image
+normalisation, for these and for mmdet 3.x DETR, Conditional DETR and DAB-DETR
+(``formats/mmdet_detr.py``, the plain model).
 
 mmengine's CheckpointHook saves ``{'meta': {'cfg': <config text>, 'dataset_meta':
 {'classes': ...}, ...}, 'state_dict', 'message_hub', 'optimizer', ...}``; mmdet 2.x (and
@@ -44,7 +47,20 @@ dropped and listed: the auxiliary ``rpn_head``, ``roi_head`` and ``bbox_head`` (
 pos_feats_norm, head_pos_embed}``. Co-DETR's test-time soft-NMS of the query head's top 300
 is post-processing frozenseg does not reproduce (the detections before it are equal).
 
-Backbones: ResNet-50/101 (mmdet's has torchvision's names), and Swin: mmdet's
+**mmdet 2.x Deformable DETR** (``mmdet/models/utils/transformer.py``'s
+DeformableDetrTransformer inside ``DeformableDETRHead``; plain, box refinement, two-stage):
+the transformer is ``bbox_head.transformer.*`` with the mmcv 1.x layer names Co-DINO keeps
+(``level_embeds``, ``encoder.layers.N.{attentions.0, ffns.0, norms}``, ``decoder.layers.N.
+{attentions.0.attn, attentions.1, ffns.0, norms}``, ``reference_points`` or two-stage's
+``enc_output(_norm)`` / ``pos_trans(_norm)``), the learned queries ``bbox_head.query_embedding``,
+the heads ``bbox_head.{cls,reg}_branches`` as in mmdet 3. It computes the official Deformable
+DETR as mmdet 3's does. Settings from ``meta['config']``: ``bbox_head.{with_box_refine,
+positional_encoding}``, ``bbox_head.transformer.two_stage_num_proposals`` (the two-stage query
+count, default 300), ``test_cfg.max_per_img``; the image normalisation from the top-level
+``img_norm_cfg`` (mean, std, to_rgb; Co-DINO's too); class names from ``meta['CLASSES']``.
+
+Backbones: ResNet-50/101 (mmdet's has torchvision's names; style ``pytorch``, no deep stem,
+no dilated last stage), and Swin: mmdet's
 ``patch_embed.projection``, ``stages.i.blocks.j.{attn.w_msa, ffn.layers}``,
 ``stages.i.downsample`` -> the official names, the patch merging's channels put back in the
 official order (mmdet gathers 2x2 patches with nn.Unfold; see
@@ -73,9 +89,13 @@ from frozenseg.formats.base import (
 )
 
 RESNET_CHANNELS = [256, 512, 1024, 2048]
+# mmdet ResNet settings frozenseg's ResNet computes only at these values (DC5's dilated last
+# stage is strides (1, 2, 2, 1) and dilations (1, 1, 1, 2); no key shows it).
+RESNET_SUPPORTED = (("backbone.style", "pytorch"), ("backbone.deep_stem", False),
+                    ("backbone.strides", (1, 2, 2, 2)), ("backbone.dilations", (1, 1, 1, 1)))
 PIXEL_MEAN, PIXEL_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 _PART = {"conv": 0, "gn": 1}
-_LAYER = r"^(?:query_head\.)?(?:transformer\.)?((?:en|de)coder\.layers\.\d+\.)"
+_LAYER = r"^(?:query_head\.|bbox_head\.)?(?:transformer\.)?((?:en|de)coder\.layers\.\d+\.)"
 # Co-DETR parts that only training runs: (key pattern, why dropped)
 CO_DETR_TRAINING_ONLY = [
     (r"^(rpn_head|roi_head|bbox_head)\.", "Co-DETR auxiliary head (training only)"),
@@ -162,6 +182,30 @@ def _mmdet_rules(sd: StateDict) -> list:
     ]
 
 
+# mmcv 1.x's BaseTransformerLayer names (Co-DINO, mmdet 2.x): attentions, ffns, norms.
+_MMCV_LAYERS = [
+    _layer(r"attentions\.0\.attn\.", "self_attn"),
+    _layer(r"attentions\.([01])\.", "{}"),
+    _layer(r"ffns\.0\.layers\.0\.0\.", "linear1"),
+    _layer(r"ffns\.0\.layers\.1\.", "linear2"),
+    _layer(r"norms\.(\d)\.", "{}"),
+]
+
+
+def _mmdet2_rules(sd: StateDict) -> list:
+    """mmdet 2.x Deformable DETR's names (its transformer inside the head) -> canonical ones."""
+    return [
+        *_SWIN,
+        *_neck(count_indexed(sd, "neck.convs.")),
+        (r"^bbox_head\.transformer\.level_embeds$", "transformer.level_embed"),
+        (r"^bbox_head\.query_embedding\.", "query_embed."),
+        (r"^bbox_head\.transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|"
+         r"reference_points)\.", r"transformer.\1."),
+        *_MMCV_LAYERS,
+        *_branch("bbox_head.", count_indexed(sd, "bbox_head.transformer.decoder.layers.")),
+    ]
+
+
 def _co_dino_rules(sd: StateDict) -> list:
     """Co-DINO's query head (mmcv 1.x layer names) -> canonical ones."""
     return [
@@ -174,11 +218,7 @@ def _co_dino_rules(sd: StateDict) -> list:
          lambda m: f"transformer.decoder.ref_point_head.layers.{int(m[1]) // 2}."),
         (r"^query_head\.transformer\.decoder\.norm\.", "transformer.decoder.norm."),
         (r"^query_head\.(dn_generator\.)?label_embedding\.", "label_enc."),
-        _layer(r"attentions\.0\.attn\.", "self_attn"),
-        _layer(r"attentions\.([01])\.", "{}"),
-        _layer(r"ffns\.0\.layers\.0\.0\.", "linear1"),
-        _layer(r"ffns\.0\.layers\.1\.", "linear2"),
-        _layer(r"norms\.(\d)\.", "{}"),
+        *_MMCV_LAYERS,
         *_branch("query_head.", count_indexed(sd, "query_head.transformer.decoder.layers.")),
     ]
 
@@ -239,6 +279,10 @@ def rename_mmdet(state_dict: StateDict, config: DetectorConfig) -> Renamed:
     return _rename(state_dict, _mmdet_rules(state_dict), [])
 
 
+def rename_mmdet2(state_dict: StateDict, config: DetectorConfig) -> Renamed:
+    return _rename(state_dict, _mmdet2_rules(state_dict), [])
+
+
 def rename_co_dino(state_dict: StateDict, config: DetectorConfig) -> Renamed:
     return _rename(state_dict, _co_dino_rules(state_dict), CO_DETR_TRAINING_ONLY)
 
@@ -255,17 +299,32 @@ def parse_config_text(text: str) -> dict:
         return {}
 
 
-def _settings(args: Mapping) -> dict:
-    """The model section of the saved config: ``meta['cfg']`` (mmengine) or
-    ``meta['config']`` (mmcv 1.x), text or already a dict; {} if absent."""
+def saved_config(args: Mapping) -> Mapping:
+    """The saved config: ``meta['cfg']`` (mmengine) or ``meta['config']`` (mmcv 1.x), text
+    or already a dict; {} if absent."""
     cfg = args.get("cfg", args.get("config"))
     if isinstance(cfg, str):
         cfg = parse_config_text(cfg)
-    model = cfg.get("model") if isinstance(cfg, Mapping) else None
+    return cfg if isinstance(cfg, Mapping) else {}
+
+
+def model_settings(args: Mapping) -> dict:
+    """The model section of the saved config; {} if absent."""
+    model = saved_config(args).get("model")
     return model if isinstance(model, Mapping) else {}
 
 
-def _get(node, path: str, default=None):
+def with_legacy_image_norm(model: Mapping, args: Mapping) -> Mapping:
+    """mmdet 2.x keeps the normalisation beside the model (``img_norm_cfg``: mean, std,
+    to_rgb): put as mmdet 3's data_preprocessor, where the model has none."""
+    norm = saved_config(args).get("img_norm_cfg")
+    if "data_preprocessor" in model or not isinstance(norm, Mapping):
+        return model
+    pre = {key: norm[key] for key in ("mean", "std") if key in norm}
+    return {**model, "data_preprocessor": {**pre, "bgr_to_rgb": norm.get("to_rgb", True)}}
+
+
+def setting(node, path: str, default=None):
     for part in path.split("."):
         if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
@@ -276,7 +335,7 @@ def _get(node, path: str, default=None):
     return default if isinstance(node, Opaque) else node
 
 
-class _Reader:
+class SettingsReader:
     """Settings from the config, or a default with a note saying it was assumed."""
 
     def __init__(self, model: Mapping, notes: list[str]) -> None:
@@ -286,7 +345,7 @@ class _Reader:
         """The first path the config sets, else ``default``: noted as assumed unless it is
         the module's own default (``built_in``) and a config was saved."""
         for path in paths:
-            value = _get(self.model, path)
+            value = setting(self.model, path)
             if value is not None:
                 return value
         if not (built_in and self.model):
@@ -302,20 +361,20 @@ def _canonical(state_dict: StateDict, rules: list, training_only: list) -> State
             if _why_dropped(k, training_only) is None}
 
 
-def _backbone(sd: StateDict, model: Mapping) -> tuple[dict, list[int]]:
+def backbone_spec(sd: StateDict, model: Mapping) -> tuple[dict, list[int]]:
     """The backbone spec for :func:`build_backbone` and its four stage widths: ResNet
     (mmdet's has torchvision's names) or Swin (renamed to the official names)."""
     inner = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     if any(".attn.relative_position_bias_table" in k for k in inner):
-        if _get(model, "backbone.use_abs_pos_embed", False):
+        if setting(model, "backbone.use_abs_pos_embed", False):
             raise ValueError("mmdetection Swin with use_abs_pos_embed=True is not supported")
         spec = {"name": "swin", **swin_config_from_state_dict(inner)}
         return spec, [spec["embed_dim"] * 2**i for i in range(4)]
     if "backbone.conv1.weight" not in sd:
         raise ValueError("unsupported mmdetection backbone: only ResNet and Swin are converted")
-    for path, accepted in (("backbone.style", "pytorch"), ("backbone.deep_stem", False)):
-        value = _get(model, path, accepted)
-        if value != accepted:
+    for path, accepted in RESNET_SUPPORTED:
+        value = setting(model, path, accepted)
+        if (tuple(value) if isinstance(value, list) else value) != accepted:
             raise ValueError(f"mmdetection ResNet with {path}={value!r} is not supported "
                              f"(supported: {accepted!r})")
     blocks = count_indexed(sd, "backbone.layer3.")
@@ -325,24 +384,24 @@ def _backbone(sd: StateDict, model: Mapping) -> tuple[dict, list[int]]:
     return {"name": f"resnet{depth}"}, RESNET_CHANNELS
 
 
-def _image_norm(model: Mapping) -> dict:
+def image_norm(model: Mapping) -> dict:
     """ImageNet mean/std on RGB in [0, 1], from the data preprocessor when saved."""
-    pre = _get(model, "data_preprocessor", {})
-    if _get(pre, "bgr_to_rgb", True) is not True:
+    pre = setting(model, "data_preprocessor", {})
+    if setting(pre, "bgr_to_rgb", True) is not True:
         raise ValueError("an mmdetection model fed BGR images (data_preprocessor.bgr_to_rgb "
-                         "False) is not supported")
-    mean, std = _get(pre, "mean", PIXEL_MEAN), _get(pre, "std", PIXEL_STD)
+                         "or img_norm_cfg.to_rgb False) is not supported")
+    mean, std = setting(pre, "mean", PIXEL_MEAN), setting(pre, "std", PIXEL_STD)
     return {"image_mean": tuple(round(v / 255, 10) for v in mean),
             "image_std": tuple(round(v / 255, 10) for v in std)}
 
 
-def _common(sd: StateDict, model: Mapping, read: _Reader, heads_paths: tuple[str, ...]
+def _common(sd: StateDict, model: Mapping, read: SettingsReader, heads_paths: tuple[str, ...]
             ) -> dict:
     """What every mmdetection deformable DETR derives the same way."""
     c = sd["transformer.level_embed"].shape[1]
     heads = positive("num_heads", read(heads_paths, 8, "attention heads (mmcv's default)",
                                        built_in=True))
-    backbone, channels = _backbone(sd, model)
+    backbone, channels = backbone_spec(sd, model)
     stages, levels = backbone_levels(sd, "input_proj.", channels)
     return dict(
         backbone=backbone, hidden_dim=c, backbone_levels=stages, num_feature_levels=levels,
@@ -350,30 +409,30 @@ def _common(sd: StateDict, model: Mapping, read: _Reader, heads_paths: tuple[str
         dec_layers=count_indexed(sd, "transformer.decoder.layers."),
         dim_feedforward=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
         **sampling_points(sd, heads, levels),
-        num_classes=sd["class_embed.0.weight"].shape[0], **_image_norm(model),
+        num_classes=sd["class_embed.0.weight"].shape[0], **image_norm(model),
     )
 
 
-def _position(read: _Reader, prefix: str, temperature: float, offset: float) -> dict:
+def sine_position(read: SettingsReader, prefix: str, temperature: float, offset: float) -> dict:
     """SinePositionalEncoding's settings: a saved one's entries with the class defaults
     (temperature 10000, offset 0, not normalised), else the family's with a note."""
-    saved = _get(read.model, f"{prefix}positional_encoding")
+    saved = setting(read.model, f"{prefix}positional_encoding")
     if not isinstance(saved, Mapping):
         read.notes.append(f"position embedding: not in the saved config, assumed temperature "
                           f"{temperature:g} and offset {offset:g}")
         return {"pos_temperature": temperature, "pos_offset": offset}
-    if _get(saved, "normalize", False) is not True:
+    if setting(saved, "normalize", False) is not True:
         raise ValueError("an unnormalised position embedding (positional_encoding.normalize "
                          "False) is not supported")
     return {"pos_temperature": positive("positional_encoding.temperature",
-                                        _get(saved, "temperature", 10000), float),
-            "pos_offset": float(_get(saved, "offset", 0.0))}
+                                        setting(saved, "temperature", 10000), float),
+            "pos_offset": float(setting(saved, "offset", 0.0))}
 
 
 def derive_mmdet(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, list[str]]:
     """mmdet 3.x DINO or Deformable DETR: shapes, then the saved config."""
-    model, notes = _settings(args), []
-    read = _Reader(model, notes)
+    model, notes = model_settings(args), []
+    read = SettingsReader(model, notes)
     sd = _canonical(state_dict, _mmdet_rules(state_dict), [])
     common = _common(sd, model, read, ("encoder.layer_cfg.self_attn_cfg.num_heads",))
     if "transformer.tgt_embed.weight" in sd:  # DINO
@@ -382,25 +441,44 @@ def derive_mmdet(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, 
             query_init="mixed", box_refine=True, proposal_score="max_class",
             decoder_norm=True, ref_point_head=True, inverse_sigmoid_eps=1e-3,
             head_inverse_sigmoid_eps=1e-5, dn_labelbook_size=sd["label_enc.weight"].shape[0] - 1,
-            **_position(read, "", 20.0, 0.0),
+            **sine_position(read, "", 20.0, 0.0),
             num_select=positive("max_per_img", read(("test_cfg.max_per_img",), 300,
                                                     "post-processing top-k")))
         return config, notes
+    return _deformable(sd, read, common, head="", proposals="num_queries"), notes
+
+
+def derive_mmdet2(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, list[str]]:
+    """mmdet 2.x Deformable DETR: shapes, then the saved config (``meta['config']``)."""
+    model, notes = with_legacy_image_norm(model_settings(args), args), []
+    read = SettingsReader(model, notes)
+    sd = _canonical(state_dict, _mmdet2_rules(state_dict), [])
+    layer = "bbox_head.transformer.encoder.transformerlayers.attn_cfgs"
+    common = _common(sd, model, read, (f"{layer}.num_heads", f"{layer}.0.num_heads"))
+    return _deformable(sd, read, common, head="bbox_head.",
+                       proposals="bbox_head.transformer.two_stage_num_proposals"), notes
+
+
+def _deformable(sd: StateDict, read: SettingsReader, common: dict, *, head: str,
+                proposals: str) -> DetectorConfig:
+    """Deformable DETR (single-stage, box refinement, two-stage). mmdet 3.x keeps the
+    settings at the model's top level, mmdet 2.x in its head (``head``); ``proposals``: where
+    the two-stage proposal count is set."""
     two_stage = "transformer.enc_output.weight" in sd
-    refine = _get(model, "with_box_refine")
+    refine = setting(read.model, f"{head}with_box_refine")
     if refine is None:
         refine = not _heads_shared(sd, common["dec_layers"])
-        notes.append(f"box refinement: not in the saved config, {'on' if refine else 'off'} "
-                     "as the per-layer heads are " + ("separate" if refine else "one shared"))
-    queries = (read(("num_queries",), 300, "queries (two-stage proposals)") if two_stage
+        read.notes.append(f"box refinement: not in the saved config, {'on' if refine else 'off'}"
+                          " as the per-layer heads are " + ("separate" if refine
+                                                            else "one shared"))
+    queries = (read((proposals,), 300, "queries (two-stage proposals)") if two_stage
                else sd["query_embed.weight"].shape[0])
-    config = DetectorConfig(
+    return DetectorConfig(
         variant="deformable_detr", **common, num_queries=positive("num_queries", queries),
         query_init="proposals" if two_stage else "learned", box_refine=bool(refine),
-        **_position(read, "", 10000.0, -0.5),
+        **sine_position(read, head, 10000.0, -0.5),
         num_select=positive("max_per_img", read(("test_cfg.max_per_img",), 100,
                                                 "post-processing top-k")))
-    return config, notes
 
 
 def _heads_shared(sd: StateDict, layers: int) -> bool:
@@ -412,12 +490,12 @@ def _heads_shared(sd: StateDict, layers: int) -> bool:
 
 def derive_co_dino(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig, list[str]]:
     """Co-DINO's query head: shapes, then the saved config."""
-    model, notes = _settings(args), []
-    read = _Reader(model, notes)
+    model, notes = with_legacy_image_norm(model_settings(args), args), []
+    read = SettingsReader(model, notes)
     sd = _canonical(state_dict, _co_dino_rules(state_dict), CO_DETR_TRAINING_ONLY)
     layer = "query_head.transformer.encoder.transformerlayers.attn_cfgs"
     common = _common(sd, model, read, (f"{layer}.num_heads", f"{layer}.0.num_heads"))
-    test_cfg = _get(model, "test_cfg")
+    test_cfg = setting(model, "test_cfg")
     max_per_img = ("test_cfg.0.max_per_img" if isinstance(test_cfg, (list, tuple))
                    else "test_cfg.max_per_img")
     config = DetectorConfig(
@@ -425,14 +503,14 @@ def derive_co_dino(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig
         query_init="mixed", box_refine=True, proposal_score="max_class", decoder_norm=True,
         ref_point_head=True, inverse_sigmoid_eps=1e-3,
         dn_labelbook_size=sd["label_enc.weight"].shape[0] - 1,
-        **_position(read, "query_head.", 20.0, 0.0),
+        **sine_position(read, "query_head.", 20.0, 0.0),
         num_select=positive("max_per_img", read((max_per_img,), 300, "post-processing top-k")))
     return config, notes
 
 
 def class_names(meta: Mapping) -> list[str] | None:
     """``meta['dataset_meta']['classes']`` (mmengine) or ``meta['CLASSES']`` (mmcv 1.x)."""
-    names = _get(meta, "dataset_meta.classes", meta.get("CLASSES"))
+    names = setting(meta, "dataset_meta.classes", meta.get("CLASSES"))
     if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
         return list(names)
     return None
@@ -450,6 +528,19 @@ MMDET_FORMAT = CheckpointFormat(
     ),
     derive_config=derive_mmdet,
     rename=rename_mmdet,
+)
+
+MMDET2_FORMAT = CheckpointFormat(
+    name="mmdet2",
+    description="mmdetection 2.x Deformable DETR (open-mmlab/mmdetection v2)",
+    signature=(
+        r"^neck\.convs\.0\.conv\.weight$",
+        r"^bbox_head\.transformer\.level_embeds$",
+        r"^bbox_head\.transformer\.encoder\.layers\.0\.attentions\.0\.sampling_offsets\.",
+        r"^bbox_head\.cls_branches\.0\.weight$",
+    ),
+    derive_config=derive_mmdet2,
+    rename=rename_mmdet2,
 )
 
 CO_DINO_FORMAT = CheckpointFormat(
