@@ -48,14 +48,16 @@ def test_doctor_without_a_cpu_build_says_the_fallback_serves(monkeypatch):
 @pytest.mark.slow
 @needs_nvcc
 def test_build_ops_compiles_the_cuda_source(tmp_path, monkeypatch):
-    """The kernel in cuda/ compiles (sm_80 and sm_90 code paths), so a compile error can't land."""
+    """The kernel in cuda/ compiles, so a compile error can't land. sm_90 alone: its device
+    code is a superset of sm_80's (the vector atomics under __CUDA_ARCH__ >= 900, then the
+    scalar loop every architecture runs), and one architecture halves the compile."""
     monkeypatch.setenv("FROZENSEG_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(build, "_loaded", {})
-    result = runner.invoke(app, ["doctor", "--build-ops", "--arch", "8.0;9.0"])
+    result = runner.invoke(app, ["doctor", "--build-ops", "--arch", "9.0"])
     assert result.exit_code == 0, result.output
     built = list(tmp_path.glob("ops/*/frozenseg_ms_deform_attn*.so"))
     assert len(built) == 1
-    module = build.load_extension("8.0;9.0")
+    module = build.load_extension("9.0")
     assert callable(module.forward) and callable(module.backward)
 
 
