@@ -33,7 +33,7 @@ def main() -> None:
     print("| variant | logits | boxes |\n| --- | --- | --- |")
     for variant in VARIANTS:
         if not available(variant):
-            print(f"| {variant} | (no {REPO}) | |")
+            print(f"| {variant} | (no third_party/{REPO.name}) | |")
             continue
         with tempfile.TemporaryDirectory() as tmp:
             logits, boxes = official_differences(variant, Path(tmp))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.abc
+import importlib.machinery
 import re
 import sys
 import types
@@ -60,6 +62,56 @@ class _PytorchCore:
 
     def apply(self, value, shapes, level_start_index, locations, weights, im2col_step):
         return self.core(value, shapes, locations, weights)
+
+
+class _Anything(types.ModuleType):
+    """A stand-in module: every public attribute is a class that takes any arguments (to
+    subclass, call or annotate with at import time)."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (), {"__init__": lambda self, *args, **kwargs: None})
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports of the given packages (and their submodules) give :class:`_Anything`."""
+
+    def __init__(self, roots: tuple[str, ...]) -> None:
+        self.roots = roots
+
+    def find_spec(self, name, path, target=None):
+        if any(name == root or name.startswith(root + ".") for root in self.roots):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _Anything(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+@contextlib.contextmanager
+def stubbed_imports(*roots: str):
+    """While inside, importing any of ``roots`` (packages an official repository imports
+    only for data, logging or evaluation) gives an inert stand-in; the real modules, if
+    any were imported, are put back afterwards."""
+    def ours(key: str) -> bool:
+        return any(key == root or key.startswith(root + ".") for root in roots)
+
+    saved = {k: v for k, v in sys.modules.items() if ours(k)}
+    for key in saved:
+        del sys.modules[key]
+    finder = _StubFinder(roots)
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for key in [k for k in sys.modules if ours(k)]:
+            del sys.modules[key]
+        sys.modules.update(saved)
 
 
 @contextlib.contextmanager

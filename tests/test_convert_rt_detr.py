@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import yaml
-from artifacts import rt_detr_official_layout
+from artifacts import RT_DETR_SMALL, rt_detr_official_layout
 from weights import perturb
 
 from frozenseg.convert import convert_checkpoint, convert_state_dict
@@ -207,6 +207,16 @@ def test_per_level_point_counts_the_scales_contradict_are_refused():
     hf, args = random_hf_model(version="v2", points=UNEVEN_POINTS)
     with pytest.raises(ValueError, match=r"not 3 levels of \[2, 5, 3\] points") as err:
         convert_state_dict(hf.state_dict(), args={**args, "decoder_n_points": [3, 5, 2]})
+    assert "\n" not in str(err.value)
+
+
+def test_an_official_model_trained_without_denoising_is_refused_in_one_line():
+    """num_denoising: 0 builds no denoising label embedding, which frozenseg keeps to embed
+    external boxes' labels: said as such, not as a file of another format."""
+    layout = rt_detr_official_layout(build_detector(RT_DETR_SMALL).state_dict(), "v2")
+    del layout["decoder.denoising_class_embed.weight"]
+    with pytest.raises(ValueError, match=r"num_denoising: 0\) is not supported") as err:
+        convert_state_dict(layout, args={"RTDETRTransformerv2": {"nhead": 2}})
     assert "\n" not in str(err.value)
 
 

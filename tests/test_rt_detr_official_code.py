@@ -14,13 +14,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib
-import importlib.abc
-import importlib.machinery
 import sys
 import types
 import warnings
 from pathlib import Path
 
+import official_detr
 import pytest
 import torch
 import yaml
@@ -59,53 +58,22 @@ def available(variant: str) -> bool:
     return (REPO / VERSIONS[version][0] / config).is_file()
 
 
-class _Anything(types.ModuleType):
-    """A stand-in module: every public attribute is a class that takes any arguments."""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {"__init__": lambda self, *args, **kwargs: None})
-
-
-class _Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports of the given packages (and their submodules) give :class:`_Anything`."""
-
-    def __init__(self, roots: tuple[str, ...]) -> None:
-        self.roots = roots
-
-    def find_spec(self, name, path, target=None):
-        if any(name == root or name.startswith(root + ".") for root in self.roots):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        return _Anything(spec.name)
-
-    def exec_module(self, module):
-        module.__path__ = []
-
-
 @contextlib.contextmanager
 def official_src(version: str):
     """The version's ``src`` package imported from the repository (stubs for what cannot
-    be imported); sys.modules, sys.path and the import hooks are put back afterwards."""
+    be imported); sys.modules and sys.path are put back afterwards."""
     root = str(REPO / VERSIONS[version][0])
-    shadowed = ("src", *STUBBED[version])
-    saved = {k: v for k, v in sys.modules.items() if k.startswith(shadowed)}
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "src"}
     for key in saved:
         del sys.modules[key]
-    finder = _Stubs(STUBBED[version])
-    sys.meta_path.insert(0, finder)
     sys.path.insert(0, root)
     try:
-        with warnings.catch_warnings():
+        with official_detr.stubbed_imports(*STUBBED[version]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield importlib.import_module("src")
     finally:
         sys.path.remove(root)
-        sys.meta_path.remove(finder)
-        for key in [k for k in sys.modules if k.startswith(shadowed)]:
+        for key in [k for k in sys.modules if k.split(".")[0] == "src"]:
             del sys.modules[key]
         sys.modules.update(saved)
 
@@ -188,6 +156,7 @@ def official_differences(variant: str, folder: Path) -> tuple[float, float]:
             (got.boxes[-1] - expected["pred_boxes"]).abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_official_models_training_checkpoint_reproduces_it(variant, tmp_path):
     if not available(variant):

@@ -89,6 +89,10 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
     _check_args(sections)
     encoder, decoder = sections["HybridEncoder"], sections["decoder"]
     sd = substitute_keys(state_dict, SPELLINGS)
+    if "decoder.denoising_class_embed.weight" not in sd:
+        # frozenseg keeps the denoising label embedding: it embeds external boxes' labels
+        raise ValueError("no decoder.denoising_class_embed: a model trained without "
+                         "denoising (num_denoising: 0) is not supported")
     c = sd["decoder.enc_output.0.weight"].shape[0]
     encoder_dim = sd["encoder.input_proj.0.0.weight"].shape[0]
     backbone, widths = _backbone(sd)
