@@ -13,6 +13,7 @@ import torch
 from artifacts import deimv2_official_checkpoint, deimv2_official_layout, deimv2_official_yaml
 from test_convert_d_fine import random_hf_model as d_fine_model
 from test_convert_deimv2 import LITE, lite_hf_model
+from test_convert_deimv2_dinov3 import outputs
 from test_convert_deimv2_dinov3 import random_hf_model as dinov3_model
 from test_convert_rt_detr import images
 from weights import perturb
@@ -117,15 +118,6 @@ def official(variant: str, seed: int = 0, mlp_act: str = "silu"):
     heads = args["backbone_config"]["num_attention_heads"] if vit else None
     layout = deimv2_official_layout(hf.state_dict(), vit, heads)
     return hf, layout, deimv2_official_yaml(args, mlp_act=mlp_act, vit_name=vit_name)
-
-
-def outputs(model, hf: bool = False):
-    with torch.no_grad():
-        if hf:
-            out = model(pixel_values=images())
-            return out.logits, out.pred_boxes
-        out = model(images(), torch.zeros(2, 96, 128, dtype=torch.bool))
-        return out.logits[-1], out.boxes[-1]
 
 
 def converted(layout: dict, yaml: dict):
