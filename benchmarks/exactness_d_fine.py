@@ -9,6 +9,11 @@ difference of every decoder layer's state, the last layer's logits and its boxes
 released configs in the official layout (``tests/test_convert_d_fine_official.py``):
 D-FINE's and DEIM's points [3, 6, 3], DEIM's SiLU decoder and heads (its reference:
 transformers' D-FINE with DEIM's heads swapped in), converted from the state dict and YAML.
+The official DEIMv2 rows (``tests/test_convert_deimv2_official.py``): HGNetV2, lite and
+DINOv3 models in the official solver's layout with their YAML, against transformers' DEIMv2
+made to compute as the official code does (``as_official``: no ``enc_output``, SiLU heads,
+one query_pos for every layer, AIFI's transposed grid, the ViT-Tiny without a final norm);
+``benchmarks/exactness_deimv2_official.py`` runs the official code itself.
 The tests require 1e-4.
 
 Run (from the repository root):
@@ -22,6 +27,7 @@ from __future__ import annotations
 import test_convert_d_fine
 import test_convert_deimv2
 import test_convert_deimv2_dinov3
+import test_convert_deimv2_official
 import torch
 from test_convert_d_fine_official import official
 from test_convert_rt_detr import images
@@ -58,6 +64,9 @@ def main() -> None:
     for family in ("D-FINE", "DEIM"):
         hf, layout, yaml = official("released-points", family)
         row(f"{family} (official layout)", "released-points", differences(hf, yaml, layout))
+    for variant in test_convert_deimv2_official.VARIANTS:
+        hf, layout, yaml = test_convert_deimv2_official.official(variant)
+        row("DEIMv2 (official layout)", variant, differences(hf, yaml, layout))
 
 
 def row(family: str, variant: str, figures) -> None:

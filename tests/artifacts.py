@@ -881,6 +881,228 @@ def d_fine_official_checkpoint(folder: Path, variant: str = "s", *, family: str 
         return out.logits, out.pred_boxes
     return Artifact(path, "d_fine", run)
 
+# --- official DEIMv2 (Intellindust-AI-Lab/DEIMv2's solver) ---------------------------------
+
+_V2_VIT = r"^model\.conv_encoder\.backbone\."
+_V2_BLOCK = _V2_VIT + r"model\.layer\.(\d+)\."
+_V2_ADAPTER = r"^model\.conv_encoder\.spatial_tuning_adapter\."
+_V2_ELAN = r"^model\.encoder\.((?:fpn|pan)_blocks?(?:\.\d+)?)\."
+_V2_LAYER = r"^model\.decoder\.layers\.(\d+)\."
+_V2_DEC = r"decoder.decoder.layers.\1."
+# transformers' DEIMv2 names -> the official modules' (HGNetv2 or DINOv3STAs, HybridEncoder or
+# LiteEncoder with RepNCSPELAN4/5 cv1..cv4, DEIMTransformer with RMSNorm ``scale`` and
+# ``swish_ffn``), first matching rule; ``{vit}`` is the ViT's prefix and ``{up}``, ``{down}``
+# its MLP's names (fc1 / fc2, or w2 / w3 beside a gated w1).
+DEIMV2_OFFICIAL = [
+    (r"^model\.conv_encoder\.model\.(.*)$", _d_fine_backbone),
+    (_V2_VIT + r"embeddings\.patch_embeddings\.", "{vit}patch_embed.proj."),
+    (_V2_VIT + r"embeddings\.(cls_token|mask_token)$", r"{vit}\1"),
+    (_V2_VIT + r"embeddings\.register_tokens$", "{vit}storage_tokens"),
+    (_V2_BLOCK + r"attention\.o_proj\.", r"{vit}blocks.\1.attn.proj."),
+    (_V2_BLOCK + r"attention\.", r"{vit}blocks.\1.attn."),
+    (_V2_BLOCK + r"layer_scale([12])\.lambda1$", r"{vit}blocks.\1.ls\2.gamma"),
+    (_V2_BLOCK + r"mlp\.gate_proj\.", r"{vit}blocks.\1.mlp.w1."),
+    (_V2_BLOCK + r"mlp\.up_proj\.", r"{vit}blocks.\1.mlp.{up}."),
+    (_V2_BLOCK + r"mlp\.down_proj\.", r"{vit}blocks.\1.mlp.{down}."),
+    (_V2_BLOCK, r"{vit}blocks.\1."),
+    (_V2_VIT + r"norm\.", "{vit}norm."),
+    (_V2_ADAPTER + r"stem_conv\.conv\.", "backbone.sta.stem.0."),
+    (_V2_ADAPTER + r"stem_conv\.norm\.", "backbone.sta.stem.1."),
+    (_V2_ADAPTER + r"conv2\.conv\.", "backbone.sta.conv2.0."),
+    (_V2_ADAPTER + r"conv2\.norm\.", "backbone.sta.conv2.1."),
+    (_V2_ADAPTER + r"conv([34])\.conv\.", r"backbone.sta.conv\1.1."),
+    (_V2_ADAPTER + r"conv([34])\.norm\.", r"backbone.sta.conv\1.2."),
+    (r"^model\.conv_encoder\.fusion_proj\.(\d+)\.conv\.", r"backbone.convs.\1."),
+    (r"^model\.conv_encoder\.fusion_proj\.(\d+)\.norm\.", r"backbone.norms.\1."),
+    (r"^model\.conv_encoder\.encoder_input_proj\.", "encoder.input_proj."),
+    (r"^model\.encoder\.aifi\.(\d+)\.layers\.(\d+)\.self_attn\.o_proj\.",
+     r"encoder.encoder.\1.layers.\2.self_attn.out_proj."),
+    (r"^model\.encoder\.aifi\.(\d+)\.layers\.(\d+)\.self_attn_layer_norm\.",
+     r"encoder.encoder.\1.layers.\2.norm1."),
+    (r"^model\.encoder\.aifi\.(\d+)\.layers\.(\d+)\.final_layer_norm\.",
+     r"encoder.encoder.\1.layers.\2.norm2."),
+    (r"^model\.encoder\.aifi\.(\d+)\.layers\.(\d+)\.mlp\.layers\.([01])\.",
+     lambda m: f"encoder.encoder.{m[1]}.layers.{m[2]}.linear{int(m[3]) + 1}."),
+    (r"^model\.encoder\.aifi\.", "encoder.encoder."),
+    (_V2_ELAN + r"conv1\.", r"encoder.\1.cv1."),
+    (_V2_ELAN + r"csp_rep([12])\.conv2\.", lambda m: f"encoder.{m[1]}.cv{int(m[2]) + 1}.1."),
+    (_V2_ELAN + r"csp_rep([12])\.", lambda m: f"encoder.{m[1]}.cv{int(m[2]) + 1}.0."),
+    (_V2_ELAN + r"conv2\.", r"encoder.\1.cv4."),
+    (r"^model\.encoder\.downsample_convs\.(\d+)\.conv([12])\.",
+     r"encoder.downsample_convs.\1.0.cv\2."),
+    (r"^model\.encoder\.down_conv([12])\.conv\.", r"encoder.down_sample\1.1."),
+    (r"^model\.encoder\.down_conv([12])\.norm\.", r"encoder.down_sample\1.2."),
+    (r"^model\.encoder\.bi_fusion_conv\.", "encoder.bi_fusion.cv."),
+    (r"^model\.encoder\.", "encoder."),
+    (r"^model\.decoder_input_proj\.", "decoder.input_proj."),
+    (_V2_LAYER + r"self_attn\.o_proj\.", _V2_DEC + "self_attn.out_proj."),
+    (_V2_LAYER + r"self_attn_layer_norm\.weight$", _V2_DEC + "norm1.scale"),
+    (_V2_LAYER + r"encoder_attn_layer_norm\.weight$", _V2_DEC + "norm2.scale"),
+    (_V2_LAYER + r"final_layer_norm\.weight$", _V2_DEC + "norm3.scale"),
+    (_V2_LAYER + r"gateway\.norm\.weight$", _V2_DEC + "gateway.norm.scale"),
+    (_V2_LAYER + r"encoder_attn\.", _V2_DEC + "cross_attn."),
+    (_V2_LAYER + r"mlp\.down_proj\.", _V2_DEC + "swish_ffn.w3."),
+    (_V2_LAYER + r"mlp\.", _V2_DEC + "swish_ffn."),
+    (r"^model\.decoder\.(layers|lqe_layers)\.", r"decoder.decoder.\1."),
+    (r"^model\.decoder\.class_embed\.", "decoder.dec_score_head."),
+    (r"^model\.decoder\.bbox_embed\.", "decoder.dec_bbox_head."),
+    (r"^model\.decoder\.", "decoder."),
+    (r"^model\.weight_embedding\.", "decoder.tgt_embed."),
+    (r"^model\.", "decoder."),
+]
+# separate projections -> the official stacked ones: (pattern, target, parts in order)
+_V2_STACKED = [
+    (re.compile(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$"), "{}.in_proj_{}", "qkv"),
+    (re.compile(r"^(.*\.attn)\.([qkv])_proj\.(weight|bias)$"), "{}.qkv.{}", "qkv"),
+    (re.compile(r"^(.*\.swish_ffn)\.(gate|up)_proj\.(weight|bias)$"), "{}.w12.{}",
+     ("gate", "up")),
+]
+# What transformers' DEIMv2 has and the official ViT-Tiny does not (tests make them moot).
+_TINY_ABSENT = re.compile(r"embeddings\.(register_tokens|mask_token)$|layer_scale[12]\.")
+
+
+def deimv2_official_layout(hf_state_dict: dict, vit: str | None = None,
+                           heads: int | None = None) -> dict:
+    """A transformers DEIMv2 state dict (of a model made to compute as the official one:
+    no ``enc_output``) in the official solver's keys. ``vit``: "tiny" (the distilled
+    ViT-Tiny, ``backbone.dinov3._model.``) or "dinov3" (with ``heads``); their RoPE periods,
+    DINOv3's key-bias mask (a saved key bias of noise, masked out), batch-norm counters, the
+    FDR constants registered twice, the anchors of eval_spatial_size."""
+    gated = any(k.endswith("mlp.gate_proj.weight") and "backbone" in k for k in hf_state_dict)
+    names = {"{vit}": "backbone.dinov3._model." if vit == "tiny" else "backbone.dinov3.",
+             "{up}": "w2" if gated else "fc1", "{down}": "w3" if gated else "fc2"}
+    out, stacked = {}, collections.defaultdict(dict)
+    for key, tensor in hf_state_dict.items():
+        if key.startswith(("class_embed.", "bbox_embed.")) or (
+                vit == "tiny" and _TINY_ABSENT.search(key)):
+            continue
+        key = rename_key(key, DEIMV2_OFFICIAL) or key
+        for placeholder, name in names.items():
+            key = key.replace(placeholder, name)
+        for pattern, target, _ in _V2_STACKED:
+            if m := pattern.match(key):
+                stacked[target.format(m[1], m[3])][m[2]] = tensor
+                break
+        else:
+            out[key] = tensor
+    for key, tensors in stacked.items():
+        parts = next(p for _, _, p in _V2_STACKED if set(tensors) == set(p))
+        out[key] = torch.cat([tensors[p] for p in parts])
+    _deimv2_official_buffers(out, names["{vit}"], vit, heads)
+    return out
+
+
+def _deimv2_official_buffers(out: dict, prefix: str, vit: str | None, heads: int | None):
+    """What the official modules register beside the weights."""
+    for key in [k for k in out if k.endswith("running_var")]:
+        out.setdefault(key.replace("running_var", "num_batches_tracked"), torch.tensor(0))
+    for name in ("up", "reg_scale"):
+        out[f"decoder.decoder.{name}"] = out[f"decoder.{name}"]
+    out["decoder.anchors"], out["decoder.valid_mask"] = torch.zeros(1, 8400, 4), torch.ones(
+        1, 8400, 1, dtype=torch.bool)
+    if vit is None:
+        return
+    dim = out[prefix + "cls_token"].shape[-1]
+    head_dim = dim // heads
+    out[prefix + "rope_embed.periods"] = 100.0 ** (torch.arange(head_dim // 4) * 4 / head_dim)
+    if vit == "dinov3":
+        out[prefix + "mask_token"] = out[prefix + "mask_token"].reshape(1, dim)
+        g = torch.Generator().manual_seed(5)
+        for key in [k for k in out if k.endswith("attn.qkv.bias")]:
+            out[key] = out[key].clone()
+            out[key][dim:2 * dim] = torch.randn(dim, generator=g)  # trained, then masked
+            out[key + "_mask"] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+
+
+def deimv2_official_yaml(args: dict, *, mlp_act: str = "silu", vit_name: str | None = None
+                         ) -> dict:
+    """The YAML sections of the config a transformers DEIMv2 ``args`` (config.json) was
+    made from, as DEIMv2's configs spell them (``vit_name``: DINOv3STAs's name)."""
+    lite = args["encoder_type"] == "lite"
+    encoder = {"in_channels": args["encoder_in_channels"], "feat_strides": args["feat_strides"],
+               "hidden_dim": args["encoder_hidden_dim"], "expansion": args["hidden_expansion"],
+               "depth_mult": args["depth_mult"], "act": "silu"}
+    if not lite:
+        encoder.update(use_encoder_idx=args["encode_proj_layers"], num_encoder_layers=1,
+                       nhead=args["encoder_attention_heads"],
+                       dim_feedforward=args["encoder_ffn_dim"], enc_act="gelu",
+                       version="dfine" if args["encoder_has_trailing_conv"] else "deim",
+                       csp_type="csp2", fuse_op="sum")
+    levels = args["num_feature_levels"]
+    points = args["decoder_n_points"]
+    yaml_ = {"model": "DEIM",
+             "DEIM": {"backbone": "DINOv3STAs" if vit_name else "HGNetv2",
+                      "encoder": "LiteEncoder" if lite else "HybridEncoder",
+                      "decoder": "DEIMTransformer"},
+             "LiteEncoder" if lite else "HybridEncoder": encoder,
+             "DEIMTransformer": {
+                 "feat_channels": args["decoder_in_channels"], "hidden_dim": args["d_model"],
+                 "num_levels": levels, "num_layers": args["decoder_layers"], "eval_idx": -1,
+                 "num_queries": args["num_queries"], "nhead": args["decoder_attention_heads"],
+                 "num_points": [points] * levels if isinstance(points, int) else points,
+                 "reg_max": args["max_num_bins"], "reg_scale": args["reg_scale"],
+                 "dim_feedforward": args["decoder_ffn_dim"], "activation": "silu",
+                 "mlp_act": mlp_act, "share_bbox_head": args["share_bbox_head"],
+                 "use_gateway": args["use_gateway"], "cross_attn_method": "default",
+                 "query_select_method": "default"}}
+    backbone = args["backbone_config"]
+    if vit_name:
+        yaml_["DINOv3STAs"] = {
+            "name": vit_name, "embed_dim": backbone["hidden_size"],
+            "num_heads": backbone["num_attention_heads"],
+            "interaction_indexes": [i - 1 for i in backbone["out_indices"]],
+            "conv_inplane": args["spatial_tuning_adapter_inplanes"],
+            "hidden_dim": args["encoder_hidden_dim"]}
+    else:
+        yaml_["HGNetv2"] = {"name": "B0", "use_lab": backbone["use_learnable_affine_block"],
+                            "return_idx": [i - 1 for i in backbone["out_indices"]]}
+    return yaml_
+
+
+def deimv2_official_checkpoint(folder: Path, variant: str, *, released: bool = False
+                               ) -> Artifact:
+    """What DEIMv2's solver saves (``{'date', 'last_epoch', 'model', 'criterion',
+    'postprocessor', 'ema': {'module', 'updates'}, 'optimizer', 'lr_scheduler',
+    'lr_warmup_scheduler', 'scaler'}``) or a released file (``{'model'}``), written from a
+    random transformers DEIMv2 made to compute as the official model, with its YAML beside
+    it as the repository's configs are: a file that includes the shared base."""
+    from test_convert_deimv2_official import official
+
+    hf, layout, settings = official(variant)
+    if released:
+        payload = {"model": layout}
+    else:
+        _, other, _ = official(variant, seed=3)
+        optimizer, scheduler = training_state(torch.nn.Linear(4, 4))
+        payload = {"date": "2025-09-26T12:00:00", "last_epoch": 131, "model": other,
+                   "criterion": {}, "postprocessor": {},
+                   "ema": {"module": layout, "updates": 5000}, "optimizer": optimizer,
+                   "lr_scheduler": scheduler, "scaler": {"scale": 65536.0, "_growth_tracker": 7},
+                   "lr_warmup_scheduler": {"warmup_end_values": [4e-4], "last_step": 2000,
+                                           "warmup_duration": 2000}}
+    path = _save(payload, folder / (f"deimv2_{variant}_coco.pth" if released else "last.pth"))
+    deimv2_official_yaml_files(folder, settings)
+
+    def run(images, padding):
+        with torch.no_grad():
+            out = hf(pixel_values=images)
+        return out.logits, out.pred_boxes
+    return Artifact(path, "deimv2", run)
+
+
+def deimv2_official_yaml_files(folder: Path, settings: dict) -> None:
+    """``settings`` as the repository writes a config: ``configs/base/deimv2.yml`` with the
+    decoder's activations, included by ``config.yaml`` beside the weights."""
+    decoder = dict(settings["DEIMTransformer"])
+    base = {"model": "DEIM", "DEIMTransformer": {"activation": decoder.pop("activation"),
+                                                 "mlp_act": decoder.pop("mlp_act")}}
+    (folder / "base").mkdir(parents=True, exist_ok=True)
+    (folder / "base" / "deimv2.yml").write_text(yaml.safe_dump(base))
+    top = {**{k: v for k, v in settings.items() if k != "model"}, "DEIMTransformer": decoder,
+           "__include__": ["./base/deimv2.yml"]}
+    (folder / "config.yaml").write_text(yaml.safe_dump(top))
+
+
 # --- official RT-DETR (lyuwenyu/RT-DETR's solver) -------------------------------------------
 
 RT_DETR_SMALL = DetectorConfig(
@@ -1161,6 +1383,12 @@ CORPUS: dict[str, Callable[[Path], Artifact]] = {
                                                                    released=True),
     "deim-solver-released-config": lambda d: d_fine_official_checkpoint(
         d, "released-points", family="DEIM"),
+    "deimv2-solver-n": lambda d: deimv2_official_checkpoint(d, "n"),
+    "deimv2-released-atto": lambda d: deimv2_official_checkpoint(d, "atto-shared-box-head",
+                                                                 released=True),
+    "deimv2-solver-vit-tiny": lambda d: deimv2_official_checkpoint(d, "s-vit-tiny"),
+    "deimv2-released-dinov3-plus": lambda d: deimv2_official_checkpoint(
+        d, "x-dinov3-plus-shared-box-head", released=True),
     "dab-detr-main": lambda d: detr_official_checkpoint(d, "dab_detr", num_patterns=2,
                                                         keep_query_pos=True),
     "rt-detr-v1-solver": lambda d: rt_detr_official_checkpoint(d, "v1"),

@@ -42,8 +42,9 @@ LITE = {
 }
 
 
-def lite_hf_model(encoder_hidden_dim: int = 32, **backbone):
-    """A small random Deimv2ForObjectDetection with the lite encoder, and its config."""
+def lite_hf_model(encoder_hidden_dim: int = 32, decoder: dict | None = None, **backbone):
+    """A small random Deimv2ForObjectDetection with the lite encoder, and its config;
+    ``decoder``: settings of its decoder (share_bbox_head, use_gateway)."""
     torch.manual_seed(0)
     expansion = backbone.pop("hidden_expansion", 0.5)
     spec = {"stem_channels": [3, 8, 16], "stage_in_channels": [16, 32, 48],
@@ -60,7 +61,7 @@ def lite_hf_model(encoder_hidden_dim: int = 32, **backbone):
         encoder_in_channels=[64], feat_strides=[16], num_feature_levels=2,
         hidden_expansion=expansion, d_model=32, decoder_in_channels=[encoder_hidden_dim] * 2,
         decoder_ffn_dim=64, decoder_layers=3, decoder_attention_heads=2, num_queries=20,
-        num_labels=5, depth_mult=0.34, lqe_hidden_dim=16, max_num_bins=8)
+        num_labels=5, depth_mult=0.34, lqe_hidden_dim=16, max_num_bins=8, **(decoder or {}))
     model = transformers.Deimv2ForObjectDetection(config)
     return perturb(lively(model)), config.to_dict()
 

@@ -31,6 +31,15 @@ VITS = {
     "x": dict(num_register_tokens=4, key_bias=True, layerscale_value=1e-5,
               apply_layernorm=True, use_gated_mlp=True, hidden_act="silu",
               num_hidden_layers=5, out_indices=[2, 3, 4]),
+    # As the official DEIMv2 builds them (test_convert_deimv2_official): its ViT-Tiny keeps
+    # the key bias and norms with eps 1e-6; its DINOv3 ViTs have 6 heads.
+    "official-tiny": dict(num_register_tokens=0, key_bias=True, layerscale_value=1.0,
+                          apply_layernorm=False, layer_norm_eps=1e-6, out_indices=[2, 3, 4]),
+    "official-dinov3": dict(num_register_tokens=4, key_bias=True, layerscale_value=1e-5,
+                            apply_layernorm=True, num_attention_heads=6, out_indices=[1, 3, 4]),
+    "official-dinov3-plus": dict(num_register_tokens=4, key_bias=True, layerscale_value=1e-5,
+                                 apply_layernorm=True, num_attention_heads=6,
+                                 use_gated_mlp=True, hidden_act="silu", out_indices=[2, 3, 4]),
 }
 VARIANTS = {
     "s": dict(vit="s"),
@@ -47,8 +56,8 @@ def random_hf_model(vit: str = "s", hidden_size: int = 32, adapter: int = 8,
     torch.manual_seed(0)
     encoder_dim = settings.pop("encoder_hidden_dim", 32)
     backbone = transformers.DINOv3ViTConfig(
-        **{"num_hidden_layers": 4, **VITS[vit]}, hidden_size=hidden_size,
-        num_attention_heads=2, intermediate_size=2 * hidden_size, rope_theta=rope_theta)
+        **{"num_hidden_layers": 4, "num_attention_heads": 2, **VITS[vit]},
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, rope_theta=rope_theta)
     config = transformers.Deimv2Config(
         backbone_config=backbone, spatial_tuning_adapter_inplanes=adapter,
         encoder_hidden_dim=encoder_dim, encoder_in_channels=[encoder_dim] * 3,

@@ -149,6 +149,9 @@ class DetectorConfig:
     fdr_gateway: bool = True
     ref_point_layers: int = 2
     ref_point_hidden_dim: int | None = None
+    # DEIMv2's official decoder embeds only the first layer's references and every layer
+    # reads that query_pos; D-FINE's (and transformers' DEIMv2) re-embed each layer's.
+    fdr_query_pos_once: bool = False
     # The FDR decoder's MLP heads (query_pos, proposal box, first-layer box and distribution
     # heads) and its quality heads: ReLU in D-FINE and transformers; DEIM's configs take SiLU
     # for the heads (``mlp_act``) and its quality heads follow the FFN (``activation``).
@@ -176,6 +179,9 @@ class DetectorConfig:
     # Which class scores the encoder proposals: Deformable DETR and H-DETR take class 0,
     # DINO the best class.
     proposal_score: ProposalScore = "first_class"
+    # Two-stage: the encoder tokens pass a Linear + LayerNorm (``enc_output``) before the
+    # proposal heads read them; DEIMv2's official decoder has none and scores them as they are.
+    proposal_projection: bool = True
     # DINO: LayerNorm on every decoder output, query_pos from an MLP over the sine
     # embedding of the current reference box, separate encoder-proposal heads.
     decoder_norm: bool = False

@@ -146,12 +146,15 @@ def distance_to_box(origin: torch.Tensor, distance: torch.Tensor, reg_scale: flo
 
 class FDRDecoder(nn.Module):
     """The layers, query_pos head (box -> C), first-layer box head (``activation``: its
-    MLP's) and quality heads."""
+    MLP's) and quality heads. ``query_pos_once``: every layer reads the query_pos of the
+    first references (DEIMv2's official decoder) instead of its own references' (D-FINE's,
+    transformers')."""
 
     def __init__(self, *, layers: list[GatedDecoderLayer], ref_point_head: MLP, dim: int,
                  bins: int, reg_scale: float, up: float, quality: list[QualityHead],
-                 activation: str = "relu") -> None:
+                 activation: str = "relu", query_pos_once: bool = False) -> None:
         super().__init__()
+        self.query_pos_once = query_pos_once
         self.layers = nn.ModuleList(layers)
         self.ref_point_head = ref_point_head
         self.pre_bbox_head = MLP(in_dim=dim, hidden_dim=dim, out_dim=4, num_layers=3,
@@ -168,7 +171,8 @@ class FDRDecoder(nn.Module):
         states, boxes, corners = [], [], []
         previous_state, previous_corners, origin = 0, 0, None
         for i, layer in enumerate(self.layers):
-            query_pos = self.ref_point_head(reference).clamp(min=-10, max=10)
+            if i == 0 or not self.query_pos_once:
+                query_pos = self.ref_point_head(reference).clamp(min=-10, max=10)
             tgt = run_layer(self, layer, tgt, query_pos, reference[:, :, None], memory,
                             shapes, memory_mask, self_attn_mask)
             if origin is None:

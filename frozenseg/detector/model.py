@@ -93,9 +93,10 @@ class RawDetection:
 
 @dataclass
 class Proposals:
-    """The top-Q encoder proposals (two-stage): tokens (B, Q, C) (the encoder output after
-    enc_output and its norm), class_logits (B, Q, K), box_logits (B, Q, 4) (inverse
-    sigmoid space), with gradients; index (B, Q) their positions in the memory."""
+    """The top-Q encoder proposals (two-stage): tokens (B, Q, C) (the encoder output, after
+    enc_output and its norm where the config has them), class_logits (B, Q, K), box_logits
+    (B, Q, 4) (inverse sigmoid space), with gradients; index (B, Q) their positions in the
+    memory."""
 
     tokens: torch.Tensor
     class_logits: torch.Tensor
@@ -175,7 +176,7 @@ def build_decoder(config: DetectorConfig) -> nn.Module:
                                  hidden_dim=config.lqe_hidden_dim, layers=config.lqe_layers,
                                  activation=config.lqe_activation)
                      for _ in range(config.dec_layers)],
-            activation=config.mlp_activation)
+            activation=config.mlp_activation, query_pos_once=config.fdr_query_pos_once)
     # Grounding DINO's layers attend to the text before the image.
     layer = grounding.TextDecoderLayer if config.open_vocabulary else DecoderLayer
     return Decoder(
@@ -204,8 +205,9 @@ class DeformableTransformer(nn.Module):
         if not config.two_stage:
             self.reference_points = nn.Linear(c, 2)
             return
-        self.enc_output = nn.Linear(c, c)
-        self.enc_output_norm = nn.LayerNorm(c)
+        if config.proposal_projection:
+            self.enc_output = nn.Linear(c, c)
+            self.enc_output_norm = nn.LayerNorm(c)
         self.enc_out_class_embed = class_head(config)
         self.enc_out_bbox_embed = MLP(in_dim=c, hidden_dim=c, out_dim=4, num_layers=3,
                                       activation=config.mlp_activation)
@@ -516,7 +518,9 @@ class DeformableDETR(nn.Module):
         if not cfg.mask_padding:  # RT-DETR: every position of the canvas may propose
             memory_mask = torch.zeros_like(memory_mask)
         proposal_logits, valid = encoder_proposals(memory, memory_mask, shapes)
-        tokens = t.enc_output_norm(t.enc_output(memory.masked_fill(~valid, 0.0)))
+        tokens = memory.masked_fill(~valid, 0.0)
+        if cfg.proposal_projection:
+            tokens = t.enc_output_norm(t.enc_output(tokens))
         class_logits = (t.enc_out_class_embed(tokens) if text is None
                         else t.enc_out_class_embed(tokens, text))
         scaled = cfg.box_delta == "scaled"

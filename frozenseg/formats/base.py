@@ -85,7 +85,8 @@ def rename_key(key: str, rules: list[Rule]) -> str | None:
     return None
 
 
-Translation = Callable[[StateDict], tuple[StateDict, dict[str, str], list[tuple[str, str]]]]
+# (translated keys, their originals, the originals dropped with why[, the keys it made])
+Translation = Callable[[StateDict], tuple]
 
 
 def read_through(inner: CheckpointFormat, *, name: str, description: str,
@@ -97,7 +98,9 @@ def read_through(inner: CheckpointFormat, *, name: str, description: str,
     transformers' names), so that both share one converter.
 
     ``translate(state_dict)`` gives (the translated keys, each translated key's original,
-    the originals left out with why); ``settings(args)`` gives (the training config in
+    the originals left out with why), and optionally {translated key: how it was made} for
+    keys the original layout does not save (a layer scale of one it has no module for);
+    ``settings(args)`` gives (the training config in
     ``inner``'s terms, notes). The record of the rename is told in the original keys, and
     ``inner``'s notes name ``config_name`` where they say config.json. ``fields(args)``,
     where given, are config fields the original settings say and ``inner``'s do not (DEIM's
@@ -109,25 +112,29 @@ def read_through(inner: CheckpointFormat, *, name: str, description: str,
         return config, notes + [n.replace("config.json ", f"{config_name} ") for n in more]
 
     def rename(state_dict: StateDict, config: DetectorConfig) -> Renamed:
-        translated, source, dropped = translate(state_dict)
-        return _told_in_source_names(inner.rename(translated, config), source, dropped)
+        translated, source, dropped, *made = translate(state_dict)
+        return _told_in_source_names(inner.rename(translated, config), source, dropped,
+                                     made[0] if made else {})
 
     return CheckpointFormat(name=name, description=description, signature=signature,
                             derive_config=derive_config, rename=rename)
 
 
 def _told_in_source_names(inner: Renamed, source: dict[str, str],
-                          dropped: list[tuple[str, str]]) -> Renamed:
+                          dropped: list[tuple[str, str]], made: dict[str, str]) -> Renamed:
     """``inner``'s record in the original keys; several translated keys from one original
-    (a stacked projection split) are reported once."""
-    out = Renamed(state_dict=inner.state_dict, derived=inner.derived, dropped=list(dropped))
+    (a stacked projection split) are reported once; the keys the translation ``made``
+    are derived."""
+    out = Renamed(state_dict=inner.state_dict, derived=list(inner.derived),
+                  dropped=list(dropped))
     seen: set[tuple[str, str]] = set()
-    for old, new in inner.renamed:
+    for old, new in [*inner.renamed, *((k, k) for k in inner.kept)]:
         pair = (source.get(old, old), new)
-        if pair not in seen:
+        if old in made:
+            out.derived.append((new, made[old]))
+        elif pair not in seen:
             seen.add(pair)
             out.renamed.append(pair)
-    out.renamed += [(source.get(k, k), k) for k in inner.kept]
     out.dropped += [(source.get(k, k), why) for k, why in inner.dropped]
     return out
 

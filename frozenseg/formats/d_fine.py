@@ -99,7 +99,7 @@ def fdr_config(sd: StateDict, args: dict, family: str, fixed: dict, ffn: str, *,
             feature_levels != levels):
         raise ValueError(f"num_feature_levels={feature_levels} from {levels} encoder maps: only "
                          "as many decoder levels as encoder maps are supported")
-    if not projections and encoder_dim != sd["model.enc_output.0.weight"].shape[0]:
+    if not projections and encoder_dim != sd["model.enc_score_head.weight"].shape[1]:
         raise ValueError(f"no decoder input projections, but the encoder is {encoder_dim} "
                          "wide and the decoder is not")
     layers = count_indexed(sd, "model.decoder.layers.")

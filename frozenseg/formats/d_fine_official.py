@@ -164,6 +164,8 @@ FORMAT = read_through(
         r"^backbone\.stem\.stem1\.conv\.weight$",
         r"^encoder\.fpn_blocks\.0\.cv4\.conv\.weight$",
         r"^decoder\.decoder\.layers\.0\.gateway\.gate\.weight$",
+        # D-FINE's FFN (DEIMv2's decoder layers, official_deimv2, have a SwiGLU instead)
+        r"^decoder\.decoder\.layers\.0\.linear1\.weight$",
         r"^decoder\.decoder\.lqe_layers\.0\.reg_conf\.layers\.0\.weight$",
         r"^decoder\.dec_bbox_head\.0\.layers\.0\.weight$",
     ),

@@ -13,7 +13,9 @@ its in-memory names. The DINOv3 models' backbone, its settings and names are
 encoder input projections. The lite encoder (``hybrid.LiteEncoder``: its GAP fusion
 saved as ``bi_fusion_conv``) has no AIFI; its input projection is read as the hybrid
 encoder's and its single FPN and PAN blocks as the first of D-FINE's; its three-stage
-HGNetV2 feeds it the last stage.
+HGNetV2 feeds it the last stage. The proposals pass ``enc_output`` where the weights hold
+it (transformers' always do; the official layout, read through this module by
+:mod:`frozenseg.formats.deimv2_official`, has none).
 """
 
 from __future__ import annotations
@@ -75,9 +77,12 @@ def copy_shared_box_head(sd: StateDict, prefix: str, layers: int) -> list[tuple[
     return copies
 
 
-def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, list[str]]:
+def derive_config(state_dict: StateDict, args: dict, **fields
+                  ) -> tuple[DetectorConfig, list[str]]:
     """D-FINE's derivation, with the ELAN5 width and trailing convolution, the gate, the
-    query_pos head's depth and width, and the SwiGLU width from shapes."""
+    query_pos head's depth and width, the SwiGLU width and whether the proposals pass
+    ``enc_output`` from shapes. ``fields``: what the caller knows beyond transformers'
+    config (the official YAML's head activations)."""
     backbone_settings = args.get("backbone_config") or {}
     refuse_unsupported("DEIMv2", [(SUPPORTED, args, "config")])
     sd, notes, fixed, backbone = _in_d_fine_names(state_dict), [], FIXED, None
@@ -98,7 +103,8 @@ def derive_config(state_dict: StateDict, args: dict) -> tuple[DetectorConfig, li
         csp_trailing_conv=f"{csp}conv2.conv.weight" in sd,
         fdr_gateway="model.decoder.layers.0.gateway.gate.weight" in sd,
         ref_point_layers=count_indexed(sd, QUERY_POS),
-        ref_point_hidden_dim=sd[f"{QUERY_POS}0.weight"].shape[0])
+        ref_point_hidden_dim=sd[f"{QUERY_POS}0.weight"].shape[0],
+        proposal_projection="model.enc_output.0.weight" in sd, **fields)
     return config, notes + more
 
 

@@ -8,7 +8,8 @@ concatenated maps (``fusion_proj``), which become the hybrid encoder's input pro
 
 What the weights do not say is read from the folder's ``backbone_config``: the heads, the
 output layers (``out_indices``), which outputs are layer-normed (``apply_layernorm``; the
-last block's always is), the RoPE base, the LayerNorm eps and the MLP's activation.
+last block's always is, unless the weights hold no final norm, as the official DEIMv2's
+ViT-Tiny does not), the RoPE base, the LayerNorm eps and the MLP's activation.
 Settings frozenseg does not build (biases off, other patch sizes) are refused in one line.
 The DINOv3 models take ImageNet-normalised pixels (their image processor normalises).
 """
@@ -83,7 +84,7 @@ def backbone_spec(sd: StateDict, settings: dict, notes: list[str]) -> tuple[dict
             "gated_mlp": f"{VIT}layer.0.mlp.gate_proj.weight" in sd,
             "activation": read["hidden_act"], "rope_theta": float(read["rope_theta"]),
             "out_layers": out_layers,
-            "normed": tuple(bool(read["apply_layernorm"]) or i == layers for i in out_layers),
+            "normed": _normed(sd, bool(read["apply_layernorm"]), out_layers, layers),
             "eps": float(read["layer_norm_eps"]),
             "adapter_dim": sd[ADAPTER + "stem_conv.conv.weight"].shape[0]}
     a = spec["adapter_dim"]
@@ -100,6 +101,19 @@ def _settings(settings: dict, notes: list[str]) -> dict:
     refuse_unsupported("DEIMv2", [(SUPPORTED, settings, "backbone config")])
     return {name: saved_or_assumed(settings, name, default, notes, "DINOv3 backbone")
             for name, default in DEFAULTS.items()}
+
+
+def _normed(sd: StateDict, apply_layernorm: bool, out_layers: tuple[int, ...], layers: int
+            ) -> tuple[bool, ...]:
+    """Which outputs pass the ViT's final LayerNorm: with apply_layernorm every one, else
+    the last block's (transformers norms it always); none where the weights hold no final
+    norm (the official DEIMv2's distilled ViT-Tiny has none)."""
+    if VIT + "norm.weight" not in sd:
+        if apply_layernorm:
+            raise ValueError("the backbone config sets apply_layernorm, but the weights hold "
+                             "no final LayerNorm of the ViT")
+        return (False,) * len(out_layers)
+    return tuple(apply_layernorm or i == layers for i in out_layers)
 
 
 def _out_layers(settings: dict, layers: int) -> tuple[int, ...]:

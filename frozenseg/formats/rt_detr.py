@@ -134,7 +134,7 @@ def hybrid_fields(sd: StateDict, args: dict, levels: int, notes: list[str],
     """The config fields RT-DETR and D-FINE derive alike (transformers' saved names): widths,
     heads, layers, points, AIFI levels, queries, classes and the label embedding. ``ffn``:
     the decoder FFN's first projection, whose width is dim_feedforward."""
-    c = sd["model.enc_output.0.weight"].shape[0]
+    c = sd["model.enc_score_head.weight"].shape[1]  # it reads the hidden_dim-wide tokens
     encoder_dim = sd["model.encoder_input_proj.0.0.weight"].shape[0]
     saved_aifi = count_indexed(sd, "model.encoder.encoder.")
     heads = _heads(args, c, notes, aifi=bool(saved_aifi))

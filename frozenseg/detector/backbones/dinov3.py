@@ -11,7 +11,8 @@ registers, no key bias, layer scales of one.
 Output ``out_layers``: the hidden state after that many blocks, the prefix tokens
 dropped, as a (B, dim, H / patch, W / patch) map; those flagged in ``normed`` go through
 the final LayerNorm first (transformers norms every output with ``apply_layernorm``, and
-the last block's output always).
+the last block's output always; the official DEIMv2's ViT-Tiny has no final norm and
+norms none: the model then has no ``norm``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class DINOv3ViT(nn.Module):
             Block(dim=dim, heads=heads, mlp_dim=mlp_dim, key_bias=key_bias, eps=eps,
                   windowed=False, gated=gated_mlp, activation=activation)
             for _ in range(max(self.out_layers)))
-        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm = nn.LayerNorm(dim, eps=eps) if any(self.normed) else None
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         patches = self.patch_embed(images)
