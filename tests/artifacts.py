@@ -105,21 +105,36 @@ def share_heads(layout: dict, *, across_layers: bool, layers: int) -> dict:
     return out
 
 
-def converts_like_transformers(hf: torch.nn.Module, layout: dict, args: dict, format: str):
+def converts_like_transformers(hf: torch.nn.Module, layout: dict, args: dict, format: str,
+                               **official_fields):
     """An official layout written from the transformers model ``hf`` converts, with nothing
     assumed, to the config and (key by key) the canonical tensors ``hf`` converts to.
-    Returns the layout's conversion report."""
+    ``official_fields``: the config fields where the official code computes otherwise than
+    transformers' port. Returns the layout's conversion report."""
     from frozenseg.convert import convert_state_dict
 
     expected, hf_report = convert_state_dict(hf.state_dict(), args=hf.config.to_dict())
     got, report = convert_state_dict(layout, args=args)
     assert report.format == format and report.ok, report.problem()
     assert not [n for n in report.notes if "assumed" in n], report.notes
-    assert report.config == hf_report.config
+    assert report.config == dataclasses.replace(hf_report.config, **official_fields)
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
     return report
+
+
+def on_the_transposed_grid(positions: torch.nn.Module) -> None:
+    """Make a transformers AIFI position embedding (RT-DETR's, D-FINE's, DEIMv2's) compute as
+    the official code does: it enumerates a h x w map's positions width-major with the
+    width's frequencies first, which is transformers' table of the w x h grid."""
+    build = sys.modules[type(positions).__module__].build_2d_sinusoidal_position_embedding
+
+    def forward(width, height, device, dtype):
+        return build(height=width, width=height, embed_dim=positions.embed_dim,
+                     temperature=positions.temperature, device=device, dtype=dtype
+                     ).unsqueeze(0)
+    positions.forward = forward
 
 
 def _save(payload: dict, path: Path) -> Path:

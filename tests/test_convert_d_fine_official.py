@@ -7,7 +7,12 @@ import re
 
 import pytest
 import torch
-from artifacts import converts_like_transformers, d_fine_official_layout, d_fine_official_yaml
+from artifacts import (
+    converts_like_transformers,
+    d_fine_official_layout,
+    d_fine_official_yaml,
+    on_the_transposed_grid,
+)
 from test_convert_d_fine import DEIM, VARIANTS, random_hf_model
 from test_convert_rt_detr import images
 
@@ -93,7 +98,7 @@ def test_the_written_layout_has_the_official_modules_names():
 def test_converts_to_what_the_transformers_folder_converts_to(variant):
     """Key by key, the same canonical tensors and the same config."""
     hf, layout, yaml = official(variant)
-    report = converts_like_transformers(hf, layout, yaml, "d_fine")
+    report = converts_like_transformers(hf, layout, yaml, "d_fine", aifi_transposed_grid=True)
     dropped = dict(report.dropped)
     assert "decoder.anchors" in dropped and "decoder.decoder.up" in dropped
 
@@ -102,8 +107,11 @@ def test_converts_to_what_the_transformers_folder_converts_to(variant):
     ("s", "D-FINE"), ("released-points", "D-FINE"), ("released-points", "DEIM")])
 def test_the_converted_model_reproduces_transformers(variant, family):
     """DEIM's released config (points [3, 6, 3], SiLU in the FFN and every head) against
-    transformers' D-FINE with DEIM's heads swapped in."""
+    transformers' D-FINE with DEIM's heads swapped in; AIFI's positions on the official
+    code's transposed grid (the images are not square: 3 x 4 tokens at stride 32)."""
     hf, layout, yaml = official(variant, family)
+    for aifi in hf.model.encoder.aifi:
+        on_the_transposed_grid(aifi.position_embedding)
     converted, report = convert_state_dict(layout, args=yaml)
     heads = "silu" if family == "DEIM" else "relu"
     assert (report.config.mlp_activation, report.config.lqe_activation) == (heads, heads)

@@ -10,7 +10,12 @@ import re
 
 import pytest
 import torch
-from artifacts import deimv2_official_checkpoint, deimv2_official_layout, deimv2_official_yaml
+from artifacts import (
+    deimv2_official_checkpoint,
+    deimv2_official_layout,
+    deimv2_official_yaml,
+    on_the_transposed_grid,
+)
 from test_convert_d_fine import random_hf_model as d_fine_model
 from test_convert_deimv2 import LITE, lite_hf_model
 from test_convert_deimv2_dinov3 import outputs
@@ -90,20 +95,6 @@ def embed_first_references_only(head: torch.nn.Module, layers: int) -> None:
         state["calls"] += 1
         return state["first"]
     head.forward = forward
-
-
-def on_the_transposed_grid(positions: torch.nn.Module) -> None:
-    """The official AIFI enumerates a h x w map's positions width-major with the width's
-    frequencies first: transformers' table of the w x h grid."""
-    from transformers.models.deimv2.modeling_deimv2 import (
-        build_2d_sinusoidal_position_embedding,
-    )
-
-    def forward(width, height, device, dtype):
-        return build_2d_sinusoidal_position_embedding(
-            height=width, width=height, embed_dim=positions.embed_dim,
-            temperature=positions.temperature, device=device, dtype=dtype).unsqueeze(0)
-    positions.forward = forward
 
 
 def official(variant: str, seed: int = 0, mlp_act: str = "silu"):

@@ -143,16 +143,19 @@ def to_transformers(state_dict: StateDict) -> tuple[StateDict, dict[str, str], l
     return out, source, dropped
 
 
-def head_activations(args: dict) -> dict[str, str]:
-    """The activations of the heads transformers' D-FINE keeps at ReLU: DEIM's MLP heads
-    take ``mlp_act``, and its quality heads the decoder's ``activation``; D-FINE's code
-    (``model: DFINE``) has ReLU quality heads and no ``mlp_act``."""
+def official_fields(args: dict) -> dict:
+    """What the official code computes and transformers' D-FINE config cannot say: AIFI's
+    positions on the transposed grid (its ``build_2d_sincos_position_embedding(w, h)``, as
+    RT-DETR's; the same on square maps only), and the head activations transformers keeps
+    at ReLU: DEIM's MLP heads take ``mlp_act``, and its quality heads the decoder's
+    ``activation``; D-FINE's code (``model: DFINE``) has ReLU quality heads and no
+    ``mlp_act``."""
     decoder = _sections(args)["DFINETransformer"]
     activation = decoder.get("activation", "relu")
     if activation != "relu" and args.get("model") not in ("DEIM", "DFINE"):
         raise ValueError(f"activation={activation!r} without model: DEIM or DFINE in the "
                          "config: DEIM's quality heads take it, D-FINE's do not")
-    return {"mlp_activation": decoder.get("mlp_act", "relu"),
+    return {"aifi_transposed_grid": True, "mlp_activation": decoder.get("mlp_act", "relu"),
             "lqe_activation": activation if args.get("model") == "DEIM" else "relu"}
 
 
@@ -172,5 +175,5 @@ FORMAT = read_through(
     translate=to_transformers,
     settings=lambda args: (transformers_args(args), []),
     config_name="YAML",
-    fields=head_activations,
+    fields=official_fields,
 )
