@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from artifacts import mmdet_plain_checkpoint
+from artifacts import mmdet_recorded_checkpoint
 from test_convert_mmdet import PLAIN, _mmdet_model
 
 from frozenseg.convert import convert_checkpoint
@@ -45,25 +45,41 @@ def top_k(logits: torch.Tensor, k: int, softmax: bool) -> torch.Tensor:
 
 
 def differences(name: str, folder: Path) -> list[tuple[str, float, float, bool]]:
-    from record_mmdet_keys import plain_inputs, run_plain
+    from record_mmdet_keys import run_plain
 
     torch.manual_seed(0)  # mmdet's init_weights draws from the global generator
     model, cfg = _mmdet_model(name)
-    path = mmdet_plain_checkpoint(folder / "run", name, cfg=cfg.pretty_text,
-                                  state_dict=model.state_dict())
+
+    def same_top_k(ours: torch.Tensor, theirs: torch.Tensor, config) -> bool:
+        k, softmax = config.num_select, config.no_object_class
+        return torch.equal(top_k(ours, k, softmax), top_k(theirs, k, softmax))
+
+    return side_by_side(model, cfg.pretty_text, name, folder, run=run_plain, same=same_top_k)
+
+
+def side_by_side(model, cfg: str, name: str, folder: Path, *, run, same
+                 ) -> list[tuple[str, float, float, bool]]:
+    """mmdet's ``model`` (a recorded variant ``name``, config text ``cfg``) written as
+    CheckpointHook writes it, converted and loaded as a user would; per batch (padded, same
+    size): the largest logits and boxes differences from ``run(model, images, padding)`` and
+    ``same(our_logits, their_logits, config)``."""
+    from record_mmdet_keys import plain_inputs
+    from test_convert_mmdet import CO_DINO_RECORDED
+
+    path = mmdet_recorded_checkpoint(folder / "run", name, cfg=cfg,
+                                     state_dict=model.state_dict())
     report = convert_checkpoint(path, folder / "converted")
-    assert report.config == PLAIN[name], report.config
+    assert report.config == {**PLAIN, **CO_DINO_RECORDED}[name], report.config
     ours = load_detector(folder / "converted").model
     images, padding = plain_inputs()
     rows = []
     for batch, mask in (("padded", padding), ("same size", torch.zeros_like(padding))):
         with torch.no_grad():
             got = ours(images, mask)
-        logits, boxes = run_plain(model, images, mask)
-        k, softmax = report.config.num_select, report.config.no_object_class
-        same = torch.equal(top_k(got.logits[-1], k, softmax), top_k(logits, k, softmax))
+        logits, boxes = run(model, images, mask)
         rows.append((batch, (got.logits[-1] - logits).abs().max().item(),
-                     (got.boxes[-1] - boxes).abs().max().item(), same))
+                     (got.boxes[-1] - boxes).abs().max().item(),
+                     same(got.logits[-1], logits, report.config)))
     return rows
 
 
@@ -74,11 +90,16 @@ def main() -> None:
     from mmengine.logging import MMLogger
 
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights logs every key
-    print("| model | batch | logits | boxes | same top-k |\n| --- | --- | --- | --- | --- |")
-    for name in PLAIN:
+    print_table(PLAIN, differences, "same top-k")
+
+
+def print_table(names, differences, same: str) -> None:
+    """The markdown table of ``differences(name, folder)`` for each name."""
+    print(f"| model | batch | logits | boxes | {same} |\n| --- | --- | --- | --- | --- |")
+    for name in names:
         with tempfile.TemporaryDirectory() as tmp:
-            for batch, logits, boxes, same in differences(name, Path(tmp)):
-                print(f"| {name} | {batch} | {logits:.1e} | {boxes:.1e} | {same} |")
+            for batch, logits, boxes, agree in differences(name, Path(tmp)):
+                print(f"| {name} | {batch} | {logits:.1e} | {boxes:.1e} | {agree} |")
 
 
 if __name__ == "__main__":

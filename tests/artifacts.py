@@ -1277,14 +1277,14 @@ def mmdet_checkpoint(folder: Path, name: str = "dino_4scale", *, hook: bool = Tr
     return Artifact(path, "mmdet", canonical_reference(model), config)
 
 
-def mmdet_plain_checkpoint(folder: Path, name: str = "detr", *, cfg: str | None = None,
-                           state_dict: dict | None = None) -> Path:
-    """``epoch_50.pth`` of an mmdet 3.x DETR, Conditional DETR or DAB-DETR as CheckpointHook
-    writes it, holding the recorded variant's seeded weights (``record_mmdet_keys.py``,
-    whose mmdet outputs are recorded), or ``state_dict`` in their place; ``cfg``: other
+def mmdet_recorded_checkpoint(folder: Path, name: str = "detr", *, cfg: str | None = None,
+                              state_dict: dict | None = None) -> Path:
+    """``epoch_50.pth`` of an mmdet 3.x model whose outputs ``record_mmdet_keys.py``
+    recorded (DETR, Conditional DETR, DAB-DETR, Co-DINO) as CheckpointHook writes it, holding
+    the recorded variant's seeded weights, or ``state_dict`` in their place; ``cfg``: other
     config text than the recorded one."""
     from record_mmdet_keys import seeded_weights
-    from test_convert_mmdet import CLASSES, PLAIN, RECORDED
+    from test_convert_mmdet import CLASSES, CO_DINO_RECORDED, PLAIN, RECORDED
 
     weights = seeded_weights(RECORDED[name]["keys"]) if state_dict is None else state_dict
     meta = {"epoch": 50, "iter": 366500, "cfg": RECORDED[name]["cfg"] if cfg is None else cfg,
@@ -1292,8 +1292,9 @@ def mmdet_plain_checkpoint(folder: Path, name: str = "detr", *, cfg: str | None 
             "mmengine_version": "0.10.7",
             "dataset_meta": {"classes": CLASSES, "palette": PALETTE}}
     payload = {"meta": meta, "state_dict": weights}
+    config = {**PLAIN, **CO_DINO_RECORDED}[name]
     with _as_mmengine_history_buffer() as buffer:
-        payload.update(_mmengine_training_parts(build_detector(PLAIN[name]), buffer))
+        payload.update(_mmengine_training_parts(build_detector(config), buffer))
         return _save(payload, folder / "epoch_50.pth")
 
 

@@ -7,7 +7,8 @@ the models are only built, and the plain DETRs run): from the repository root,
 meta (``cfg.pretty_text``) and every state-dict key with its shape; for the plain DETRs
 (DETR, Conditional DETR, DAB-DETR) also ``outputs``: the last decoder layer's logits and
 boxes mmdet computes with :func:`seeded_weights` on :func:`plain_inputs`, which the tests
-reproduce from the converted checkpoint without mmdet.
+reproduce from the converted checkpoint without mmdet. Co-DINO's entries (``co_dino*``) come
+from ``record_co_dino.py`` when mmdetection's ``projects/CO-DETR`` is in ``third_party/``.
 """
 
 from __future__ import annotations
@@ -140,10 +141,12 @@ def record(path: str, overrides: dict, *, outputs: bool) -> dict:
 
 def main() -> None:
     from mmdet.utils import register_all_modules
+    from record_co_dino import record_all
 
     register_all_modules()
     recorded = {name: record(*spec, outputs=False) for name, spec in VARIANTS.items()}
     recorded.update({name: record(*spec, outputs=True) for name, spec in PLAIN_VARIANTS.items()})
+    recorded.update(record_all())
     out = Path(__file__).parent / "data" / "mmdet_keys.json"
     out.write_text(json.dumps(recorded, indent=1) + "\n")
 

@@ -6,13 +6,13 @@ The mmdet 3.x layouts were recorded from mmdetection 3.3.0's own models, built f
 shipped configs shrunk (``tests/record_mmdet_keys.py`` -> ``data/mmdet_keys.json``, with the
 config text mmengine saves beside the weights). State dicts in those layouts are made here
 from random canonical models by the inverse renaming and checked key by key and shape by
-shape against the recording. For the plain DETRs the recording also holds mmdet's own
-outputs for seeded weights, which the converted files must reproduce without mmdet.
-Co-DINO's and mmdet 2.x's layouts are written from the source text of Sense-X/Co-DETR,
-mmdetection's ``projects/CO-DETR`` and mmdetection 2.x (not built here). When mmdetection,
-mmengine and mmcv are importable, converted models also run side by side with mmdet's own
-DINO, Deformable DETR, DETR, Conditional DETR and DAB-DETR (on the CPU mmcv's deformable
-attention needs no compiled op).
+shape against the recording. For the plain DETRs and for ``projects/CO-DETR``'s Co-DINO
+(``record_co_dino.py``) the recording also holds mmdet's own outputs for seeded weights,
+which the converted files must reproduce without mmdet. Sense-X's Co-DINO and mmdet 2.x's
+layouts are written from their source text (not built here). When mmdetection, mmengine and
+mmcv are importable, converted models also run side by side with mmdet's own DINO,
+Deformable DETR, DETR, Conditional DETR, DAB-DETR and (with ``third_party/
+mmdetection-projects``) Co-DINO (on the CPU mmcv's deformable attention needs no compiled op).
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ CO_DINO = DetectorConfig(
     decoder_norm=True, ref_point_head=True, pos_temperature=20.0, pos_offset=0.0,
     inverse_sigmoid_eps=1e-3, num_select=300, dn_labelbook_size=6,
     **{**SMALL, "backbone_levels": (0, 1, 2, 3), "num_feature_levels": 5})
+# record_co_dino.py's builds of projects/CO-DETR's LSJ config: the shrunk Co-DINO above, on
+# ResNet-50 and on dino_5scale_swin's small Swin.
+CO_DINO_RECORDED = {"co_dino": CO_DINO,
+                    "co_dino_swin": dataclasses.replace(CO_DINO, backbone=SWIN)}
 CLASSES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train")
 
 # --- mmdet's layouts, generated from a canonical state dict (the inverse renaming) ----------
@@ -162,20 +166,23 @@ def unfold_order(tensor: torch.Tensor) -> torch.Tensor:
 
 def mmdet_layout(state_dict: dict, config: DetectorConfig) -> dict:
     """A canonical state dict as mmdet 3.x saves it."""
-    named = {mmdet_name(k, config): v for k, v in state_dict.items()}
-    layout = {k: unfold_order(v) if re.search(r"\.downsample\.(reduction|norm)\.", k) else v
-              for k, v in named.items() if k is not None}
-    return with_batch_norm_counters(layout)
+    return as_saved({mmdet_name(k, config): v for k, v in state_dict.items()})
+
+
+def as_saved(named: dict) -> dict:
+    """Tensors under mmdet's names (None: not saved) as mmdet saves them: Swin's patch
+    merging in nn.Unfold order, a step counter beside each batch norm's statistics."""
+    return with_batch_norm_counters(
+        {k: unfold_order(v) if re.search(r"\.downsample\.(reduction|norm)\.", k) else v
+         for k, v in named.items() if k is not None})
 
 
 def co_dino_name(key: str, config: DetectorConfig, label: str,
                  head: str = "query_head.") -> str | None:
     """Canonical key -> Co-DINO's (mmcv 1.x layer names under query_head.transformer), or
     with ``head`` another head's (mmdet 2.x's bbox_head.transformer)."""
-    if key.startswith("backbone."):
-        return key
-    if key.startswith("input_proj."):
-        return _neck_name(key, config)
+    if key.startswith(("backbone.", "input_proj.")):
+        return mmdet_name(key, config)
     t = f"{head}transformer."
     if m := re.match(r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.(\w+)\.(.*)$", key):
         return f"{t}{m[1]}.layers.{m[2]}.{_MMCV[m[1]].get(m[3], m[3])}.{m[4]}"
@@ -199,8 +206,7 @@ def mmdet2_layout(state_dict: dict, config: DetectorConfig) -> dict:
             return "bbox_head.query_embedding" + key[len("query_embed"):]
         return co_dino_name(key, config, "", head="bbox_head.")
 
-    named = {name(k): v for k, v in state_dict.items()}
-    return with_batch_norm_counters({k: v for k, v in named.items() if k is not None})
+    return as_saved({name(k): v for k, v in state_dict.items()})
 
 
 def mmdet2_config_text(config: DetectorConfig) -> str:
@@ -279,13 +285,14 @@ def co_dino_auxiliary(seed: int = 7) -> dict:
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
-def co_dino_layout(state_dict: dict, config: DetectorConfig, *, mmdet3: bool = False) -> dict:
-    """A canonical state dict as Co-DETR saves it, with its auxiliary heads: Sense-X's
-    (mmdet 2.x) or mmdetection's projects/CO-DETR (label embedding in the dn generator)."""
+def co_dino_layout(state_dict: dict, config: DetectorConfig, *, mmdet3: bool = False,
+                   auxiliary: bool = True) -> dict:
+    """A canonical state dict as Co-DETR saves it, with its auxiliary heads (unless not
+    ``auxiliary``): Sense-X's (mmdet 2.x) or mmdetection's projects/CO-DETR (label embedding
+    in the dn generator)."""
     label = "dn_generator.label_embedding" if mmdet3 else "label_embedding"
-    named = {co_dino_name(k, config, label): v for k, v in state_dict.items()}
-    layout = with_batch_norm_counters({k: v for k, v in named.items() if k is not None})
-    return {**layout, **co_dino_auxiliary()}
+    layout = as_saved({co_dino_name(k, config, label): v for k, v in state_dict.items()})
+    return {**layout, **co_dino_auxiliary()} if auxiliary else layout
 
 
 def canonical_model(config: DetectorConfig, seed: int = 0) -> torch.nn.Module:
@@ -444,6 +451,16 @@ def test_co_dino_converts_its_query_head_and_drops_the_training_only_parts(mmdet
     assert "auxiliary heads" in dropped["query_head.downsample.0.weight"]
 
 
+def test_a_sense_x_lsj_model_says_that_it_leaves_padding_unmasked():
+    """Sense-X's co_dino_5scale_lsj_r50_1x_coco.py sets with_attn_mask=False (read from its
+    source; mmdet 2.x is not run here): said, as frozenseg masks a padded batch."""
+    source = co_dino_layout(_random_canonical("co_dino"), CO_DINO)
+    text = CO_DINO_CONFIG.replace("type='CoDETR',", "type='CoDETR', with_attn_mask=False,")
+    _, report = convert_state_dict(source, args={"config": text})
+    assert report.ok and report.config == CO_DINO
+    assert report.notes == [mmdet_format.UNMASKED_LSJ]
+
+
 def test_mmdet_dino_adds_the_head_reference_at_its_own_clamp():
     """DeformableDETRHead adds inverse_sigmoid(reference) at eps 1e-5; DINO's head at 1e-3."""
     delta, reference = torch.zeros(1, 1, 4), torch.full((1, 1, 4), 1e-4)
@@ -530,8 +547,14 @@ def _mmdet_model(name: str):
 
     register_all_modules()
     cfg = small_config(*{**VARIANTS, **PLAIN_VARIANTS}[name])
-    model = MODELS.build(copy.deepcopy(cfg.model))
-    model.init_weights()  # some parameters are torch.Tensor(n, c) until then: garbage
+    return moved_off_init(MODELS.build(copy.deepcopy(cfg.model))), cfg
+
+
+def moved_off_init(model):
+    """mmdet's ``model`` after its init_weights (some parameters are torch.Tensor(n, c) until
+    then: garbage), with N(0, 0.05) noise on every weight and running variances in
+    [0.5, 1.5), so that no two heads or layers are alike."""
+    model.init_weights()
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for key, tensor in model.state_dict().items():
@@ -539,7 +562,7 @@ def _mmdet_model(name: str):
                 tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
             elif tensor.is_floating_point():
                 tensor.add_(torch.randn(tensor.shape, generator=g) * 0.05)
-    return model.eval(), cfg
+    return model.eval()
 
 
 def _mmdet_outputs(model, images, image_sizes):
@@ -617,9 +640,9 @@ def _plain_outputs(config: DetectorConfig, state_dict: dict):
 def test_an_mmengine_file_of_a_plain_detr_gives_mmdetections_outputs(name, tmp_path):
     """CheckpointHook's file, converted as ``frozenseg convert`` does, gives the logits and
     boxes mmdet itself computed from the same weights on a padded batch (recorded)."""
-    from artifacts import mmdet_plain_checkpoint
+    from artifacts import mmdet_recorded_checkpoint
 
-    state_dict, report = inspect_checkpoint(mmdet_plain_checkpoint(tmp_path, name))
+    state_dict, report = inspect_checkpoint(mmdet_recorded_checkpoint(tmp_path, name))
     assert report.ok and report.format == "mmdet_detr", report.problem()
     assert report.config == PLAIN[name] and report.notes == []
     assert report.class_names == list(CLASSES)
@@ -703,7 +726,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("case", REFUSED)
 def test_what_frozenseg_does_not_compute_is_refused_in_one_line_naming_the_file(case, tmp_path):
-    from artifacts import mmdet_plain_checkpoint
+    from artifacts import mmdet_recorded_checkpoint
     from record_mmdet_keys import seeded_weights
 
     from frozenseg.convert import ConversionError
@@ -715,7 +738,7 @@ def test_what_frozenseg_does_not_compute_is_refused_in_one_line_naming_the_file(
         cfg = cfg.replace(*text_change)
     weights = seeded_weights(RECORDED[name]["keys"])
     weights = weights if weights_change is None else weights_change(weights)
-    path = mmdet_plain_checkpoint(tmp_path, name, cfg=cfg, state_dict=weights)
+    path = mmdet_recorded_checkpoint(tmp_path, name, cfg=cfg, state_dict=weights)
     with pytest.raises(ConversionError) as error:
         inspect_checkpoint(path)
     message = str(error.value)
@@ -725,17 +748,25 @@ def test_what_frozenseg_does_not_compute_is_refused_in_one_line_naming_the_file(
 @pytest.mark.parametrize("name", PLAIN)
 def test_plain_detrs_side_by_side_with_mmdetection(name):
     """mmdet's own model (its init, then noise on every weight), padded and same-size."""
-    model, cfg = _mmdet_model(name)
-    from record_mmdet_keys import plain_inputs, run_plain
+    from record_mmdet_keys import run_plain
+
+    assert_side_by_side(*_mmdet_model(name), PLAIN[name], run_plain)
+
+
+def assert_side_by_side(model, cfg, expected: DetectorConfig, run) -> None:
+    """mmdet's ``model`` (built from ``cfg``), converted, gives ``expected`` as its config
+    and the last layer's logits and boxes ``run(model, images, padding)`` gives, on a padded
+    batch and on the same images taken as one size."""
+    from record_mmdet_keys import plain_inputs
 
     converted, report = convert_state_dict(model.state_dict(), args={"cfg": cfg.pretty_text})
-    assert report.ok and report.config == PLAIN[name], report.problem()
+    assert report.ok and report.config == expected, report.problem()
     ours = official_detr.load_converted(report.config, converted)
     images, padding = plain_inputs()
     for mask in (padding, torch.zeros_like(padding)):
         with torch.no_grad():
             got = ours(images, mask)
-        logits, boxes = run_plain(model, images, mask)
+        logits, boxes = run(model, images, mask)
         torch.testing.assert_close(got.logits[-1], logits, atol=1e-4, rtol=0)
         torch.testing.assert_close(got.boxes[-1], boxes, atol=1e-4, rtol=0)
 
@@ -784,3 +815,110 @@ def test_mmdet2s_layer_names_are_mmcvs():
         prefix = f"bbox_head.transformer.{coder}.layers.1."
         ours = {k[len(prefix):]: list(v.shape) for k, v in layout.items() if k.startswith(prefix)}
         assert ours == {k: list(v.shape) for k, v in layer.state_dict().items()}
+
+
+# --- mmdetection 3.x's Co-DINO (projects/CO-DETR): recorded, and side by side -------------------
+
+
+def _recorded_co_dino(name: str) -> tuple[dict, dict, dict]:
+    """The recorded variant's seeded weights, converted, and the report's dropped keys."""
+    from record_mmdet_keys import seeded_weights
+
+    weights = seeded_weights(RECORDED[name]["keys"])
+    converted, report = convert_state_dict(weights, args={"cfg": config_text(name)})
+    assert report.ok and report.format == "co_dino", report.problem()
+    return weights, converted, dict(report.dropped)
+
+
+@pytest.mark.parametrize("name", CO_DINO_RECORDED)
+def test_co_dinos_query_head_is_laid_out_as_projects_co_detr_builds_it(name):
+    """The query head written from Co-DETR's source is the one mmdet 3.3 built from
+    projects/CO-DETR (recorded); every other recorded key is a training-only part or a
+    batch-norm counter, dropped with its reason."""
+    config = CO_DINO_RECORDED[name]
+    with torch.device("meta"):
+        layout = co_dino_layout(build_detector(config).state_dict(), config, mmdet3=True,
+                                auxiliary=False)
+    _, _, dropped = _recorded_co_dino(name)
+    recorded = RECORDED[name]["keys"]
+    assert {k: s for k, s in recorded.items() if k not in dropped} == {
+        k: list(v.shape) for k, v in layout.items() if "num_batches_tracked" not in k}
+    training_only = {k for k, why in dropped.items() if "Co-DETR" in why}
+    assert {k.split(".")[0] for k in training_only} == {"rpn_head", "roi_head", "bbox_head",
+                                                          "query_head"}
+    assert set(dropped) - training_only == {k for k in recorded if "num_batches_tracked" in k}
+
+
+@pytest.mark.parametrize("name", CO_DINO_RECORDED)
+def test_an_mmengine_file_of_co_dino_gives_mmdetections_outputs(name, tmp_path):
+    """CheckpointHook's file of projects/CO-DETR's Co-DINO, converted as ``frozenseg
+    convert`` does, gives the query head's last-layer logits and boxes that mmdet's own
+    CoDETR.predict computed from the same weights on a padded batch (recorded)."""
+    from artifacts import mmdet_recorded_checkpoint
+
+    state_dict, report = inspect_checkpoint(mmdet_recorded_checkpoint(tmp_path, name))
+    assert report.ok and report.format == "co_dino", report.problem()
+    assert report.config == CO_DINO_RECORDED[name] and report.notes == []
+    assert report.class_names == list(CLASSES)
+    logits, boxes = _plain_outputs(report.config, state_dict)
+    expected_logits, expected_boxes = _recorded_outputs(name)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(boxes, expected_boxes, atol=1e-4, rtol=0)
+
+
+def _swap_decoder_norms(weights: dict) -> dict:
+    """norms.0 (after self-attention) and norms.1 (after cross-attention) of decoder layer 1."""
+    prefix = "query_head.transformer.decoder.layers.1.norms"
+    out = dict(weights)
+    for part in ("weight", "bias"):
+        out[f"{prefix}.0.{part}"], out[f"{prefix}.1.{part}"] = (weights[f"{prefix}.1.{part}"],
+                                                                weights[f"{prefix}.0.{part}"])
+    return out
+
+
+# (change to the weights, change to the converted config): each still loads strictly
+CO_DINO_MISTAKES = {
+    "decoder-norms-swapped": (_swap_decoder_norms, {}),
+    # mmdet's LSJ config asks for use_lsj=True, yet its predict masks the padding
+    "padding-unmasked": (None, {"mask_padding": False}),
+}
+
+
+@pytest.mark.parametrize("mistake", CO_DINO_MISTAKES)
+def test_a_wrong_co_dino_mapping_loads_but_misses_the_recorded_outputs(mistake):
+    from record_mmdet_keys import seeded_weights
+
+    change_weights, change_config = CO_DINO_MISTAKES[mistake]
+    weights = seeded_weights(RECORDED["co_dino"]["keys"])
+    weights = weights if change_weights is None else change_weights(weights)
+    converted, report = convert_state_dict(weights, args={"cfg": config_text("co_dino")})
+    assert report.ok
+    logits, boxes = _plain_outputs(dataclasses.replace(report.config, **change_config),
+                                   converted)
+    expected_logits, expected_boxes = _recorded_outputs("co_dino")
+    worst = max((logits - expected_logits).abs().max(), (boxes - expected_boxes).abs().max())
+    assert worst > 1e-2
+
+
+def mmdet_co_dino(name: str):
+    """mmdet's own Co-DINO of a recorded variant (projects/CO-DETR from third_party/), moved
+    off its init (drawn from a seed of its own), and its config."""
+    pytest.importorskip("mmdet.registry")
+    record_co_dino = pytest.importorskip("record_co_dino")
+    if not record_co_dino.available():
+        pytest.skip("third_party/mmdetection-projects holds no projects/CO-DETR")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model, cfg = record_co_dino.build(name)
+        # CoDINOHead.init_weights (DeformableDETRHead's) never calls its transformer's, so
+        # level_embeds stays torch.Tensor(n, c): uninitialised memory, at times NaN
+        model.query_head.transformer.init_weights()
+        return moved_off_init(model), cfg
+
+
+@pytest.mark.parametrize("name", CO_DINO_RECORDED)
+def test_co_dino_side_by_side_with_mmdetection(name):
+    """mmdet's own Co-DINO (its init, then noise on every weight), padded and same-size."""
+    from record_co_dino import run_co_dino
+
+    assert_side_by_side(*mmdet_co_dino(name), CO_DINO_RECORDED[name], run_co_dino)

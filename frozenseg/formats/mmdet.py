@@ -45,7 +45,10 @@ dropped and listed: the auxiliary ``rpn_head``, ``roi_head`` and ``bbox_head`` (
 ``query_head.downsample`` (their extra level) and the positive-query projections
 ``query_head.transformer.{aux_pos_trans, aux_pos_trans_norm, pos_feats_trans,
 pos_feats_norm, head_pos_embed}``. Co-DETR's test-time soft-NMS of the query head's top 300
-is post-processing frozenseg does not reproduce (the detections before it are equal).
+is post-processing frozenseg does not reproduce (the detections before it are equal: mmdet
+3's project, run side by side, ``benchmarks/exactness_mmdet_co_dino.py``). mmdet 3 masks a
+padded batch's padding whatever ``use_lsj`` says; Sense-X's LSJ models
+(``with_attn_mask=False``) do not, which a note says (:data:`UNMASKED_LSJ`).
 
 **mmdet 2.x Deformable DETR** (``mmdet/models/utils/transformer.py``'s
 DeformableDetrTransformer inside ``DeformableDETRHead``; plain, box refinement, two-stage):
@@ -104,6 +107,13 @@ CO_DETR_TRAINING_ONLY = [
      r"pos_feats_norm|head_pos_embed)\.",
      "Co-DETR positive-query projection for the auxiliary heads (training only)"),
 ]
+
+# Sense-X's LSJ configs (with_attn_mask=False) make the test-time model take each image's
+# size as the padded batch's; mmdet 3's use_lsj=True means to, but CoDETR.predict writes
+# img_shape into a copy of the metainfo, so its padding stays masked (measured).
+UNMASKED_LSJ = ("with_attn_mask=False: Co-DETR leaves the padding of a batch of unequal "
+                "images unmasked; frozenseg masks it (equal when no image is padded, as "
+                "frozenseg's commands run them one at a time)")
 
 
 def _branch(prefix: str, dec_layers: int) -> list:
@@ -505,6 +515,8 @@ def derive_co_dino(state_dict: StateDict, args: Mapping) -> tuple[DetectorConfig
         dn_labelbook_size=sd["label_enc.weight"].shape[0] - 1,
         **sine_position(read, "query_head.", 20.0, 0.0),
         num_select=positive("max_per_img", read((max_per_img,), 300, "post-processing top-k")))
+    if setting(model, "with_attn_mask") is False:
+        notes.append(UNMASKED_LSJ)
     return config, notes
 
 
