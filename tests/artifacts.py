@@ -873,11 +873,14 @@ def d_fine_official_checkpoint(folder: Path, variant: str = "s", *, family: str 
                                released: bool = False) -> Artifact:
     """What D-FINE's (DEIM's) solver saves (``{'date', 'last_epoch', 'model', 'ema':
     {'module', 'updates'}, 'optimizer', 'lr_scheduler'}``), or a released file (``{'model'}``
-    only), written from a random transformers model, with its YAML config beside it."""
+    only), written from a random transformers model, with its YAML config beside it. The
+    model runs AIFI's positions on the official code's transposed grid."""
     from test_convert_d_fine import DEIM, VARIANTS, random_hf_model
 
     activations = DEIM if family == "DEIM" else {}
     hf, args = random_hf_model(**VARIANTS[variant], **activations)
+    for aifi in hf.model.encoder.aifi:
+        on_the_transposed_grid(aifi.position_embedding)
     layout = d_fine_official_layout(hf.state_dict())
     if released:
         payload = {"model": layout}
