@@ -95,21 +95,27 @@ MODELS = {
 NUM_CLASSES = 7
 
 
-def load_official() -> types.SimpleNamespace:
-    """The official model classes, their package ``__init__``s (and what those import)
-    bypassed by empty packages; ``register`` a no-op decorator."""
-    sys.path.insert(0, str(REPO))
-    for name in ("engine", "engine.deim", "engine.backbone"):
+def bypass_packages(repo: Path, packages: tuple[str, ...], core: str) -> None:
+    """Empty packages for ``packages`` (their ``__init__``s, and what those import, never
+    run) and a ``core`` module whose ``register`` is a no-op decorator: the official model
+    files of ``repo`` import without the training stack. The RT-DETR family's layout."""
+    for name in packages:
         package = types.ModuleType(name)
-        package.__path__ = [str(REPO / name.replace(".", "/"))]
+        package.__path__ = [str(repo / name.replace(".", "/"))]
         sys.modules[name] = package
-    core = types.ModuleType("engine.core")
-    core.register = lambda *args, **kwargs: (lambda cls: cls)
-    sys.modules["engine.core"] = core
+    registry = types.ModuleType(core)
+    registry.register = lambda *args, **kwargs: (lambda cls: cls)
+    sys.modules[core] = registry
+    sys.path.insert(0, str(repo))
 
-    def load(name: str, attribute: str):
-        return getattr(importlib.import_module(name), attribute)
 
+def load(name: str, attribute: str):
+    return getattr(importlib.import_module(name), attribute)
+
+
+def load_official() -> types.SimpleNamespace:
+    """The official model classes."""
+    bypass_packages(REPO, ("engine", "engine.deim", "engine.backbone"), "engine.core")
     return types.SimpleNamespace(
         DEIM=load("engine.deim.deim", "DEIM"),
         HGNetv2=load("engine.backbone.hgnetv2", "HGNetv2"),
@@ -150,7 +156,8 @@ def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def solver_checkpoint(model: torch.nn.Module, settings: dict, folder: Path) -> Path:
-    """The solver's dict (model and its EMA) and the YAML beside it."""
+    """The solver's dict (model and its EMA) and the YAML beside it (``model: DEIM`` unless
+    ``settings`` name another)."""
     folder.mkdir(parents=True)
     state = model.state_dict()
     torch.save({"date": "2025-09-26T12:00:00", "last_epoch": 3, "model": state,
@@ -159,8 +166,11 @@ def solver_checkpoint(model: torch.nn.Module, settings: dict, folder: Path) -> P
     return folder / "last.pth"
 
 
-def differences(official, settings: dict, folder: Path) -> tuple[float, float]:
-    model = build(official, settings)
+def differences(model: torch.nn.Module, settings: dict, folder: Path
+                ) -> tuple[float, float]:
+    """The official ``model`` saved as its solver does (``settings`` its YAML), converted
+    and both run on two 128 x 160 images: the largest |difference| of the last layer's
+    (logits, boxes)."""
     path = solver_checkpoint(model, settings, folder / "run")
     convert_checkpoint(path, folder / "out")
     ours = load_detector(folder / "out").model
@@ -172,6 +182,13 @@ def differences(official, settings: dict, folder: Path) -> tuple[float, float]:
             float((got.boxes[-1] - want["pred_boxes"]).abs().max()))
 
 
+def row(name: str, model: torch.nn.Module, settings: dict) -> str:
+    """The table's row for an official ``model`` built from ``settings``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        logits, boxes = differences(model, settings, Path(tmp))
+    return f"| {name} | the official code | {logits:.1e} | {boxes:.1e} |"
+
+
 def main() -> None:
     if not (REPO / "engine" / "deim" / "deim_decoder.py").is_file():
         print(f"(no {REPO}: the side-by-side rows need the official repository there)")
@@ -180,9 +197,7 @@ def main() -> None:
     official = load_official()
     print("| model | reference | logits | boxes |\n| --- | --- | --- | --- |")
     for name, settings in MODELS.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            logits, boxes = differences(official, settings, Path(tmp))
-        print(f"| {name} | the official code | {logits:.1e} | {boxes:.1e} |")
+        print(row(name, build(official, settings), settings))
 
 
 if __name__ == "__main__":

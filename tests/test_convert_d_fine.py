@@ -66,10 +66,11 @@ def random_hf_model(backbone: str = "lab", family: str = "DFine", head_act: str 
         encoder_hidden_dim=encoder_dim,
         encoder_in_channels=spec["stage_out_channels"][4 - levels:],
         feat_strides=[8, 16, 32][3 - levels:], encode_proj_layers=[levels - 1],
-        num_feature_levels=levels, encoder_ffn_dim=48, encoder_attention_heads=2, d_model=32,
+        num_feature_levels=levels, encoder_ffn_dim=48, d_model=32,
         decoder_in_channels=[encoder_dim] * levels, decoder_ffn_dim=64, decoder_layers=3,
-        decoder_attention_heads=2, num_queries=20, num_labels=5,
-        **{"depth_mult": 0.34, "lqe_hidden_dim": 16, "max_num_bins": 8, **settings},
+        num_queries=20, num_labels=5,
+        **{"encoder_attention_heads": 2, "decoder_attention_heads": 2, "depth_mult": 0.34,
+           "lqe_hidden_dim": 16, "max_num_bins": 8, **settings},
     )
     model = getattr(transformers, f"{family}ForObjectDetection")(config)
     if head_act != "relu":

@@ -152,6 +152,19 @@ def test_a_silu_decoder_without_the_model_it_configures_is_refused():
     assert "\n" not in str(err.value)
 
 
+def test_heads_the_yaml_leaves_out_are_the_official_modules_eight():
+    """The released YAMLs leave ``nhead`` out: HybridEncoder and DFINETransformer default to 8
+    heads whatever the width (N: 128 wide, heads of 16), not the width / 32 assumed for
+    transformers' config.json, which misreads the points per head and refused N."""
+    hf, args = random_hf_model(**VARIANTS["s"], encoder_attention_heads=8,
+                               decoder_attention_heads=8)
+    yaml = d_fine_official_yaml(args)
+    del yaml["HybridEncoder"]["nhead"], yaml["DFINETransformer"]["nhead"]
+    report = converts_like_transformers(hf, d_fine_official_layout(hf.state_dict()), yaml,
+                                        "d_fine", aifi_transposed_grid=True)
+    assert report.config.nheads == 8
+
+
 def test_the_formats_tell_the_layouts_apart():
     hf, layout, _ = official()
     assert detect_format(layout).name == "d_fine"

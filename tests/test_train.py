@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from frozenseg.cache import write_cache
+from frozenseg.cache import FeatureCache, write_cache
 from frozenseg.data import CocoInstances
 from frozenseg.detector.config import DetectorConfig
 from frozenseg.detector.frozen import FrozenDetector
@@ -20,7 +20,7 @@ from frozenseg.detector.model import build_detector
 from frozenseg.engine.data import eval_transform
 from frozenseg.engine.task import TrainingError
 from frozenseg.engine.train import LAST, Trainer
-from frozenseg.formats import huggingface_detr, lw_detr, rt_detr
+from frozenseg.formats import deimv2, deimv2_dinov3, huggingface_detr, lw_detr, rt_detr
 from frozenseg.recipe import load_recipe
 from tests.tiny import SCALE, recipe, save_detector, tiny_d_fine, tiny_detector
 
@@ -492,3 +492,53 @@ def test_the_head_trains_on_an_lw_detr_detector(tmp_path, data, family):
     assert len(found.masks) == 5 and found.masks[0].shape == (90, 120)
     given = predictor.predict(boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]))
     assert given.masks.shape == (1, 90, 120)
+
+
+# DEIMv2's two kinds beside D-FINE's, as the converters derive them from the tests' tiny
+# transformers models (test_convert_deimv2.LITE["atto"], test_convert_deimv2_dinov3 "s").
+DEIMV2_BACKBONES = {
+    # DINOv3 ViT (distilled-tiny kind: no registers, the last map normed) + the adapter,
+    # whose stem is C1.
+    "dinov3_sta": {"name": "dinov3_sta", "dim": 32, "heads": 2, "patch": 16, "mlp_dim": 64,
+                   "registers": 0, "key_bias": False, "gated_mlp": False,
+                   "activation": "gelu", "rope_theta": 100.0, "out_layers": (2, 3, 4),
+                   "normed": (False, False, True), "eps": 1e-5, "adapter_dim": 8},
+    # Atto's three-stage HGNetV2: its stride-16 stage feeds the lite encoder, stage 1 is C1.
+    "lite": {"name": "hgnetv2", "stem": (8, 16), "lab": True, "in_channels": (16, 32, 48),
+             "mid_channels": (8, 16, 16), "out_channels": (32, 48, 64), "blocks": (1, 1, 1),
+             "layers": (2, 2, 2), "kernels": (3, 3, 5), "light": (False, False, True),
+             "downsample": (False, True, True)},
+}
+DEIMV2_ENCODERS = {
+    "dinov3_sta": {**deimv2_dinov3.FIXED, "enc_layers": 1, "encoder_ffn_dim": 48,
+                   "num_feature_levels": 3, "csp_expansion": 0.5, "csp_trailing_conv": False},
+    "lite": {"encoder": "lite", "enc_layers": 0, "aifi_levels": (), "backbone_levels": (2,),
+             "num_feature_levels": 2, "csp_expansion": 0.25},
+}
+
+
+def tiny_deimv2(kind: str) -> FrozenDetector:
+    """A small random DEIMv2: the DINOv3 backbone with the hybrid encoder, or HGNetV2 with
+    the lite encoder (no AIFI, two levels); DEIMv2's FDR decoder on either."""
+    torch.manual_seed(0)
+    config = DetectorConfig(**{**deimv2.FIXED, **DEIMV2_ENCODERS[kind]},
+                            backbone=DEIMV2_BACKBONES[kind], hidden_dim=32, nheads=2,
+                            dec_layers=2, dim_feedforward=32, num_queries=10, num_classes=5,
+                            dn_labelbook_size=5, csp_blocks=1, hybrid_projections=False,
+                            fdr_bins=8, lqe_hidden_dim=16, ref_point_layers=3,
+                            ref_point_hidden_dim=32)
+    return FrozenDetector(build_detector(config), top_k=7)
+
+
+@pytest.mark.parametrize("kind", DEIMV2_BACKBONES)
+def test_the_head_trains_on_a_deimv2_detector(tmp_path, data, kind):
+    """DEIMv2's DINOv3 + adapter backbone (C1 the adapter's stem, recomputed without the
+    ViT) and its lite encoder: the C1 training recomputes for a cached view is the live
+    forward's; the head trains from the cache, exports and predicts masks."""
+    frozen = tiny_deimv2(kind)
+    caches_trains_exports_and_predicts(tmp_path, data, frozen, "deimv2")
+    item = FeatureCache(tmp_path / "cache")[0]
+    dataset = CocoInstances(data / "images" / "train", data / "instances_train.json")
+    image, _ = dataset.get_view(item.dataset_index, item.view)
+    assert image.shape[-1] % 32 and image.shape[-2] % 32  # the adapter's padding and crop
+    torch.testing.assert_close(frozen.stage1([image]), frozen([image]).c1, rtol=0, atol=0)

@@ -82,6 +82,7 @@ SECOND_CONSTANT = re.compile(r"^decoder\.decoder\.(up|reg_scale)$")
 # YAML settings that change the computation without changing a key or a shape.
 # DEIM's released configs (configs/base/deim.yml) set activation and mlp_act to silu.
 ACTIVATIONS = ("relu", "silu")
+OFFICIAL_HEADS = 8  # HybridEncoder's and DFINETransformer's nhead default
 SUPPORTED = {
     "HybridEncoder": {"enc_act": ("gelu",), "act": ("silu",), "normalize_before": (False,),
                       "version": ("dfine",)},
@@ -114,8 +115,10 @@ def transformers_args(args: dict) -> dict:
             ("decoder_activation_function", decoder, "activation")):
         if name in section:
             out[target] = section[name]
-    if "decoder_attention_heads" in out and "encoder_attention_heads" not in out:
-        out["encoder_attention_heads"] = out["decoder_attention_heads"]
+    # Unsaid, each module's own default holds, whatever the width: N is 128 wide with 8
+    # heads of 16, not the width / 32 that transformers' config.json would be assumed to say.
+    out.setdefault("encoder_attention_heads", OFFICIAL_HEADS)
+    out.setdefault("decoder_attention_heads", OFFICIAL_HEADS)
     return out
 
 
