@@ -12,7 +12,7 @@ import colorsys
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +44,47 @@ def display_factor(width: int, height: int, min_side: int) -> int:
     return min(4, math.ceil(min_side / short))
 
 
+Rect = tuple[int, int, int, int]  # left, top, right, bottom; right and bottom past the last pixel
+
+
+def place_label(box: Rect, label: tuple[int, int], canvas: tuple[int, int],
+                taken: Sequence[Rect] = ()) -> Rect:
+    """Where a ``label`` (width, height) for ``box`` goes on a ``canvas`` (width, height):
+    the first of these that lies inside the picture and overlaps none of the ``taken``
+    labels: above the box's top-left corner; inside the box at its top-left (only in a box
+    at least twice the label's height, so that a small box stays visible); below its
+    bottom-left; then a label height at a time down from the box's top, then up from above
+    it. If none is free, the first that lies inside the picture (clamped into it if none
+    does). Labels are shifted left to stay inside on the right. Rectangles are (left, top,
+    right, bottom), right and bottom past the last pixel."""
+    (x0, y0, _, y1), (w, h), (width, height) = box, label, canvas
+    left = max(0, min(x0, width - w))
+    tops = [y0 - h] + ([y0] if y1 - y0 >= 2 * h else []) + [y1]
+    tops += list(range(y0 + h, height - h + 1, h)) + list(range(y0 - 2 * h, -1, -h))
+    inside = [(left, t, left + w, t + h) for t in tops if 0 <= t <= height - h]
+    for rect in inside:
+        if not any(_overlap(rect, other) for other in taken):
+            return rect
+    if inside:
+        return inside[0]
+    top = max(0, min(tops[0], height - h))
+    return (left, top, left + w, top + h)
+
+
+def _overlap(a: Rect, b: Rect) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def draw_instances(image: Image.Image, results: list[dict], names: dict[int, str], *,
                    alpha: float = 0.45, min_side: int = 0) -> Image.Image:
     """``image`` with ``results`` (COCO results on it, best first) drawn: masks blended
-    at ``alpha`` with a solid edge, then each box with "name score" above it. The best
-    result is drawn last, so it is on top where masks overlap. An image whose shorter side
-    is under ``min_side`` is drawn :func:`display_factor` times larger (the image bicubic,
-    the masks bilinear at 0.5); the label font and line width follow the drawn size."""
+    at ``alpha`` with a solid edge, then each box, then each box's "name score" label (a
+    filled rectangle in its colour) where :func:`place_label` puts it: inside the picture
+    and clear of the other labels where it can be, best result placed first, so it gets
+    the preferred spot. The best result is drawn last, so it is on top where masks
+    overlap. An image whose shorter side is under ``min_side`` is drawn
+    :func:`display_factor` times larger (the image bicubic, the masks bilinear at 0.5); the
+    label font and line width follow the drawn size."""
     factor = display_factor(*image.size, min_side)
     image = image.convert("RGB")
     size = (image.width * factor, image.height * factor)
@@ -67,17 +101,21 @@ def draw_instances(image: Image.Image, results: list[dict], names: dict[int, str
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(11, round(short / 32)))
     line = max(2, round(short / 240))
-    for result, colour in reversed(list(zip(results, colours, strict=True))):
-        x, y, w, h = (v * factor for v in result["bbox"])
+    ascent, descent = font.getmetrics()
+    boxes = [tuple(round(v * factor) for v in r["bbox"]) for r in results]
+    labels, placed = [], []
+    for result, (x, y, w, h) in zip(results, boxes, strict=True):  # best first: best spots
+        text = f"{names.get(result['category_id'], result['category_id'])} {result['score']:.2f}"
+        label = (math.ceil(font.getlength(text)) + 2 * line, ascent + descent)
+        labels.append(text)
+        placed.append(place_label((x, y, x + w, y + h), label, size, placed))
+    for (x, y, w, h), colour in reversed(list(zip(boxes, colours, strict=True))):
         # COCO's x + w is the edge past the last pixel; PIL's corners are both inside.
         draw.rectangle([x, y, x + w - 1, y + h - 1], outline=colour, width=line)
-        label = f"{names.get(result['category_id'], result['category_id'])} {result['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x, y), label, font=font, anchor="ld")
-        lift = max(0, -top)  # above the box, unless the box touches the top
-        shift = min(0, canvas.width - right - 2 * line)  # inside the picture on the right
-        draw.rectangle([left + shift, top + lift, right + 2 * line + shift, bottom + lift],
-                       fill=colour)
-        draw.text((x + line + shift, y + lift), label, fill=(0, 0, 0), font=font, anchor="ld")
+    for text, (left, top, right, bottom), colour in reversed(
+            list(zip(labels, placed, colours, strict=True))):
+        draw.rectangle([left, top, right - 1, bottom - 1], fill=colour)
+        draw.text((left + line, top), text, fill=(0, 0, 0), font=font, anchor="la")
     return canvas
 
 
