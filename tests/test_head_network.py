@@ -273,3 +273,66 @@ def test_half_precision_features_are_cast_to_the_head_dtype():
         full, half = head(output), head(cached)
     assert half.mask_logits.dtype == torch.float32
     torch.testing.assert_close(half.mask_logits, full.mask_logits, rtol=0.05, atol=0.05)
+
+
+def reported_under_several_classes(output: DetectorOutput, rows: list[int]) -> DetectorOutput:
+    """``output`` with its queries re-listed as ``rows`` (repeats allowed), each repeat under
+    another class and score: what a (query, class) top-k gives (DINO's postprocess)."""
+    index = torch.tensor(rows)
+    g = torch.Generator().manual_seed(7)
+    return dataclasses.replace(
+        output, queries=output.queries[:, index], boxes=output.boxes[:, index],
+        query_mask=output.query_mask[:, index],
+        scores=torch.rand(output.scores.shape[0], len(rows), generator=g,
+                          dtype=output.scores.dtype),
+        labels=torch.arange(len(rows)).expand(output.labels.shape[0], -1) % 3)
+
+
+@pytest.mark.parametrize("switches", VARIANTS.values(), ids=VARIANTS.keys())
+def test_a_query_under_several_classes_is_computed_once_with_the_same_results(
+        switches, monkeypatch):
+    """The head computes each distinct query once and spreads the results back: masks,
+    scores and every parameter's gradient equal those of computing each row (float64),
+    object-to-object attention included (a key counted as often as it is listed)."""
+    singles = [single_output(h, w, seed=20 + i, dtype=torch.float64)
+               for i, (h, w) in enumerate(SIZES)]
+    output = reported_under_several_classes(batch_outputs(singles), [0, 1, 0, 2, 0, 1, 3, 4])
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, 2] = False  # one of image 1's repeats is not kept: multiplicities differ per image
+
+    def run():
+        head = tiny_head(**switches).double()
+        out = head(output, keep)
+        (out.mask_logits.square().sum() + out.scores.sum()).backward()
+        return out, {n: p.grad for n, p in head.named_parameters()}
+
+    from frozenseg.head import network
+
+    rows = network.select_queries(output, keep)
+    once = network.distinct_queries(rows)
+    assert once is not None and len(once.selection.queries) == 10  # 5 distinct per image
+    assert once.multiplicity.sum() == keep.sum()
+    merged, merged_grads = run()
+    monkeypatch.setattr(network, "distinct_queries", lambda sel: None)
+    each, each_grads = run()
+    for name in ("mask_logits", "iou_logits", "scores", "boxes", "batch_index", "query_index"):
+        mine, theirs = getattr(merged, name), getattr(each, name)
+        if theirs is not None:
+            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    # Deformable attention uses its sampling locations and weights in float32 whatever the
+    # dtype (frozenseg.ops.functional): gradients summed in another order agree to that.
+    for name, grad in each_grads.items():
+        torch.testing.assert_close(merged_grads[name], grad, rtol=1e-6,
+                                   atol=1e-9 + 1e-7 * float(grad.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_distinct_queries_keeps_rows_that_differ_in_box_or_state():
+    from frozenseg.head import network
+
+    output = reported_under_several_classes(
+        single_output(64, 96, seed=3, dtype=torch.float64), [0, 0, 1, 1])
+    output.boxes[0, 1, 0] += 1e-9  # the same query state, another box
+    output.queries[0, 3, 0] += 1e-9  # the same box, another state
+    assert network.distinct_queries(network.select_queries(output, None)) is None

@@ -218,16 +218,21 @@ class QueryFeatureEncoder(nn.Module):
         return nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) if on else None
 
     def forward(self, queries: Tensor, rois: Tensor, batch_index: Tensor,
-                pos: Tensor | None) -> Tensor:
-        """queries (N, C); rois (N, S*S, D); batch_index (N,); pos (1, S*S, D) or None."""
+                pos: Tensor | None, multiplicity: Tensor | None = None) -> Tensor:
+        """queries (N, C); rois (N, S*S, D); batch_index (N,); pos (1, S*S, D) or None;
+        multiplicity (N,): how many identical queries each row stands for (default one
+        each), which self-attention weighs it by, as if each were there that many times."""
         q = self.proj(queries)
         if self.cross_attn is not None and len(q):
             keys = rois if pos is None else rois + pos
             attended = self.cross_attn(q[:, None], keys, rois, need_weights=False)[0][:, 0]
             q = self.cross_norm(q + attended)
         if self.self_attn is not None and len(q):
-            other_image = batch_index[:, None] != batch_index[None, :]  # True: may not attend
-            attended = self.self_attn(q[None], q[None], q[None], attn_mask=other_image,
+            mask = batch_index[:, None] != batch_index[None, :]  # True: may not attend
+            if multiplicity is not None:  # softmax(s + log m) = m copies of the key
+                weight = multiplicity.to(q.dtype).log()[None, :].expand(len(q), -1)
+                mask = weight.masked_fill(mask, float("-inf"))
+            attended = self.self_attn(q[None], q[None], q[None], attn_mask=mask,
                                       need_weights=False)[0][0]
             q = self.self_norm(q + attended)
         if self.ffn is not None:

@@ -78,6 +78,42 @@ def select_queries(output: DetectorOutput, keep: Tensor | None) -> Selection:
                      scores=output.scores[keep], counts=keep.sum(1).tolist())
 
 
+@dataclass
+class Distinct:
+    """The selection with each query once: a detector that ranks (query, class) pairs (DINO
+    and most since) reports one query under several classes, with the same box and hidden
+    state, so its mask is the same. selection: the distinct rows (first occurrences,
+    image-major); inverse (N,): each original row's distinct row; multiplicity (M,): how
+    many original rows each distinct row stands for."""
+
+    selection: Selection
+    inverse: Tensor
+    multiplicity: Tensor
+
+
+def distinct_queries(sel: Selection) -> Distinct | None:
+    """The distinct rows of ``sel`` (same image, box and query state), or None when every
+    row is distinct already or a graph is being traced or compiled (the row count would
+    depend on the data)."""
+    if len(sel.queries) < 2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    key = torch.cat([sel.batch_index[:, None].to(sel.boxes.dtype), sel.boxes,
+                     sel.queries.to(sel.boxes.dtype)], 1).detach()
+    rows, inverse, multiplicity = torch.unique(key, dim=0, return_inverse=True,
+                                               return_counts=True)
+    if len(rows) == len(key):
+        return None
+    order = torch.arange(len(key), device=key.device)
+    # Indexing (not the unique values) keeps the rows differentiable where the input is.
+    first = order.new_full((len(rows),), len(key)).scatter_reduce_(0, inverse, order, "amin")
+    batch_index = sel.batch_index[first]  # unique sorts by image first: images stay grouped
+    counts = torch.bincount(batch_index, minlength=len(sel.counts)).tolist()
+    chosen = Selection(batch_index=batch_index, query_index=sel.query_index[first],
+                       queries=sel.queries[first], boxes=sel.boxes[first],
+                       scores=sel.scores[first], counts=counts)
+    return Distinct(chosen, inverse, multiplicity)
+
+
 def floats_to(output: DetectorOutput, dtype: torch.dtype) -> DetectorOutput:
     """``output`` with its floating tensors in ``dtype`` (a feature cache may hold float16;
     the head computes in its parameters' dtype, and autocast lowers it where asked)."""
@@ -115,17 +151,26 @@ class MaskHead(nn.Module):
         param = next(self.parameters(), None)
         output = floats_to(output, param.dtype) if param is not None else output
         sel = select_queries(output, keep)
+        # Each distinct query is computed once (the same numbers as computing every row:
+        # self-attention weighs a distinct key by its multiplicity), then spread back.
+        once = distinct_queries(sel)
+        work = once.selection if once is not None else sel
         maps = self.fusion(self.image_encoder(output), output)
-        rois = roi_features(maps, sel.boxes, sel.counts, self.roi_size)  # (N, D, S, S)
-        rois = rois.flatten(2).transpose(1, 2)  # (N, S*S, D)
+        rois = roi_features(maps, work.boxes, work.counts, self.roi_size)  # (M, D, S, S)
+        rois = rois.flatten(2).transpose(1, 2)  # (M, S*S, D)
         pos = self.roi_pos() if self.roi_pos is not None else None
         if self.box_encoder is not None:
             rois = self.box_encoder(rois, pos)
-        queries = self.query_encoder(sel.queries.to(rois.dtype), rois, sel.batch_index, pos)
+        multiplicity = once.multiplicity if once is not None else None
+        queries = self.query_encoder(work.queries.to(rois.dtype), rois, work.batch_index, pos,
+                                     multiplicity=multiplicity)
         logits = self.mask(queries, rois).unflatten(1, (self.roi_size, self.roi_size))
         iou = None
         if self.scoring is not None:
             iou = self.scoring(logits, rois.transpose(1, 2).unflatten(2, logits.shape[1:]))
+        if once is not None:
+            logits = logits[once.inverse]
+            iou = iou[once.inverse] if iou is not None else None
         quality = iou.sigmoid() if iou is not None else mask_confidence(logits)
         return HeadOutput(mask_logits=logits, frame="roi", iou_logits=iou, boxes=sel.boxes,
                           batch_index=sel.batch_index, query_index=sel.query_index,
