@@ -97,3 +97,16 @@ def test_labels_are_drawn_where_they_were_placed(monkeypatch):
         patch = canvas[top:bottom, left:right]
         assert (patch == colour).all(-1).mean() > 0.5   # the filled rectangle in its colour
         assert (patch.max(-1) < 60).any()                # with black text on it
+
+
+def test_each_object_is_drawn_once_under_its_best_class():
+    from frozenseg.head.overlay import one_per_object
+
+    def result(image, box, category, score):
+        return {"image_id": image, "bbox": box, "category_id": category, "score": score}
+
+    results = [result(1, [10.0, 20.0, 30.0, 40.0], 3, 0.6),
+               result(1, [10.0, 20.0, 30.0, 40.5], 2, 0.5),   # another box: kept
+               result(1, [10.0, 20.0, 30.0, 40.0], 1, 0.4),   # the first query's 2nd class
+               result(2, [10.0, 20.0, 30.0, 40.0], 1, 0.3)]   # the same box, another image
+    assert one_per_object(results) == [results[0], results[1], results[3]]

@@ -143,15 +143,30 @@ class ImageSummary:
     overlay: Path
 
 
+def one_per_object(results: list[dict]) -> list[dict]:
+    """``results`` (best first) without those whose box repeats a better one's exactly: a
+    detector that ranks (query, class) pairs lists one query under several classes, and a
+    picture shows each object once, under its best class (exports keep them all: COCO AP
+    counts each class's list on its own)."""
+    seen, kept = set(), []
+    for result in results:
+        box = (result["image_id"], *result["bbox"])
+        if box not in seen:
+            seen.add(box)
+            kept.append(result)
+    return kept
+
+
 def predict_overlays(model, dataset: ImageFolder, out_dir: str | os.PathLike, *,
                      classes: ClassMapping, names: dict[int, str], threshold: float = 0.5,
                      max_instances: int = 100, mask_threshold: float = 0.5,
                      min_side: int = 480, progress: Callable[[int, int], None] | None = None
                      ) -> list[ImageSummary]:
     """Overlay PNG and json per image of ``dataset`` (its transform: the view the head was
-    trained on) in ``out_dir``, named after the image (``a/b.jpg`` -> ``a/b.png``); images
-    with a shorter side under ``min_side`` are drawn larger (:func:`draw_instances`), the
-    json keeps the image's own pixels."""
+    trained on) in ``out_dir``, named after the image (``a/b.jpg`` -> ``a/b.png``): the
+    results scoring ``threshold`` or more, each object once (:func:`one_per_object`).
+    Images with a shorter side under ``min_side`` are drawn larger (:func:`draw_instances`),
+    the json keeps the image's own pixels."""
     summaries = []
     overlays = per_image_paths(out_dir, dataset, ".png")
     index_of = {im["id"]: i for i, im in enumerate(dataset.images)}
@@ -160,7 +175,8 @@ def predict_overlays(model, dataset: ImageFolder, out_dir: str | os.PathLike, *,
                                    max_per_image=max_instances, mask_threshold=mask_threshold,
                                    progress=progress):
         index = index_of[int(target["image_id"])]
-        info, kept = dataset.images[index], [r for r in results if r["score"] >= threshold]
+        info = dataset.images[index]
+        kept = one_per_object([r for r in results if r["score"] >= threshold])
         overlay = overlays[index]
         with atomic_path(overlay) as tmp:
             draw_instances(read_image(dataset.image_path(index)), kept, names,
