@@ -437,7 +437,8 @@ def cache(
                               "480..800 x short/800), seeded."),
     seed: int = typer.Option(0, "--seed", help="Seed of the augmented views."),
     store_c1: bool = typer.Option(False, "--store-c1", help="Also store the backbone's "
-                                  "stride-4 map (large; training then skips the backbone)."),
+                                  "stride-4 map (large; training then skips the backbone; "
+                                  "a recipe: data.store_c1)."),
     verify: Path = typer.Option(None, "--verify", help="Check every shard of this cache's "
                                 "sha256 and exit (1 naming a bad shard)."),
     prompt: str = typer.Option(None, "--prompt", help="Open vocabulary (Grounding DINO): what "
@@ -453,6 +454,7 @@ def cache(
         return
     if recipe is not None:
         job = _recipe_cache_job(recipe, overrides or [])
+        job["store_c1"] = job["store_c1"] or store_c1
     else:
         missing = [name for name, value in (("--detector", detector), ("--images", images),
                                             ("--annotations", annotations), ("--out", out))
@@ -461,12 +463,12 @@ def cache(
             _fail(f"missing {', '.join(missing)} (or pass a RECIPE, or --verify DIR)")
         job = {"detector": detector, "dataset": CocoInstances(images, annotations),
                "out_dir": out, "memory_layer": memory_layer, "top_k": top_k, "views": views,
-               "prompt": prompt,
+               "prompt": prompt, "store_c1": store_c1,
                "seed": seed, "transform": evaluation(short, max_size) if views == 1
                else cache_views(views, short / 800)}
     out, views = job["out_dir"], job["views"]
     index = _write_cache(job, dtype=dtype, shard_size=shard_size, max_gb=max_gb,
-                         resume=resume, store_c1=store_c1)
+                         resume=resume)
     if index is None:  # another process of a distributed run: process 0 reports
         return
     count = sum(len(s["entries"]) for s in index["shards"])

@@ -61,7 +61,8 @@ _QUERY_EXTRA_BYTES = 4 * 4 + 4 + 8
 def recipe_cache_job(recipe) -> dict:
     """``write_cache``'s arguments for what a recipe trains on: its train split, through
     its detector (top-K, memory layer, prompt), in ``data.views`` views at ``data.scale``, into
-    ``data.cache``. ``frozenseg cache RECIPE`` and the demo both write this."""
+    ``data.cache`` (with C1 if ``data.store_c1``). ``frozenseg cache RECIPE`` and the demo both
+    write this."""
     from frozenseg.data.coco import CocoInstances
     from frozenseg.engine.data import cache_views
 
@@ -73,7 +74,7 @@ def recipe_cache_job(recipe) -> dict:
             "transform": cache_views(recipe.data.views, recipe.data.scale),
             "views": recipe.data.views, "seed": recipe.train.seed,
             "top_k": recipe.detector.top_k, "memory_layer": recipe.detector.memory_layer,
-            "prompt": recipe.detector.prompt}
+            "prompt": recipe.detector.prompt, "store_c1": recipe.data.store_c1}
 
 
 def write_cache(
