@@ -74,6 +74,8 @@ def test_every_stage_runs_and_writes_its_files(first):
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == min(6, len(gt.getImgIds()))
     assert summary.stage("train").path == out / "run" / "last.pt"
+    # The recipe's data.store_c1 reached the cache: training reads C1, not the backbone.
+    assert json.loads((out / "cache" / "index.json").read_text())["recipe"]["store_c1"]
 
 
 def test_a_second_run_reuses_every_stage(first):
