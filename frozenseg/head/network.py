@@ -97,8 +97,10 @@ def distinct_queries(sel: Selection) -> Distinct | None:
     depend on the data)."""
     if len(sel.queries) < 2 or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
-    key = torch.cat([sel.batch_index[:, None].to(sel.boxes.dtype), sel.boxes,
-                     sel.queries.to(sel.boxes.dtype)], 1).detach()
+    # float32 or wider: exact for the image index and for the rows' own values.
+    dtype = torch.promote_types(torch.promote_types(sel.boxes.dtype, sel.queries.dtype),
+                                torch.float32)
+    key = torch.cat([sel.batch_index[:, None], sel.boxes, sel.queries], 1).to(dtype).detach()
     rows, inverse, multiplicity = torch.unique(key, dim=0, return_inverse=True,
                                                return_counts=True)
     if len(rows) == len(key):
