@@ -69,7 +69,7 @@ class DataSection:
     cache: str | None = None        # feature cache of the train split; null: run the detector
     views: int = 1                  # augmented views per image in the cache
     # Also cache the backbone's stride-4 map (C1), so that training reads it instead of
-    # running the backbone's first stage on every image: 4x the memory's size, for small sets.
+    # running the backbone's first stage on every image: a larger cache, for small sets.
     store_c1: bool = False
     num_workers: int = 2
     # Multiplies every image size of the transforms (train 480..800 / 1333, eval 800 / 1333,
