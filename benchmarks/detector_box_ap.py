@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cpu_name, table
+from frozenseg.boxes import to_pixels
 from frozenseg.convert import convert_checkpoint
 from frozenseg.data import ImageFolder
 from frozenseg.data.synth import THINGS
@@ -32,21 +33,21 @@ from frozenseg.maskdino.checkpoint import is_joint_checkpoint, load_joint, save_
 TOP_K = (20, 100)   # the demo's detections per image; DINO's
 
 
-def detections(detector, dataset, classes, top_k: int) -> list[dict]:
-    """COCO box results of the detector's best ``top_k`` per image (original pixels)."""
-    detector.top_k = top_k
-    results = []
+def detections(detector, dataset, classes) -> list[tuple[int, dict]]:
+    """(rank in its image, COCO box result) of the detector's best ``max(TOP_K)`` per image,
+    in original pixels. Its top-K is sorted, so the best k of an image are ranks < k."""
+    detector.top_k = max(TOP_K)
+    found = []
     with torch.inference_mode():
         for image, target in dataset:
             out = detector([image])
-            height, width = target["orig_size"].tolist()
-            cx, cy, w, h = (out.boxes[0] * torch.tensor([width, height, width, height])).unbind(-1)
+            x0, y0, x1, y1 = to_pixels(out.boxes[0], target["orig_size"]).unbind(-1)
             ids = classes.to_category_ids(out.labels[0])
-            results += [{"image_id": target["image_id"], "category_id": int(ids[j]),
-                         "bbox": [float(cx[j] - w[j] / 2), float(cy[j] - h[j] / 2),
-                                  float(w[j]), float(h[j])], "score": float(out.scores[0, j])}
-                        for j in range(out.boxes.shape[1]) if ids[j] >= 0]
-    return results
+            found += [(j, {"image_id": target["image_id"], "category_id": int(ids[j]),
+                           "bbox": [float(x0[j]), float(y0[j]), float(x1[j] - x0[j]),
+                                    float(y1[j] - y0[j])], "score": float(out.scores[0, j])})
+                      for j in range(len(ids)) if ids[j] >= 0]
+    return found
 
 
 def main() -> None:
@@ -69,12 +70,14 @@ def main() -> None:
             else:
                 convert_checkpoint(args.detector, folder, class_names=args.class_names)
         detector = load_detector(folder)
-    dataset = ImageFolder.from_coco(args.images, args.annotations,
-                                    transform=eval_transform(args.scale))
-    classes = match_classes(detector.classes, dataset.category_ids, dataset.category_names)
+        dataset = ImageFolder.from_coco(args.images, args.annotations,
+                                        transform=eval_transform(args.scale))
+        classes = match_classes(detector.classes, dataset.category_ids,
+                                dataset.category_names)
+        found = detections(detector, dataset, classes)
     rows = []
     for k in TOP_K:
-        box = coco_evaluate(args.annotations, detections(detector, dataset, classes, k),
+        box = coco_evaluate(args.annotations, [r for rank, r in found if rank < k],
                             ["bbox"])["bbox"]
         rows.append([k, f"{box['AP']:.1f}", f"{box['AP50']:.1f}", f"{box['AP75']:.1f}"])
     print(f"{args.detector} on {len(dataset)} images of {args.annotations} ({cpu_name()}, "
